@@ -1,0 +1,325 @@
+//! The chunk codec: convergent encryption of one chunk.
+//!
+//! ```text
+//! stored chunk = header(12) || AES-256-GCM(key, nonce = 0, aad = header, payload) (payload + 16-byte GCM tag)
+//! header:  0..4  magic "ISRC"
+//!          4     format version (1)
+//!          5     cipher id (1 = AES-256-GCM)
+//!          6     compression id (0 = none, 1 = zstd)
+//!          7     reserved (0)
+//!          8..12 plaintext length, u32 little endian
+//! key  = BLAKE3-keyed(convergence secret, plaintext)
+//! tag  = BLAKE3(stored chunk)
+//! ```
+//! The key is a function of the plaintext, so one key never encrypts two different plaintexts and the fixed
+//! nonce is safe. An all-zero chunk is never encoded: keyrings record it as [`Tag::ZERO`].
+
+use crate::keys::{ChunkKey, ConvergenceSecret};
+use crate::tag::Tag;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+
+pub const CHUNK_MAGIC: &[u8; 4] = b"ISRC";
+pub const CHUNK_FORMAT_VERSION: u8 = 1;
+pub const CIPHER_AES_256_GCM: u8 = 1;
+pub const COMPRESSION_NONE: u8 = 0;
+pub const COMPRESSION_ZSTD: u8 = 1;
+pub const HEADER_LEN: usize = 12;
+pub const AEAD_TAG_LEN: usize = 16;
+/// zstd level: level 1 is the fastest standard level and already removes most redundancy in disk images.
+pub const ZSTD_LEVEL: i32 = 1;
+/// The largest plaintext a chunk may hold (the largest chunk size).
+pub const MAX_PLAINTEXT: usize = crate::units::ChunkSize::MAX as usize;
+/// The largest stored chunk any valid encoder can produce: header, raw payload (compression is dropped when
+/// it does not save) and the AEAD tag. Anything longer is rejected before it is hashed or buffered further.
+pub const MAX_STORED: usize = HEADER_LEN + MAX_PLAINTEXT + AEAD_TAG_LEN;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    #[error("chunk integrity: stored bytes hash to {actual}, keyring expects {expected}")]
+    TagMismatch { expected: Tag, actual: Tag },
+    #[error("chunk integrity: malformed header ({0})")]
+    BadHeader(&'static str),
+    #[error("chunk integrity: {0} bytes is outside the valid stored size")]
+    BadSize(usize),
+    #[error("chunk integrity: authenticated decryption failed (wrong key or altered ciphertext)")]
+    Decrypt,
+    #[error("chunk integrity: decompression failed")]
+    Decompress,
+    #[error("chunk integrity: plaintext is {actual} bytes, expected {expected}")]
+    LengthMismatch { expected: usize, actual: usize },
+    #[error("chunk of {0} bytes is larger than the 4 MiB maximum")]
+    TooLarge(usize),
+}
+
+/// An encoded chunk, ready to store under `tag`.
+#[derive(Debug, Clone)]
+pub struct EncodedChunk {
+    pub tag: Tag,
+    pub key: ChunkKey,
+    pub stored: Vec<u8>,
+}
+
+/// True when every byte is zero (such chunks are never stored).
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, body) = data.split_at(data.len() % 16);
+    head.iter().all(|&b| b == 0)
+        && body.chunks_exact(16).all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0)
+}
+
+fn aead(key: &ChunkKey) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key.0).expect("AES-256 key is 32 bytes"))
+}
+
+/// Encodes chunks; holds a reusable zstd context, so keep one per thread.
+pub struct ChunkEncoder {
+    secret: ConvergenceSecret,
+    zstd: zstd::bulk::Compressor<'static>,
+}
+
+impl std::fmt::Debug for ChunkEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkEncoder")
+    }
+}
+
+impl ChunkEncoder {
+    pub fn new(secret: ConvergenceSecret) -> Self {
+        let zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd level 1 is valid");
+        ChunkEncoder { secret, zstd }
+    }
+
+    /// Encode `plaintext`. Returns `None` for an all-zero chunk, which is recorded, never stored.
+    pub fn encode(&mut self, plaintext: &[u8]) -> Result<Option<EncodedChunk>, ChunkError> {
+        if plaintext.len() > MAX_PLAINTEXT {
+            return Err(ChunkError::TooLarge(plaintext.len()));
+        }
+        if is_zero(plaintext) {
+            return Ok(None);
+        }
+        let key = ChunkKey::derive(&self.secret, plaintext);
+        let bound = zstd::zstd_safe::compress_bound(plaintext.len());
+        let mut stored = vec![0u8; HEADER_LEN + bound.max(plaintext.len()) + AEAD_TAG_LEN];
+        let compressed = self
+            .zstd
+            .compress_to_buffer(plaintext, &mut stored[HEADER_LEN..HEADER_LEN + bound])
+            .ok()
+            .filter(|&n| n < plaintext.len());
+        let (compression, payload_len) = match compressed {
+            Some(n) => (COMPRESSION_ZSTD, n),
+            None => {
+                stored[HEADER_LEN..HEADER_LEN + plaintext.len()].copy_from_slice(plaintext);
+                (COMPRESSION_NONE, plaintext.len())
+            }
+        };
+        stored[..4].copy_from_slice(CHUNK_MAGIC);
+        stored[4] = CHUNK_FORMAT_VERSION;
+        stored[5] = CIPHER_AES_256_GCM;
+        stored[6] = compression;
+        stored[7] = 0;
+        stored[8..12].copy_from_slice(&(plaintext.len() as u32).to_le_bytes());
+        let (header, rest) = stored.split_at_mut(HEADER_LEN);
+        let gcm_tag = aead(&key)
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key([0; 12]),
+                Aad::from(&header[..]),
+                &mut rest[..payload_len],
+            )
+            .expect("chunk sizes are far below AES-GCM's limit");
+        rest[payload_len..payload_len + AEAD_TAG_LEN].copy_from_slice(gcm_tag.as_ref());
+        stored.truncate(HEADER_LEN + payload_len + AEAD_TAG_LEN);
+        let tag = Tag::of(&stored);
+        Ok(Some(EncodedChunk { tag, key, stored }))
+    }
+}
+
+/// Checks only what can be checked without the key: the size bound and that `stored` hashes to `tag`.
+/// The server runs this on every upload.
+pub fn verify_tag(tag: &Tag, stored: &[u8]) -> Result<(), ChunkError> {
+    if stored.len() < HEADER_LEN + AEAD_TAG_LEN || stored.len() > MAX_STORED {
+        return Err(ChunkError::BadSize(stored.len()));
+    }
+    let actual = Tag::of(stored);
+    if &actual != tag {
+        return Err(ChunkError::TagMismatch { expected: *tag, actual });
+    }
+    Ok(())
+}
+
+/// Decodes chunks; holds a reusable zstd context, so keep one per thread.
+pub struct ChunkDecoder {
+    zstd: zstd::bulk::Decompressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for ChunkDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkDecoder")
+    }
+}
+
+impl Default for ChunkDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ChunkDecoder {
+    pub fn new() -> Self {
+        ChunkDecoder { zstd: zstd::bulk::Decompressor::new().expect("zstd context"), scratch: Vec::new() }
+    }
+
+    /// Verify and decode `stored` into `out`, which must be exactly the expected plaintext length.
+    /// Checks, in order: size bounds, tag, header, AEAD, decompressed length.
+    pub fn decode_into(
+        &mut self,
+        tag: &Tag,
+        key: &ChunkKey,
+        stored: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ChunkError> {
+        verify_tag(tag, stored)?;
+        let header = &stored[..HEADER_LEN];
+        if &header[..4] != CHUNK_MAGIC {
+            return Err(ChunkError::BadHeader("bad magic"));
+        }
+        if header[4] != CHUNK_FORMAT_VERSION {
+            return Err(ChunkError::BadHeader("unsupported format version"));
+        }
+        if header[5] != CIPHER_AES_256_GCM {
+            return Err(ChunkError::BadHeader("unknown cipher"));
+        }
+        if header[7] != 0 {
+            return Err(ChunkError::BadHeader("reserved byte set"));
+        }
+        let plain_len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
+        if plain_len != out.len() {
+            return Err(ChunkError::LengthMismatch { expected: out.len(), actual: plain_len });
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&stored[HEADER_LEN..]);
+        let payload = aead(key)
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(header), &mut self.scratch)
+            .map_err(|_| ChunkError::Decrypt)?;
+        match header[6] {
+            COMPRESSION_NONE => {
+                if payload.len() != out.len() {
+                    return Err(ChunkError::LengthMismatch { expected: out.len(), actual: payload.len() });
+                }
+                out.copy_from_slice(payload);
+            }
+            COMPRESSION_ZSTD => {
+                let n = self.zstd.decompress_to_buffer(payload, out).map_err(|_| ChunkError::Decompress)?;
+                if n != out.len() {
+                    return Err(ChunkError::LengthMismatch { expected: out.len(), actual: n });
+                }
+            }
+            _ => return Err(ChunkError::BadHeader("unknown compression")),
+        }
+        Ok(())
+    }
+
+    /// Like [`Self::decode_into`] into a fresh buffer of `expected_len` bytes.
+    pub fn decode(
+        &mut self,
+        tag: &Tag,
+        key: &ChunkKey,
+        stored: &[u8],
+        expected_len: usize,
+    ) -> Result<Vec<u8>, ChunkError> {
+        if expected_len > MAX_PLAINTEXT {
+            return Err(ChunkError::TooLarge(expected_len));
+        }
+        let mut out = vec![0u8; expected_len];
+        self.decode_into(tag, key, stored, &mut out)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn secret() -> ConvergenceSecret {
+        ConvergenceSecret([7u8; 32])
+    }
+
+    #[test]
+    fn zero_chunk_is_not_encoded() {
+        let mut enc = ChunkEncoder::new(secret());
+        assert!(enc.encode(&[0u8; 4096]).unwrap().is_none());
+        assert!(enc.encode(&[]).unwrap().is_none());
+        let mut one = vec![0u8; 4096];
+        one[4095] = 1;
+        assert!(enc.encode(&one).unwrap().is_some());
+    }
+
+    #[test]
+    fn convergent_and_secret_dependent() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let a = ChunkEncoder::new(secret()).encode(&data).unwrap().unwrap();
+        let b = ChunkEncoder::new(secret()).encode(&data).unwrap().unwrap();
+        let c = ChunkEncoder::new(ConvergenceSecret([8u8; 32])).encode(&data).unwrap().unwrap();
+        assert_eq!(a.tag, b.tag);
+        assert_eq!(a.stored, b.stored);
+        assert_ne!(a.tag, c.tag);
+        assert_eq!(a.stored[6], COMPRESSION_ZSTD);
+    }
+
+    #[test]
+    fn incompressible_is_stored_raw() {
+        let mut data = vec![0u8; 4096];
+        blake3::Hasher::new().update(b"seed").finalize_xof().fill(&mut data);
+        let e = ChunkEncoder::new(secret()).encode(&data).unwrap().unwrap();
+        assert_eq!(e.stored[6], COMPRESSION_NONE);
+        assert_eq!(e.stored.len(), HEADER_LEN + 4096 + AEAD_TAG_LEN);
+        let back = ChunkDecoder::new().decode(&e.tag, &e.key, &e.stored, 4096).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_an_integrity_error() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i / 7) as u8).collect();
+        let e = ChunkEncoder::new(secret()).encode(&data).unwrap().unwrap();
+        let mut dec = ChunkDecoder::new();
+        for i in 0..e.stored.len() {
+            let mut bad = e.stored.clone();
+            bad[i] ^= 0x80;
+            assert!(dec.decode(&e.tag, &e.key, &bad, data.len()).is_err(), "flip at {i} undetected");
+            // Even with the tag recomputed (a forger who controls the keyring's tag), AEAD catches it.
+            let forged = Tag::of(&bad);
+            assert!(dec.decode(&forged, &e.key, &bad, data.len()).is_err(), "forged flip at {i} undetected");
+        }
+        let mut wrong_key = e.key.clone();
+        wrong_key.0[0] ^= 1;
+        assert_eq!(dec.decode(&e.tag, &wrong_key, &e.stored, data.len()), Err(ChunkError::Decrypt));
+        assert!(matches!(
+            dec.decode(&e.tag, &e.key, &e.stored, data.len() - 1),
+            Err(ChunkError::LengthMismatch { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn roundtrip(data in proptest::collection::vec(any::<u8>(), 1..20000), repeat in 1usize..4) {
+            let data: Vec<u8> = data.iter().cycle().take(data.len() * repeat).copied().collect();
+            let mut enc = ChunkEncoder::new(secret());
+            match enc.encode(&data).unwrap() {
+                None => prop_assert!(is_zero(&data)),
+                Some(e) => {
+                    prop_assert_eq!(Tag::of(&e.stored), e.tag);
+                    let back = ChunkDecoder::new().decode(&e.tag, &e.key, &e.stored, data.len()).unwrap();
+                    prop_assert_eq!(back, data);
+                }
+            }
+        }
+
+        #[test]
+        fn decode_arbitrary_bytes_never_panics(stored in proptest::collection::vec(any::<u8>(), 0..5000),
+                                               len in 0usize..10000, valid_tag in any::<bool>()) {
+            let tag = if valid_tag { Tag::of(&stored) } else { Tag([1; 32]) };
+            let r = ChunkDecoder::new().decode(&tag, &ChunkKey([3; 32]), &stored, len);
+            prop_assert!(r.is_err());
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Content-addressed chunk stores keyed by [`Tag`].
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use isr_format::codec::{verify_tag, ChunkError};
+use isr_format::Tag;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("chunk store I/O error at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("chunk {tag} failed verification: {source}")]
+    Integrity { tag: Tag, source: ChunkError },
+    #[error("chunk store backend error: {0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        StoreError::Io { path: path.to_owned(), source }
+    }
+}
+
+/// A content-addressed store of encoded chunks. Implementations must be safe to share between tasks and
+/// processes: `put` of an existing tag is harmless (same tag, same bytes) and a reader never sees a partial
+/// chunk.
+#[async_trait]
+pub trait ChunkStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Store `data` under `tag`. Returns true if it was not stored before.
+    async fn put(&self, tag: &Tag, data: Bytes) -> Result<bool, StoreError>;
+    /// The chunk, or `None` when absent.
+    async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, StoreError>;
+    async fn contains(&self, tag: &Tag) -> Result<bool, StoreError>;
+    /// Remove a chunk; absent chunks are not an error.
+    async fn delete(&self, tag: &Tag) -> Result<(), StoreError>;
+    /// Every stored tag with its size in bytes.
+    async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError>;
+}
+
+#[async_trait]
+impl<S: ChunkStore + ?Sized> ChunkStore for Arc<S> {
+    async fn put(&self, tag: &Tag, data: Bytes) -> Result<bool, StoreError> {
+        (**self).put(tag, data).await
+    }
+    async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, StoreError> {
+        (**self).get(tag).await
+    }
+    async fn contains(&self, tag: &Tag) -> Result<bool, StoreError> {
+        (**self).contains(tag).await
+    }
+    async fn delete(&self, tag: &Tag) -> Result<(), StoreError> {
+        (**self).delete(tag).await
+    }
+    async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
+        (**self).list().await
+    }
+}
+
+/// Temp files older than this are leftovers of a crashed writer.
+const STALE_TEMP_AGE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How hard [`FsChunkStore::put`] works to make a chunk durable before it returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file before the rename and the directory after it: the chunk survives power loss.
+    Fsync,
+    /// Write and rename only: atomic (never a partial chunk), durable once the OS writes back or
+    /// [`FsChunkStore::sync_all`] runs.
+    Rename,
+}
+
+/// Chunks as files `DIR/ab/abcdef...` (first byte of the tag as a fan-out directory), written to
+/// `DIR/tmp/` first and renamed into place.
+#[derive(Debug, Clone)]
+pub struct FsChunkStore {
+    root: PathBuf,
+    durability: Durability,
+}
+
+impl FsChunkStore {
+    pub fn open(root: impl Into<PathBuf>, durability: Durability) -> Result<Self, StoreError> {
+        let root = root.into();
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        // Leftovers of writes interrupted by a crash were never renamed, so never visible. Remove those old
+        // enough that no live writer (another process sharing the store) can still be working on them.
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMP_AGE);
+                if stale {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(FsChunkStore { root, durability })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path_of(&self, tag: &Tag) -> PathBuf {
+        let hex = tag.to_hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    fn put_blocking(&self, tag: &Tag, data: &[u8]) -> Result<bool, StoreError> {
+        let dest = self.path_of(tag);
+        if dest.exists() {
+            return Ok(false);
+        }
+        let dir = dest.parent().expect("chunk paths have a parent");
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        let tmp = self.root.join("tmp").join(format!("{}.{:016x}", tag.to_hex(), rand_u64()));
+        let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let written = f.write_all(data).and_then(|_| {
+            if self.durability == Durability::Fsync {
+                f.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(StoreError::io(&tmp, e));
+        }
+        drop(f);
+        std::fs::rename(&tmp, &dest).map_err(|e| StoreError::io(&dest, e))?;
+        if self.durability == Durability::Fsync {
+            sync_dir(dir)?;
+        }
+        Ok(true)
+    }
+
+    /// fsync every chunk file and directory (after a batch of [`Durability::Rename`] puts).
+    pub fn sync_all(&self) -> Result<(), StoreError> {
+        for dir in std::fs::read_dir(&self.root).map_err(|e| StoreError::io(&self.root, e))?.flatten() {
+            let path = dir.path();
+            if !path.is_dir() || dir.file_name() == "tmp" {
+                continue;
+            }
+            for f in std::fs::read_dir(&path).map_err(|e| StoreError::io(&path, e))?.flatten() {
+                let p = f.path();
+                std::fs::File::open(&p).and_then(|f| f.sync_data()).map_err(|e| StoreError::io(&p, e))?;
+            }
+            sync_dir(&path)?;
+        }
+        sync_dir(&self.root)
+    }
+
+    fn list_blocking(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for dir in std::fs::read_dir(&self.root).map_err(|e| StoreError::io(&self.root, e))?.flatten() {
+            if dir.file_name().len() != 2 || !dir.path().is_dir() {
+                continue;
+            }
+            let path = dir.path();
+            for f in std::fs::read_dir(&path).map_err(|e| StoreError::io(&path, e))?.flatten() {
+                let name = f.file_name();
+                if let Some(tag) = name.to_str().and_then(Tag::from_hex) {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    out.push((tag, len));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io(dir, e))
+}
+
+fn rand_u64() -> u64 {
+    u64::from_le_bytes(isr_format::random_bytes())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+}
+
+#[async_trait]
+impl ChunkStore for FsChunkStore {
+    async fn put(&self, tag: &Tag, data: Bytes) -> Result<bool, StoreError> {
+        let (s, tag) = (self.clone(), *tag);
+        blocking(move || s.put_blocking(&tag, &data)).await
+    }
+
+    async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, StoreError> {
+        let path = self.path_of(tag);
+        blocking(move || match std::fs::read(&path) {
+            Ok(v) => Ok(Some(Bytes::from(v))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn contains(&self, tag: &Tag) -> Result<bool, StoreError> {
+        let path = self.path_of(tag);
+        blocking(move || Ok(path.exists())).await
+    }
+
+    async fn delete(&self, tag: &Tag) -> Result<(), StoreError> {
+        let path = self.path_of(tag);
+        blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
+        let s = self.clone();
+        blocking(move || s.list_blocking()).await
+    }
+}
+
+/// Chunks in memory, for tests.
+#[derive(Debug, Default, Clone)]
+pub struct MemChunkStore {
+    chunks: Arc<RwLock<HashMap<Tag, Bytes>>>,
+}
+
+impl MemChunkStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn len(&self) -> usize {
+        self.chunks.read().expect("lock").len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Replace a stored chunk's bytes (for corruption tests).
+    pub fn corrupt(&self, tag: &Tag, data: Bytes) {
+        self.chunks.write().expect("lock").insert(*tag, data);
+    }
+}
+
+#[async_trait]
+impl ChunkStore for MemChunkStore {
+    async fn put(&self, tag: &Tag, data: Bytes) -> Result<bool, StoreError> {
+        let mut m = self.chunks.write().expect("lock");
+        if m.contains_key(tag) {
+            return Ok(false);
+        }
+        m.insert(*tag, data);
+        Ok(true)
+    }
+    async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, StoreError> {
+        Ok(self.chunks.read().expect("lock").get(tag).cloned())
+    }
+    async fn contains(&self, tag: &Tag) -> Result<bool, StoreError> {
+        Ok(self.chunks.read().expect("lock").contains_key(tag))
+    }
+    async fn delete(&self, tag: &Tag) -> Result<(), StoreError> {
+        self.chunks.write().expect("lock").remove(tag);
+        Ok(())
+    }
+    async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
+        Ok(self.chunks.read().expect("lock").iter().map(|(t, b)| (*t, b.len() as u64)).collect())
+    }
+}
+
+/// Wraps a store so that every chunk written or read is checked against its tag: a store never accepts
+/// bytes under the wrong name, and a corrupted file is reported as an integrity error, never returned.
+#[derive(Debug, Clone)]
+pub struct VerifyingStore<S> {
+    inner: S,
+}
+
+impl<S> VerifyingStore<S> {
+    pub fn new(inner: S) -> Self {
+        VerifyingStore { inner }
+    }
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl<S: ChunkStore> ChunkStore for VerifyingStore<S> {
+    async fn put(&self, tag: &Tag, data: Bytes) -> Result<bool, StoreError> {
+        verify_tag(tag, &data).map_err(|source| StoreError::Integrity { tag: *tag, source })?;
+        self.inner.put(tag, data).await
+    }
+    async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, StoreError> {
+        match self.inner.get(tag).await? {
+            Some(data) => {
+                verify_tag(tag, &data).map_err(|source| StoreError::Integrity { tag: *tag, source })?;
+                Ok(Some(data))
+            }
+            None => Ok(None),
+        }
+    }
+    async fn contains(&self, tag: &Tag) -> Result<bool, StoreError> {
+        self.inner.contains(tag).await
+    }
+    async fn delete(&self, tag: &Tag) -> Result<(), StoreError> {
+        self.inner.delete(tag).await
+    }
+    async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
+        self.inner.list().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isr_format::{ChunkEncoder, ConvergenceSecret};
+
+    fn chunk(seed: u8) -> (Tag, Bytes) {
+        let data = vec![seed; 8192];
+        let e = ChunkEncoder::new(ConvergenceSecret([1; 32])).encode(&data).unwrap().unwrap();
+        (e.tag, Bytes::from(e.stored))
+    }
+
+    async fn exercise(store: &dyn ChunkStore) {
+        let (t1, c1) = chunk(1);
+        let (t2, c2) = chunk(2);
+        assert!(store.put(&t1, c1.clone()).await.unwrap());
+        assert!(!store.put(&t1, c1.clone()).await.unwrap());
+        assert!(store.put(&t2, c2.clone()).await.unwrap());
+        assert_eq!(store.get(&t1).await.unwrap().unwrap(), c1);
+        assert!(store.contains(&t2).await.unwrap());
+        let mut listed = store.list().await.unwrap();
+        listed.sort();
+        let mut want = vec![(t1, c1.len() as u64), (t2, c2.len() as u64)];
+        want.sort();
+        assert_eq!(listed, want);
+        store.delete(&t2).await.unwrap();
+        store.delete(&t2).await.unwrap();
+        assert!(store.get(&t2).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn fs_store_behaves() {
+        let dir = tempfile::tempdir().unwrap();
+        exercise(&FsChunkStore::open(dir.path(), Durability::Fsync).unwrap()).await;
+        let s = FsChunkStore::open(dir.path(), Durability::Rename).unwrap();
+        s.sync_all().unwrap();
+    }
+
+    #[tokio::test]
+    async fn mem_store_behaves() {
+        exercise(&MemChunkStore::new()).await;
+    }
+
+    #[tokio::test]
+    async fn verifying_store_refuses_wrong_bytes_and_reports_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FsChunkStore::open(dir.path(), Durability::Rename).unwrap();
+        let store = VerifyingStore::new(fs.clone());
+        let (t1, c1) = chunk(1);
+        let (_, c2) = chunk(2);
+        assert!(matches!(store.put(&t1, c2).await, Err(StoreError::Integrity { .. })));
+        assert!(!fs.contains(&t1).await.unwrap());
+        store.put(&t1, c1.clone()).await.unwrap();
+        let mut bad = c1.to_vec();
+        bad[20] ^= 1;
+        std::fs::write(fs.path_of(&t1), &bad).unwrap();
+        assert!(matches!(store.get(&t1).await, Err(StoreError::Integrity { .. })));
+    }
+
+    #[tokio::test]
+    async fn leftover_temp_files_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        FsChunkStore::open(dir.path(), Durability::Rename).unwrap();
+        let partial = dir.path().join("tmp/partial");
+        std::fs::write(&partial, b"half a chunk").unwrap();
+        std::fs::write(dir.path().join("tmp/in-progress"), b"another writer").unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(&partial).unwrap().set_modified(old).unwrap();
+        let s = FsChunkStore::open(dir.path(), Durability::Rename).unwrap();
+        assert!(s.list().await.unwrap().is_empty());
+        assert!(!partial.exists());
+        assert!(dir.path().join("tmp/in-progress").exists());
+    }
+}
