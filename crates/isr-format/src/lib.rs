@@ -19,7 +19,7 @@ pub mod units;
 pub use codec::{ChunkDecoder, ChunkEncoder, ChunkError, EncodedChunk};
 pub use keyring::{ChunkEntry, Keyring, KeyringError, KeyringTags};
 pub use keys::{
-    ChunkKey, ConvergenceSecret, KeyError, KeyWrapKey, Keyroot, LoginSecret, RecoveryPublicKey,
+    ChunkKey, ConvergenceSecret, KdfParams, KeyError, KeyWrapKey, Keyroot, LoginSecret, RecoveryPublicKey,
     RecoverySecretKey, UserSecrets, WrappedKeyroot,
 };
 pub use manifest::{ImageKind, ImageRef, Manifest, ManifestError, VmDescription};

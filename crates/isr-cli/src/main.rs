@@ -1,0 +1,310 @@
+//! `isr`: the Internet Suspend/Resume client. Thin: parses the command line and calls `isr-client`.
+
+use clap::{Parser, Subcommand};
+use isr_client::parcel::{is_running, Client, CreateOptions, RunGuard};
+use isr_client::{home::Home, ClientError};
+use isr_format::{ChunkSize, ImageKind};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "isr", version, about = "Internet Suspend/Resume client")]
+struct Cli {
+    /// Server URL, e.g. http://127.0.0.1:7850
+    #[arg(long, env = "ISR_SERVER", global = true)]
+    server: Option<String>,
+    /// User name on the server
+    #[arg(long, env = "ISR_USER", global = true)]
+    user: Option<String>,
+    /// All local state and cache of this client (default: ~/.isr)
+    #[arg(long, env = "ISR_HOME", global = true)]
+    home: Option<PathBuf>,
+    /// Extra CA certificate (PEM) to trust, for a server with a self-signed certificate
+    #[arg(long, env = "ISR_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Log in and store a session token (never the password)
+    Auth,
+    /// Create a parcel from a disk image and upload it as version 1
+    Create {
+        parcel: String,
+        #[arg(long)]
+        disk: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[arg(long)]
+        append: Option<String>,
+        #[arg(long, default_value = "128K")]
+        chunk_size: String,
+        #[arg(short = 'm', long = "message", default_value = "created")]
+        message: String,
+    },
+    /// List parcels: head version, lock holder and since when, local state
+    Ls {
+        #[arg(short = 'l')]
+        long: bool,
+    },
+    /// List the versions of a parcel
+    Versions { parcel: String },
+    /// Show a parcel's state
+    Stat {
+        parcel: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take the lock and fetch what resume needs
+    Checkout {
+        parcel: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Serve the parcel's disk over NBD on a Unix socket until SIGINT/SIGTERM
+    Disk {
+        parcel: String,
+        #[arg(long)]
+        nbd: PathBuf,
+        /// Never contact the server (the parcel must be hoarded)
+        #[arg(long)]
+        disconnected: bool,
+    },
+    /// Upload changes as a new version and keep the lock
+    Sync {
+        parcel: String,
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
+    },
+    /// Sync, then release the lock
+    Checkin {
+        parcel: String,
+        #[arg(short = 'm', long = "message", default_value = "")]
+        message: String,
+    },
+    /// Drop local changes: back to the base version
+    Discard { parcel: String },
+    /// Fetch every chunk of the parcel into the local cache
+    Hoard { parcel: String },
+    /// Make a new head version identical to VERSION
+    Rollback { parcel: String, version: u64 },
+    /// Break this parcel's lock held by another client
+    Unlock {
+        parcel: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Validate the local cache (--full: every cached chunk against its tag and key)
+    Check {
+        parcel: String,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Reconstruct the raw disk image of a version (default: the head)
+    Export {
+        parcel: String,
+        #[arg(long)]
+        version: Option<u64>,
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+fn password() -> Result<String, ClientError> {
+    if let Ok(pw) = std::env::var("ISR_PASSWORD") {
+        return Ok(pw);
+    }
+    rpassword::prompt_password("isr password: ")
+        .map_err(|e| ClientError::Auth(format!("no password: set ISR_PASSWORD or run on a terminal ({e})")))
+}
+
+fn default_home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp")).join(".isr")
+}
+
+fn default_user() -> Option<String> {
+    std::env::var("USER").ok().or_else(|| std::env::var("LOGNAME").ok())
+}
+
+fn when(unix: i64) -> String {
+    let age = isr_client::home::now_unix() - unix;
+    match age {
+        a if a < 120 => format!("{a}s ago"),
+        a if a < 7200 => format!("{}m ago", a / 60),
+        a if a < 172800 => format!("{}h ago", a / 3600),
+        a => format!("{}d ago", a / 86400),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+async fn run(cli: Cli) -> Result<(), ClientError> {
+    let home = Home::open(cli.home.clone().unwrap_or_else(default_home))?;
+    let user = cli.user.clone().or_else(default_user).ok_or_else(|| ClientError::Usage("no user: use --user or ISR_USER".into()))?;
+    let ca = match &cli.ca_cert {
+        Some(p) => Some(std::fs::read(p).map_err(|e| ClientError::io(format!("reading {}", p.display()), e))?),
+        None => None,
+    };
+    let mut c = Client::new(home, user, cli.server.clone(), ca, Box::new(password));
+    match cli.command {
+        Command::Auth => {
+            c.login().await?;
+            println!("logged in as {}", c.user);
+        }
+        Command::Create { parcel, disk, memory, cpus, kernel, initrd, append, chunk_size, message } => {
+            let chunk_size = ChunkSize::parse(&chunk_size).map_err(|e| ClientError::Usage(e.to_string()))?;
+            let opts = CreateOptions { memory_mib: memory, cpus, kernel, initrd, append, chunk_size, comment: message };
+            let start = std::time::Instant::now();
+            let (v, t) = c.create(&parcel, &disk, &opts).await?;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "created {parcel} version {v}: {} image, sent {} chunks ({}) in {secs:.1}s ({:.0} MB/s)",
+                mib(t.image_bytes),
+                t.chunks,
+                mib(t.bytes),
+                t.image_bytes as f64 / 1e6 / secs.max(1e-9)
+            );
+        }
+        Command::Ls { long } => {
+            for (p, state) in c.list().await? {
+                if long {
+                    let lock = p.lock.map(|l| format!("locked by {} since {}", l.holder, when(l.since_unix))).unwrap_or_else(|| "unlocked".into());
+                    println!("{:<24} head {:<5} {:<12} {}", p.name, p.head, state, lock);
+                } else {
+                    println!("{}", p.name);
+                }
+            }
+        }
+        Command::Versions { parcel } => {
+            for v in c.versions(&parcel).await? {
+                println!("{:<5} {:<12} {:<30} {:>12}  {}", v.version, when(v.created_unix), v.client, mib(v.bytes_uploaded), v.comment);
+            }
+        }
+        Command::Stat { parcel, json } => {
+            let s = c.stat(&parcel).await?;
+            if json {
+                println!("{}", serde_json::to_string(&s).expect("serializable"));
+            } else {
+                println!("parcel:  {}", s.parcel);
+                println!("state:   {}", s.state);
+                println!("head:    {}", s.head_version.map(|v| v.to_string()).unwrap_or_default());
+                if let Some(b) = s.base_version {
+                    println!("base:    {b}");
+                    println!("chunks:  {} cached, {} dirty, {} total", s.chunks.cached, s.chunks.dirty, s.chunks.total);
+                }
+                match s.lock {
+                    Some(l) => println!("lock:    {} since {}", l.holder, when(l.since_unix)),
+                    None => println!("lock:    none"),
+                }
+            }
+        }
+        Command::Checkout { parcel, version } => {
+            let st = c.checkout(&parcel, version).await?;
+            println!("checked out {parcel} at version {}", st.base_version);
+        }
+        Command::Disk { parcel, nbd, disconnected } => {
+            let o = c.open(&parcel)?;
+            if disconnected {
+                let missing = c.missing_locally(&o).await?;
+                if missing > 0 {
+                    return Err(ClientError::Other(format!("{missing} chunks of {parcel} are not hoarded: run `isr hoard {parcel}` first")));
+                }
+            }
+            let _guard = RunGuard::acquire(&o.dir)?;
+            let image = c.working_image(&o, ImageKind::Disk, disconnected).await?;
+            let _ = std::fs::remove_file(&nbd);
+            let listener = tokio::net::UnixListener::bind(&nbd).map_err(|e| ClientError::io(format!("binding {}", nbd.display()), e))?;
+            println!("serving {parcel} ({} bytes) on nbd+unix:///?socket={}", image.len(), nbd.display());
+            let device = std::sync::Arc::new(isr_client::image::ImageDevice(image.clone()));
+            let served = isr_nbd::serve(listener, device, shutdown_signal()).await;
+            image.flush().await?;
+            let _ = std::fs::remove_file(&nbd);
+            served.map_err(|e| ClientError::Other(format!("NBD server: {e}")))?;
+            eprintln!("stopped; {} chunks fetched", image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        Command::Sync { parcel, message } => match c.sync(&parcel, &message).await? {
+            Some((v, t)) => println!("synced {parcel} as version {v}: sent {} chunks ({})", t.chunks, mib(t.bytes)),
+            None => println!("{parcel} has no local changes"),
+        },
+        Command::Checkin { parcel, message } => match c.checkin(&parcel, &message).await? {
+            Some((v, t)) => println!("checked in {parcel} as version {v}: sent {} chunks ({})", t.chunks, mib(t.bytes)),
+            None => println!("checked in {parcel}: no changes, lock released"),
+        },
+        Command::Discard { parcel } => {
+            c.discard(&parcel)?;
+            println!("discarded local changes to {parcel}");
+        }
+        Command::Hoard { parcel } => {
+            let t = c.hoard(&parcel).await?;
+            println!("hoarded {parcel}: fetched {} chunks ({})", t.chunks, mib(t.bytes));
+        }
+        Command::Rollback { parcel, version } => {
+            let v = c.rollback(&parcel, version).await?;
+            println!("{parcel} version {v} is now identical to version {version}");
+        }
+        Command::Unlock { parcel, force } => {
+            if !force {
+                return Err(ClientError::Usage("unlock breaks another client's lock: confirm with --force".into()));
+            }
+            c.unlock_force(&parcel).await?;
+            println!("unlocked {parcel}");
+        }
+        Command::Check { parcel, full } => {
+            let problems = c.check(&parcel, full).await?;
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                return Err(ClientError::Integrity(format!("{} problems in the local cache of {parcel}", problems.len())));
+            }
+            let dir = c.home.parcel_dir(&c.user, &parcel);
+            println!("{parcel}: local cache is consistent{}", if is_running(&dir) { " (running)" } else { "" });
+        }
+        Command::Export { parcel, version, output } => {
+            let n = c.export(&parcel, version, &output).await?;
+            println!("exported {} to {}", mib(n), output.display());
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISR_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isr: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The local chunk cache: encrypted chunks as fetched, named by tag, shared by every parcel of the client.
+//! Nothing in it is plaintext; a chunk is only usable with its key from a keyring sealed under a keyroot.
+
+use crate::error::ClientError;
+use crate::transport::Transport;
+use bytes::Bytes;
+use isr_format::Tag;
+use isr_store::{ChunkStore, Durability, FsChunkStore};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct ChunkCache {
+    /// For fetched chunks: a crash can only lose a chunk that is still on the server.
+    fetched: FsChunkStore,
+    /// For chunks made by this client (dirty data): fsynced before any keyring refers to them.
+    durable: FsChunkStore,
+}
+
+impl ChunkCache {
+    pub fn open(dir: &Path) -> Result<ChunkCache, ClientError> {
+        Ok(ChunkCache {
+            fetched: FsChunkStore::open(dir, Durability::Rename)?,
+            durable: FsChunkStore::open(dir, Durability::Fsync)?,
+        })
+    }
+
+    pub fn store(&self) -> &FsChunkStore {
+        &self.fetched
+    }
+
+    /// The stored bytes of `tag` if cached. Not verified here: decoding verifies the tag.
+    pub async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, ClientError> {
+        Ok(self.fetched.get(tag).await?)
+    }
+
+    pub async fn contains(&self, tag: &Tag) -> Result<bool, ClientError> {
+        Ok(self.fetched.contains(tag).await?)
+    }
+
+    /// Keep a chunk fetched from the server (already verified against its tag).
+    pub async fn put_fetched(&self, tag: &Tag, stored: Bytes) -> Result<(), ClientError> {
+        self.fetched.put(tag, stored).await?;
+        Ok(())
+    }
+
+    /// Keep a chunk this client made, durably.
+    pub async fn put_durable(&self, tag: &Tag, stored: Bytes) -> Result<(), ClientError> {
+        self.durable.put(tag, stored).await?;
+        Ok(())
+    }
+
+    /// The chunk from the cache, or fetched from the server (verified) and cached.
+    pub async fn get_or_fetch(&self, tag: &Tag, server: Option<&Transport>) -> Result<Bytes, ClientError> {
+        if let Some(b) = self.get(tag).await? {
+            return Ok(b);
+        }
+        let server = server.ok_or_else(|| {
+            ClientError::Other(format!("chunk {tag} is not in the local cache and the client is disconnected"))
+        })?;
+        let b = server.get_chunk(tag).await?;
+        self.put_fetched(tag, b.clone()).await?;
+        Ok(b)
+    }
+}

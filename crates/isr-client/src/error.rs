@@ -1,0 +1,86 @@
+//! Client errors, each mapped to an exit code of the user contract.
+
+use isr_format::{ChunkError, KeyError, KeyringError, ManifestError, Tag};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Locked(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    #[error("cannot reach the server at {url}: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("server error: {0}")]
+    Server(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    StaleBase(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ClientError {
+    /// The process exit code for this error (see SPEC.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Usage(_) => 2,
+            ClientError::Locked(_) => 3,
+            ClientError::Auth(_) => 4,
+            ClientError::Integrity(_) => 5,
+            ClientError::Unreachable { .. } => 6,
+            _ => 1,
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ClientError::Io { context: context.into(), source }
+    }
+
+    pub fn chunk(tag: &Tag, e: ChunkError) -> Self {
+        ClientError::Integrity(format!("chunk {tag}: {e}"))
+    }
+}
+
+impl From<KeyringError> for ClientError {
+    fn from(e: KeyringError) -> Self {
+        ClientError::Integrity(e.to_string())
+    }
+}
+
+impl From<ManifestError> for ClientError {
+    fn from(e: ManifestError) -> Self {
+        match e {
+            ManifestError::Body(m) => ClientError::Other(format!("invalid VM description: {m}")),
+            other => ClientError::Integrity(other.to_string()),
+        }
+    }
+}
+
+impl From<KeyError> for ClientError {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::UnwrapFailed => ClientError::Auth(
+                "the parcel key could not be unwrapped with this password (wrong password?)".into(),
+            ),
+            other => ClientError::Integrity(other.to_string()),
+        }
+    }
+}
+
+impl From<isr_store::StoreError> for ClientError {
+    fn from(e: isr_store::StoreError) -> Self {
+        match e {
+            isr_store::StoreError::Integrity { .. } => ClientError::Integrity(e.to_string()),
+            other => ClientError::Other(other.to_string()),
+        }
+    }
+}

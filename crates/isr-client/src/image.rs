@@ -1,0 +1,415 @@
+//! A checked-out image (disk or memory) read and written in place.
+//!
+//! Reads find a chunk in memory, else decode it from the local cache, else fetch it from the server
+//! (verified against the keyring; a chunk that cannot be fetched or verified fails the read, never returns
+//! wrong data). Writes change decoded chunks in memory and mark them dirty. A flush encodes every dirty chunk
+//! (convergent encryption, so nothing plaintext is written), stores it in the cache with fsync, and then
+//! replaces the sealed working keyring atomically: after a crash the image is exactly the last flushed state.
+
+use crate::cache::ChunkCache;
+use crate::error::ClientError;
+use crate::home::write_atomic;
+use crate::transport::Transport;
+use bytes::Bytes;
+use futures::StreamExt;
+use isr_format::{
+    ByteOffset, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageLen, Keyring,
+    Keyroot, Tag,
+};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Decoded clean chunks kept in memory (dirty chunks are kept until flushed, whatever this says).
+pub const DEFAULT_MEMORY_CACHE: usize = 256 << 20;
+const STRIPES: usize = 1024;
+const READ_AHEAD: u64 = 16;
+const FLUSH_PARALLELISM: usize = 4;
+
+thread_local! {
+    static DECODER: std::cell::RefCell<ChunkDecoder> = std::cell::RefCell::new(ChunkDecoder::new());
+}
+
+struct Resident {
+    data: Vec<u8>,
+    last_use: u64,
+}
+
+struct State {
+    keyring: Keyring,
+    resident: HashMap<u64, Resident>,
+    dirty: BTreeSet<u64>,
+    clean_bytes: usize,
+    clock: u64,
+    last_read: Option<u64>,
+}
+
+/// Counters for `stat`, the dirtometer and tests.
+#[derive(Debug, Default)]
+pub struct ImageStats {
+    pub fetched_chunks: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+}
+
+pub struct WorkingImage {
+    chunk_size: ChunkSize,
+    len: ImageLen,
+    keyroot: Keyroot,
+    base_tags: Vec<Tag>,
+    work_path: PathBuf,
+    cache: ChunkCache,
+    server: Option<Transport>,
+    secret: ConvergenceSecret,
+    state: Mutex<State>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    prefetching: Mutex<HashSet<Tag>>,
+    memory_cache: usize,
+    pub stats: Arc<ImageStats>,
+}
+
+impl std::fmt::Debug for WorkingImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkingImage").field("len", &self.len).field("work_path", &self.work_path).finish()
+    }
+}
+
+fn eio(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+impl WorkingImage {
+    /// `keyring` is the current working state (the working keyring if the image was modified, else the
+    /// base); `base_tags` are the base version's tags, to tell whether the image is still unmodified.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        keyring: Keyring,
+        base_tags: Vec<Tag>,
+        keyroot: Keyroot,
+        work_path: PathBuf,
+        cache: ChunkCache,
+        server: Option<Transport>,
+        secret: ConvergenceSecret,
+        memory_cache: usize,
+    ) -> WorkingImage {
+        WorkingImage {
+            chunk_size: keyring.chunk_size(),
+            len: keyring.image_len(),
+            keyroot,
+            base_tags,
+            work_path,
+            cache,
+            server,
+            secret,
+            state: Mutex::new(State {
+                keyring,
+                resident: HashMap::new(),
+                dirty: BTreeSet::new(),
+                clean_bytes: 0,
+                clock: 0,
+                last_read: None,
+            }),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            prefetching: Mutex::new(HashSet::new()),
+            memory_cache,
+            stats: Arc::new(ImageStats::default()),
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len.0 == 0
+    }
+
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.chunk_size
+    }
+
+    fn stripe(&self, i: u64) -> &tokio::sync::Mutex<()> {
+        &self.stripes[(i as usize) % STRIPES]
+    }
+
+    /// A snapshot of the working keyring (flushed and unflushed state alike are in memory).
+    pub fn keyring(&self) -> Keyring {
+        self.state.lock().expect("image state").keyring.clone()
+    }
+
+    /// How many chunks are dirty in memory (written, not yet flushed).
+    pub fn dirty_chunks(&self) -> usize {
+        self.state.lock().expect("image state").dirty.len()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len.0) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("range {offset}+{len} beyond image of {} bytes", self.len.0),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decode chunk `i` from the cache or the server. The caller holds the chunk's stripe lock.
+    async fn load(&self, i: u64) -> Result<Vec<u8>, ClientError> {
+        let idx = ChunkIndex(i);
+        let (entry, clen) = {
+            let st = self.state.lock().expect("image state");
+            (st.keyring.get(idx).map(|(t, k)| (t, k.clone())), st.keyring.chunk_len(idx))
+        };
+        let Some((tag, key)) = entry else {
+            return Ok(vec![0u8; clen]);
+        };
+        let stored = match self.cache.get(&tag).await? {
+            Some(b) => b,
+            None => {
+                let b = self.cache.get_or_fetch(&tag, self.server.as_ref()).await?;
+                self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                b
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            DECODER.with(|d| d.borrow_mut().decode(&tag, &key, &stored, clen)).map_err(|e| ClientError::chunk(&tag, e))
+        })
+        .await
+        .map_err(|e| ClientError::Other(format!("decode task: {e}")))?
+    }
+
+    /// Fetch the next chunks into the cache (encrypted) when reads are sequential.
+    fn read_ahead(self: &Arc<Self>, from: u64) {
+        let Some(server) = self.server.clone() else { return };
+        let tags: Vec<Tag> = {
+            let st = self.state.lock().expect("image state");
+            (from..(from + READ_AHEAD).min(st.keyring.chunk_count()))
+                .filter(|i| !st.resident.contains_key(i))
+                .filter_map(|i| st.keyring.get(ChunkIndex(i)).map(|(t, _)| t))
+                .collect()
+        };
+        for tag in tags {
+            if !self.prefetching.lock().expect("prefetch set").insert(tag) {
+                continue;
+            }
+            let (me, server) = (self.clone(), server.clone());
+            tokio::spawn(async move {
+                if !me.cache.contains(&tag).await.unwrap_or(true) {
+                    if let Ok(b) = server.get_chunk(&tag).await {
+                        me.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                        me.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        let _ = me.cache.put_fetched(&tag, b).await;
+                    }
+                }
+                me.prefetching.lock().expect("prefetch set").remove(&tag);
+            });
+        }
+    }
+
+    fn evict_if_needed(&self, st: &mut State) {
+        if st.clean_bytes <= self.memory_cache {
+            return;
+        }
+        let mut clean: Vec<(u64, u64)> = st
+            .resident
+            .iter()
+            .filter(|(i, _)| !st.dirty.contains(i))
+            .map(|(i, r)| (r.last_use, *i))
+            .collect();
+        clean.sort_unstable();
+        for (_, i) in clean {
+            if st.clean_bytes <= self.memory_cache * 7 / 8 {
+                break;
+            }
+            if let Some(r) = st.resident.remove(&i) {
+                st.clean_bytes -= r.data.len();
+            }
+        }
+    }
+
+    /// Make chunk `i` resident; the caller holds its stripe lock.
+    async fn ensure_resident(&self, i: u64) -> Result<(), ClientError> {
+        if self.state.lock().expect("image state").resident.contains_key(&i) {
+            return Ok(());
+        }
+        let data = self.load(i).await?;
+        let mut st = self.state.lock().expect("image state");
+        st.clock += 1;
+        st.clean_bytes += data.len();
+        let last_use = st.clock;
+        st.resident.insert(i, Resident { data, last_use });
+        self.evict_if_needed(&mut st);
+        Ok(())
+    }
+
+    pub async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.chunk_size;
+        let range = cs.chunks_in_range(ByteOffset(offset), buf.len() as u64);
+        let sequential = {
+            let mut st = self.state.lock().expect("image state");
+            let seq = st.last_read.is_some_and(|l| range.start == l || range.start == l + 1);
+            st.last_read = Some(range.end - 1);
+            seq
+        };
+        if sequential || range.end - range.start > 1 {
+            self.read_ahead(range.end);
+        }
+        let mut pos = 0usize;
+        for i in range {
+            let _g = self.stripe(i).lock().await;
+            self.ensure_resident(i).await.map_err(eio)?;
+            let mut st = self.state.lock().expect("image state");
+            st.clock += 1;
+            let clock = st.clock;
+            let r = st.resident.get_mut(&i).expect("resident under stripe lock");
+            r.last_use = clock;
+            let start = if pos == 0 { cs.offset_in_chunk(ByteOffset(offset)) } else { 0 };
+            let n = (r.data.len() - start).min(buf.len() - pos);
+            buf[pos..pos + n].copy_from_slice(&r.data[start..start + n]);
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Apply `f(chunk_bytes, start_in_chunk, range_in_data)` to every chunk overlapped by the range.
+    async fn modify(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(&mut [u8], std::ops::Range<usize>, std::ops::Range<usize>),
+    ) -> std::io::Result<()> {
+        self.check_range(offset, len)?;
+        let cs = self.chunk_size;
+        let mut pos = 0usize;
+        for i in cs.chunks_in_range(ByteOffset(offset), len) {
+            let _g = self.stripe(i).lock().await;
+            let start = if pos == 0 { cs.offset_in_chunk(ByteOffset(offset)) } else { 0 };
+            let clen = cs.chunk_len(self.len, ChunkIndex(i));
+            let n = (clen - start).min(len as usize - pos);
+            let whole = start == 0 && n == clen;
+            if whole {
+                // A whole-chunk overwrite needs nothing from the old contents.
+                let mut st = self.state.lock().expect("image state");
+                if !st.resident.contains_key(&i) {
+                    st.clock += 1;
+                    let last_use = st.clock;
+                    st.clean_bytes += clen;
+                    st.resident.insert(i, Resident { data: vec![0u8; clen], last_use });
+                }
+            } else {
+                self.ensure_resident(i).await.map_err(eio)?;
+            }
+            let mut st = self.state.lock().expect("image state");
+            let st = &mut *st;
+            let r = st.resident.get_mut(&i).expect("resident under stripe lock");
+            f(&mut r.data, start..start + n, pos..pos + n);
+            if st.dirty.insert(i) {
+                st.clean_bytes -= r.data.len();
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    pub async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.modify(offset, data.len() as u64, |chunk, c, d| chunk[c].copy_from_slice(&data[d])).await
+    }
+
+    /// Zero a range. Whole chunks become zero chunks: nothing stored, nothing sent.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.modify(offset, len, |chunk, c, _| chunk[c].fill(0)).await
+    }
+
+    /// Encode every dirty chunk into the cache (fsynced), then replace the working keyring durably.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        let dirty: Vec<u64> = self.state.lock().expect("image state").dirty.iter().copied().collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let results = futures::stream::iter(dirty)
+            .map(|i| async move {
+                let _g = self.stripe(i).lock().await;
+                let data = {
+                    let st = self.state.lock().expect("image state");
+                    if !st.dirty.contains(&i) {
+                        return Ok(());
+                    }
+                    st.resident.get(&i).map(|r| r.data.clone()).expect("dirty chunks are resident")
+                };
+                let secret = self.secret.clone();
+                let encoded = tokio::task::spawn_blocking(move || ChunkEncoder::new(secret).encode(&data))
+                    .await
+                    .map_err(|e| ClientError::Other(format!("encode task: {e}")))?
+                    .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
+                let entry = match encoded {
+                    Some(e) => {
+                        self.cache.put_durable(&e.tag, Bytes::from(e.stored)).await?;
+                        Some((e.tag, e.key))
+                    }
+                    None => None,
+                };
+                let mut st = self.state.lock().expect("image state");
+                st.keyring.set(ChunkIndex(i), entry);
+                st.dirty.remove(&i);
+                if let Some(r) = st.resident.get(&i) {
+                    st.clean_bytes += r.data.len();
+                }
+                self.evict_if_needed(&mut st);
+                Ok::<(), ClientError>(())
+            })
+            .buffer_unordered(FLUSH_PARALLELISM)
+            .collect::<Vec<_>>()
+            .await;
+        for r in results {
+            r?;
+        }
+        self.persist().await?;
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Write the working keyring (or remove it when the image equals its base again).
+    async fn persist(&self) -> Result<(), ClientError> {
+        let keyring = self.keyring();
+        let path = self.work_path.clone();
+        if keyring.tags() == self.base_tags.as_slice() {
+            return match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(ClientError::io(format!("removing {}", path.display()), e)),
+            };
+        }
+        let keyroot = self.keyroot.clone();
+        tokio::task::spawn_blocking(move || write_atomic(&path, &keyring.seal(&keyroot)))
+            .await
+            .map_err(|e| ClientError::Other(format!("keyring task: {e}")))?
+    }
+}
+
+/// A [`WorkingImage`] exported over NBD.
+#[derive(Debug, Clone)]
+pub struct ImageDevice(pub Arc<WorkingImage>);
+
+#[async_trait::async_trait]
+impl isr_nbd::BlockDevice for ImageDevice {
+    fn size(&self) -> u64 {
+        self.0.len.0
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data).await
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().await.map_err(eio)
+    }
+    async fn trim(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.write_zeroes(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.write_zeroes(offset, len).await
+    }
+}

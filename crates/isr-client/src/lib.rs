@@ -1,0 +1,18 @@
+//! The isr client library: everything `isr` does, without the command line.
+//!
+//! - [`transport`]: the server's HTTP API (login, parcels, locks, chunks, versions).
+//! - [`home`]: the client's home directory: session, client identity, parcels checked out, chunk cache.
+//! - [`cache`]: the local chunk cache (encrypted chunks by tag, shared by all parcels of this client).
+//! - [`image`]: a checked-out image (disk or memory) read and written in place: decoded chunks in memory,
+//!   dirty chunks encoded into the cache and recorded in a working keyring made durable on flush.
+//! - [`parcel`]: the lifecycle: create, checkout, sync, checkin, discard, hoard, rollback, check, export.
+
+pub mod cache;
+pub mod error;
+pub mod home;
+pub mod image;
+pub mod parcel;
+pub mod progress;
+pub mod transport;
+
+pub use error::ClientError;

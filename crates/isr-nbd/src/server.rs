@@ -1,0 +1,767 @@
+//! The NBD server: accept loop, handshake and the pipelined transmission phase.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use crate::device::BlockDevice;
+use crate::proto::{self, cflags, errno, info, opt, rep, tflags, ClientOption, Command, Request};
+use crate::NbdError;
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Export read-only: advertise `NBD_FLAG_READ_ONLY`, answer writes with `EPERM`.
+    pub read_only: bool,
+    /// Name reported by `NBD_OPT_LIST` / `NBD_INFO_NAME`. Any requested name
+    /// (including the empty default name) is accepted.
+    pub export_name: String,
+    /// Maximum number of requests processed concurrently per connection.
+    pub max_in_flight: usize,
+    /// Maximum bytes of read/write payload buffered per connection.
+    pub max_in_flight_bytes: usize,
+    /// Maximum length of a read or write request (advertised as the maximum
+    /// block size). Larger reads get `EINVAL`; larger writes close the connection.
+    pub max_request_bytes: u32,
+    /// Maximum length of option data during the handshake; larger options
+    /// close the connection.
+    pub max_option_bytes: u32,
+    /// Maximum number of options during one handshake.
+    pub max_options: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            read_only: false,
+            export_name: String::new(),
+            max_in_flight: 64,
+            max_in_flight_bytes: 256 << 20,
+            max_request_bytes: 32 << 20,
+            max_option_bytes: 64 << 10,
+            max_options: 1024,
+        }
+    }
+}
+
+/// Serve `device` on every connection accepted from `listener` until
+/// `shutdown` completes, with default [`ServeOptions`].
+pub async fn serve(
+    listener: UnixListener,
+    device: Arc<dyn BlockDevice>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NbdError> {
+    serve_with_options(listener, device, ServeOptions::default(), shutdown).await
+}
+
+/// Like [`serve`] with explicit options. On shutdown no new connections are
+/// accepted, every connection stops reading new requests, finishes its
+/// in-flight requests and is closed; then this returns.
+pub async fn serve_with_options(
+    listener: UnixListener,
+    device: Arc<dyn BlockDevice>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NbdError> {
+    let options = Arc::new(options);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut conns = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (r, w) = stream.into_split();
+                    let dev = device.clone();
+                    let opts = options.clone();
+                    let stop = stop_rx.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = run_connection(r, w, dev, opts, stop).await {
+                            warn!("nbd connection ended with error: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!("nbd accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Serve one connection over any byte stream (split internally).
+pub async fn handle_connection<S>(
+    stream: S,
+    device: Arc<dyn BlockDevice>,
+    options: Arc<ServeOptions>,
+) -> Result<(), NbdError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    handle_split(r, w, device, options).await
+}
+
+/// Serve one connection given its read and write halves. Returns when the
+/// client disconnects (`NBD_OPT_ABORT`, `NBD_CMD_DISC` or EOF) after all
+/// in-flight requests were answered, or on a fatal protocol error.
+pub async fn handle_split<R, W>(
+    reader: R,
+    writer: W,
+    device: Arc<dyn BlockDevice>,
+    options: Arc<ServeOptions>,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    run_connection(reader, writer, device, options, stop_rx).await
+}
+
+// ---------------------------------------------------------------- reading helpers
+
+enum Fill {
+    Data,
+    Eof,
+    Stop,
+}
+
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn fill<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<Fill> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 << 10);
+    }
+    tokio::select! {
+        biased;
+        n = rd.read_buf(buf) => Ok(if n? == 0 { Fill::Eof } else { Fill::Data }),
+        _ = stopped(stop) => Ok(Fill::Stop),
+    }
+}
+
+// ---------------------------------------------------------------- handshake
+
+fn transmission_flags(read_only: bool, structured: bool) -> u16 {
+    let mut f = tflags::HAS_FLAGS | tflags::SEND_FLUSH;
+    if read_only {
+        f |= tflags::READ_ONLY;
+    } else {
+        f |= tflags::SEND_FUA | tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES;
+    }
+    if structured {
+        f |= tflags::SEND_DF;
+    }
+    f
+}
+
+/// Run the handshake. `Ok(Some(structured))` means: enter transmission.
+async fn handshake<R, W>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    wr: &mut W,
+    size: u64,
+    opts: &ServeOptions,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<bool>, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    proto::encode_greeting(&mut out, proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    wr.write_all(&out).await?;
+    wr.flush().await?;
+
+    let client_flags = loop {
+        if let Some((f, n)) = proto::parse_client_flags(buf)? {
+            buf.advance(n);
+            break f;
+        }
+        match fill(rd, buf, stop).await? {
+            Fill::Data => {}
+            Fill::Eof | Fill::Stop => return Ok(None),
+        }
+    };
+    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+
+    for _ in 0..opts.max_options {
+        let (code, decoded, n) = loop {
+            if let Some((raw, n)) = proto::parse_option(buf, opts.max_option_bytes)? {
+                break (raw.code, ClientOption::decode(&raw), n);
+            }
+            match fill(rd, buf, stop).await? {
+                Fill::Data => {}
+                Fill::Eof => return Err(NbdError::UnexpectedEof),
+                Fill::Stop => return Ok(None),
+            }
+        };
+        buf.advance(n);
+        out.clear();
+        debug!(option = code, "nbd option");
+        let option = match decoded {
+            Ok(o) => o,
+            Err(e) if code == opt::EXPORT_NAME => return Err(NbdError::InvalidExportName(e)),
+            Err(e) => {
+                proto::encode_option_reply(&mut out, code, rep::ERR_INVALID, e.reason.as_bytes());
+                wr.write_all(&out).await?;
+                continue;
+            }
+        };
+        match option {
+            ClientOption::ExportName(_name) => {
+                let flags = transmission_flags(opts.read_only, structured);
+                proto::encode_export_name_reply(&mut out, size, flags, no_zeroes);
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                return Ok(Some(structured));
+            }
+            ClientOption::Abort => {
+                proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
+                // The client may already have closed; ignore errors.
+                let _ = wr.write_all(&out).await;
+                let _ = wr.flush().await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                proto::encode_option_reply(
+                    &mut out,
+                    code,
+                    rep::SERVER,
+                    &proto::rep_server(&opts.export_name),
+                );
+                proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
+            }
+            ClientOption::StructuredReply => {
+                if structured {
+                    proto::encode_option_reply(
+                        &mut out,
+                        code,
+                        rep::ERR_INVALID,
+                        b"structured replies already negotiated",
+                    );
+                } else {
+                    structured = true;
+                    proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
+                }
+            }
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                let flags = transmission_flags(opts.read_only, structured);
+                proto::encode_option_reply(&mut out, code, rep::INFO, &proto::info_export(size, flags));
+                proto::encode_option_reply(
+                    &mut out,
+                    code,
+                    rep::INFO,
+                    &proto::info_block_size(1, 4096, opts.max_request_bytes),
+                );
+                if req.requests.contains(&info::NAME) {
+                    proto::encode_option_reply(
+                        &mut out,
+                        code,
+                        rep::INFO,
+                        &proto::info_name(&opts.export_name),
+                    );
+                }
+                proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
+                if code == opt::GO {
+                    wr.write_all(&out).await?;
+                    wr.flush().await?;
+                    return Ok(Some(structured));
+                }
+            }
+            ClientOption::Unsupported(_) => {
+                proto::encode_option_reply(&mut out, code, rep::ERR_UNSUP, &[]);
+            }
+        }
+        wr.write_all(&out).await?;
+        wr.flush().await?;
+    }
+    Err(NbdError::TooManyOptions)
+}
+
+// ---------------------------------------------------------------- buffers, replies
+
+/// Per-connection pool of payload buffers.
+#[derive(Debug, Default)]
+struct BufPool {
+    bufs: Mutex<Vec<Vec<u8>>>,
+}
+
+const POOL_MAX_BUFS: usize = 64;
+const POOL_MAX_BUF_BYTES: usize = 4 << 20;
+
+impl BufPool {
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut v = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
+        // Only growth is zero-filled; the device overwrites the whole buffer.
+        v.resize(len, 0);
+        v
+    }
+    fn put(&self, v: Vec<u8>) {
+        if v.capacity() == 0 || v.capacity() > POOL_MAX_BUF_BYTES {
+            return;
+        }
+        let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        if bufs.len() < POOL_MAX_BUFS {
+            bufs.push(v);
+        }
+    }
+}
+
+enum Body {
+    None,
+    Pooled(Vec<u8>),
+    Owned(Vec<u8>),
+}
+
+/// One reply, written by the [`ReplySink`]. Holding the permits until the
+/// reply is on the wire bounds the memory of queued replies.
+struct Outgoing {
+    head: [u8; 32],
+    head_len: u8,
+    body: Body,
+    _permit: Option<OwnedSemaphorePermit>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn new(head: &[u8], body: Body) -> Self {
+        let mut h = [0u8; 32];
+        h[..head.len()].copy_from_slice(head);
+        Outgoing { head: h, head_len: head.len() as u8, body, _permit: None, _bytes: None }
+    }
+    fn body(&self) -> &[u8] {
+        match &self.body {
+            Body::None => &[],
+            Body::Pooled(v) | Body::Owned(v) => v,
+        }
+    }
+}
+
+async fn write_batch<W: AsyncWrite + Unpin + ?Sized>(wr: &mut W, batch: &[Outgoing]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    for o in batch {
+        slices.push(IoSlice::new(&o.head[..o.head_len as usize]));
+        let b = o.body();
+        if !b.is_empty() {
+            slices.push(IoSlice::new(b));
+        }
+    }
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+type BoxWriter = std::pin::Pin<Box<dyn AsyncWrite + Send>>;
+
+/// Reply sink shared by all request tasks of a connection. Whoever finds the
+/// socket free writes every queued reply in one vectored write ("combining"),
+/// so a reply normally goes out from the task that produced it without a
+/// hand-off to a writer task.
+struct ReplySink {
+    queue: Mutex<Vec<Outgoing>>,
+    writer: tokio::sync::Mutex<Option<BoxWriter>>,
+    pool: Arc<BufPool>,
+}
+
+impl ReplySink {
+    fn new(wr: BoxWriter, pool: Arc<BufPool>) -> Self {
+        ReplySink {
+            queue: Mutex::new(Vec::with_capacity(64)),
+            writer: tokio::sync::Mutex::new(Some(wr)),
+            pool,
+        }
+    }
+
+    fn take_queue(&self, into: &mut Vec<Outgoing>) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut *q, into);
+    }
+
+    fn queue_is_empty(&self) -> bool {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    async fn send(&self, out: Outgoing) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(out);
+        let mut batch = Vec::new();
+        loop {
+            // If the socket is busy, its holder will pick our reply up.
+            let Ok(mut guard) = self.writer.try_lock() else { return };
+            loop {
+                self.take_queue(&mut batch);
+                if batch.is_empty() {
+                    break;
+                }
+                if let Some(wr) = guard.as_mut() {
+                    if let Err(e) = write_batch(wr, &batch).await {
+                        debug!("nbd reply write failed: {e}");
+                        *guard = None; // connection broken: drop further replies
+                    }
+                }
+                for o in batch.drain(..) {
+                    if let Body::Pooled(v) = o.body {
+                        self.pool.put(v);
+                    }
+                }
+            }
+            drop(guard);
+            // A reply queued after our last check but before we unlocked?
+            if self.queue_is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn close(&self) {
+        let mut guard = self.writer.lock().await;
+        if let Some(mut wr) = guard.take() {
+            let _ = wr.flush().await;
+            let _ = wr.shutdown().await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- write ordering
+
+/// Tracks in-flight write-type requests by arrival order so that a FLUSH can
+/// wait for exactly the writes received before it.
+#[derive(Debug, Default)]
+struct WriteTracker {
+    state: Mutex<(u64, BTreeSet<u64>)>,
+    notify: Notify,
+}
+
+struct WriteToken {
+    tracker: Arc<WriteTracker>,
+    seq: u64,
+}
+
+impl Drop for WriteToken {
+    fn drop(&mut self) {
+        self.tracker.state.lock().unwrap_or_else(|e| e.into_inner()).1.remove(&self.seq);
+        self.tracker.notify.notify_waiters();
+    }
+}
+
+impl WriteTracker {
+    fn begin(self: &Arc<Self>) -> WriteToken {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = st.0;
+        st.0 += 1;
+        st.1.insert(seq);
+        WriteToken { tracker: self.clone(), seq }
+    }
+    fn barrier(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+    fn drained(&self, barrier: u64) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.1.first().is_none_or(|&s| s >= barrier)
+    }
+    async fn wait(&self, barrier: u64) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.drained(barrier) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- transmission
+
+struct Conn {
+    dev: Arc<dyn BlockDevice>,
+    structured: bool,
+    pool: Arc<BufPool>,
+    writes: Arc<WriteTracker>,
+    sink: ReplySink,
+}
+
+impl Conn {
+    fn error_reply(&self, req: &Request, error: u32, msg: &str) -> Outgoing {
+        if self.structured && req.command == Command::Read {
+            let mut v = Vec::with_capacity(32 + msg.len());
+            proto::encode_structured_error(&mut v, req.handle, error, msg);
+            Outgoing::new(&[], Body::Owned(v))
+        } else {
+            Outgoing::new(&proto::encode_simple_reply(error, req.handle), Body::None)
+        }
+    }
+
+    fn ok_reply(&self, req: &Request) -> Outgoing {
+        Outgoing::new(&proto::encode_simple_reply(0, req.handle), Body::None)
+    }
+
+    fn io_error_reply(&self, req: &Request, e: &io::Error) -> Outgoing {
+        debug!(handle = req.handle, ?req.command, "device error: {e}");
+        self.error_reply(req, proto::io_error_to_errno(e), &e.to_string())
+    }
+
+    async fn flush_if_fua(&self, req: &Request) -> io::Result<()> {
+        if req.flags & cflags::FUA != 0 {
+            self.dev.flush().await
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn execute(
+        &self,
+        req: Request,
+        payload: Vec<u8>,
+        token: Option<WriteToken>,
+        barrier: u64,
+    ) -> Outgoing {
+        let out = match req.command {
+            Command::Read => {
+                let (buf, r) = self.dev.read_owned(req.offset, payload).await;
+                match r {
+                    Err(e) => {
+                        self.pool.put(buf);
+                        self.io_error_reply(&req, &e)
+                    }
+                    Ok(()) if buf.len() != req.len as usize => {
+                        self.pool.put(buf);
+                        self.error_reply(&req, errno::EIO, "device returned a short buffer")
+                    }
+                    Ok(()) if self.structured && req.len == 0 => {
+                        self.pool.put(buf);
+                        Outgoing::new(&proto::encode_structured_none(req.handle), Body::None)
+                    }
+                    Ok(()) if self.structured => Outgoing::new(
+                        &proto::encode_offset_data_header(req.handle, req.offset, req.len),
+                        Body::Pooled(buf),
+                    ),
+                    Ok(()) => Outgoing::new(&proto::encode_simple_reply(0, req.handle), Body::Pooled(buf)),
+                }
+            }
+            Command::Write => {
+                let (buf, r) = self.dev.write_owned(req.offset, payload).await;
+                self.pool.put(buf);
+                self.finish_write(&req, r).await
+            }
+            Command::Trim => {
+                let r = self.dev.trim(req.offset, req.len as u64).await;
+                self.finish_write(&req, r).await
+            }
+            Command::WriteZeroes => {
+                let r = if req.flags & cflags::NO_HOLE != 0 {
+                    self.dev.write_zeroes_no_hole(req.offset, req.len as u64).await
+                } else {
+                    self.dev.write_zeroes(req.offset, req.len as u64).await
+                };
+                self.finish_write(&req, r).await
+            }
+            Command::Flush => {
+                self.writes.wait(barrier).await;
+                match self.dev.flush().await {
+                    Ok(()) => self.ok_reply(&req),
+                    Err(e) => self.io_error_reply(&req, &e),
+                }
+            }
+            Command::Disc | Command::Unknown(_) => {
+                self.error_reply(&req, errno::EINVAL, "unexpected command")
+            }
+        };
+        drop(token);
+        out
+    }
+
+    async fn finish_write(&self, req: &Request, r: io::Result<()>) -> Outgoing {
+        match r.and(self.flush_if_fua(req).await) {
+            Ok(()) => self.ok_reply(req),
+            Err(e) => self.io_error_reply(req, &e),
+        }
+    }
+}
+
+/// Validate a request against the export; `Some((errno, message))` to reject.
+fn validate(req: &Request, size: u64, read_only: bool, max_request: u32) -> Option<(u32, &'static str)> {
+    match req.command {
+        Command::Unknown(_) => return Some((errno::EINVAL, "unsupported command")),
+        Command::Disc | Command::Flush => return None,
+        _ => {}
+    }
+    if read_only && req.command.is_write() {
+        return Some((errno::EPERM, "export is read-only"));
+    }
+    if req.command == Command::Read && req.len > max_request {
+        return Some((errno::EINVAL, "request length exceeds maximum block size"));
+    }
+    let in_bounds = req.offset.checked_add(req.len as u64).is_some_and(|end| end <= size);
+    if !in_bounds {
+        if req.command == Command::Write {
+            return Some((errno::ENOSPC, "write beyond end of export"));
+        }
+        return Some((errno::EINVAL, "request beyond end of export"));
+    }
+    None
+}
+
+async fn run_connection<R, W>(
+    mut rd: R,
+    mut wr: W,
+    device: Arc<dyn BlockDevice>,
+    opts: Arc<ServeOptions>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NbdError>
+where
+    R: AsyncRead + Send + Unpin + 'static,
+    W: AsyncWrite + Send + Unpin + 'static,
+{
+    let size = device.size();
+    let mut buf = BytesMut::with_capacity(128 << 10);
+    let structured = match handshake(&mut rd, &mut buf, &mut wr, size, &opts, &mut stop).await? {
+        Some(s) => s,
+        None => return Ok(()),
+    };
+    debug!(structured, size, "nbd transmission phase");
+
+    let pool = Arc::new(BufPool::default());
+    let sink = ReplySink::new(Box::pin(wr), pool.clone());
+    let conn = Arc::new(Conn { dev: device, structured, pool, writes: Arc::default(), sink });
+
+    let max_in_flight = opts.max_in_flight.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    const UNIT: usize = 4096;
+    let byte_units = opts.max_in_flight_bytes.max(opts.max_request_bytes as usize).div_ceil(UNIT).max(1);
+    let byte_units = byte_units.min(u32::MAX as usize).min(Semaphore::MAX_PERMITS);
+    let bytes = Arc::new(Semaphore::new(byte_units));
+
+    let result = read_requests(&mut rd, &mut buf, &conn, &opts, size, &slots, &bytes, &mut stop).await;
+
+    // Finish everything in flight, then close the writer.
+    let _all = slots.acquire_many(max_in_flight as u32).await;
+    conn.sink.close().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_requests<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    conn: &Arc<Conn>,
+    opts: &ServeOptions,
+    size: u64,
+    slots: &Arc<Semaphore>,
+    bytes: &Arc<Semaphore>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), NbdError> {
+    const UNIT: usize = 4096;
+    loop {
+        let req = loop {
+            if let Some((req, n)) = proto::parse_request(buf, opts.max_request_bytes)? {
+                buf.advance(n);
+                break req;
+            }
+            match fill(rd, buf, stop).await? {
+                Fill::Data => {}
+                Fill::Eof if buf.is_empty() => return Ok(()),
+                Fill::Eof => return Err(NbdError::UnexpectedEof),
+                Fill::Stop => return Ok(()),
+            }
+        };
+        if req.command == Command::Disc {
+            debug!("nbd client disconnect");
+            return Ok(());
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
+        let data_len = match req.command {
+            Command::Write => req.len as usize,
+            Command::Read if req.len <= opts.max_request_bytes => req.len as usize,
+            _ => 0,
+        };
+        let byte_permit = if data_len > 0 {
+            let units = data_len.div_ceil(UNIT) as u32;
+            bytes.clone().acquire_many_owned(units).await.ok()
+        } else {
+            None
+        };
+
+        let rejected = validate(&req, size, opts.read_only, opts.max_request_bytes);
+        // Receive the write payload straight into a pooled buffer (even when
+        // the request is rejected, to stay in sync with the stream).
+        let mut payload = Vec::new();
+        if req.command == Command::Write {
+            payload = conn.pool.get(data_len);
+            let have = buf.len().min(data_len);
+            payload[..have].copy_from_slice(&buf[..have]);
+            buf.advance(have);
+            if have < data_len {
+                match rd.read_exact(&mut payload[have..]).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(NbdError::UnexpectedEof)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        } else if req.command == Command::Read && rejected.is_none() {
+            payload = conn.pool.get(data_len);
+        }
+
+        if let Some((err, msg)) = rejected {
+            debug!(handle = req.handle, ?req.command, offset = req.offset, len = req.len, "rejected: {msg}");
+            conn.pool.put(payload);
+            let mut out = conn.error_reply(&req, err, msg);
+            out._permit = Some(permit);
+            out._bytes = byte_permit;
+            conn.sink.send(out).await;
+            continue;
+        }
+
+        let (token, barrier) = match req.command {
+            c if c.is_write() => (Some(conn.writes.begin()), 0),
+            Command::Flush => (None, conn.writes.barrier()),
+            _ => (None, 0),
+        };
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let mut out = conn.execute(req, payload, token, barrier).await;
+            out._permit = Some(permit);
+            out._bytes = byte_permit;
+            conn.sink.send(out).await;
+        });
+    }
+}

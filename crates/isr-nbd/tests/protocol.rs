@@ -1,0 +1,659 @@
+//! Protocol-level tests with a hand-rolled client (built on `isr_nbd::proto`)
+//! talking to the server over an in-memory duplex pipe or a Unix socket.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use isr_nbd::proto::{self, cflags, errno, info, opt, rep, reply, tflags, Command, ReplyHeader, Request};
+use isr_nbd::{handle_connection, BlockDevice, MemDevice, NbdError, ServeOptions};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
+
+type ServerTask = JoinHandle<Result<(), NbdError>>;
+
+struct Client<S> {
+    s: S,
+    buf: Vec<u8>,
+    structured: bool,
+    read_lens: HashMap<u64, usize>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Rep {
+    Simple { error: u32, handle: u64, data: Vec<u8> },
+    Chunk { flags: u16, ty: u16, handle: u64, payload: Vec<u8> },
+}
+
+impl Rep {
+    fn handle(&self) -> u64 {
+        match self {
+            Rep::Simple { handle, .. } | Rep::Chunk { handle, .. } => *handle,
+        }
+    }
+    fn error(&self) -> u32 {
+        match self {
+            Rep::Simple { error, .. } => *error,
+            Rep::Chunk { ty, payload, .. } if *ty == reply::TYPE_ERROR => {
+                proto::parse_error_payload(payload).unwrap().0
+            }
+            Rep::Chunk { .. } => 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    fn new(s: S) -> Self {
+        Client { s, buf: Vec::new(), structured: false, read_lens: HashMap::new() }
+    }
+
+    async fn more(&mut self) -> bool {
+        let mut tmp = vec![0u8; 65536];
+        let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut tmp))
+            .await
+            .expect("timeout")
+            .unwrap();
+        self.buf.extend_from_slice(&tmp[..n]);
+        n > 0
+    }
+
+    async fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).await.unwrap();
+    }
+
+    async fn greeting(&mut self) -> u16 {
+        loop {
+            if let Some((f, n)) = proto::parse_greeting(&self.buf).unwrap() {
+                self.buf.drain(..n);
+                return f;
+            }
+            assert!(self.more().await, "eof");
+        }
+    }
+
+    async fn option(&mut self, code: u32, data: &[u8]) {
+        let mut out = Vec::new();
+        proto::encode_option(&mut out, code, data);
+        self.send(&out).await;
+    }
+
+    async fn opt_reply(&mut self) -> (u32, u32, Vec<u8>) {
+        loop {
+            if let Some((r, n)) = proto::parse_option_reply(&self.buf, 1 << 16).unwrap() {
+                let v = (r.option, r.reply_type, r.data.to_vec());
+                self.buf.drain(..n);
+                return v;
+            }
+            assert!(self.more().await, "eof");
+        }
+    }
+
+    /// Fixed newstyle + NO_ZEROES, optional structured replies, then GO.
+    async fn connect(&mut self, structured: bool) -> (u64, u16) {
+        let hf = self.greeting().await;
+        assert_eq!(hf, proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+        let mut out = Vec::new();
+        proto::encode_client_flags(&mut out, proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+        self.send(&out).await;
+        if structured {
+            self.option(opt::STRUCTURED_REPLY, &[]).await;
+            assert_eq!(self.opt_reply().await, (opt::STRUCTURED_REPLY, rep::ACK, vec![]));
+            self.structured = true;
+        }
+        self.option(opt::GO, &proto::encode_info_request("", &[info::BLOCK_SIZE])).await;
+        let mut export = None;
+        loop {
+            let (o, t, d) = self.opt_reply().await;
+            assert_eq!(o, opt::GO);
+            if t == rep::ACK {
+                return export.expect("no NBD_INFO_EXPORT");
+            }
+            assert_eq!(t, rep::INFO);
+            if d[..2] == info::EXPORT.to_be_bytes() {
+                export = Some((
+                    u64::from_be_bytes(d[2..10].try_into().unwrap()),
+                    u16::from_be_bytes([d[10], d[11]]),
+                ));
+            }
+        }
+    }
+
+    async fn request(
+        &mut self,
+        command: Command,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
+        if command == Command::Read {
+            self.read_lens.insert(handle, len as usize);
+        }
+        let mut out = proto::encode_request(&Request { flags, command, handle, offset, len }).to_vec();
+        out.extend_from_slice(payload);
+        self.send(&out).await;
+    }
+
+    async fn reply(&mut self) -> Rep {
+        loop {
+            match proto::parse_reply(&self.buf, 64 << 20).unwrap() {
+                Some((ReplyHeader::Simple { error, handle }, n)) => {
+                    let dlen = if error == 0 { self.read_lens.get(&handle).copied().unwrap_or(0) } else { 0 };
+                    if self.buf.len() >= n + dlen {
+                        let data = self.buf[n..n + dlen].to_vec();
+                        self.buf.drain(..n + dlen);
+                        self.read_lens.remove(&handle);
+                        return Rep::Simple { error, handle, data };
+                    }
+                }
+                Some((ReplyHeader::Structured { flags, ty, handle, payload }, n)) => {
+                    let r = Rep::Chunk { flags, ty, handle, payload: payload.to_vec() };
+                    self.buf.drain(..n);
+                    return r;
+                }
+                None => {}
+            }
+            assert!(self.more().await, "eof while waiting for a reply");
+        }
+    }
+
+    async fn expect_eof(&mut self) {
+        assert!(!self.more().await, "expected EOF, got {:?}", self.buf);
+    }
+}
+
+fn start(dev: Arc<dyn BlockDevice>, opts: ServeOptions) -> (Client<DuplexStream>, ServerTask) {
+    let (c, s) = tokio::io::duplex(1 << 20);
+    let task = tokio::spawn(handle_connection(s, dev, Arc::new(opts)));
+    (Client::new(c), task)
+}
+
+fn mem(size: usize, byte: u8) -> Arc<MemDevice> {
+    Arc::new(MemDevice::from_vec(vec![byte; size]))
+}
+
+#[tokio::test]
+async fn option_haggling() {
+    let opts = ServeOptions { export_name: "disk".into(), ..ServeOptions::default() };
+    let (mut c, task) = start(mem(1 << 20, 0), opts);
+    c.greeting().await;
+    c.send(&proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).await;
+
+    c.option(opt::LIST, &[]).await;
+    assert_eq!(c.opt_reply().await, (opt::LIST, rep::SERVER, proto::rep_server("disk")));
+    assert_eq!(c.opt_reply().await, (opt::LIST, rep::ACK, vec![]));
+
+    c.option(opt::LIST, b"junk").await;
+    assert_eq!(c.opt_reply().await.1, rep::ERR_INVALID);
+
+    for unsupported in
+        [opt::STARTTLS, opt::SET_META_CONTEXT, opt::LIST_META_CONTEXT, opt::EXTENDED_HEADERS, 4242]
+    {
+        c.option(unsupported, &[0, 0, 0, 0]).await;
+        assert_eq!(c.opt_reply().await, (unsupported, rep::ERR_UNSUP, vec![]));
+    }
+
+    c.option(opt::INFO, &proto::encode_info_request("anything", &[info::NAME, info::BLOCK_SIZE])).await;
+    let mut got = Vec::new();
+    loop {
+        let (o, t, d) = c.opt_reply().await;
+        assert_eq!(o, opt::INFO);
+        if t == rep::ACK {
+            break;
+        }
+        assert_eq!(t, rep::INFO);
+        got.push(d);
+    }
+    let flags = tflags::HAS_FLAGS
+        | tflags::SEND_FLUSH
+        | tflags::SEND_FUA
+        | tflags::SEND_TRIM
+        | tflags::SEND_WRITE_ZEROES;
+    assert!(got.contains(&proto::info_export(1 << 20, flags).to_vec()));
+    assert!(got.contains(&proto::info_block_size(1, 4096, 32 << 20).to_vec()));
+    assert!(got.contains(&proto::info_name("disk")));
+
+    // Malformed INFO: request count does not match the length.
+    let mut bad = proto::encode_info_request("", &[info::NAME]);
+    bad.push(0);
+    c.option(opt::INFO, &bad).await;
+    assert_eq!(c.opt_reply().await.1, rep::ERR_INVALID);
+    // Name length beyond the option.
+    c.option(opt::GO, &[0, 0, 1, 0, 0, 0]).await;
+    assert_eq!(c.opt_reply().await.1, rep::ERR_INVALID);
+
+    c.option(opt::STRUCTURED_REPLY, &[]).await;
+    assert_eq!(c.opt_reply().await.1, rep::ACK);
+    c.option(opt::STRUCTURED_REPLY, &[]).await;
+    assert_eq!(c.opt_reply().await.1, rep::ERR_INVALID);
+
+    c.option(opt::ABORT, &[]).await;
+    assert_eq!(c.opt_reply().await, (opt::ABORT, rep::ACK, vec![]));
+    c.expect_eof().await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn export_name_with_zeroes_then_simple_io() {
+    let dev = mem(1 << 20, 0x42);
+    let (mut c, task) = start(dev.clone(), ServeOptions::default());
+    c.greeting().await;
+    c.send(&proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes()).await; // no NO_ZEROES
+    c.option(opt::EXPORT_NAME, b"any-name").await;
+    while c.buf.len() < 134 {
+        assert!(c.more().await);
+    }
+    let ((size, flags), n) = proto::parse_export_name_reply(&c.buf, false).unwrap().unwrap();
+    assert_eq!(n, 134);
+    assert!(c.buf[10..134].iter().all(|&b| b == 0));
+    c.buf.drain(..n);
+    assert_eq!(size, 1 << 20);
+    assert_eq!(flags & tflags::HAS_FLAGS, tflags::HAS_FLAGS);
+    assert_eq!(flags & tflags::CAN_MULTI_CONN, 0);
+
+    c.request(Command::Read, 0, 7, 100, 10, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: 0, handle: 7, data: vec![0x42; 10] });
+    c.request(Command::Disc, 0, 8, 0, 0, &[]).await;
+    c.expect_eof().await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn handshake_errors_close_the_connection() {
+    // Unknown client flags.
+    let (mut c, task) = start(mem(4096, 0), ServeOptions::default());
+    c.greeting().await;
+    c.send(&0x8000_0000u32.to_be_bytes()).await;
+    assert!(matches!(task.await.unwrap(), Err(NbdError::UnknownClientFlags(_))));
+
+    // Oversized option.
+    let (mut c, task) = start(mem(4096, 0), ServeOptions::default());
+    c.greeting().await;
+    c.send(&1u32.to_be_bytes()).await;
+    let mut out = proto::IHAVEOPT.to_be_bytes().to_vec();
+    out.extend_from_slice(&opt::LIST.to_be_bytes());
+    out.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    c.send(&out).await;
+    assert!(matches!(task.await.unwrap(), Err(NbdError::OptionTooLarge { .. })));
+
+    // Bad option magic.
+    let (mut c, task) = start(mem(4096, 0), ServeOptions::default());
+    c.greeting().await;
+    c.send(&1u32.to_be_bytes()).await;
+    c.send(b"NOTMAGIC\0\0\0\x01\0\0\0\0").await;
+    assert!(matches!(task.await.unwrap(), Err(NbdError::BadMagic { .. })));
+
+    // EOF during the handshake.
+    let (mut c, task) = start(mem(4096, 0), ServeOptions::default());
+    c.greeting().await;
+    drop(c);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn simple_replies_and_validation() {
+    let dev = mem(1 << 20, 0);
+    let (mut c, task) = start(dev.clone(), ServeOptions::default());
+    let (size, flags) = c.connect(false).await;
+    assert_eq!(size, 1 << 20);
+    assert_eq!(flags & tflags::READ_ONLY, 0);
+    assert_eq!(flags & tflags::SEND_DF, 0);
+
+    c.request(Command::Write, 0, 1, 4096, 4, b"abcd").await;
+    assert_eq!(c.reply().await.error(), 0);
+    c.request(Command::Read, 0, 2, 4096, 4, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: 0, handle: 2, data: b"abcd".to_vec() });
+
+    // Out of bounds: EINVAL for reads, ENOSPC for writes (payload consumed).
+    c.request(Command::Read, 0, 3, (1 << 20) - 2, 4, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: errno::EINVAL, handle: 3, data: vec![] });
+    c.request(Command::Read, 0, 4, u64::MAX - 1, 4, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+    c.request(Command::Write, 0, 5, 1 << 20, 3, b"xyz").await;
+    assert_eq!(c.reply().await, Rep::Simple { error: errno::ENOSPC, handle: 5, data: vec![] });
+    c.request(Command::Trim, 0, 6, (1 << 20) - 1, 2, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+    c.request(Command::WriteZeroes, 0, 7, 1 << 21, 1, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+    // Unknown and unsupported commands.
+    c.request(Command::Unknown(99), 0, 8, 0, 0, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+    c.request(Command::Unknown(proto::cmd::BLOCK_STATUS), 0, 9, 0, 4096, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+    // Read longer than the maximum block size.
+    c.request(Command::Read, 0, 10, 0, (32 << 20) + 1, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: errno::EINVAL, handle: 10, data: vec![] });
+
+    // Connection still alive; trim / write zeroes / flush / FUA work.
+    c.request(Command::Write, cflags::FUA, 11, 0, 8, &[9; 8]).await;
+    assert_eq!(c.reply().await.error(), 0);
+    c.request(Command::WriteZeroes, cflags::NO_HOLE, 12, 2, 2, &[]).await;
+    assert_eq!(c.reply().await.error(), 0);
+    c.request(Command::Trim, 0, 13, 6, 1, &[]).await;
+    assert_eq!(c.reply().await.error(), 0);
+    c.request(Command::Flush, 0, 14, 0, 0, &[]).await;
+    assert_eq!(c.reply().await.error(), 0);
+    c.request(Command::Read, 0, 15, 0, 8, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: 0, handle: 15, data: vec![9, 9, 0, 0, 9, 9, 0, 9] });
+    c.request(Command::Read, 0, 16, 0, 0, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: 0, handle: 16, data: vec![] });
+
+    c.request(Command::Disc, 0, 17, 0, 0, &[]).await;
+    c.expect_eof().await;
+    task.await.unwrap().unwrap();
+    assert_eq!(dev.slice(4096, 4), b"abcd");
+}
+
+#[tokio::test]
+async fn structured_replies() {
+    let dev = Arc::new(FlakyDevice::new(1 << 20, 1 << 19));
+    let (mut c, task) = start(dev, ServeOptions::default());
+    let (_, flags) = c.connect(true).await;
+    assert_ne!(flags & tflags::SEND_DF, 0);
+
+    c.request(Command::Write, 0, 1, 10, 3, b"xyz").await;
+    assert_eq!(c.reply().await, Rep::Simple { error: 0, handle: 1, data: vec![] });
+    c.request(Command::Read, cflags::DF, 2, 9, 5, &[]).await;
+    let mut expect = 9u64.to_be_bytes().to_vec();
+    expect.extend_from_slice(&[0, b'x', b'y', b'z', 0]);
+    assert_eq!(
+        c.reply().await,
+        Rep::Chunk { flags: reply::FLAG_DONE, ty: reply::TYPE_OFFSET_DATA, handle: 2, payload: expect }
+    );
+    // Zero-length read: a NONE chunk.
+    c.request(Command::Read, 0, 3, 0, 0, &[]).await;
+    assert_eq!(
+        c.reply().await,
+        Rep::Chunk { flags: reply::FLAG_DONE, ty: reply::TYPE_NONE, handle: 3, payload: vec![] }
+    );
+    // Out of bounds read: an ERROR chunk, never a simple reply.
+    c.request(Command::Read, 0, 4, 1 << 20, 1, &[]).await;
+    match c.reply().await {
+        Rep::Chunk { flags, ty, handle: 4, payload } => {
+            assert_eq!((flags, ty), (reply::FLAG_DONE, reply::TYPE_ERROR));
+            assert_eq!(proto::parse_error_payload(&payload).unwrap().0, errno::EINVAL);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Device read failure: EIO with the device's message, no data.
+    c.request(Command::Read, 0, 5, 1 << 19, 512, &[]).await;
+    match c.reply().await {
+        Rep::Chunk { flags, ty, handle: 5, payload } => {
+            assert_eq!((flags, ty), (reply::FLAG_DONE, reply::TYPE_ERROR));
+            let (e, msg) = proto::parse_error_payload(&payload).unwrap();
+            assert_eq!(e, errno::EIO);
+            assert_eq!(msg, b"backend fetch failed");
+        }
+        other => panic!("{other:?}"),
+    }
+    c.request(Command::Disc, 0, 6, 0, 0, &[]).await;
+    c.expect_eof().await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn read_only_export() {
+    let dev = mem(65536, 5);
+    let opts = ServeOptions { read_only: true, ..ServeOptions::default() };
+    let (mut c, task) = start(dev.clone(), opts);
+    let (_, flags) = c.connect(false).await;
+    assert_ne!(flags & tflags::READ_ONLY, 0);
+    assert_eq!(flags & (tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES), 0);
+    c.request(Command::Write, 0, 1, 0, 4, &[1; 4]).await;
+    assert_eq!(c.reply().await.error(), errno::EPERM);
+    c.request(Command::Trim, 0, 2, 0, 4, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EPERM);
+    c.request(Command::WriteZeroes, 0, 3, 0, 4, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EPERM);
+    c.request(Command::Flush, 0, 4, 0, 0, &[]).await;
+    assert_eq!(c.reply().await.error(), 0);
+    c.request(Command::Read, 0, 5, 0, 4, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: 0, handle: 5, data: vec![5; 4] });
+    drop(c);
+    task.await.unwrap().unwrap();
+    assert!(dev.contents().iter().all(|&b| b == 5));
+}
+
+#[tokio::test]
+async fn fatal_transmission_errors() {
+    // Write larger than the maximum payload: connection closed.
+    let (mut c, task) = start(mem(1 << 20, 0), ServeOptions::default());
+    c.connect(false).await;
+    c.request(Command::Write, 0, 1, 0, (32 << 20) + 1, &[]).await;
+    assert!(matches!(task.await.unwrap(), Err(NbdError::RequestTooLarge { .. })));
+    c.expect_eof().await;
+
+    // Bad request magic.
+    let (mut c, task) = start(mem(1 << 20, 0), ServeOptions::default());
+    c.connect(false).await;
+    c.send(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]).await;
+    match task.await.unwrap() {
+        Err(NbdError::BadMagic { got, .. }) => assert_eq!(got, 0xdead_beef),
+        other => panic!("{other:?}"),
+    }
+
+    // EOF in the middle of a write payload.
+    let (mut c, task) = start(mem(1 << 20, 0), ServeOptions::default());
+    c.connect(false).await;
+    c.request(Command::Write, 0, 1, 0, 4096, &[1; 100]).await;
+    drop(c);
+    assert!(matches!(task.await.unwrap(), Err(NbdError::UnexpectedEof)));
+}
+
+/// MemDevice whose reads at or after `fail_from` fail.
+struct FlakyDevice {
+    inner: MemDevice,
+    fail_from: u64,
+}
+
+impl FlakyDevice {
+    fn new(size: usize, fail_from: u64) -> Self {
+        FlakyDevice { inner: MemDevice::new(size), fail_from }
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockDevice for FlakyDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if offset + buf.len() as u64 > self.fail_from {
+            return Err(io::Error::other("backend fetch failed"));
+        }
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write(offset, data).await
+    }
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len).await
+    }
+}
+
+/// MemDevice with slow writes that logs the order of events.
+struct SlowDevice {
+    inner: MemDevice,
+    write_delay: Duration,
+    log: Mutex<Vec<String>>,
+}
+
+impl SlowDevice {
+    fn new(size: usize, write_delay: Duration) -> Self {
+        SlowDevice { inner: MemDevice::new(size), write_delay, log: Mutex::new(Vec::new()) }
+    }
+    fn log(&self, s: String) {
+        self.log.lock().unwrap().push(s);
+    }
+    fn events(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockDevice for SlowDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.log(format!("read {offset}"));
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.log(format!("write-start {offset}"));
+        tokio::time::sleep(self.write_delay).await;
+        self.inner.write(offset, data).await?;
+        self.log(format!("write-done {offset}"));
+        Ok(())
+    }
+    async fn flush(&self) -> io::Result<()> {
+        self.log("flush".into());
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        tokio::time::sleep(self.write_delay).await;
+        self.log(format!("trim-done {offset}"));
+        self.inner.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_waits_for_earlier_writes_and_requests_run_concurrently() {
+    let dev = Arc::new(SlowDevice::new(1 << 20, Duration::from_millis(150)));
+    let (mut c, task) = start(dev.clone(), ServeOptions::default());
+    c.connect(false).await;
+    // Pipelined: slow WRITE, slow TRIM, FLUSH, then a fast READ.
+    let mut out =
+        proto::encode_request(&Request { flags: 0, command: Command::Write, handle: 1, offset: 0, len: 4 })
+            .to_vec();
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&proto::encode_request(&Request {
+        flags: 0,
+        command: Command::Trim,
+        handle: 2,
+        offset: 8192,
+        len: 4096,
+    }));
+    out.extend_from_slice(&proto::encode_request(&Request {
+        flags: 0,
+        command: Command::Flush,
+        handle: 3,
+        offset: 0,
+        len: 0,
+    }));
+    out.extend_from_slice(&proto::encode_request(&Request {
+        flags: 0,
+        command: Command::Read,
+        handle: 4,
+        offset: 0,
+        len: 4,
+    }));
+    c.read_lens.insert(4, 4);
+    c.send(&out).await;
+
+    let first = c.reply().await;
+    assert_eq!(first.handle(), 4, "the read must overtake the slow write");
+    let mut rest = vec![c.reply().await.handle(), c.reply().await.handle(), c.reply().await.handle()];
+    assert_eq!(rest.pop(), Some(3), "flush must be answered last");
+    rest.sort();
+    assert_eq!(rest, vec![1, 2]);
+
+    let ev = dev.events();
+    let pos = |s: &str| ev.iter().position(|e| e == s).unwrap_or_else(|| panic!("{s} missing in {ev:?}"));
+    assert!(pos("write-done 0") < pos("flush"), "{ev:?}");
+    assert!(pos("trim-done 8192") < pos("flush"), "{ev:?}");
+
+    // FUA: the flush happens after the write, before the reply.
+    c.request(Command::Write, cflags::FUA, 5, 100, 1, b"z").await;
+    assert_eq!(c.reply().await.error(), 0);
+    let ev = dev.events();
+    assert_eq!(&ev[ev.len() - 2..], &["write-done 100".to_string(), "flush".to_string()]);
+
+    // DISC with a write in flight: the write is finished and answered first.
+    c.request(Command::Write, 0, 6, 200, 2, b"ok").await;
+    c.request(Command::Disc, 0, 7, 0, 0, &[]).await;
+    assert_eq!(c.reply().await, Rep::Simple { error: 0, handle: 6, data: vec![] });
+    c.expect_eof().await;
+    task.await.unwrap().unwrap();
+    assert_eq!(dev.inner.slice(200, 2), b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pipelined_requests() {
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let dev = Arc::new(MemDevice::from_vec(data.clone()));
+    let opts = ServeOptions { max_in_flight: 8, max_in_flight_bytes: 64 << 10, ..ServeOptions::default() };
+    let (mut c, task) = start(dev, opts);
+    c.connect(true).await;
+    let n = 500u64;
+    let mut out = Vec::new();
+    for h in 0..n {
+        out.extend_from_slice(&proto::encode_request(&Request {
+            flags: 0,
+            command: Command::Read,
+            handle: h,
+            offset: h * 1000,
+            len: 1000 + (h as u32 % 7) * 1000,
+        }));
+    }
+    // Send everything at once while reading replies concurrently.
+    let (rd, mut wr) = tokio::io::split(c.s);
+    let sender = tokio::spawn(async move {
+        wr.write_all(&out).await.unwrap();
+        wr
+    });
+    let mut client = Client::new(tokio::io::join(rd, tokio::io::sink()));
+    client.structured = true;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..n {
+        match client.reply().await {
+            Rep::Chunk { ty, handle, payload, .. } => {
+                assert_eq!(ty, reply::TYPE_OFFSET_DATA);
+                let off = u64::from_be_bytes(payload[..8].try_into().unwrap());
+                assert_eq!(off, handle * 1000);
+                let len = 1000 + (handle as usize % 7) * 1000;
+                assert_eq!(&payload[8..], &data[off as usize..off as usize + len]);
+                assert!(seen.insert(handle));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let wr = sender.await.unwrap();
+    drop(wr);
+    drop(client);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_over_unix_socket_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s");
+    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+    let dev = mem(1 << 16, 1);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(isr_nbd::serve(listener, dev, async move {
+        let _ = rx.await;
+    }));
+    let mut a = Client::new(tokio::net::UnixStream::connect(&sock).await.unwrap());
+    let mut b = Client::new(tokio::net::UnixStream::connect(&sock).await.unwrap());
+    a.connect(true).await;
+    b.connect(false).await;
+    b.request(Command::Read, 0, 1, 0, 2, &[]).await;
+    assert_eq!(b.reply().await, Rep::Simple { error: 0, handle: 1, data: vec![1, 1] });
+    tx.send(()).unwrap();
+    // Both connections are closed by the server, and serve() returns.
+    a.expect_eof().await;
+    b.expect_eof().await;
+    tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+}

@@ -1,0 +1,273 @@
+//! The VM description and the QEMU command line built from it.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// How the VM is shown. Only the front end: the emulated devices do not depend on it, so a VM suspended with
+/// one display can be resumed with another.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Display {
+    /// Headless: no window; the serial console goes to [`VmConfig::console_log`].
+    #[default]
+    None,
+    /// A GTK window on the local desktop.
+    Gtk,
+    /// A VNC server. `listen` is QEMU's VNC display spec, e.g. `127.0.0.1:0` (port 5900) or `unix:/path`.
+    Vnc { listen: String },
+}
+
+/// CPU acceleration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    Kvm,
+    /// Software emulation: works everywhere, slower.
+    #[default]
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything needed to start QEMU for one VM.
+///
+/// Fields marked *machine* define the emulated hardware and must be identical when a memory image is saved
+/// and when it is resumed (QEMU rejects the image otherwise); the others may change between runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmConfig {
+    /// *machine*: guest RAM in MiB.
+    pub memory_mib: u32,
+    /// *machine*: virtual CPUs.
+    pub cpus: u32,
+    /// *machine*: QEMU machine type. Default `pc`, an alias for the newest `pc-i440fx-X.Y` of the installed
+    /// QEMU; use a versioned name (see `Vm::machine_type`) to resume images across QEMU upgrades.
+    pub machine: String,
+    /// *machine*: CPU model; `None` = QEMU's default (`qemu64`), which migrates between hosts and accelerators.
+    pub cpu: Option<String>,
+    /// *machine*: a standard VGA adapter. Without it only the serial console exists.
+    pub vga: bool,
+    /// Direct kernel boot (the kernel, initrd and command line are loaded into RAM: part of the memory image).
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: Option<String>,
+    /// The disk: an NBD server on this Unix socket, attached as a virtio-blk device.
+    pub disk_nbd_socket: PathBuf,
+    /// NBD export name, `None` for the default export.
+    pub disk_export: Option<String>,
+    pub display: Display,
+    /// Where the guest's serial console goes. `None`: a GTK virtual console with `Display::Gtk`, else nowhere.
+    pub console_log: Option<PathBuf>,
+    pub accel: Accel,
+    /// The QEMU binary (looked up in `PATH` when relative).
+    pub qemu: PathBuf,
+    /// More arguments appended verbatim.
+    pub extra_args: Vec<OsString>,
+}
+
+impl VmConfig {
+    /// A headless TCG VM with `memory_mib` MiB, one CPU, and its disk on `disk_nbd_socket`.
+    pub fn new(memory_mib: u32, disk_nbd_socket: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            memory_mib,
+            cpus: 1,
+            machine: "pc".into(),
+            cpu: None,
+            vga: false,
+            kernel: None,
+            initrd: None,
+            append: None,
+            disk_nbd_socket: disk_nbd_socket.into(),
+            disk_export: None,
+            display: Display::None,
+            console_log: None,
+            accel: Accel::Tcg,
+            qemu: PathBuf::from(DEFAULT_QEMU),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The QEMU arguments (without the binary). `incoming` adds `-S -incoming defer`.
+    pub fn qemu_args(&self, qmp_socket: &Path, incoming: bool) -> Vec<OsString> {
+        let mut a = Args::default();
+        a.push("-nodefaults");
+        a.push("-no-user-config");
+        a.pair("-name", "isr,process=isr-qemu");
+        a.pair("-machine", format!("{},accel={}", self.machine, self.accel));
+        if let Some(cpu) = &self.cpu {
+            a.pair("-cpu", cpu);
+        }
+        a.pair("-m", format!("{}M", self.memory_mib));
+        a.pair("-smp", self.cpus.to_string());
+        a.push("-no-reboot");
+        a.pair("-vga", if self.vga { "std" } else { "none" });
+        match &self.display {
+            Display::None => a.pair("-display", "none"),
+            Display::Gtk => a.pair("-display", "gtk"),
+            Display::Vnc { listen } => {
+                a.pair("-display", "none");
+                a.pair("-vnc", listen);
+            }
+        }
+        // serial port 0: always present (a machine device); only its back end varies
+        // (the console log is appended to, so it spans suspends and resumes)
+        match (&self.console_log, &self.display) {
+            (Some(path), _) => {
+                let mut chardev = OsString::from("file,id=console0,append=on,path=");
+                chardev.push(escape_opt(path.as_os_str()));
+                a.pair("-chardev", chardev);
+                a.pair("-serial", "chardev:console0");
+            }
+            (None, Display::Gtk) => a.pair("-serial", "vc"),
+            (None, _) => a.pair("-serial", "null"),
+        }
+        if let Some(k) = &self.kernel {
+            a.pair("-kernel", k);
+        }
+        if let Some(i) = &self.initrd {
+            a.pair("-initrd", i);
+        }
+        if let Some(s) = &self.append {
+            a.pair("-append", s);
+        }
+        // disk: NBD client over a Unix socket; reconnect-delay keeps guest I/O pending (not failing) for a
+        // few seconds if the NBD server restarts
+        let mut blockdev = OsString::from("driver=nbd,node-name=disk0,server.type=unix,server.path=");
+        blockdev.push(escape_opt(self.disk_nbd_socket.as_os_str()));
+        if let Some(export) = &self.disk_export {
+            blockdev.push(format!(",export={}", export.replace(',', ",,")));
+        }
+        blockdev.push(",reconnect-delay=5");
+        a.pair("-blockdev", blockdev);
+        a.pair("-device", "virtio-blk-pci,drive=disk0,id=vda,bootindex=1");
+        let mut qmp = OsString::from("unix:");
+        qmp.push(escape_opt(qmp_socket.as_os_str()));
+        qmp.push(",server=on,wait=off");
+        a.pair("-qmp", qmp);
+        if incoming {
+            // stay paused after loading the memory image until `cont`
+            a.push("-S");
+            a.pair("-incoming", "defer");
+        }
+        a.0.extend(self.extra_args.iter().cloned());
+        a.0
+    }
+}
+
+/// Default QEMU binary name.
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+
+/// QEMU option values escape ',' as ",,".
+fn escape_opt(s: &std::ffi::OsStr) -> OsString {
+    match s.to_str() {
+        Some(s) => s.replace(',', ",,").into(),
+        None => s.to_owned(), // non-UTF-8 path: passed as is
+    }
+}
+
+#[derive(Default)]
+struct Args(Vec<OsString>);
+
+impl Args {
+    fn push(&mut self, s: impl Into<OsString>) {
+        self.0.push(s.into());
+    }
+    fn pair(&mut self, k: &str, v: impl Into<OsString>) {
+        self.0.push(k.into());
+        self.0.push(v.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect()
+    }
+
+    fn value_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn headless_direct_boot() {
+        let mut c = VmConfig::new(256, "/run/isr/disk.sock");
+        c.kernel = Some("/k/vmlinuz".into());
+        c.initrd = Some("/k/initrd.img".into());
+        c.append = Some("console=ttyS0 quiet".into());
+        c.console_log = Some("/h/console.log".into());
+        let a = strings(&c.qemu_args(Path::new("/run/isr/qmp.sock"), false));
+        assert!(a.contains(&"-nodefaults".to_string()));
+        assert!(a.contains(&"-no-reboot".to_string()));
+        assert_eq!(value_of(&a, "-machine"), ["pc,accel=tcg"]);
+        assert_eq!(value_of(&a, "-m"), ["256M"]);
+        assert_eq!(value_of(&a, "-smp"), ["1"]);
+        assert_eq!(value_of(&a, "-vga"), ["none"]);
+        assert_eq!(value_of(&a, "-display"), ["none"]);
+        assert_eq!(value_of(&a, "-chardev"), ["file,id=console0,append=on,path=/h/console.log"]);
+        assert_eq!(value_of(&a, "-serial"), ["chardev:console0"]);
+        assert_eq!(value_of(&a, "-kernel"), ["/k/vmlinuz"]);
+        assert_eq!(value_of(&a, "-initrd"), ["/k/initrd.img"]);
+        assert_eq!(value_of(&a, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(
+            value_of(&a, "-blockdev"),
+            ["driver=nbd,node-name=disk0,server.type=unix,server.path=/run/isr/disk.sock,reconnect-delay=5"]
+        );
+        assert_eq!(value_of(&a, "-device"), ["virtio-blk-pci,drive=disk0,id=vda,bootindex=1"]);
+        assert_eq!(value_of(&a, "-qmp"), ["unix:/run/isr/qmp.sock,server=on,wait=off"]);
+        assert!(value_of(&a, "-incoming").is_empty());
+        assert!(value_of(&a, "-cpu").is_empty());
+    }
+
+    #[test]
+    fn incoming_kvm_and_escaping() {
+        let mut c = VmConfig::new(1024, "/tmp/a,b/disk.sock");
+        c.accel = Accel::Kvm;
+        c.cpus = 4;
+        c.cpu = Some("qemu64".into());
+        c.disk_export = Some("exp".into());
+        c.extra_args = vec!["-S".into()];
+        let a = strings(&c.qemu_args(Path::new("/tmp/q,1.sock"), true));
+        assert_eq!(value_of(&a, "-machine"), ["pc,accel=kvm"]);
+        assert_eq!(value_of(&a, "-smp"), ["4"]);
+        assert_eq!(value_of(&a, "-cpu"), ["qemu64"]);
+        assert_eq!(value_of(&a, "-incoming"), ["defer"]);
+        assert!(a.contains(&"-S".to_string()));
+        assert_eq!(value_of(&a, "-qmp"), ["unix:/tmp/q,,1.sock,server=on,wait=off"]);
+        assert!(value_of(&a, "-blockdev")[0]
+            .ends_with("server.path=/tmp/a,,b/disk.sock,export=exp,reconnect-delay=5"));
+        assert_eq!(value_of(&a, "-serial"), ["null"]);
+        assert_eq!(a.last().unwrap(), "-S");
+        assert!(value_of(&a, "-kernel").is_empty());
+    }
+
+    #[test]
+    fn displays_do_not_change_devices() {
+        let mut c = VmConfig::new(512, "/d.sock");
+        c.vga = true;
+        let headless = strings(&c.qemu_args(Path::new("/q"), false));
+        c.display = Display::Gtk;
+        let gtk = strings(&c.qemu_args(Path::new("/q"), false));
+        c.display = Display::Vnc { listen: "127.0.0.1:3".into() };
+        let vnc = strings(&c.qemu_args(Path::new("/q"), false));
+        for a in [&headless, &gtk, &vnc] {
+            assert_eq!(value_of(a, "-vga"), ["std"]);
+            assert_eq!(value_of(a, "-device"), value_of(&headless, "-device"));
+        }
+        assert_eq!(value_of(&gtk, "-display"), ["gtk"]);
+        assert_eq!(value_of(&gtk, "-serial"), ["vc"]);
+        assert_eq!(value_of(&vnc, "-display"), ["none"]);
+        assert_eq!(value_of(&vnc, "-vnc"), ["127.0.0.1:3"]);
+    }
+}

@@ -1,0 +1,480 @@
+//! A running QEMU process and its life cycle: cold boot or resume from a memory image, suspend to a memory
+//! image, power off, wait for the guest to shut down.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+
+use crate::config::VmConfig;
+use crate::error::VmmError;
+use crate::qmp::{QmpClient, QmpError};
+
+/// Oldest QEMU with `file:` migration and the `mapped-ram` capability that this crate relies on.
+pub const MIN_QEMU_MAJOR: u64 = 9;
+/// How long QEMU may take to open its QMP socket.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long QEMU may take to exit after `quit`.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(25);
+const STDERR_LINES: usize = 40;
+
+/// How to start a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Boot from power-off.
+    Cold,
+    /// Resume from a memory image written by [`Vm::suspend`] with the same machine description.
+    Incoming { memory_image_path: PathBuf },
+}
+
+/// How QEMU ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// QEMU's exit code (`None` when killed by a signal).
+    pub code: Option<i32>,
+    /// The `reason` of QEMU's last SHUTDOWN event, when one was seen: `guest-shutdown` (the guest powered
+    /// off), `guest-reset` (rebooted, with `-no-reboot`), `guest-panic`, `host-qmp-quit`, `host-signal`, ...
+    pub reason: Option<String>,
+}
+
+impl VmExit {
+    /// QEMU exited with status 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+    /// The guest itself shut down, rebooted or panicked.
+    pub fn guest_initiated(&self) -> bool {
+        self.reason.as_deref().is_some_and(|r| r.starts_with("guest-"))
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            Some(c) => write!(f, "exit code {c}")?,
+            None => write!(f, "killed by a signal")?,
+        }
+        if let Some(r) = &self.reason {
+            write!(f, ", {r}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`Vm::suspend`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuspendInfo {
+    pub path: PathBuf,
+    /// Apparent file size (RAM at fixed offsets plus device state).
+    pub file_size: u64,
+    /// Bytes the file really occupies on disk (zero pages are holes).
+    pub allocated: u64,
+    pub elapsed: Duration,
+}
+
+/// A running QEMU. Dropping it kills QEMU (SIGKILL); use [`Vm::suspend`] or [`Vm::poweroff`] to stop it.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    qmp: QmpClient,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr_task: Option<JoinHandle<()>>,
+    shutdown_reason: Option<String>,
+    exit: Option<VmExit>,
+    qmp_socket: PathBuf,
+    config: VmConfig,
+    _run_dir: tempfile::TempDir,
+}
+
+impl Vm {
+    /// Starts QEMU. With [`Start::Incoming`] it loads the memory image and lets the guest continue; a bad
+    /// image gives [`VmmError::MemoryImageRejected`] (QEMU is stopped then).
+    pub async fn start(config: VmConfig, start: Start) -> Result<Vm, VmmError> {
+        let run_dir = tempfile::Builder::new()
+            .prefix("isr-vmm-")
+            .tempdir()
+            .map_err(|source| VmmError::Io { what: "creating a runtime directory".into(), source })?;
+        let qmp_socket = run_dir.path().join("qmp.sock");
+        if let Start::Incoming { memory_image_path } = &start {
+            check_image(memory_image_path, &config)?;
+        }
+        let args = config.qemu_args(&qmp_socket, matches!(start, Start::Incoming { .. }));
+        tracing::debug!("starting {} {:?}", config.qemu.display(), args);
+        let mut child = Command::new(&config.qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            // own process group: a Ctrl-C on the terminal reaches isr (which then suspends), not QEMU
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| {
+                if source.kind() == std::io::ErrorKind::NotFound {
+                    VmmError::QemuNotFound { binary: config.qemu.clone() }
+                } else {
+                    VmmError::Spawn { binary: config.qemu.clone(), source }
+                }
+            })?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr_task = child.stderr.take().map(|pipe| {
+            let tail = stderr.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::debug!("qemu: {line}");
+                    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                    if t.len() >= STDERR_LINES {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            })
+        });
+
+        // connect to QMP as soon as QEMU has created the socket
+        let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
+        let qmp = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(exited_error(status, stderr_task, &stderr).await);
+            }
+            match QmpClient::connect(&qmp_socket).await {
+                Ok(q) => break q,
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(POLL).await;
+                }
+                Err(e) => {
+                    // a QMP connection that fails after QEMU created the socket usually means QEMU is exiting
+                    if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
+                        return Err(exited_error(status, stderr_task, &stderr).await);
+                    }
+                    let _ = child.kill().await;
+                    return Err(match e {
+                        QmpError::Io(e) if Instant::now() >= deadline => VmmError::Timeout(format!(
+                            "connecting to QEMU's QMP socket {}: {e}",
+                            qmp_socket.display()
+                        )),
+                        e => VmmError::Qmp(e),
+                    });
+                }
+            }
+        };
+        let mut vm = Vm {
+            child,
+            qmp,
+            stderr,
+            stderr_task,
+            shutdown_reason: None,
+            exit: None,
+            qmp_socket,
+            config,
+            _run_dir: run_dir,
+        };
+        match vm.qmp.qemu_major() {
+            Some(major) if major >= MIN_QEMU_MAJOR => {}
+            _ => {
+                let found = vm.qmp.version().get("qemu").map(Value::to_string).unwrap_or_default();
+                let _ = vm.poweroff().await;
+                return Err(VmmError::QemuTooOld { found, required: MIN_QEMU_MAJOR });
+            }
+        }
+        if let Start::Incoming { memory_image_path } = start {
+            if let Err(e) = vm.incoming(&memory_image_path).await {
+                let _ = vm.poweroff().await;
+                return Err(e);
+            }
+        }
+        Ok(vm)
+    }
+
+    async fn incoming(&mut self, path: &Path) -> Result<(), VmmError> {
+        let rejected = |reason: String| VmmError::MemoryImageRejected { path: path.to_owned(), reason };
+        self.set_migration_caps().await?;
+        let uri = file_uri(path);
+        match self.qmp.execute("migrate-incoming", Some(json!({"uri": uri, "exit-on-error": false}))).await {
+            Ok(_) => {}
+            Err(QmpError::Command { desc, .. }) => return Err(rejected(desc)),
+            Err(e) => return Err(self.died_or(e.into()).await),
+        }
+        match self.wait_migration().await {
+            Ok(()) => {}
+            Err(MigrationEnd::Failed(reason)) => return Err(rejected(reason)),
+            Err(MigrationEnd::Other(e)) => {
+                return Err(match self.died_or(e).await {
+                    VmmError::QemuExited { stderr, .. } => {
+                        rejected(format!("QEMU exited: {}", stderr.trim()))
+                    }
+                    e => e,
+                })
+            }
+        }
+        self.qmp.execute("cont", None).await.map_err(VmmError::from)?;
+        Ok(())
+    }
+
+    async fn set_migration_caps(&mut self) -> Result<(), VmmError> {
+        // mapped-ram: RAM pages at fixed offsets of a sparse file (zero pages are holes); it must be set on
+        // both sides. multifd is optional for mapped-ram and not used (one channel is fast enough for a
+        // stopped guest and keeps the file layout independent of thread counts).
+        let caps = json!({"capabilities": [{"capability": "mapped-ram", "state": true}]});
+        match self.qmp.execute("migrate-set-capabilities", Some(caps)).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.died_or(e.into()).await),
+        }
+    }
+
+    /// Polls `query-migrate` until it completes.
+    async fn wait_migration(&mut self) -> Result<(), MigrationEnd> {
+        loop {
+            let info =
+                self.qmp.execute("query-migrate", None).await.map_err(|e| MigrationEnd::Other(e.into()))?;
+            match info.get("status").and_then(Value::as_str).unwrap_or("none") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" | "cancelling" => {
+                    let desc = info.get("error-desc").and_then(Value::as_str).unwrap_or("migration failed");
+                    return Err(MigrationEnd::Failed(desc.to_owned()));
+                }
+                _ => tokio::time::sleep(POLL).await,
+            }
+        }
+    }
+
+    /// Saves the guest's memory and device state to `memory_image_path` and stops QEMU.
+    ///
+    /// The image is written to `PATH.partial`, synced, then renamed over `PATH`, so `PATH` is either the
+    /// previous image or the new complete one. On failure the guest is resumed and keeps running, and
+    /// [`VmmError::SuspendFailed`] is returned.
+    pub async fn suspend(&mut self, memory_image_path: &Path) -> Result<SuspendInfo, VmmError> {
+        self.ensure_running()?;
+        let started = Instant::now();
+        let mut partial = memory_image_path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
+        let failed = |reason: String| VmmError::SuspendFailed { path: memory_image_path.to_owned(), reason };
+        match std::fs::remove_file(&partial) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(failed(format!("removing {}: {e}", partial.display()))),
+        }
+        self.set_migration_caps().await?;
+        if let Err(e) = self.qmp.execute("stop", None).await {
+            return Err(self.died_or(e.into()).await);
+        }
+        let result = match self.qmp.execute("migrate", Some(json!({"uri": file_uri(&partial)}))).await {
+            Ok(_) => self.wait_migration().await,
+            Err(QmpError::Command { desc, .. }) => Err(MigrationEnd::Failed(desc)),
+            Err(e) => Err(MigrationEnd::Other(e.into())),
+        };
+        match result {
+            Ok(()) => {}
+            Err(MigrationEnd::Failed(reason)) => {
+                let _ = std::fs::remove_file(&partial);
+                // keep the guest alive: nothing is lost
+                let _ = self.qmp.execute("cont", None).await;
+                return Err(failed(reason));
+            }
+            Err(MigrationEnd::Other(e)) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(self.died_or(e).await);
+            }
+        }
+        let finish = || -> std::io::Result<(u64, u64)> {
+            use std::os::unix::fs::MetadataExt;
+            let f = std::fs::File::open(&partial)?;
+            f.sync_all()?;
+            let meta = f.metadata()?;
+            std::fs::rename(&partial, memory_image_path)?;
+            if let Some(dir) = memory_image_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok((meta.len(), meta.blocks() * 512))
+        };
+        let (file_size, allocated) = match finish() {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                let _ = self.qmp.execute("cont", None).await;
+                return Err(failed(e.to_string()));
+            }
+        };
+        // the image is safe: QEMU may go (it flushed the disk when the migration completed)
+        self.quit().await?;
+        Ok(SuspendInfo {
+            path: memory_image_path.to_owned(),
+            file_size,
+            allocated,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Stops QEMU without saving memory (like pulling the plug; the disk has what the guest flushed).
+    pub async fn poweroff(&mut self) -> Result<VmExit, VmmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        self.quit().await
+    }
+
+    async fn quit(&mut self) -> Result<VmExit, VmmError> {
+        // QEMU may close the socket before (or instead of) answering `quit`
+        let _ = tokio::time::timeout(QUIT_TIMEOUT, self.qmp.execute("quit", None)).await;
+        let exit = match tokio::time::timeout(QUIT_TIMEOUT, self.wait_inner()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                tracing::warn!("QEMU did not exit after quit; killing it");
+                let _ = self.child.start_kill();
+                self.wait_inner().await?
+            }
+        };
+        Ok(exit)
+    }
+
+    /// Waits until QEMU exits: the guest powered off, rebooted (`-no-reboot`) or panicked, or QEMU was
+    /// stopped some other way. Cancel-safe (usable in `tokio::select!` with a signal).
+    pub async fn wait(&mut self) -> Result<VmExit, VmmError> {
+        self.wait_inner().await
+    }
+
+    async fn wait_inner(&mut self) -> Result<VmExit, VmmError> {
+        if let Some(exit) = &self.exit {
+            return Ok(exit.clone());
+        }
+        let mut qmp_open = true;
+        let status = loop {
+            tokio::select! {
+                biased;
+                ev = self.qmp.next_event(), if qmp_open => match ev {
+                    Ok(ev) if ev.name == "SHUTDOWN" => {
+                        self.shutdown_reason = ev.data.get("reason").and_then(Value::as_str).map(str::to_owned);
+                    }
+                    Ok(ev) => tracing::debug!("QMP event {}", ev.name),
+                    Err(_) => qmp_open = false,
+                },
+                status = self.child.wait() => {
+                    break status.map_err(|source| VmmError::Io { what: "waiting for QEMU".into(), source })?;
+                }
+            }
+        };
+        // QEMU has exited: what it wrote to QMP before (e.g. SHUTDOWN) may still be unread
+        if qmp_open {
+            let drain = async {
+                while let Ok(ev) = self.qmp.next_event().await {
+                    if ev.name == "SHUTDOWN" {
+                        self.shutdown_reason =
+                            ev.data.get("reason").and_then(Value::as_str).map(str::to_owned);
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+        }
+        let exit = VmExit { code: status.code(), reason: self.shutdown_reason.clone() };
+        self.exit = Some(exit.clone());
+        Ok(exit)
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The configuration QEMU was started with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The QMP socket (in a private directory removed when the `Vm` is dropped).
+    pub fn qmp_socket(&self) -> &Path {
+        &self.qmp_socket
+    }
+
+    /// The QMP connection, for other commands (e.g. `query-status`).
+    pub fn qmp(&mut self) -> &mut QmpClient {
+        &mut self.qmp
+    }
+
+    /// The concrete machine type behind an alias like `pc`, e.g. `pc-i440fx-10.0`: store it with the memory
+    /// image to resume it under a newer QEMU.
+    pub async fn machine_type(&mut self) -> Result<String, VmmError> {
+        let v = self.qmp.execute("qom-get", Some(json!({"path": "/machine", "property": "type"}))).await?;
+        let t = v.as_str().unwrap_or_default();
+        Ok(t.strip_suffix("-machine").unwrap_or(t).to_owned())
+    }
+
+    /// The last lines QEMU wrote to stderr.
+    pub fn stderr_tail(&self) -> String {
+        let t = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        t.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+    }
+
+    fn ensure_running(&mut self) -> Result<(), VmmError> {
+        if self.exit.is_some() || matches!(self.child.try_wait(), Ok(Some(_))) {
+            return Err(VmmError::NotRunning);
+        }
+        Ok(())
+    }
+
+    /// If QEMU died, an error with its exit status and stderr; else `e`.
+    async fn died_or(&mut self, e: VmmError) -> VmmError {
+        // give a dying QEMU a moment to be reaped
+        let status = match tokio::time::timeout(Duration::from_millis(500), self.child.wait()).await {
+            Ok(Ok(status)) => status,
+            _ => return e,
+        };
+        let exit = VmExit { code: status.code(), reason: self.shutdown_reason.clone() };
+        self.exit = Some(exit);
+        exited_error(status, self.stderr_task.take(), &self.stderr).await
+    }
+}
+
+enum MigrationEnd {
+    /// QEMU reported the migration failed (with its error description).
+    Failed(String),
+    Other(VmmError),
+}
+
+/// Refuses an image that is unreadable, not a QEMU memory image, or of a VM with another memory size (which
+/// QEMU 10 would load without complaint when the image uses mapped-ram).
+fn check_image(path: &Path, config: &VmConfig) -> Result<(), VmmError> {
+    let rejected = |reason: String| VmmError::MemoryImageRejected { path: path.to_owned(), reason };
+    let info = crate::image::inspect_memory_image(path).map_err(|e| rejected(e.to_string()))?;
+    let want = u64::from(config.memory_mib) << 20;
+    match info.ram_bytes {
+        Some(have) if have != want => Err(rejected(format!(
+            "it was saved from a VM with {} MiB of memory, this VM has {} MiB",
+            have >> 20,
+            config.memory_mib
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn file_uri(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
+async fn exited_error(
+    status: std::process::ExitStatus,
+    stderr_task: Option<JoinHandle<()>>,
+    tail: &Arc<Mutex<VecDeque<String>>>,
+) -> VmmError {
+    if let Some(task) = stderr_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    let t = tail.lock().unwrap_or_else(|e| e.into_inner());
+    VmmError::QemuExited {
+        status: status.to_string(),
+        stderr: t.iter().map(String::as_str).collect::<Vec<_>>().join("\n"),
+    }
+}
