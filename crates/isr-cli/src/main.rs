@@ -63,6 +63,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the parcel's VM (checking it out first when needed) until it is suspended or shut down
+    Resume {
+        parcel: String,
+        #[arg(long, default_value = "gtk", value_parser = ["none", "gtk", "vnc"])]
+        display: String,
+        /// Never contact the server (the parcel must be fully hoarded)
+        #[arg(long)]
+        disconnected: bool,
+        /// CPU acceleration: auto tries KVM and falls back to TCG
+        #[arg(long, env = "ISR_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+        accel: String,
+        /// VNC display for --display vnc
+        #[arg(long, default_value = "127.0.0.1:0")]
+        vnc: String,
+    },
+    /// Ask a running resume to save memory and stop
+    Suspend { parcel: String },
+    /// Stop the VM without saving memory; the next resume boots cold
+    Poweroff { parcel: String },
+    /// Live view of chunk states while the parcel runs
+    Dirtometer {
+        parcel: String,
+        /// Seconds between updates
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
     /// Take the lock and fetch what resume needs
     Checkout {
         parcel: String,
@@ -205,6 +231,88 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 match s.lock {
                     Some(l) => println!("lock:    {} since {}", l.holder, when(l.since_unix)),
                     None => println!("lock:    none"),
+                }
+            }
+        }
+        Command::Resume { parcel, display, disconnected, accel, vnc } => {
+            use isr_client::resume::{AccelChoice, ResumeOptions, StopRequest};
+            let display = match display.as_str() {
+                "none" => isr_vmm::Display::None,
+                "vnc" => isr_vmm::Display::Vnc { listen: vnc },
+                _ => isr_vmm::Display::Gtk,
+            };
+            let accel = match accel.as_str() {
+                "kvm" => AccelChoice::Kvm,
+                "tcg" => AccelChoice::Tcg,
+                _ => AccelChoice::Auto,
+            };
+            let opts = ResumeOptions { display, disconnected, accel, qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from) };
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
+                loop {
+                    let req = tokio::select! {
+                        _ = term.recv() => StopRequest::Suspend,
+                        _ = int.recv() => StopRequest::Suspend,
+                        _ = usr1.recv() => StopRequest::Poweroff,
+                    };
+                    if tx.send(req).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let r = c.resume(&parcel, &opts, rx).await?;
+            println!(
+                "{parcel}: {} ({}); prepare {:.2}s, start/restore {:.2}s, stop {:.2}s, memory image {}, {} new memory chunks, {} disk chunks fetched",
+                r.outcome,
+                r.accel,
+                r.prepare.as_secs_f64(),
+                r.restore.as_secs_f64(),
+                r.suspend.as_secs_f64(),
+                mib(r.memory_image_bytes),
+                r.memory_chunks_stored,
+                r.fetched_chunks
+            );
+        }
+        Command::Suspend { parcel } => {
+            use isr_client::resume::StopRequest;
+            if c.stop_running(&parcel, StopRequest::Suspend, std::time::Duration::from_secs(600)).await? {
+                println!("suspended {parcel}");
+            } else {
+                return Err(ClientError::Other(format!("{parcel} is not running on this client")));
+            }
+        }
+        Command::Poweroff { parcel } => {
+            use isr_client::resume::StopRequest;
+            if c.stop_running(&parcel, StopRequest::Poweroff, std::time::Duration::from_secs(120)).await? {
+                println!("powered off {parcel}");
+            } else {
+                let o = c.open(&parcel)?;
+                c.drop_memory(&o)?;
+                println!("{parcel} will boot cold at the next resume");
+            }
+        }
+        Command::Dirtometer { parcel, interval } => {
+            let interval = std::time::Duration::from_secs_f64(interval.max(0.1));
+            let dir = c.home.parcel_dir(&c.user, &parcel);
+            loop {
+                let o = c.open(&parcel)?;
+                let (cached, dirty, total) = c.local_chunk_counts(&o).await?;
+                let running = is_running(&dir);
+                println!(
+                    "{parcel}: {} | {total} chunks: {cached} cached, {dirty} dirty (flushed), {} not yet fetched",
+                    if running { "running" } else { "stopped" },
+                    total - cached
+                );
+                if !running {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = tokio::signal::ctrl_c() => break,
                 }
             }
         }

@@ -13,6 +13,7 @@ pub mod home;
 pub mod image;
 pub mod parcel;
 pub mod progress;
+pub mod resume;
 pub mod transport;
 
 pub use error::ClientError;

@@ -206,6 +206,10 @@ impl Client {
         Ok(t)
     }
 
+    pub(crate) fn convergence_secret_pub(&self) -> Result<ConvergenceSecret, ClientError> {
+        self.convergence_secret()
+    }
+
     fn convergence_secret(&self) -> Result<ConvergenceSecret, ClientError> {
         let s = match &self.session {
             Some(s) => s.clone(),
@@ -623,6 +627,19 @@ impl Client {
         Ok(if modified { "modified" } else { "unmodified" })
     }
 
+    /// Disk chunks available locally, changed since the base, and in all (no server contact).
+    pub async fn local_chunk_counts(&mut self, o: &Opened) -> Result<(u64, u64, u64), ClientError> {
+        let cache = self.cache()?;
+        let Some((base, work, _)) = self.keyrings(o, ImageKind::Disk)? else { return Ok((0, 0, 0)) };
+        let mut cached = 0;
+        for tag in work.tags() {
+            if tag.is_zero() || cache.contains(tag).await? {
+                cached += 1;
+            }
+        }
+        Ok((cached, work.diff(&base).len() as u64, work.chunk_count()))
+    }
+
     pub async fn stat(&mut self, name: &str) -> Result<ParcelStatus, ClientError> {
         valid_parcel_name(name)?;
         let t = self.connect().await?;
@@ -642,16 +659,8 @@ impl Client {
         }
         let o = self.open(name)?;
         status.base_version = Some(o.state.base_version);
-        let cache = self.cache()?;
-        if let Some((base, work, _)) = self.keyrings(&o, ImageKind::Disk)? {
-            status.chunks.total = work.chunk_count();
-            status.chunks.dirty = work.diff(&base).len() as u64;
-            for tag in work.tags() {
-                if tag.is_zero() || cache.contains(tag).await? {
-                    status.chunks.cached += 1;
-                }
-            }
-        }
+        let (cached, dirty, total) = self.local_chunk_counts(&o).await?;
+        status.chunks = ChunkCounts { cached, dirty, total };
         status.memory_image = !o.state.memory_dropped
             && (o.manifest.memory.is_some() || work_keyring_path(&o.dir, ImageKind::Memory).exists());
         Ok(status)
@@ -875,7 +884,7 @@ async fn upload_image(
 }
 
 /// Read `path` chunk by chunk and encode on `workers` threads, sending results in any order.
-fn encode_file(
+pub(crate) fn encode_file(
     path: &Path,
     chunk_size: ChunkSize,
     len: u64,

@@ -149,6 +149,7 @@ impl Transport {
             (StatusCode::UNAUTHORIZED, _) => ClientError::Auth(msg),
             (_, "locked") => ClientError::Locked(msg),
             (_, "parcel_exists") => ClientError::Exists(msg),
+            (_, "corrupt_chunk") => ClientError::Integrity(format!("the server's copy is damaged: {msg}")),
             (_, "stale_base") => ClientError::StaleBase(msg),
             (StatusCode::NOT_FOUND, _) => ClientError::NotFound(msg),
             _ => ClientError::Server(msg),

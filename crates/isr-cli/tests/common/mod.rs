@@ -1,0 +1,211 @@
+//! Test harness: a real `isr-server` on 127.0.0.1:0 in a temp dir and the real `isr` binary.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+pub fn isr_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_isr"))
+}
+
+pub fn server_bin() -> PathBuf {
+    let p = isr_bin().with_file_name("isr-server");
+    assert!(p.exists(), "{} missing: build the workspace binaries first (make test does)", p.display());
+    p
+}
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn start() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Server { dir, url: String::new(), child: None };
+        s.admin(&["user", "add", "alice"]);
+        s.admin(&["user", "add", "bob"]);
+        s.restart()
+    }
+
+    pub fn admin(&self, args: &[&str]) -> Output {
+        let out = Command::new(server_bin())
+            .args(args)
+            .arg("--data")
+            .arg(self.data())
+            .env("ISR_PASSWORD", PASSWORD)
+            .output()
+            .unwrap();
+        out
+    }
+
+    pub fn restart(mut self) -> Server {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let mut child = Command::new(server_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(self.data())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
+        self.url = url.to_owned();
+        self.child = Some(child);
+        self
+    }
+
+    pub fn chunk_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let root = self.data().join("chunks");
+        for d in std::fs::read_dir(&root).unwrap().flatten() {
+            if d.file_name().len() == 2 && d.path().is_dir() {
+                for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                    out.push(f.path());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One client: its own home.
+pub struct Client {
+    pub home: tempfile::TempDir,
+    pub server: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl Client {
+    pub fn new(server: &Server, user: &str) -> Client {
+        Client { home: tempfile::tempdir().unwrap(), server: server.url.clone(), user: user.into(), password: PASSWORD.into() }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(isr_bin());
+        c.args(args)
+            .env("ISR_SERVER", &self.server)
+            .env("ISR_USER", &self.user)
+            .env("ISR_PASSWORD", &self.password)
+            .env("ISR_HOME", self.home.path())
+            .env("ISR_ACCEL", "tcg")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Run and require success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "isr {args:?} failed ({:?}):\n{}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn code(&self, args: &[&str]) -> (i32, String) {
+        let out = self.run(args);
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn stat(&self, parcel: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["stat", parcel, "--json"])).unwrap()
+    }
+
+    /// Start `isr disk` and wait for its socket.
+    pub fn disk(&self, parcel: &str, sock: &Path) -> Child {
+        let _ = std::fs::remove_file(sock);
+        let child = self
+            .cmd(&["disk", parcel, "--nbd", sock.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(|| sock.exists(), Duration::from_secs(30), "the NBD socket");
+        child
+    }
+}
+
+pub fn wait_for(mut f: impl FnMut() -> bool, timeout: Duration, what: &str) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    let status = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+}
+
+/// Stop `isr disk` cleanly (SIGTERM) and require a clean exit.
+pub fn stop_disk(child: Child) -> String {
+    signal(&child, 15);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "isr disk exited with {:?}: {err}", out.status);
+    err
+}
+
+/// Run qemu-io commands against an NBD socket; returns (success, combined output).
+pub fn qemu_io(sock: &Path, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(format!("nbd+unix:///?socket={}", sock.display()));
+    let out = c.output().expect("qemu-io (install qemu-utils)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let ok = out.status.success() && !text.contains("Pattern verification failed") && !text.contains("failed");
+    (ok, text)
+}
+
+/// A 256 MiB image: 4 MiB of pseudo-random data at the start, text at 64 MiB, zeros elsewhere.
+pub fn make_image(path: &Path, size: u64) -> Vec<u8> {
+    let mut data = vec![0u8; 4 << 20];
+    blake3::Hasher::new().update(b"isr test image").finalize_xof().fill(&mut data);
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&data, 0).unwrap();
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog\n".iter().copied().cycle().take(1 << 20).collect();
+    f.write_all_at(&text, 64 << 20).unwrap();
+    data
+}
+
+pub fn sent_chunks(output: &str) -> u64 {
+    let after = output.split("sent ").nth(1).unwrap_or_else(|| panic!("no 'sent' in {output:?}"));
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
