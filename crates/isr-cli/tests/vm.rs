@@ -1,0 +1,111 @@
+//! The whole ISR story under TCG: resume a real guest, suspend, check in, resume on another client.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+fn guest() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest");
+    let st = std::process::Command::new("bash").arg(root.join("build.sh")).stdout(Stdio::null()).status().unwrap();
+    assert!(st.success(), "guest/build.sh failed");
+    root.join("out")
+}
+
+fn counters(console: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    text.lines().filter_map(|l| l.split("isr-counter ").nth(1)).filter_map(|n| n.trim().parse().ok()).collect()
+}
+
+fn console_of(c: &Client, parcel: &str) -> PathBuf {
+    c.home.path().join("parcels").join(&c.user).join(parcel).join("console.log")
+}
+
+fn resume(c: &Client, parcel: &str) -> Child {
+    c.cmd(&["resume", parcel, "--display", "none"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+fn finish(child: Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "resume failed: {text}");
+    text
+}
+
+fn sent_bytes_mib(out: &str) -> f64 {
+    let inside = out.split('(').nth(1).unwrap_or_else(|| panic!("no byte count in {out:?}"));
+    inside.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn suspend_on_one_client_resume_on_another_continues_the_counter() {
+    let out = guest();
+    let server = Server::start();
+    let a = Client::new(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::copy(out.join("disk.img"), &disk).unwrap();
+    a.ok(&[
+        "create",
+        "vm",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--memory",
+        "256",
+        "--kernel",
+        out.join("vmlinuz").to_str().unwrap(),
+        "--initrd",
+        out.join("initrd.img").to_str().unwrap(),
+        "--append",
+        "console=ttyS0 quiet panic=-1 init_on_free=1",
+    ]);
+
+    // Client A boots it and lets it count.
+    let run = resume(&a, "vm");
+    let console_a = console_of(&a, "vm");
+    wait_for(|| counters(&console_a).len() >= 3, Duration::from_secs(120), "the guest's counter on client A");
+    assert_eq!(a.stat("vm")["state"], "running");
+    a.ok(&["suspend", "vm"]);
+    let text = finish(run);
+    assert!(text.contains("suspended"), "{text}");
+    let before = counters(&console_a);
+    let last = *before.last().unwrap();
+    assert_eq!(before, (before[0]..=last).collect::<Vec<_>>(), "counter skipped on A");
+    assert_eq!(a.stat("vm")["state"], "modified");
+    assert_eq!(a.stat("vm")["memory_image"], true);
+    let first_checkin = a.ok(&["checkin", "vm", "-m", "suspended on A"]);
+
+    // Client B resumes where A stopped: the counter goes on from memory, no reboot.
+    let b = Client::new(&server, "alice");
+    let run = resume(&b, "vm");
+    let console_b = console_of(&b, "vm");
+    wait_for(|| counters(&console_b).len() >= 3, Duration::from_secs(120), "the guest's counter on client B");
+    let after = counters(&console_b);
+    assert_eq!(after[0], last + 1, "first counter on B must follow A's last ({last}): {after:?}");
+    let log_b = std::fs::read_to_string(&console_b).unwrap();
+    assert!(!log_b.contains("isr-boot"), "the guest rebooted on B:\n{log_b}");
+
+    // Memory dedup: after a few idle seconds the second suspend sends far less than the memory size.
+    std::thread::sleep(Duration::from_secs(3));
+    b.ok(&["suspend", "vm"]);
+    finish(run);
+    let final_counters = counters(&console_b);
+    let second_checkin = b.ok(&["checkin", "vm", "-m", "suspended on B"]);
+    let (first_mib, second_mib) = (sent_bytes_mib(&first_checkin), sent_bytes_mib(&second_checkin));
+    println!("memory 256 MiB; first checkin sent {first_mib} MiB, second {second_mib} MiB");
+    assert!(second_mib < 64.0, "second checkin sent {second_mib} MiB of a 256 MiB guest");
+    assert!(second_mib < first_mib, "{first_mib} vs {second_mib}");
+
+    // The disk holds one contiguous run of counters, up to at least what B printed.
+    let exported = dir.path().join("final.img");
+    b.ok(&["export", "vm", "--output", exported.to_str().unwrap()]);
+    let fsck = std::process::Command::new("e2fsck").args(["-fy"]).arg(&exported).output().unwrap();
+    assert!(fsck.status.code().unwrap_or(8) < 4, "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    let cat = std::process::Command::new("debugfs").args(["-R", "cat /counter"]).arg(&exported).output().unwrap();
+    let on_disk: Vec<u64> =
+        String::from_utf8_lossy(&cat.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(!on_disk.is_empty(), "no counter file on the disk");
+    assert_eq!(on_disk, (1..=on_disk.len() as u64).collect::<Vec<_>>(), "counter file is not one contiguous run");
+    assert!(*on_disk.last().unwrap() >= *final_counters.last().unwrap() - 1, "{on_disk:?} vs {final_counters:?}");
+}
