@@ -499,7 +499,9 @@ impl Client {
         for (kind, bytes) in &sealed_by_kind {
             write_atomic(&base_keyring_path(&o.dir, *kind), bytes)?;
         }
-        let _ = std::fs::remove_file(base_keyring_path(&o.dir, ImageKind::Memory)).ok().filter(|_| manifest.memory.is_none());
+        if manifest.memory.is_none() {
+            let _ = std::fs::remove_file(base_keyring_path(&o.dir, ImageKind::Memory));
+        }
         write_atomic(&o.dir.join("base.manifest"), &sealed)?;
         let mut st = o.state.clone();
         st.base_version = version;
