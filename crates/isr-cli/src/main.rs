@@ -176,9 +176,15 @@ fn mib(bytes: u64) -> String {
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
     let home = Home::open(cli.home.clone().unwrap_or_else(default_home))?;
-    let user = cli.user.clone().or_else(default_user).ok_or_else(|| ClientError::Usage("no user: use --user or ISR_USER".into()))?;
+    let user = cli
+        .user
+        .clone()
+        .or_else(default_user)
+        .ok_or_else(|| ClientError::Usage("no user: use --user or ISR_USER".into()))?;
     let ca = match &cli.ca_cert {
-        Some(p) => Some(std::fs::read(p).map_err(|e| ClientError::io(format!("reading {}", p.display()), e))?),
+        Some(p) => {
+            Some(std::fs::read(p).map_err(|e| ClientError::io(format!("reading {}", p.display()), e))?)
+        }
         None => None,
     };
     let mut c = Client::new(home, user, cli.server.clone(), ca, Box::new(password));
@@ -189,7 +195,15 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Create { parcel, disk, memory, cpus, kernel, initrd, append, chunk_size, message } => {
             let chunk_size = ChunkSize::parse(&chunk_size).map_err(|e| ClientError::Usage(e.to_string()))?;
-            let opts = CreateOptions { memory_mib: memory, cpus, kernel, initrd, append, chunk_size, comment: message };
+            let opts = CreateOptions {
+                memory_mib: memory,
+                cpus,
+                kernel,
+                initrd,
+                append,
+                chunk_size,
+                comment: message,
+            };
             let start = std::time::Instant::now();
             let (v, t) = c.create(&parcel, &disk, &opts).await?;
             let secs = start.elapsed().as_secs_f64();
@@ -204,7 +218,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Ls { long } => {
             for (p, state) in c.list().await? {
                 if long {
-                    let lock = p.lock.map(|l| format!("locked by {} since {}", l.holder, when(l.since_unix))).unwrap_or_else(|| "unlocked".into());
+                    let lock = p
+                        .lock
+                        .map(|l| format!("locked by {} since {}", l.holder, when(l.since_unix)))
+                        .unwrap_or_else(|| "unlocked".into());
                     println!("{:<24} head {:<5} {:<12} {}", p.name, p.head, state, lock);
                 } else {
                     println!("{}", p.name);
@@ -213,7 +230,14 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Versions { parcel } => {
             for v in c.versions(&parcel).await? {
-                println!("{:<5} {:<12} {:<30} {:>12}  {}", v.version, when(v.created_unix), v.client, mib(v.bytes_uploaded), v.comment);
+                println!(
+                    "{:<5} {:<12} {:<30} {:>12}  {}",
+                    v.version,
+                    when(v.created_unix),
+                    v.client,
+                    mib(v.bytes_uploaded),
+                    v.comment
+                );
             }
         }
         Command::Stat { parcel, json } => {
@@ -226,7 +250,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 println!("head:    {}", s.head_version.map(|v| v.to_string()).unwrap_or_default());
                 if let Some(b) = s.base_version {
                     println!("base:    {b}");
-                    println!("chunks:  {} cached, {} dirty, {} total", s.chunks.cached, s.chunks.dirty, s.chunks.total);
+                    println!(
+                        "chunks:  {} cached, {} dirty, {} total",
+                        s.chunks.cached, s.chunks.dirty, s.chunks.total
+                    );
                 }
                 match s.lock {
                     Some(l) => println!("lock:    {} since {}", l.holder, when(l.since_unix)),
@@ -246,7 +273,12 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 "tcg" => AccelChoice::Tcg,
                 _ => AccelChoice::Auto,
             };
-            let opts = ResumeOptions { display, disconnected, accel, qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from) };
+            let opts = ResumeOptions {
+                display,
+                disconnected,
+                accel,
+                qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
+            };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             tokio::spawn(async move {
                 use tokio::signal::unix::{signal, SignalKind};
@@ -325,27 +357,37 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             if disconnected {
                 let missing = c.missing_locally(&o).await?;
                 if missing > 0 {
-                    return Err(ClientError::Other(format!("{missing} chunks of {parcel} are not hoarded: run `isr hoard {parcel}` first")));
+                    return Err(ClientError::Other(format!(
+                        "{missing} chunks of {parcel} are not hoarded: run `isr hoard {parcel}` first"
+                    )));
                 }
             }
             let _guard = RunGuard::acquire(&o.dir)?;
             let image = c.working_image(&o, ImageKind::Disk, disconnected).await?;
             let _ = std::fs::remove_file(&nbd);
-            let listener = tokio::net::UnixListener::bind(&nbd).map_err(|e| ClientError::io(format!("binding {}", nbd.display()), e))?;
+            let listener = tokio::net::UnixListener::bind(&nbd)
+                .map_err(|e| ClientError::io(format!("binding {}", nbd.display()), e))?;
             println!("serving {parcel} ({} bytes) on nbd+unix:///?socket={}", image.len(), nbd.display());
             let device = std::sync::Arc::new(isr_client::image::ImageDevice(image.clone()));
             let served = isr_nbd::serve(listener, device, shutdown_signal()).await;
             image.flush().await?;
             let _ = std::fs::remove_file(&nbd);
             served.map_err(|e| ClientError::Other(format!("NBD server: {e}")))?;
-            eprintln!("stopped; {} chunks fetched", image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed));
+            eprintln!(
+                "stopped; {} chunks fetched",
+                image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed)
+            );
         }
         Command::Sync { parcel, message } => match c.sync(&parcel, &message).await? {
-            Some((v, t)) => println!("synced {parcel} as version {v}: sent {} chunks ({})", t.chunks, mib(t.bytes)),
+            Some((v, t)) => {
+                println!("synced {parcel} as version {v}: sent {} chunks ({})", t.chunks, mib(t.bytes))
+            }
             None => println!("{parcel} has no local changes"),
         },
         Command::Checkin { parcel, message } => match c.checkin(&parcel, &message).await? {
-            Some((v, t)) => println!("checked in {parcel} as version {v}: sent {} chunks ({})", t.chunks, mib(t.bytes)),
+            Some((v, t)) => {
+                println!("checked in {parcel} as version {v}: sent {} chunks ({})", t.chunks, mib(t.bytes))
+            }
             None => println!("checked in {parcel}: no changes, lock released"),
         },
         Command::Discard { parcel } => {
@@ -362,7 +404,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Unlock { parcel, force } => {
             if !force {
-                return Err(ClientError::Usage("unlock breaks another client's lock: confirm with --force".into()));
+                return Err(ClientError::Usage(
+                    "unlock breaks another client's lock: confirm with --force".into(),
+                ));
             }
             c.unlock_force(&parcel).await?;
             println!("unlocked {parcel}");
@@ -373,10 +417,16 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 for p in &problems {
                     eprintln!("{p}");
                 }
-                return Err(ClientError::Integrity(format!("{} problems in the local cache of {parcel}", problems.len())));
+                return Err(ClientError::Integrity(format!(
+                    "{} problems in the local cache of {parcel}",
+                    problems.len()
+                )));
             }
             let dir = c.home.parcel_dir(&c.user, &parcel);
-            println!("{parcel}: local cache is consistent{}", if is_running(&dir) { " (running)" } else { "" });
+            println!(
+                "{parcel}: local cache is consistent{}",
+                if is_running(&dir) { " (running)" } else { "" }
+            );
         }
         Command::Export { parcel, version, output } => {
             let n = c.export(&parcel, version, &output).await?;
@@ -404,7 +454,9 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ISR_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ISR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");

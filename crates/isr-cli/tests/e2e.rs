@@ -24,7 +24,13 @@ fn write_checkin_checkout_elsewhere_read_back() {
     assert_eq!(a.stat("p")["state"], "running");
     let (ok, text) = qemu_io(
         &sock,
-        &["write -P 0x5a 1M 64k", "write -P 0xa5 100M 1M", "flush", "read -P 0x5a 1M 64k", "read -P 0 200M 64k"],
+        &[
+            "write -P 0x5a 1M 64k",
+            "write -P 0xa5 100M 1M",
+            "flush",
+            "read -P 0x5a 1M 64k",
+            "read -P 0 200M 64k",
+        ],
     );
     assert!(ok, "{text}");
     stop_disk(disk);
@@ -167,14 +173,19 @@ fn kill9_during_checkin_then_rerun_finishes() {
     let (ok, text) = qemu_io(&sock, &["flush"]);
     assert!(ok, "{text}");
     stop_disk(disk);
-    let mut child = a.cmd(&["checkin", "p", "-m", "big"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child =
+        a.cmd(&["checkin", "p", "-m", "big"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(700));
     signal(&child, 9);
     let _ = child.wait();
     let versions_before = a.ok(&["versions", "p"]).lines().count();
     let out = a.ok(&["checkin", "p", "-m", "big"]);
     let versions = a.ok(&["versions", "p"]);
-    assert_eq!(versions.lines().count(), 2, "the interrupted checkin must not add a version twice: {versions}");
+    assert_eq!(
+        versions.lines().count(),
+        2,
+        "the interrupted checkin must not add a version twice: {versions}"
+    );
     if versions_before == 1 {
         assert!(out.contains("version 2"), "{out}");
     }
@@ -279,4 +290,67 @@ fn discard_hoard_rollback_and_unlock_force() {
     assert_eq!(code, 3);
     a.ok(&["unlock", "p", "--force"]);
     a.ok(&["checkout", "p"]);
+}
+
+#[test]
+fn qcow2_import_auth_token_and_disconnected_refusal() {
+    let server = Server::start();
+    let a = Client::new(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.img");
+    let original = make_image(&raw, 24 << 20);
+    let qcow = dir.path().join("disk.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // `isr auth` keeps a token, never the password.
+    a.ok(&["auth"]);
+    for entry in walk(a.home.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes.windows(PASSWORD.len()).any(|w| w == PASSWORD.as_bytes()),
+            "{} holds the password",
+            entry.display()
+        );
+    }
+    let mut no_pw = Client::new(&server, "alice");
+    no_pw.home = tempfile::tempdir().unwrap();
+    std::fs::copy(a.home.path().join("session.json"), no_pw.home.path().join("session.json")).unwrap();
+    no_pw.password = String::new();
+    assert!(no_pw.cmd(&["ls"]).env_remove("ISR_PASSWORD").output().unwrap().status.success());
+
+    a.ok(&["create", "q", "--disk", qcow.to_str().unwrap(), "--chunk-size", "64K"]);
+    let out = dir.path().join("q.img");
+    a.ok(&["export", "q", "--output", out.to_str().unwrap()]);
+    let back = std::fs::read(&out).unwrap();
+    assert_eq!(back.len(), 24 << 20);
+    assert_eq!(back[..4 << 20], original[..]);
+
+    // Disconnected use needs every chunk local: it fails up front, naming the count. (Client `a` has every
+    // chunk cached by the export above; a fresh client has none.)
+    let b = Client::new(&server, "alice");
+    b.ok(&["checkout", "q"]);
+    let sock = dir.path().join("q.sock");
+    let (code, err) = b.code(&["disk", "q", "--nbd", sock.to_str().unwrap(), "--disconnected"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("chunks of q are not hoarded") || err.contains("not in the local cache"), "{err}");
+    assert!(err.split_whitespace().any(|w| w.parse::<u64>().is_ok_and(|n| n > 0)), "{err}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

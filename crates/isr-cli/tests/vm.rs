@@ -8,14 +8,18 @@ use std::time::Duration;
 
 fn guest() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest");
-    let st = std::process::Command::new("bash").arg(root.join("build.sh")).stdout(Stdio::null()).status().unwrap();
+    let st =
+        std::process::Command::new("bash").arg(root.join("build.sh")).stdout(Stdio::null()).status().unwrap();
     assert!(st.success(), "guest/build.sh failed");
     root.join("out")
 }
 
 fn counters(console: &Path) -> Vec<u64> {
     let text = std::fs::read_to_string(console).unwrap_or_default();
-    text.lines().filter_map(|l| l.split("isr-counter ").nth(1)).filter_map(|n| n.trim().parse().ok()).collect()
+    text.lines()
+        .filter_map(|l| l.split("isr-counter ").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
 }
 
 fn console_of(c: &Client, parcel: &str) -> PathBuf {
@@ -23,7 +27,11 @@ fn console_of(c: &Client, parcel: &str) -> PathBuf {
 }
 
 fn resume(c: &Client, parcel: &str) -> Child {
-    c.cmd(&["resume", parcel, "--display", "none"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    c.cmd(&["resume", parcel, "--display", "none"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn finish(child: Child) -> String {
@@ -102,10 +110,18 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
     b.ok(&["export", "vm", "--output", exported.to_str().unwrap()]);
     let fsck = std::process::Command::new("e2fsck").args(["-fy"]).arg(&exported).output().unwrap();
     assert!(fsck.status.code().unwrap_or(8) < 4, "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
-    let cat = std::process::Command::new("debugfs").args(["-R", "cat /counter"]).arg(&exported).output().unwrap();
+    let cat =
+        std::process::Command::new("debugfs").args(["-R", "cat /counter"]).arg(&exported).output().unwrap();
     let on_disk: Vec<u64> =
         String::from_utf8_lossy(&cat.stdout).lines().filter_map(|l| l.trim().parse().ok()).collect();
     assert!(!on_disk.is_empty(), "no counter file on the disk");
-    assert_eq!(on_disk, (1..=on_disk.len() as u64).collect::<Vec<_>>(), "counter file is not one contiguous run");
-    assert!(*on_disk.last().unwrap() >= *final_counters.last().unwrap() - 1, "{on_disk:?} vs {final_counters:?}");
+    assert_eq!(
+        on_disk,
+        (1..=on_disk.len() as u64).collect::<Vec<_>>(),
+        "counter file is not one contiguous run"
+    );
+    assert!(
+        *on_disk.last().unwrap() >= *final_counters.last().unwrap() - 1,
+        "{on_disk:?} vs {final_counters:?}"
+    );
 }

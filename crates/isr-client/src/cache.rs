@@ -55,7 +55,9 @@ impl ChunkCache {
             return Ok(b);
         }
         let server = server.ok_or_else(|| {
-            ClientError::Other(format!("chunk {tag} is not in the local cache and the client is disconnected"))
+            ClientError::Other(format!(
+                "chunk {tag} is not in the local cache and the client is disconnected"
+            ))
         })?;
         let b = server.get_chunk(tag).await?;
         self.put_fetched(tag, b.clone()).await?;

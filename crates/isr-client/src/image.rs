@@ -173,7 +173,9 @@ impl WorkingImage {
             }
         };
         tokio::task::spawn_blocking(move || {
-            DECODER.with(|d| d.borrow_mut().decode(&tag, &key, &stored, clen)).map_err(|e| ClientError::chunk(&tag, e))
+            DECODER
+                .with(|d| d.borrow_mut().decode(&tag, &key, &stored, clen))
+                .map_err(|e| ClientError::chunk(&tag, e))
         })
         .await
         .map_err(|e| ClientError::Other(format!("decode task: {e}")))?

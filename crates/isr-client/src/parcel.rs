@@ -10,7 +10,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use isr_format::{
     ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, ImageRef,
-    KdfParams, Keyring, Keyroot, Manifest, RecoveryPublicKey, Tag, UserSecrets, VmDescription, WrappedKeyroot,
+    KdfParams, Keyring, Keyroot, Manifest, RecoveryPublicKey, Tag, UserSecrets, VmDescription,
+    WrappedKeyroot,
 };
 use serde::Serialize;
 use std::collections::HashSet;
@@ -140,7 +141,13 @@ impl RunGuard {
 }
 
 impl Client {
-    pub fn new(home: Home, user: String, server: Option<String>, ca_pem: Option<Vec<u8>>, password: PasswordSource) -> Self {
+    pub fn new(
+        home: Home,
+        user: String,
+        server: Option<String>,
+        ca_pem: Option<Vec<u8>>,
+        password: PasswordSource,
+    ) -> Self {
         Client { home, user, server, ca_pem, password, secrets: None, transport: None, session: None }
     }
 
@@ -213,13 +220,13 @@ impl Client {
     fn convergence_secret(&self) -> Result<ConvergenceSecret, ClientError> {
         let s = match &self.session {
             Some(s) => s.clone(),
-            None => self
-                .home
-                .session()?
-                .ok_or_else(|| ClientError::Usage("this client has never logged in: run `isr auth`".into()))?,
+            None => self.home.session()?.ok_or_else(|| {
+                ClientError::Usage("this client has never logged in: run `isr auth`".into())
+            })?,
         };
-        ConvergenceSecret::from_hex(&s.convergence_secret)
-            .ok_or_else(|| ClientError::Integrity("stored session holds a malformed convergence secret".into()))
+        ConvergenceSecret::from_hex(&s.convergence_secret).ok_or_else(|| {
+            ClientError::Integrity("stored session holds a malformed convergence secret".into())
+        })
     }
 
     fn cache(&self) -> Result<ChunkCache, ClientError> {
@@ -229,7 +236,12 @@ impl Client {
     // ---- create -----------------------------------------------------------------------------------
 
     /// Import a disk image (raw, or anything `qemu-img` reads) as version 1 of a new parcel.
-    pub async fn create(&mut self, name: &str, disk: &Path, opts: &CreateOptions) -> Result<(u64, Transfer), ClientError> {
+    pub async fn create(
+        &mut self,
+        name: &str,
+        disk: &Path,
+        opts: &CreateOptions,
+    ) -> Result<(u64, Transfer), ClientError> {
         valid_parcel_name(name)?;
         let t = self.connect().await?;
         let id = self.home.identity()?;
@@ -245,7 +257,16 @@ impl Client {
                 )),
                 None => None,
             };
-            match t.create_parcel(name, &wrapped.0, recovery.as_ref().map(|r| r.0.as_slice()), &id.name, &id.client_id).await {
+            match t
+                .create_parcel(
+                    name,
+                    &wrapped.0,
+                    recovery.as_ref().map(|r| r.0.as_slice()),
+                    &id.name,
+                    &id.client_id,
+                )
+                .await
+            {
                 Ok(lock_id) => (keyroot, lock_id),
                 Err(ClientError::Exists(msg)) => {
                     // An interrupted create leaves a parcel without versions: finish it with its own keyroot.
@@ -268,10 +289,16 @@ impl Client {
         let disk_ring = upload_image(&t, &secret, raw.path(), opts.chunk_size, "disk", &mut transfer).await?;
         images.push((ImageKind::Disk, disk_ring));
         if let Some(k) = &opts.kernel {
-            images.push((ImageKind::Kernel, upload_image(&t, &secret, k, opts.chunk_size, "kernel", &mut transfer).await?));
+            images.push((
+                ImageKind::Kernel,
+                upload_image(&t, &secret, k, opts.chunk_size, "kernel", &mut transfer).await?,
+            ));
         }
         if let Some(i) = &opts.initrd {
-            images.push((ImageKind::Initrd, upload_image(&t, &secret, i, opts.chunk_size, "initrd", &mut transfer).await?));
+            images.push((
+                ImageKind::Initrd,
+                upload_image(&t, &secret, i, opts.chunk_size, "initrd", &mut transfer).await?,
+            ));
         }
         let mut refs = std::collections::HashMap::new();
         for (kind, ring) in &images {
@@ -291,7 +318,19 @@ impl Client {
             comment: opts.comment.clone(),
         };
         let sealed = manifest.seal(&keyroot)?;
-        let version = commit_with_retry(&t, &self.cache()?, name, &lock_id, 0, &sealed, &id.name, &opts.comment, &mut transfer, Some(&images)).await?;
+        let version = commit_with_retry(
+            &t,
+            &self.cache()?,
+            name,
+            &lock_id,
+            0,
+            &sealed,
+            &id.name,
+            &opts.comment,
+            &mut transfer,
+            Some(&images),
+        )
+        .await?;
         t.unlock(name, Some(&lock_id)).await?;
         Ok((version, transfer))
     }
@@ -320,10 +359,18 @@ impl Client {
         result
     }
 
-    async fn fetch_version(&mut self, t: &Transport, name: &str, version: Option<u64>, lock_id: String) -> Result<LocalState, ClientError> {
+    async fn fetch_version(
+        &mut self,
+        t: &Transport,
+        name: &str,
+        version: Option<u64>,
+        lock_id: String,
+    ) -> Result<LocalState, ClientError> {
         let detail = t.parcel(name).await?;
         if detail.head == 0 {
-            return Err(ClientError::Other(format!("{name} has no version yet (an interrupted create? run it again)")));
+            return Err(ClientError::Other(format!(
+                "{name} has no version yet (an interrupted create? run it again)"
+            )));
         }
         let (v, manifest_bytes) = t.manifest(name, version).await?;
         let wrapped = WrappedKeyroot(
@@ -363,14 +410,13 @@ impl Client {
     /// Open a checked-out parcel: unwrap the keyroot and authenticate manifest and keyrings.
     pub fn open(&mut self, name: &str) -> Result<Opened, ClientError> {
         valid_parcel_name(name)?;
-        let state = self
-            .home
-            .local_state(&self.user, name)?
-            .ok_or_else(|| ClientError::Usage(format!("{name} is not checked out on this client: run `isr checkout {name}`")))?;
-        let wrapped = WrappedKeyroot(
-            hex::decode(&state.wrapped_keyroot)
-                .map_err(|_| ClientError::Integrity("local state holds a malformed wrapped keyroot".into()))?,
-        );
+        let state = self.home.local_state(&self.user, name)?.ok_or_else(|| {
+            ClientError::Usage(format!("{name} is not checked out on this client: run `isr checkout {name}`"))
+        })?;
+        let wrapped =
+            WrappedKeyroot(hex::decode(&state.wrapped_keyroot).map_err(|_| {
+                ClientError::Integrity("local state holds a malformed wrapped keyroot".into())
+            })?);
         let wrap = self.secrets()?.wrap.clone();
         let keyroot = wrapped.unwrap(&wrap)?;
         let dir = self.home.parcel_dir(&self.user, name);
@@ -380,19 +426,27 @@ impl Client {
     }
 
     /// The base and working keyrings of one image of an opened parcel.
-    pub fn keyrings(&self, o: &Opened, kind: ImageKind) -> Result<Option<(Keyring, Keyring, bool)>, ClientError> {
+    pub fn keyrings(
+        &self,
+        o: &Opened,
+        kind: ImageKind,
+    ) -> Result<Option<(Keyring, Keyring, bool)>, ClientError> {
         let work_path = work_keyring_path(&o.dir, kind);
         let base = match o.manifest.image(kind) {
             Some(r) => {
                 let bytes = read_file(&base_keyring_path(&o.dir, kind))?;
                 if Tag(*blake3::hash(&bytes).as_bytes()) != r.keyring {
-                    return Err(ClientError::Integrity(format!("local {} keyring does not match the manifest", kind.name())));
+                    return Err(ClientError::Integrity(format!(
+                        "local {} keyring does not match the manifest",
+                        kind.name()
+                    )));
                 }
                 Some(Keyring::open(&bytes, &o.keyroot)?)
             }
             None => None,
         };
-        let work = if work_path.exists() { Some(Keyring::open(&read_file(&work_path)?, &o.keyroot)?) } else { None };
+        let work =
+            if work_path.exists() { Some(Keyring::open(&read_file(&work_path)?, &o.keyroot)?) } else { None };
         Ok(match (base, work) {
             (Some(b), Some(w)) => Some((b, w, true)),
             (Some(b), None) => Some((b.clone(), b, false)),
@@ -402,7 +456,12 @@ impl Client {
     }
 
     /// A read-write view of one image of an opened parcel.
-    pub async fn working_image(&mut self, o: &Opened, kind: ImageKind, disconnected: bool) -> Result<Arc<WorkingImage>, ClientError> {
+    pub async fn working_image(
+        &mut self,
+        o: &Opened,
+        kind: ImageKind,
+        disconnected: bool,
+    ) -> Result<Arc<WorkingImage>, ClientError> {
         let server = if disconnected { None } else { Some(self.connect().await?) };
         let (base, work, _) = self
             .keyrings(o, kind)?
@@ -425,7 +484,9 @@ impl Client {
     pub async fn sync(&mut self, name: &str, comment: &str) -> Result<Option<(u64, Transfer)>, ClientError> {
         let o = self.open(name)?;
         if is_running(&o.dir) {
-            return Err(ClientError::Other(format!("{name} is running: suspend it (or stop `isr disk`) before syncing")));
+            return Err(ClientError::Other(format!(
+                "{name} is running: suspend it (or stop `isr disk`) before syncing"
+            )));
         }
         let t = self.connect().await?;
         let id = self.home.identity()?;
@@ -433,7 +494,10 @@ impl Client {
         let mut changed: Vec<(ImageKind, Keyring, Keyring)> = Vec::new();
         let mut any_modified = false;
         for kind in ImageKind::ALL {
-            if kind == ImageKind::Memory && o.state.memory_dropped && !work_keyring_path(&o.dir, kind).exists() {
+            if kind == ImageKind::Memory
+                && o.state.memory_dropped
+                && !work_keyring_path(&o.dir, kind).exists()
+            {
                 any_modified = true;
                 continue;
             }
@@ -463,7 +527,11 @@ impl Client {
         let mut sealed_by_kind = Vec::new();
         for (kind, _, work) in &changed {
             let work_path = work_keyring_path(&o.dir, *kind);
-            let bytes = if work_path.exists() { read_file(&work_path)? } else { read_file(&base_keyring_path(&o.dir, *kind))? };
+            let bytes = if work_path.exists() {
+                read_file(&work_path)?
+            } else {
+                read_file(&base_keyring_path(&o.dir, *kind))?
+            };
             let hash = Tag(*blake3::hash(&bytes).as_bytes());
             if work_path.exists() {
                 t.put_keyring(name, &hash, Bytes::from(bytes.clone())).await?;
@@ -480,7 +548,20 @@ impl Client {
         manifest.created_unix = now_unix();
         manifest.comment = comment.to_owned();
         let sealed = manifest.seal(&o.keyroot)?;
-        let version = match commit_with_retry(&t, &cache, name, &o.state.lock_id, o.state.head_at_checkout, &sealed, &id.name, comment, &mut transfer, None).await {
+        let version = match commit_with_retry(
+            &t,
+            &cache,
+            name,
+            &o.state.lock_id,
+            o.state.head_at_checkout,
+            &sealed,
+            &id.name,
+            comment,
+            &mut transfer,
+            None,
+        )
+        .await
+        {
             Ok(v) => v,
             Err(ClientError::StaleBase(msg)) => {
                 // A previous sync may have committed exactly this state and died before recording it.
@@ -515,13 +596,21 @@ impl Client {
     }
 
     /// Sync, then release the lock; the parcel leaves this client (its chunks stay in the cache).
-    pub async fn checkin(&mut self, name: &str, comment: &str) -> Result<Option<(u64, Transfer)>, ClientError> {
+    pub async fn checkin(
+        &mut self,
+        name: &str,
+        comment: &str,
+    ) -> Result<Option<(u64, Transfer)>, ClientError> {
         let synced = self.sync(name, comment).await?;
-        let st = self.home.local_state(&self.user, name)?.ok_or_else(|| ClientError::Other("local state vanished".into()))?;
+        let st = self
+            .home
+            .local_state(&self.user, name)?
+            .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
         let t = self.connect().await?;
         t.unlock(name, Some(&st.lock_id)).await?;
         let dir = self.home.parcel_dir(&self.user, name);
-        std::fs::remove_dir_all(&dir).map_err(|e| ClientError::io(format!("removing {}", dir.display()), e))?;
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| ClientError::io(format!("removing {}", dir.display()), e))?;
         Ok(synced)
     }
 
@@ -534,7 +623,8 @@ impl Client {
         for kind in ImageKind::ALL {
             let p = work_keyring_path(&o.dir, kind);
             if p.exists() {
-                std::fs::remove_file(&p).map_err(|e| ClientError::io(format!("removing {}", p.display()), e))?;
+                std::fs::remove_file(&p)
+                    .map_err(|e| ClientError::io(format!("removing {}", p.display()), e))?;
             }
         }
         let mut st = o.state;
@@ -625,7 +715,8 @@ impl Client {
         if is_running(&dir) {
             return Ok("running");
         }
-        let modified = st.memory_dropped || ImageKind::ALL.iter().any(|k| work_keyring_path(&dir, *k).exists());
+        let modified =
+            st.memory_dropped || ImageKind::ALL.iter().any(|k| work_keyring_path(&dir, *k).exists());
         Ok(if modified { "modified" } else { "unmodified" })
     }
 
@@ -683,9 +774,10 @@ impl Client {
                 let Some((tag, key)) = work.get(ChunkIndex(i)) else { continue };
                 let local = cache.get(&tag).await?;
                 match local {
-                    None if !base_set.contains(&tag) => {
-                        problems.push(format!("{} chunk {i} ({tag}) was written here but is missing from the cache", kind.name()))
-                    }
+                    None if !base_set.contains(&tag) => problems.push(format!(
+                        "{} chunk {i} ({tag}) was written here but is missing from the cache",
+                        kind.name()
+                    )),
                     None => {}
                     Some(stored) if full => {
                         if let Err(e) = decoder.decode(&tag, key, &stored, work.chunk_len(ChunkIndex(i))) {
@@ -700,7 +792,12 @@ impl Client {
     }
 
     /// Reconstruct the raw disk image of a version (default: the head) into `output`.
-    pub async fn export(&mut self, name: &str, version: Option<u64>, output: &Path) -> Result<u64, ClientError> {
+    pub async fn export(
+        &mut self,
+        name: &str,
+        version: Option<u64>,
+        output: &Path,
+    ) -> Result<u64, ClientError> {
         valid_parcel_name(name)?;
         let t = self.connect().await?;
         let detail = t.parcel(name).await?;
@@ -715,7 +812,8 @@ impl Client {
         let ring = Keyring::open(&t.keyring(name, &manifest.disk.keyring).await?, &keyroot)?;
         let cache = self.cache()?;
         let tmp = output.with_extension("isr-partial");
-        let file = std::fs::File::create(&tmp).map_err(|e| ClientError::io(format!("creating {}", tmp.display()), e))?;
+        let file = std::fs::File::create(&tmp)
+            .map_err(|e| ClientError::io(format!("creating {}", tmp.display()), e))?;
         file.set_len(ring.image_len().0).map_err(|e| ClientError::io("sizing output", e))?;
         let file = Arc::new(file);
         let bar = progress::bytes(ring.image_len().0, "export");
@@ -730,9 +828,12 @@ impl Client {
                     let len = ring.chunk_len(idx);
                     let offset = ring.chunk_size().offset_of(idx).0;
                     tokio::task::spawn_blocking(move || {
-                        let plain = ChunkDecoder::new().decode(&tag, &key, &stored, len).map_err(|e| ClientError::chunk(&tag, e))?;
+                        let plain = ChunkDecoder::new()
+                            .decode(&tag, &key, &stored, len)
+                            .map_err(|e| ClientError::chunk(&tag, e))?;
                         use std::os::unix::fs::FileExt;
-                        file.write_all_at(&plain, offset).map_err(|e| ClientError::io("writing output", e))?;
+                        file.write_all_at(&plain, offset)
+                            .map_err(|e| ClientError::io("writing output", e))?;
                         Ok::<u64, ClientError>(len as u64)
                     })
                     .await
@@ -752,7 +853,8 @@ impl Client {
         }
         bar.finish_and_clear();
         file.sync_all().map_err(|e| ClientError::io("syncing output", e))?;
-        std::fs::rename(&tmp, output).map_err(|e| ClientError::io(format!("renaming to {}", output.display()), e))?;
+        std::fs::rename(&tmp, output)
+            .map_err(|e| ClientError::io(format!("renaming to {}", output.display()), e))?;
         Ok(ring.image_len().0)
     }
 }
@@ -767,7 +869,8 @@ struct RawImage {
 
 impl RawImage {
     fn open(path: &Path, tmp_dir: &Path) -> Result<RawImage, ClientError> {
-        let meta = std::fs::metadata(path).map_err(|e| ClientError::io(format!("disk image {}", path.display()), e))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| ClientError::io(format!("disk image {}", path.display()), e))?;
         if !meta.is_file() {
             return Err(ClientError::Usage(format!("disk image {} is not a regular file", path.display())));
         }
@@ -785,7 +888,10 @@ impl RawImage {
             .map_err(|e| ClientError::io("running qemu-img (install qemu-utils)", e))?;
         if !status.success() {
             let _ = std::fs::remove_file(&out);
-            return Err(ClientError::Other(format!("qemu-img could not convert {} from {format}", path.display())));
+            return Err(ClientError::Other(format!(
+                "qemu-img could not convert {} from {format}",
+                path.display()
+            )));
         }
         Ok(RawImage { path: out, temp: true })
     }
@@ -806,7 +912,8 @@ impl Drop for RawImage {
 /// The image format by its magic bytes (qcow2, vmdk, vdi, vhdx; anything else is raw).
 fn detect_format(path: &Path) -> Result<String, ClientError> {
     let mut head = [0u8; 512];
-    let mut f = std::fs::File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
     let n = f.read(&mut head).map_err(|e| ClientError::io("reading image header", e))?;
     let h = &head[..n];
     Ok(if h.starts_with(b"QFI\xfb") {
@@ -837,11 +944,13 @@ async fn upload_image(
         return Err(ClientError::Usage(format!("{} is empty", path.display())));
     }
     let mut ring = Keyring::new(chunk_size, ImageLen(len))?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<(u64, Option<isr_format::EncodedChunk>), ClientError>>(64);
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<Result<(u64, Option<isr_format::EncodedChunk>), ClientError>>(64);
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let path_owned = path.to_owned();
     let secret = secret.clone();
-    let producer = tokio::task::spawn_blocking(move || encode_file(&path_owned, chunk_size, len, workers, secret, tx));
+    let producer =
+        tokio::task::spawn_blocking(move || encode_file(&path_owned, chunk_size, len, workers, secret, tx));
     let bar = progress::bytes(len, what);
     let mut uploaded: HashSet<Tag> = HashSet::new();
     let mut batch: Vec<isr_format::EncodedChunk> = Vec::new();
@@ -862,7 +971,8 @@ async fn upload_image(
         if batch.len() >= 256 || (done && !batch.is_empty()) {
             let tags: Vec<Tag> = batch.iter().map(|e| e.tag).collect();
             let missing: HashSet<Tag> = t.missing(&tags).await?.into_iter().collect();
-            let to_send: Vec<_> = std::mem::take(&mut batch).into_iter().filter(|e| missing.contains(&e.tag)).collect();
+            let to_send: Vec<_> =
+                std::mem::take(&mut batch).into_iter().filter(|e| missing.contains(&e.tag)).collect();
             let sent = futures::stream::iter(to_send)
                 .map(|e| async move {
                     let n = e.stored.len() as u64;
@@ -894,7 +1004,8 @@ pub(crate) fn encode_file(
     secret: ConvergenceSecret,
     tx: tokio::sync::mpsc::Sender<Result<(u64, Option<isr_format::EncodedChunk>), ClientError>>,
 ) -> Result<(), ClientError> {
-    let mut f = std::fs::File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
     let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(workers * 4);
     let work_rx = std::sync::Mutex::new(work_rx);
     let n = chunk_size.chunk_count(ImageLen(len));
@@ -906,7 +1017,10 @@ pub(crate) fn encode_file(
                 loop {
                     let job = rx.lock().expect("work queue").recv();
                     let Ok((i, data)) = job else { break };
-                    let r = enc.encode(&data).map(|e| (i, e)).map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")));
+                    let r = enc
+                        .encode(&data)
+                        .map(|e| (i, e))
+                        .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")));
                     if tx.blocking_send(r).is_err() {
                         break;
                     }
@@ -930,12 +1044,19 @@ pub(crate) fn encode_file(
     })
 }
 
-async fn upload_from_cache(t: &Transport, cache: &ChunkCache, tags: &[Tag], transfer: &mut Transfer) -> Result<(), ClientError> {
+async fn upload_from_cache(
+    t: &Transport,
+    cache: &ChunkCache,
+    tags: &[Tag],
+    transfer: &mut Transfer,
+) -> Result<(), ClientError> {
     let bar = progress::bytes(tags.len() as u64, "upload");
     let results = futures::stream::iter(tags.iter().copied())
         .map(|tag| async move {
             let stored = cache.get(&tag).await?.ok_or_else(|| {
-                ClientError::Integrity(format!("chunk {tag} written on this client is missing from the cache"))
+                ClientError::Integrity(format!(
+                    "chunk {tag} written on this client is missing from the cache"
+                ))
             })?;
             let n = stored.len() as u64;
             t.put_chunk(&tag, stored).await?;
@@ -985,7 +1106,12 @@ async fn commit_with_retry(
 }
 
 /// Fetch every distinct stored chunk of `tags` that the cache lacks, several in flight.
-async fn fetch_missing(t: &Transport, cache: &ChunkCache, tags: &[Tag], what: &str) -> Result<Transfer, ClientError> {
+async fn fetch_missing(
+    t: &Transport,
+    cache: &ChunkCache,
+    tags: &[Tag],
+    what: &str,
+) -> Result<Transfer, ClientError> {
     let mut wanted = Vec::new();
     let mut seen = HashSet::new();
     for tag in tags {

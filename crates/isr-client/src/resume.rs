@@ -58,8 +58,14 @@ pub struct ResumeReport {
 /// A private directory for plaintext files QEMU needs, on tmpfs when possible.
 fn private_dir() -> Result<tempfile::TempDir, ClientError> {
     let shm = Path::new("/dev/shm");
-    let builder = tempfile::Builder::new().prefix("isr-").tempdir_in(if shm.is_dir() { shm } else { Path::new("/tmp") });
-    builder.or_else(|_| tempfile::Builder::new().prefix("isr-").tempdir()).map_err(|e| ClientError::io("creating a private directory", e))
+    let builder = tempfile::Builder::new().prefix("isr-").tempdir_in(if shm.is_dir() {
+        shm
+    } else {
+        Path::new("/tmp")
+    });
+    builder
+        .or_else(|_| tempfile::Builder::new().prefix("isr-").tempdir())
+        .map_err(|e| ClientError::io("creating a private directory", e))
 }
 
 /// Decode an image into a sparse file (zero chunks stay holes).
@@ -69,7 +75,8 @@ pub async fn write_image_file(
     server: Option<&crate::transport::Transport>,
     path: &Path,
 ) -> Result<(), ClientError> {
-    let file = std::fs::File::create(path).map_err(|e| ClientError::io(format!("creating {}", path.display()), e))?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| ClientError::io(format!("creating {}", path.display()), e))?;
     file.set_len(ring.image_len().0).map_err(|e| ClientError::io("sizing image file", e))?;
     let file = Arc::new(file);
     let results = futures::stream::iter(0..ring.chunk_count())
@@ -84,7 +91,9 @@ pub async fn write_image_file(
                 let len = ring.chunk_len(ChunkIndex(i));
                 let offset = ring.chunk_size().offset_of(ChunkIndex(i)).0;
                 tokio::task::spawn_blocking(move || {
-                    let plain = ChunkDecoder::new().decode(&tag, &key, &stored, len).map_err(|e| ClientError::chunk(&tag, e))?;
+                    let plain = ChunkDecoder::new()
+                        .decode(&tag, &key, &stored, len)
+                        .map_err(|e| ClientError::chunk(&tag, e))?;
                     use std::os::unix::fs::FileExt;
                     file.write_all_at(&plain, offset).map_err(|e| ClientError::io("writing image file", e))
                 })
@@ -111,7 +120,8 @@ pub async fn store_image_file(
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let (p, s) = (path.to_owned(), secret.clone());
-    let producer = tokio::task::spawn_blocking(move || crate::parcel::encode_file(&p, chunk_size, len, workers, s, tx));
+    let producer =
+        tokio::task::spawn_blocking(move || crate::parcel::encode_file(&p, chunk_size, len, workers, s, tx));
     let mut stored = 0u64;
     while let Some(item) = rx.recv().await {
         let (i, enc) = item?;
@@ -148,7 +158,9 @@ impl Client {
         let t0 = Instant::now();
         if self.home.local_state(&self.user, name)?.is_none() {
             if opts.disconnected {
-                return Err(ClientError::Other(format!("{name} is not checked out here; --disconnected needs a hoarded parcel")));
+                return Err(ClientError::Other(format!(
+                    "{name} is not checked out here; --disconnected needs a hoarded parcel"
+                )));
             }
             self.checkout(name, None).await?;
         }
@@ -177,7 +189,11 @@ impl Client {
             }
         }
         // The memory image, unless the VM was powered off since.
-        let memory = if o.state.memory_dropped { None } else { self.keyrings(&o, ImageKind::Memory)?.map(|(_, w, _)| w) };
+        let memory = if o.state.memory_dropped {
+            None
+        } else {
+            self.keyrings(&o, ImageKind::Memory)?.map(|(_, w, _)| w)
+        };
         let mem_path = private.path().join("memory");
         if let Some(ring) = &memory {
             write_image_file(ring, &cache, server.as_ref(), &mem_path).await?;
@@ -186,7 +202,8 @@ impl Client {
         // The disk over NBD from this process.
         let image = self.working_image(&o, ImageKind::Disk, opts.disconnected).await?;
         let sock = private.path().join("disk.sock");
-        let listener = tokio::net::UnixListener::bind(&sock).map_err(|e| ClientError::io(format!("binding {}", sock.display()), e))?;
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .map_err(|e| ClientError::io(format!("binding {}", sock.display()), e))?;
         let (nbd_stop_tx, nbd_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let device = Arc::new(ImageDevice(image.clone()));
         let nbd = tokio::spawn(isr_nbd::serve(listener, device, async move {
@@ -218,7 +235,11 @@ impl Client {
         }
         let prepare = t0.elapsed();
         let t_restore = Instant::now();
-        let start = if memory.is_some() { Start::Incoming { memory_image_path: mem_path.clone() } } else { Start::Cold };
+        let start = if memory.is_some() {
+            Start::Incoming { memory_image_path: mem_path.clone() }
+        } else {
+            Start::Cold
+        };
         let started = Vm::start(config, start).await;
         let _ = std::fs::remove_file(&mem_path);
         let mut vm = match started {
@@ -272,7 +293,8 @@ impl Client {
             }
             Err(exit) => {
                 let exit = exit.map_err(vmm_error)?;
-                report.outcome = if exit.guest_initiated() { "shut down by the guest" } else { "QEMU exited" };
+                report.outcome =
+                    if exit.guest_initiated() { "shut down by the guest" } else { "QEMU exited" };
                 false
             }
         };
@@ -281,7 +303,10 @@ impl Client {
         image.flush().await?;
         report.fetched_chunks = image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed);
 
-        let mut st = self.home.local_state(&self.user, name)?.ok_or_else(|| ClientError::Other("local state vanished".into()))?;
+        let mut st = self
+            .home
+            .local_state(&self.user, name)?
+            .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
         let mem_work = work_keyring_path(&o.dir, ImageKind::Memory);
         if saved_memory {
             let secret = self.convergence_secret_pub()?;
@@ -289,7 +314,8 @@ impl Client {
             let _ = std::fs::remove_file(&mem_path);
             let (ring, stored) = encoded?;
             report.memory_chunks_stored = stored;
-            let base_tags: Option<Vec<Tag>> = self.keyrings(&o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
+            let base_tags: Option<Vec<Tag>> =
+                self.keyrings(&o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
             if base_tags.as_deref() == Some(ring.tags()) && o.manifest.memory.is_some() {
                 let _ = std::fs::remove_file(&mem_work);
             } else {
@@ -307,7 +333,12 @@ impl Client {
     }
 
     /// Ask the process running `name` to stop (suspend or power off) and wait until it has.
-    pub async fn stop_running(&mut self, name: &str, how: StopRequest, timeout: Duration) -> Result<bool, ClientError> {
+    pub async fn stop_running(
+        &mut self,
+        name: &str,
+        how: StopRequest,
+        timeout: Duration,
+    ) -> Result<bool, ClientError> {
         let dir = self.home.parcel_dir(&self.user, name);
         if !crate::parcel::is_running(&dir) {
             return Ok(false);
@@ -324,7 +355,10 @@ impl Client {
         #[allow(unsafe_code)]
         let r = unsafe { libc::kill(pid, sig) };
         if r != 0 {
-            return Err(ClientError::io(format!("signalling process {pid}"), std::io::Error::last_os_error()));
+            return Err(ClientError::io(
+                format!("signalling process {pid}"),
+                std::io::Error::last_os_error(),
+            ));
         }
         let deadline = Instant::now() + timeout;
         while crate::parcel::is_running(&dir) {

@@ -93,7 +93,9 @@ impl Transport {
         let http = b.build().map_err(|e| ClientError::Other(format!("HTTP client: {e}")))?;
         let base = server.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ClientError::Usage(format!("server URL {server:?} must start with http:// or https://")));
+            return Err(ClientError::Usage(format!(
+                "server URL {server:?} must start with http:// or https://"
+            )));
         }
         Ok(Transport { http, base, token: None })
     }
@@ -172,12 +174,17 @@ impl Transport {
         }
         let bytes = resp.bytes().await.map_err(|e| ClientError::Server(format!("reading reply: {e}")))?;
         let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Server(format!("unexpected reply to {path}: {e}")))
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Server(format!("unexpected reply to {path}: {e}")))
     }
 
     pub async fn login(&self, user: &str, login_secret: &str) -> Result<LoginReply, ClientError> {
-        self.call(Method::POST, "/login", Some(serde_json::json!({"user": user, "login_secret": login_secret})))
-            .await
+        self.call(
+            Method::POST,
+            "/login",
+            Some(serde_json::json!({"user": user, "login_secret": login_secret})),
+        )
+        .await
     }
 
     pub async fn parcels(&self) -> Result<Vec<ParcelSummary>, ClientError> {
@@ -234,7 +241,8 @@ impl Transport {
     /// The manifest bytes of version `n` (`None` = head) and its number.
     pub async fn manifest(&self, name: &str, n: Option<u64>) -> Result<(u64, Bytes), ClientError> {
         let v = n.map(|n| n.to_string()).unwrap_or_else(|| "head".into());
-        let resp = self.send(self.http.get(self.url(&format!("/parcels/{name}/versions/{v}/manifest")))).await?;
+        let resp =
+            self.send(self.http.get(self.url(&format!("/parcels/{name}/versions/{v}/manifest")))).await?;
         if !resp.status().is_success() {
             return Err(self.error_of(resp).await);
         }
@@ -266,7 +274,9 @@ impl Transport {
         }
         let body = resp.bytes().await.map_err(|e| ClientError::Server(format!("reading keyring: {e}")))?;
         if Tag(*blake3::hash(&body).as_bytes()) != *hash {
-            return Err(ClientError::Integrity(format!("keyring {hash} from the server does not match its hash")));
+            return Err(ClientError::Integrity(format!(
+                "keyring {hash} from the server does not match its hash"
+            )));
         }
         Ok(body)
     }
@@ -317,7 +327,8 @@ impl Transport {
             "comment": comment,
             "bytes_uploaded": bytes_uploaded,
         });
-        let resp = self.send(self.http.post(self.url(&format!("/parcels/{name}/versions"))).json(&body)).await?;
+        let resp =
+            self.send(self.http.post(self.url(&format!("/parcels/{name}/versions"))).json(&body)).await?;
         if resp.status() == StatusCode::CONFLICT {
             let status = resp.status();
             let bytes = resp.bytes().await.unwrap_or_default();
@@ -396,7 +407,8 @@ impl Transport {
         if !resp.status().is_success() {
             return Err(self.error_of(resp).await);
         }
-        let body = resp.bytes().await.map_err(|e| ClientError::Server(format!("reading chunk {tag}: {e}")))?;
+        let body =
+            resp.bytes().await.map_err(|e| ClientError::Server(format!("reading chunk {tag}: {e}")))?;
         isr_format::codec::verify_tag(tag, &body).map_err(|e| ClientError::chunk(tag, e))?;
         Ok(body)
     }

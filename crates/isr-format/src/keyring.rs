@@ -73,7 +73,8 @@ impl KeyringTags {
         Ok(KeyringTags { chunk_size, image_len, tags })
     }
 
-    /// The distinct non-zero tags.
+    /// The non-zero tags, in chunk order: a tag shared by several chunks appears once per chunk (collect
+    /// into a set for the distinct ones).
     pub fn stored_tags(&self) -> impl Iterator<Item = &Tag> {
         self.tags.iter().filter(|t| !t.is_zero())
     }
@@ -110,7 +111,9 @@ fn parse_header(bytes: &[u8]) -> Result<(ChunkSize, ImageLen, usize), KeyringErr
 }
 
 fn keyring_aead(keyroot: &Keyroot) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &keyroot.subkey(KEYRING_KEY_CONTEXT)).expect("32-byte key"))
+    LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &keyroot.subkey(KEYRING_KEY_CONTEXT)).expect("32-byte key"),
+    )
 }
 
 impl Keyring {
@@ -232,7 +235,8 @@ impl Keyring {
             .map_err(|_| KeyringError::Decrypt)?;
         let tags: Vec<Tag> =
             bytes[HEADER_LEN..tags_end].chunks_exact(32).map(|t| Tag(t.try_into().expect("32"))).collect();
-        let keys: Vec<ChunkKey> = plain.chunks_exact(32).map(|k| ChunkKey(k.try_into().expect("32"))).collect();
+        let keys: Vec<ChunkKey> =
+            plain.chunks_exact(32).map(|k| ChunkKey(k.try_into().expect("32"))).collect();
         Ok(Keyring { chunk_size, image_len, tags, keys })
     }
 

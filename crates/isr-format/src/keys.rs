@@ -94,7 +94,8 @@ pub struct RecoveryPublicKey(pub [u8; 32]);
 impl RecoveryPublicKey {
     pub fn from_hex(s: &str) -> Result<Self, KeyError> {
         let mut out = [0u8; 32];
-        hex::decode_to_slice(s.trim(), &mut out).map_err(|_| KeyError::BadRecoveryKey("not 64 hex digits"))?;
+        hex::decode_to_slice(s.trim(), &mut out)
+            .map_err(|_| KeyError::BadRecoveryKey("not 64 hex digits"))?;
         Ok(RecoveryPublicKey(out))
     }
     pub fn to_hex(&self) -> String {

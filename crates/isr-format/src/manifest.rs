@@ -53,7 +53,8 @@ pub enum ImageKind {
 }
 
 impl ImageKind {
-    pub const ALL: [ImageKind; 4] = [ImageKind::Disk, ImageKind::Memory, ImageKind::Kernel, ImageKind::Initrd];
+    pub const ALL: [ImageKind; 4] =
+        [ImageKind::Disk, ImageKind::Memory, ImageKind::Kernel, ImageKind::Initrd];
     pub fn name(self) -> &'static str {
         match self {
             ImageKind::Disk => "disk",

@@ -62,7 +62,8 @@ impl Server {
             .unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
+        let url =
+            line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
         self.url = url.to_owned();
         self.child = Some(child);
         self
@@ -101,7 +102,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(server: &Server, user: &str) -> Client {
-        Client { home: tempfile::tempdir().unwrap(), server: server.url.clone(), user: user.into(), password: PASSWORD.into() }
+        Client {
+            home: tempfile::tempdir().unwrap(),
+            server: server.url.clone(),
+            user: user.into(),
+            password: PASSWORD.into(),
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -188,7 +194,8 @@ pub fn qemu_io(sock: &Path, cmds: &[&str]) -> (bool, String) {
     c.arg(format!("nbd+unix:///?socket={}", sock.display()));
     let out = c.output().expect("qemu-io (install qemu-utils)");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let ok = out.status.success() && !text.contains("Pattern verification failed") && !text.contains("failed");
+    let ok =
+        out.status.success() && !text.contains("Pattern verification failed") && !text.contains("failed");
     (ok, text)
 }
 
@@ -200,8 +207,11 @@ pub fn make_image(path: &Path, size: u64) -> Vec<u8> {
     f.set_len(size).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&data, 0).unwrap();
-    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog\n".iter().copied().cycle().take(1 << 20).collect();
-    f.write_all_at(&text, 64 << 20).unwrap();
+    let text: Vec<u8> =
+        b"the quick brown fox jumps over the lazy dog\n".iter().copied().cycle().take(1 << 20).collect();
+    if size >= 65 << 20 {
+        f.write_all_at(&text, 64 << 20).unwrap();
+    }
     data
 }
 

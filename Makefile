@@ -1,0 +1,59 @@
+# isr: build, test, benchmark, fuzz and demo entry points. `make help` lists them.
+SHELL := /bin/bash
+CARGO ?= cargo
+# Debian packages the build, the tests and the demo need (tests skip nothing silently: they need these).
+# QEMU 10 (qemu-system-x86, qemu-utils from bookworm-backports), busybox-static and cpio come from guest/build.sh.
+DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FUZZ_SECONDS ?= 30
+DEMO_MIB ?= 512
+
+.PHONY: help deps guest fmt-check clippy test bench fuzz demo demo-format
+
+help:
+	@echo "make demo    the whole story: server, parcel from the test guest, resume on client A, suspend, check in,"
+	@echo "             resume on client B where it stopped (release build, TCG)"
+	@echo "make demo-format  build a parcel from a generated $(DEMO_MIB) MiB image into a local store, read back, verify"
+	@echo "make test    deps, then rustfmt check, clippy -D warnings, cargo test --workspace (what CI runs)"
+	@echo "make bench   cargo bench --workspace (codec vs the zstd tool, NBD)"
+	@echo "make fuzz    every fuzz target for FUZZ_SECONDS (default 30) seconds (scripts/fuzz.sh)"
+	@echo "make deps    install the Debian packages: $(DEB_PACKAGES)"
+
+# Idempotent: asks apt only for what is missing, and refreshes the package lists only then.
+deps: guest
+	@missing=""; \
+	for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "deps: installing$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# The test guest (kernel + busybox initramfs + ext4 disk) in guest/out, and QEMU 10 to run it.
+guest:
+	bash guest/build.sh
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: deps fmt-check clippy
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+bench: deps
+	$(CARGO) bench --workspace
+
+fuzz: deps
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+demo: deps
+	$(CARGO) build --release --workspace --bins
+	bash scripts/isr-demo.sh
+
+demo-format: deps
+	$(CARGO) run --release -p isr-format --example demo -- $(DEMO_MIB)

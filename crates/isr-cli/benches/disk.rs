@@ -1,0 +1,264 @@
+//! `isr disk` vs `qemu-nbd` serving a raw copy of the same image, both driven by `qemu-img bench` over a Unix
+//! socket, plus a cold sequential read (fresh client home, no hoard) vs qemu-nbd over loopback TCP.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p isr-cli --bench disk`
+//! (same CARGO_TARGET_DIR). Needs qemu-utils (qemu-img, qemu-nbd). ISR_BENCH_DIR picks the scratch directory.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: u64 = 512 * MIB;
+const REPS: usize = 2;
+
+struct Workload {
+    name: &'static str,
+    args: Vec<String>,
+    /// Bytes moved, for MB/s; requests, for IOPS.
+    bytes: u64,
+    requests: u64,
+}
+
+fn bench_args(write: bool, count: u64, size: u64, step: u64, depth: u64) -> Vec<String> {
+    let mut a = vec![
+        "-f".into(),
+        "raw".into(),
+        "-c".into(),
+        count.to_string(),
+        "-s".into(),
+        size.to_string(),
+        "-S".into(),
+        step.to_string(),
+        "-d".into(),
+        depth.to_string(),
+    ];
+    if write {
+        // A non-zero pattern: zero writes would be free for isr (zero chunks are not stored). One flush at
+        // the end, so the time includes making the data durable.
+        a.extend(["-w".into(), "--pattern=165".into(), format!("--flush-interval={count}")]);
+    }
+    a
+}
+
+fn workloads() -> Vec<Workload> {
+    let seq = |write, name| Workload {
+        name,
+        args: bench_args(write, 512, MIB, MIB, 16),
+        bytes: 512 * MIB,
+        requests: 512,
+    };
+    let small = |write, depth, count, name| Workload {
+        name,
+        args: bench_args(write, count, 4096, MIB, depth),
+        bytes: count * 4096,
+        requests: count,
+    };
+    vec![
+        seq(false, "seq read 1 MiB, QD16"),
+        seq(true, "seq write 1 MiB, QD16, +flush"),
+        small(false, 16, 16384, "4 KiB read, stride 1 MiB, QD16"),
+        small(false, 1, 4096, "4 KiB read, stride 1 MiB, QD1"),
+        small(true, 16, 16384, "4 KiB write, stride 1 MiB, QD16, +flush"),
+        small(true, 1, 4096, "4 KiB write, stride 1 MiB, QD1, +flush"),
+    ]
+}
+
+/// Run `qemu-img bench` and return its own "Run completed in X seconds".
+fn qemu_img_bench(target: &str, args: &[String]) -> Duration {
+    let out = run(Command::new("qemu-img").arg("bench").args(args).arg(target), "qemu-img bench");
+    let secs: f64 = out
+        .split("Run completed in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("odd qemu-img bench output: {out}"));
+    Duration::from_secs_f64(secs)
+}
+
+/// Sequential write of real (mixed) data with `qemu-img convert -n`, which flushes before it exits.
+fn convert_into(src: &Path, target: &str) -> Duration {
+    let t = Instant::now();
+    run(
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw", "-m", "16", "-W"])
+            .arg(src)
+            .arg(target),
+        "qemu-img convert",
+    );
+    t.elapsed()
+}
+
+fn qemu_nbd_unix(image: &Path, sock: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--cache=writeback", "--aio=threads", "--persistent", "--socket"])
+        .arg(sock)
+        .arg(image)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd (install qemu-utils)");
+    wait_for(|| sock.exists(), Duration::from_secs(30), "the qemu-nbd socket");
+    child
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn qemu_nbd_tcp(image: &Path, port: u16) -> Child {
+    let child = Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "--cache=writeback",
+            "--aio=threads",
+            "--persistent",
+            "--read-only",
+            "-b",
+            "127.0.0.1",
+            "-p",
+        ])
+        .arg(port.to_string())
+        .arg(image)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    wait_for(
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        Duration::from_secs(30),
+        "qemu-nbd on TCP",
+    );
+    child
+}
+
+fn best(v: &[Duration]) -> Duration {
+    *v.iter().min().unwrap()
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    require_tool("qemu-img", "apt-get install qemu-utils");
+    require_tool("qemu-nbd", "apt-get install qemu-utils");
+    println!("{}", load_note());
+    let dir = scratch();
+    let d = dir.path();
+    let img = d.join("image.raw");
+    let t = Instant::now();
+    make_mixed_image(&img, IMAGE, "isr bench image");
+    let img2 = d.join("image2.raw");
+    make_mixed_image(&img2, IMAGE, "isr bench image, second content");
+    eprintln!("images written in {:.1}s", t.elapsed().as_secs_f64());
+
+    let server = Server::start(&d.join("server"));
+    let a = Client::new(&server, &d.join("home-a"));
+    let img_s = img.to_str().unwrap();
+    a.ok(&["create", "hot", "--disk", img_s]);
+    a.ok(&["create", "cold", "--disk", img_s]);
+    a.ok(&["checkout", "hot"]);
+    a.ok(&["hoard", "hot"]);
+    let peer_img = d.join("peer.raw");
+    std::fs::copy(&img, &peer_img).unwrap();
+
+    // ---- hoarded parcel vs qemu-nbd, Unix sockets
+    let isr_sock = d.join("isr.sock");
+    let peer_sock = d.join("peer.sock");
+    let isr = a.disk("hot", &isr_sock);
+    let peer = qemu_nbd_unix(&peer_img, &peer_sock);
+    let isr_url = format!("nbd+unix:///?socket={}", isr_sock.display());
+    let peer_url = format!("nbd+unix:///?socket={}", peer_sock.display());
+
+    let mut rows = Vec::new();
+    for w in workloads() {
+        let (mut pt, mut it) = (Vec::new(), Vec::new());
+        for _ in 0..REPS {
+            pt.push(qemu_img_bench(&peer_url, &w.args));
+            it.push(qemu_img_bench(&isr_url, &w.args));
+        }
+        let (p, i) = (best(&pt), best(&it));
+        let unit = |d: Duration| {
+            if w.bytes >= 64 * MIB && w.requests <= 1024 {
+                format!("{:.0} MB/s", mbps(w.bytes, d))
+            } else {
+                format!("{:.0} IOPS", w.requests as f64 / d.as_secs_f64())
+            }
+        };
+        rows.push(vec![
+            w.name.to_string(),
+            unit(p),
+            unit(i),
+            format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
+        ]);
+        eprintln!("{}: qemu-nbd {:?} isr {:?}", w.name, pt, it);
+    }
+    // Real data: a different 512 MiB mixed image written over the whole disk, then flushed.
+    {
+        let (mut pt, mut it) = (Vec::new(), Vec::new());
+        for rep in 0..REPS {
+            let src = if rep % 2 == 0 { &img2 } else { &img };
+            pt.push(convert_into(src, &peer_url));
+            it.push(convert_into(src, &isr_url));
+        }
+        let (p, i) = (best(&pt), best(&it));
+        rows.push(vec![
+            "seq write 512 MiB mixed data (qemu-img convert -n -m 16 -W), +flush".into(),
+            format!("{:.0} MB/s", mbps(IMAGE, p)),
+            format!("{:.0} MB/s", mbps(IMAGE, i)),
+            format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
+        ]);
+        eprintln!("convert: qemu-nbd {pt:?} isr {it:?}");
+    }
+    stop(isr);
+    stop(peer);
+    print_table(
+        &format!(
+            "isr disk (hoarded) vs qemu-nbd --cache=writeback --aio=threads, {} MiB image, best of {REPS}",
+            IMAGE / MIB
+        ),
+        &["workload (qemu-img bench)", "qemu-nbd", "isr disk", "isr/qemu-nbd"],
+        &rows,
+    );
+
+    // ---- cold sequential read: fresh home, checkout without hoard, read the whole disk.
+    let read_all = bench_args(false, IMAGE / MIB, MIB, MIB, 16);
+    let mut cold = Vec::new();
+    let mut fetched = String::new();
+    for rep in 0..REPS {
+        let b = Client::new(&server, &d.join(format!("home-cold-{rep}")));
+        b.ok(&["checkout", "cold"]);
+        let sock = d.join(format!("cold-{rep}.sock"));
+        let child = b.disk("cold", &sock);
+        cold.push(qemu_img_bench(&format!("nbd+unix:///?socket={}", sock.display()), &read_all));
+        stop(child);
+        fetched = b
+            .ok(&["stat", "cold"])
+            .lines()
+            .find(|l| l.contains("cached"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        b.ok(&["checkin", "cold"]);
+        let _ = std::fs::remove_dir_all(&b.home);
+    }
+    let port = free_port();
+    let tcp = qemu_nbd_tcp(&peer_img, port);
+    let mut tcp_t = Vec::new();
+    for _ in 0..REPS {
+        tcp_t.push(qemu_img_bench(&format!("nbd://127.0.0.1:{port}"), &read_all));
+    }
+    stop(tcp);
+    eprintln!("cold: isr {cold:?} (last: {fetched}); qemu-nbd tcp {tcp_t:?}");
+    let (c, p) = (mbps(IMAGE, best(&cold)), mbps(IMAGE, best(&tcp_t)));
+    print_table(
+        "cold sequential read of the whole disk (fresh client home, checkout without hoard; qemu-img bench 1 MiB QD16)",
+        &["reader", "MB/s", "isr cold / this"],
+        &[
+            vec!["isr disk, every chunk fetched from isr-server over loopback HTTP".into(), format!("{c:.0}"), "1.00".into()],
+            vec!["qemu-nbd over loopback TCP, raw file in page cache (same run)".into(), format!("{p:.0}"), format!("{:.2}", c / p)],
+            vec!["QEMU copy-on-read over loopback NBD, cold (limits.md reference)".into(), "210".into(), format!("{:.2}", c / 210.0)],
+        ],
+    );
+}
