@@ -98,6 +98,35 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
     std::thread::sleep(Duration::from_secs(3));
     b.ok(&["suspend", "vm"]);
     finish(run);
+
+    // Disconnected: with every chunk hoarded, resume works with no server at all.
+    b.ok(&["hoard", "vm"]);
+    let before_disconnected = *counters(&console_b).last().unwrap();
+    let mut offline = Client {
+        home: b.home,
+        server: "http://127.0.0.1:9".into(),
+        user: b.user.clone(),
+        password: b.password.clone(),
+    };
+    let run = offline
+        .cmd(&["resume", "vm", "--display", "none", "--disconnected"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        || counters(&console_b).len() >= after.len() + 4,
+        Duration::from_secs(120),
+        "the counter while disconnected",
+    );
+    offline.ok(&["suspend", "vm"]);
+    finish(run);
+    let all = counters(&console_b);
+    let resumed_at = all.iter().position(|&c| c == before_disconnected).unwrap() + 1;
+    assert_eq!(all[resumed_at], before_disconnected + 1, "disconnected resume did not continue: {all:?}");
+    offline.server = server.url.clone();
+    let b = offline;
+
     let final_counters = counters(&console_b);
     let second_checkin = b.ok(&["checkin", "vm", "-m", "suspended on B"]);
     let (first_mib, second_mib) = (sent_bytes_mib(&first_checkin), sent_bytes_mib(&second_checkin));
