@@ -4,3 +4,13 @@
 pub mod chunk;
 
 pub use chunk::{ChunkStore, Durability, FsChunkStore, MemChunkStore, StoreError, VerifyingStore};
+pub mod meta;
+pub mod meta_sqlite;
+
+pub use meta::{MetaError, MetaStore};
+pub use meta_sqlite::SqliteMetaStore;
+pub mod chunk_s3;
+pub mod meta_pg;
+
+pub use chunk_s3::S3ChunkStore;
+pub use meta_pg::PgMetaStore;

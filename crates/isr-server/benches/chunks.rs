@@ -1,0 +1,333 @@
+//! Chunk GET/PUT throughput of `isr-server` against nginx serving the same files, on loopback.
+//!
+//! `cargo bench -p isr-server --bench chunks` (set `ISR_BENCH_SECS` to change the seconds per cell, default 2.5).
+//! The server runs in-process on its own 2-thread runtime, nginx with 2 workers; the clients (reqwest,
+//! HTTP/1.1 keep-alive) share the machine with both, as any loopback benchmark does. nginx serves the chunk
+//! files statically (sendfile) and takes PUTs with its DAV module (no fsync); isr-server verifies each
+//! chunk's tag on GET and PUT and fsyncs each new chunk, so its PUT numbers are bounded by the disk.
+
+use bytes::Bytes;
+use isr_format::{LoginSecret, Tag};
+use isr_server::{AppState, ServerSettings, Storage, StorageConfig};
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CHUNK_BYTES: usize = 128 * 1024;
+const N_CHUNKS: usize = 256;
+const CONCURRENCY: [usize; 3] = [1, 8, 64];
+
+struct Target {
+    name: &'static str,
+    base: String,
+    get_path: Box<dyn Fn(&Tag) -> String + Send + Sync>,
+    put_path: Box<dyn Fn(&Tag) -> String + Send + Sync>,
+    token: Option<String>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Result_ {
+    rps: f64,
+    mbps: f64,
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn ensure_nginx() -> PathBuf {
+    if let Some(p) = nginx_binary() {
+        return p;
+    }
+    eprintln!("nginx not found: trying `apt-get install -y nginx`");
+    let _ = Command::new("apt-get").args(["install", "-y", "nginx"]).stdout(Stdio::null()).status();
+    nginx_binary().unwrap_or_else(|| {
+        eprintln!("error: nginx is needed as the peer of this benchmark; install the Debian package `nginx`");
+        std::process::exit(1)
+    })
+}
+
+/// reqwest is built without a default crypto provider: hand it a ring config (unused for plain HTTP).
+fn client_builder() -> reqwest::ClientBuilder {
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder().use_preconfigured_tls(cfg)
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Stops nginx (master and workers) however the benchmark ends.
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: the master stops its workers too (SIGKILL would orphan them).
+        let _ = Command::new("kill").arg("-QUIT").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(bin: &Path, prefix: &Path, root: &Path, port: u16) -> Nginx {
+    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"] {
+        std::fs::create_dir_all(prefix.join(d)).unwrap();
+    }
+    let p = prefix.display();
+    // Workers must read and write the temp dir: as root, keep them root (nginx drops to nobody otherwise).
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let user = if is_root { "user root root;" } else { "" };
+    let conf = format!(
+        r#"daemon off;
+{user}
+master_process on;
+worker_processes 2;
+pid {p}/nginx.pid;
+error_log {p}/logs/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 60s;
+    default_type application/octet-stream;
+    client_body_temp_path {p}/body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location /put/ {{
+            dav_methods PUT;
+            create_full_put_path on;
+            client_max_body_size 8m;
+            client_body_buffer_size 256k;
+        }}
+    }}
+}}
+"#,
+        root = root.display()
+    );
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(prefix)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(prefix.join("logs/error.log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Nginx)
+        .expect("starting nginx");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not start: see {}",
+            prefix.join("logs/error.log").display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// A distinct stored chunk (any bytes name themselves by their BLAKE3 tag) for PUT runs.
+fn fresh_chunk(base: &[u8], n: u64) -> (Tag, Bytes) {
+    let mut v = base.to_vec();
+    v[..8].copy_from_slice(&n.to_le_bytes());
+    v[8..16].copy_from_slice(&std::process::id().to_le_bytes().repeat(2));
+    (Tag::of(&v), Bytes::from(v))
+}
+
+async fn measure(
+    target: Arc<Target>,
+    put: bool,
+    clients: usize,
+    secs: f64,
+    tags: Arc<Vec<Tag>>,
+    base: Arc<Vec<u8>>,
+) -> Result_ {
+    let http = client_builder().pool_max_idle_per_host(clients).http1_only().build().unwrap();
+    let requests = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    static SEQ: AtomicU64 = AtomicU64::new(1 << 32);
+    // Warm the connections up.
+    let warm = futures::future::join_all((0..clients).map(|i| {
+        let (http, target, tags) = (http.clone(), target.clone(), tags.clone());
+        async move {
+            let url = format!("{}{}", target.base, (target.get_path)(&tags[i % tags.len()]));
+            let mut rb = http.get(url);
+            if let Some(t) = &target.token {
+                rb = rb.bearer_auth(t);
+            }
+            rb.send().await.unwrap().bytes().await.unwrap();
+        }
+    }));
+    warm.await;
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (http, target, tags, base) = (http.clone(), target.clone(), tags.clone(), base.clone());
+            let (requests, bytes) = (requests.clone(), bytes.clone());
+            tokio::spawn(async move {
+                let mut k = i;
+                while Instant::now() < end {
+                    let (rb, n) = if put {
+                        let (tag, body) = fresh_chunk(&base, SEQ.fetch_add(1, Ordering::Relaxed));
+                        let n = body.len();
+                        (http.put(format!("{}{}", target.base, (target.put_path)(&tag))).body(body), n)
+                    } else {
+                        let tag = &tags[k % tags.len()];
+                        k += 7;
+                        (http.get(format!("{}{}", target.base, (target.get_path)(tag))), 0)
+                    };
+                    let rb = match &target.token {
+                        Some(t) => rb.bearer_auth(t),
+                        None => rb,
+                    };
+                    let r = rb.send().await.expect("request failed");
+                    let status = r.status();
+                    let body = r.bytes().await.expect("reading the answer");
+                    assert!(status.is_success(), "{} {status}", target.name);
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(if put { n } else { body.len() } as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Result_ {
+        rps: requests.load(Ordering::Relaxed) as f64 / secs,
+        mbps: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs us with no such flag: do a short smoke run.
+    let secs: f64 = std::env::var("ISR_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if std::env::args().any(|a| a == "--bench") { 2.5 } else { 0.3 });
+    let nginx = ensure_nginx();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    // isr-server on its own runtime.
+    let server_rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (storage, url) = server_rt.block_on(async {
+        let storage = Storage::open(&StorageConfig::data_dir(&data)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = AppState::new(storage.clone(), ServerSettings::default());
+        tokio::spawn(isr_server::run(listener, state, None, std::future::pending()));
+        (storage, url)
+    });
+    let secret = LoginSecret::random();
+    let client_rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (tags, token) = {
+        let (storage, url) = (storage.clone(), url.clone());
+        server_rt.block_on(async move {
+            isr_server::admin::add_user(&storage, "bench", &secret).await.unwrap();
+            // N encoded 128 KiB chunks of incompressible data.
+            let mut enc = isr_format::ChunkEncoder::new(storage.convergence_secret.clone());
+            let mut tags = Vec::new();
+            for i in 0..N_CHUNKS as u64 {
+                let mut plain = vec![0u8; CHUNK_BYTES];
+                blake3::Hasher::new().update(&i.to_le_bytes()).finalize_xof().fill(&mut plain);
+                let e = enc.encode(&plain).unwrap().unwrap();
+                storage.chunks.store().put(&e.tag, Bytes::from(e.stored)).await.unwrap();
+                tags.push(e.tag);
+            }
+            let http = client_builder().build().unwrap();
+            let r: serde_json::Value = http
+                .post(format!("{url}/api/v1/login"))
+                .json(&serde_json::json!({"user": "bench", "login_secret": secret.to_hex()}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (tags, r["token"].as_str().unwrap().to_owned())
+        })
+    };
+    let h = tags[0].to_hex();
+    let stored_len =
+        std::fs::metadata(data.join("chunks").join(&h[..2]).join(&h)).map(|m| m.len()).unwrap_or(0);
+    let port = free_port();
+    let prefix = dir.path().join("nginx");
+    let nginx_child = start_nginx(&nginx, &prefix, &data, port);
+
+    let isr = Arc::new(Target {
+        name: "isr",
+        base: url.clone(),
+        get_path: Box::new(|t| format!("/api/v1/chunks/{t}")),
+        put_path: Box::new(|t| format!("/api/v1/chunks/{t}")),
+        token: Some(token),
+    });
+    let ngx = Arc::new(Target {
+        name: "nginx",
+        base: format!("http://127.0.0.1:{port}"),
+        get_path: Box::new(|t| {
+            let h = t.to_hex();
+            format!("/chunks/{}/{h}", &h[..2])
+        }),
+        put_path: Box::new(|t| {
+            let h = t.to_hex();
+            format!("/put/{}/{h}", &h[..2])
+        }),
+        token: None,
+    });
+    let tags = Arc::new(tags);
+    let mut base = vec![0u8; CHUNK_BYTES + 28];
+    blake3::Hasher::new().update(b"put").finalize_xof().fill(&mut base);
+    let base = Arc::new(base);
+
+    println!(
+        "chunk GET/PUT over loopback, {N_CHUNKS} chunks of {stored_len} stored bytes, {secs} s per cell"
+    );
+    println!("| op  | clients | isr req/s | isr MB/s | nginx req/s | nginx MB/s | isr/nginx |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for put in [false, true] {
+        for c in CONCURRENCY {
+            let a = client_rt.block_on(measure(isr.clone(), put, c, secs, tags.clone(), base.clone()));
+            let b = client_rt.block_on(measure(ngx.clone(), put, c, secs, tags.clone(), base.clone()));
+            println!(
+                "| {} | {c} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                if put { "PUT" } else { "GET" },
+                a.rps,
+                a.mbps,
+                b.rps,
+                b.mbps,
+                a.rps / b.rps
+            );
+            if put {
+                // Keep the disk from filling up: drop what the PUT runs wrote.
+                let _ = std::fs::remove_dir_all(data.join("put"));
+            }
+        }
+    }
+    drop(nginx_child);
+    drop(server_rt);
+}

@@ -1,0 +1,768 @@
+//! The HTTP API (`docs/api.md`): routes, authentication and request handling.
+
+use crate::auth::{self, TokenCache};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::storage::Storage;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, MatchedPath, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use isr_format::codec::{ChunkError, MAX_STORED};
+use isr_format::{KeyringTags, Manifest, RecoveryPublicKey, Tag};
+use isr_store::meta::{
+    valid_parcel_name, LockInfo, LockRelease, NewParcel, NewVersion, Rollback, VersionSel,
+};
+use isr_store::StoreError;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+
+/// Largest keyring accepted (a 128 GiB image at 128 KiB chunks).
+pub const MAX_KEYRING: usize = 64 << 20;
+/// Largest JSON request body (a commit carries a manifest of up to 1 MiB in base64).
+pub const MAX_JSON: usize = 4 << 20;
+/// Most tags in one `chunks/missing` request.
+pub const MAX_MISSING_TAGS: usize = 1 << 20;
+/// Most tags in one `chunks/fetch` request.
+pub const MAX_FETCH_TAGS: usize = 256;
+const ABSENT_FRAME: u32 = u32::MAX;
+const MAX_NAME: usize = 256;
+
+/// Server-wide settings returned to clients at login.
+#[derive(Clone, Debug, Default)]
+pub struct ServerSettings {
+    pub recovery_pubkey: Option<RecoveryPublicKey>,
+}
+
+/// Everything a request handler needs.
+#[derive(Clone, Debug)]
+pub struct AppState(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub storage: Storage,
+    pub settings: ServerSettings,
+    pub metrics: Metrics,
+    pub tokens: TokenCache,
+}
+
+impl AppState {
+    pub fn new(storage: Storage, settings: ServerSettings) -> Self {
+        AppState(Arc::new(Inner {
+            storage,
+            settings,
+            metrics: Metrics::default(),
+            tokens: TokenCache::default(),
+        }))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.0.storage
+    }
+
+    /// Recounts the chunk store for the `isr_chunks_stored` / `isr_store_bytes` gauges.
+    pub async fn recount_store(&self) -> Result<(), StoreError> {
+        let list = self.0.storage.chunks.store().list().await?;
+        self.0.metrics.set_store(list.len() as u64, list.iter().map(|(_, n)| n).sum());
+        Ok(())
+    }
+}
+
+/// The routes, for [`crate::run`] or any other hyper/axum server.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/login", post(login))
+        .route("/api/v1/parcels", get(list_parcels).post(create_parcel))
+        .route("/api/v1/parcels/{name}", get(get_parcel).delete(delete_parcel))
+        .route("/api/v1/parcels/{name}/keyroot", put(put_keyroot))
+        .route("/api/v1/parcels/{name}/versions", get(list_versions).post(commit))
+        .route("/api/v1/parcels/{name}/versions/{n}/manifest", get(get_manifest))
+        .route("/api/v1/parcels/{name}/keyrings/{hash}", put(put_keyring).get(get_keyring))
+        .route("/api/v1/parcels/{name}/lock", post(lock).delete(unlock))
+        .route("/api/v1/parcels/{name}/rollback", post(rollback))
+        .route("/api/v1/chunks/missing", post(chunks_missing))
+        .route("/api/v1/chunks/fetch", post(chunks_fetch))
+        .route("/api/v1/chunks/{tag}", put(put_chunk).get(get_chunk))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
+        .with_state(state)
+}
+
+const ROUTES: &[&str] = &[
+    "/api/v1/login",
+    "/api/v1/parcels",
+    "/api/v1/parcels/{name}",
+    "/api/v1/parcels/{name}/keyroot",
+    "/api/v1/parcels/{name}/versions",
+    "/api/v1/parcels/{name}/versions/{n}/manifest",
+    "/api/v1/parcels/{name}/keyrings/{hash}",
+    "/api/v1/parcels/{name}/lock",
+    "/api/v1/parcels/{name}/rollback",
+    "/api/v1/chunks/missing",
+    "/api/v1/chunks/fetch",
+    "/api/v1/chunks/{tag}",
+    "/metrics",
+];
+
+async fn count_requests(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|m| ROUTES.iter().find(|r| **r == m.as_str()).copied())
+        .unwrap_or("unmatched");
+    let resp = next.run(req).await;
+    st.0.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+/// The authenticated user of a request (`Authorization: Bearer TOKEN`).
+#[derive(Debug, Clone)]
+pub struct Authed(pub String);
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .ok_or_else(ApiError::unauthorized)?;
+        match st.0.tokens.validate(st.0.storage.meta.as_ref(), token).await? {
+            Some(user) => Ok(Authed(user)),
+            None => Err(ApiError::unauthorized()),
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Reads a request body of at most `limit` bytes: refused from its Content-Length before reading, and
+/// while streaming (a chunked body is never buffered past the limit).
+async fn read_body(st: &AppState, headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = content_length(headers);
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
+    let mut stream = body.into_data_stream();
+    while let Some(frame) = stream.next().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        if buf.len() + frame.len() > limit {
+            st.0.metrics.add_in(buf.len());
+            return Err(ApiError::too_large(limit));
+        }
+        if buf.is_empty() && declared == Some(frame.len() as u64) {
+            // The whole body in one frame: keep it without copying.
+            st.0.metrics.add_in(frame.len());
+            return Ok(frame);
+        }
+        buf.extend_from_slice(&frame);
+    }
+    st.0.metrics.add_in(buf.len());
+    Ok(buf.freeze())
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(
+    st: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
+    let bytes = read_body(st, headers, body, MAX_JSON).await?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON request: {e}")))
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    if valid_parcel_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::no_such_parcel(name))
+    }
+}
+
+fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.len() > MAX_NAME {
+        return Err(ApiError::bad_request(format!("{field} longer than {MAX_NAME} bytes")));
+    }
+    Ok(())
+}
+
+fn decode_hex(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
+    if value.len() > 8192 {
+        return Err(ApiError::bad_request(format!("{field} is too long")));
+    }
+    hex::decode(value).map_err(|_| ApiError::bad_request(format!("{field} must be hex")))
+}
+
+fn octets(st: &AppState, data: Bytes) -> Response {
+    st.0.metrics.add_out(data.len());
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))], data).into_response()
+}
+
+// ---- login ----
+
+#[derive(Deserialize)]
+struct LoginRequest {
+    user: String,
+    login_secret: String,
+}
+
+#[derive(Serialize)]
+struct LoginResponse {
+    token: String,
+    expires_unix: i64,
+    convergence_secret: String,
+    recovery_pubkey: Option<String>,
+}
+
+async fn login(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let req: LoginRequest = read_json(&st, &headers, body).await?;
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(req.login_secret.trim(), &mut secret)
+        .map_err(|_| ApiError::bad_request("login_secret must be 64 hex digits"))?;
+    let meta = &st.0.storage.meta;
+    let user = if req.user.len() <= 64 { meta.user(&req.user).await? } else { None };
+    if let Some(u) = &user {
+        // Repeated failures slow down further attempts for this user (state shared through the database).
+        let f = meta.login_failures(&u.name).await?;
+        let wait = f.last_unix + auth::login_delay_secs(f.count) - crate::now_unix();
+        if wait > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(wait.min(auth::MAX_LOGIN_DELAY_SECS) as u64))
+                .await;
+        }
+    }
+    let phc = user.as_ref().map_or_else(|| auth::dummy_hash().to_owned(), |u| u.login_hash.clone());
+    let ok = tokio::task::spawn_blocking(move || auth::verify_login_secret(&phc, &secret))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let Some(user) = user.filter(|_| ok) else {
+        st.0.metrics.logins_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        meta.record_login_failure(&req.user, crate::now_unix()).await?;
+        tracing::info!(user = %req.user.escape_debug(), "failed login");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "bad_credentials",
+            "wrong user name or password",
+        ));
+    };
+    meta.clear_login_failures(&user.name).await?;
+    let now = crate::now_unix();
+    let _ = meta.purge_expired_tokens(now).await;
+    let (token, hash) = auth::new_token();
+    let expires_unix = now + auth::TOKEN_LIFETIME_SECS;
+    meta.add_token(hash, &user.name, expires_unix).await?;
+    tracing::info!(user = %user.name, "login");
+    Ok(Json(LoginResponse {
+        token,
+        expires_unix,
+        convergence_secret: st.0.storage.convergence_secret.to_hex(),
+        recovery_pubkey: st.0.settings.recovery_pubkey.map(|k| k.to_hex()),
+    }))
+}
+
+// ---- parcels ----
+
+fn lock_json(lock: &Option<LockInfo>) -> serde_json::Value {
+    match lock {
+        Some(l) => json!({"holder": l.holder, "since_unix": l.since_unix}),
+        None => serde_json::Value::Null,
+    }
+}
+
+async fn list_parcels(State(st): State<AppState>, Authed(user): Authed) -> Result<Response, ApiError> {
+    let list = st.0.storage.meta.list_parcels(Some(&user)).await?;
+    let out: Vec<_> = list
+        .iter()
+        .map(|p| json!({"name": p.name, "head": p.head, "created_unix": p.created_unix, "lock": lock_json(&p.lock)}))
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+#[derive(Deserialize)]
+struct CreateParcel {
+    name: String,
+    wrapped_keyroot: String,
+    #[serde(default)]
+    recovery_keyroot: Option<String>,
+    holder: String,
+    client_id: String,
+}
+
+fn new_lock(holder: String, client_id: String) -> Result<LockInfo, ApiError> {
+    check_text("holder", &holder)?;
+    check_text("client_id", &client_id)?;
+    if client_id.is_empty() {
+        return Err(ApiError::bad_request("client_id must not be empty"));
+    }
+    Ok(LockInfo {
+        lock_id: hex::encode(isr_format::random_bytes::<16>()),
+        holder,
+        client_id,
+        since_unix: crate::now_unix(),
+    })
+}
+
+async fn create_parcel(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: CreateParcel = read_json(&st, &headers, body).await?;
+    if !valid_parcel_name(&req.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+            "parcel names are 1-64 of A-Z a-z 0-9 . _ -",
+        ));
+    }
+    let wrapped_keyroot = decode_hex("wrapped_keyroot", &req.wrapped_keyroot)?;
+    let recovery_keyroot =
+        req.recovery_keyroot.as_deref().map(|r| decode_hex("recovery_keyroot", r)).transpose()?;
+    let lock = new_lock(req.holder, req.client_id)?;
+    let lock_id = lock.lock_id.clone();
+    st.0.storage
+        .meta
+        .create_parcel(NewParcel {
+            user: user.clone(),
+            name: req.name.clone(),
+            wrapped_keyroot,
+            recovery_keyroot,
+            lock,
+            now_unix: crate::now_unix(),
+        })
+        .await?;
+    tracing::info!(%user, parcel = %req.name, "parcel created");
+    Ok((StatusCode::CREATED, Json(json!({"lock_id": lock_id}))).into_response())
+}
+
+async fn get_parcel(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let p = st.0.storage.meta.parcel(&user, &name).await?;
+    Ok(Json(json!({
+        "name": p.info.name,
+        "head": p.info.head,
+        "created_unix": p.info.created_unix,
+        "lock": lock_json(&p.info.lock),
+        "wrapped_keyroot": hex::encode(&p.wrapped_keyroot),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct PutKeyroot {
+    wrapped_keyroot: String,
+}
+
+async fn put_keyroot(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    check_name(&name)?;
+    let req: PutKeyroot = read_json(&st, &headers, body).await?;
+    let wrapped = decode_hex("wrapped_keyroot", &req.wrapped_keyroot)?;
+    st.0.storage.meta.set_wrapped_keyroot(&user, &name, &wrapped).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    client_id: Option<String>,
+}
+
+async fn delete_parcel(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    check_name(&name)?;
+    st.0.storage.meta.delete_parcel(&user, &name, q.client_id.as_deref()).await?;
+    tracing::info!(%user, parcel = %name, "parcel deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- versions ----
+
+async fn list_versions(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let list = st.0.storage.meta.versions(&user, &name).await?;
+    let out: Vec<_> = list
+        .iter()
+        .map(|v| {
+            json!({"version": v.version, "created_unix": v.created_unix, "client": v.client,
+                   "bytes_uploaded": v.bytes_uploaded, "comment": v.comment})
+        })
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+async fn get_manifest(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path((name, n)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let which = if n == "head" {
+        VersionSel::Head
+    } else {
+        VersionSel::Number(n.parse().map_err(|_| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no_such_version",
+                format!("no version {n:?} (a number or head)"),
+            )
+        })?)
+    };
+    let (number, manifest) = st.0.storage.meta.manifest(&user, &name, which).await?;
+    let mut resp = octets(&st, manifest);
+    resp.headers_mut().insert("x-isr-version", HeaderValue::from(number));
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct CommitRequest {
+    lock_id: String,
+    base_version: u64,
+    manifest: String,
+    #[serde(default)]
+    client: String,
+    #[serde(default)]
+    comment: String,
+    #[serde(default)]
+    bytes_uploaded: u64,
+}
+
+async fn commit(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    // Someone else's parcel is a missing one, whatever the request holds.
+    st.0.storage.meta.parcel(&user, &name).await?;
+    let req: CommitRequest = read_json(&st, &headers, body).await?;
+    check_text("client", &req.client)?;
+    if req.comment.len() > 4096 {
+        return Err(ApiError::bad_request("comment longer than 4096 bytes"));
+    }
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_manifest", m);
+    let manifest = base64::engine::general_purpose::STANDARD
+        .decode(req.manifest.as_bytes())
+        .map_err(|e| bad(format!("manifest is not base64: {e}")))?;
+    let parsed = Manifest::parse_unauthenticated(&manifest).map_err(|e| bad(e.to_string()))?;
+    let keyrings: Vec<Tag> = parsed.images().map(|(_, r)| r.keyring).collect();
+    let v = NewVersion {
+        user: user.clone(),
+        parcel: name.clone(),
+        lock_id: req.lock_id,
+        base_version: req.base_version,
+        manifest: Bytes::from(manifest),
+        keyrings,
+        client: req.client,
+        comment: req.comment,
+        bytes_uploaded: req.bytes_uploaded,
+        now_unix: crate::now_unix(),
+    };
+    // Run to completion even if the client goes away: the outcome is all or nothing either way.
+    let st2 = st.clone();
+    let version =
+        tokio::spawn(async move { st2.0.storage.meta.commit_version(v, &st2.0.storage.chunks).await })
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
+    tracing::info!(%user, parcel = %name, version, "version committed");
+    Ok((StatusCode::CREATED, Json(json!({"version": version}))).into_response())
+}
+
+#[derive(Deserialize)]
+struct RollbackRequest {
+    version: u64,
+    #[serde(default)]
+    lock_id: Option<String>,
+    #[serde(default)]
+    client: String,
+}
+
+async fn rollback(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let req: RollbackRequest = read_json(&st, &headers, body).await?;
+    check_text("client", &req.client)?;
+    let version =
+        st.0.storage
+            .meta
+            .rollback(Rollback {
+                user: user.clone(),
+                parcel: name.clone(),
+                version: req.version,
+                lock_id: req.lock_id,
+                client: req.client,
+                now_unix: crate::now_unix(),
+            })
+            .await?;
+    tracing::info!(%user, parcel = %name, to = req.version, version, "rollback");
+    Ok((StatusCode::CREATED, Json(json!({"version": version}))).into_response())
+}
+
+// ---- keyrings ----
+
+fn parse_tag(s: &str, what: &str) -> Result<Tag, ApiError> {
+    Tag::from_hex(s).ok_or_else(|| ApiError::bad_request(format!("{what} must be 64 hex digits")))
+}
+
+async fn put_keyring(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path((name, hash)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    check_name(&name)?;
+    let hash = parse_tag(&hash, "keyring hash")?;
+    // The parcel must be this user's before the body is worth reading.
+    st.0.storage.meta.parcel(&user, &name).await?;
+    let data = read_body(&st, &headers, body, MAX_KEYRING).await?;
+    let d2 = data.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        if Tag::of(&d2) != hash {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "hash_mismatch",
+                "keyring bytes do not hash to the hash in the URL",
+            ));
+        }
+        KeyringTags::parse(&d2)
+            .map(|_| ())
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_keyring", e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    checked?;
+    let new = st.0.storage.meta.put_keyring(&user, &name, hash, data).await?;
+    Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
+}
+
+async fn get_keyring(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path((name, hash)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let hash = parse_tag(&hash, "keyring hash")?;
+    match st.0.storage.meta.keyring(&user, &name, hash).await? {
+        Some(data) => Ok(octets(&st, data)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_keyring",
+            format!("no keyring {hash} in parcel {name}"),
+        )),
+    }
+}
+
+// ---- locks ----
+
+#[derive(Deserialize)]
+struct LockRequest {
+    holder: String,
+    client_id: String,
+}
+
+async fn lock(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    let req: LockRequest = read_json(&st, &headers, body).await?;
+    let lock = st.0.storage.meta.acquire_lock(&user, &name, new_lock(req.holder, req.client_id)?).await?;
+    tracing::info!(%user, parcel = %name, holder = %lock.holder, "lock");
+    Ok(Json(json!({"lock_id": lock.lock_id, "since_unix": lock.since_unix})).into_response())
+}
+
+#[derive(Deserialize)]
+struct UnlockQuery {
+    lock_id: Option<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn unlock(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    Query(q): Query<UnlockQuery>,
+) -> Result<StatusCode, ApiError> {
+    check_name(&name)?;
+    let how = match (q.force, q.lock_id) {
+        (true, _) => LockRelease::Force,
+        (false, Some(id)) => LockRelease::Id(id),
+        (false, None) => return Err(ApiError::bad_request("give lock_id=HEX or force=true")),
+    };
+    st.0.storage.meta.release_lock(&user, &name, how.clone()).await?;
+    tracing::info!(%user, parcel = %name, force = how == LockRelease::Force, "unlock");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- chunks ----
+
+fn split_tags(body: &[u8], max: usize) -> Result<Vec<Tag>, ApiError> {
+    if !body.len().is_multiple_of(32) {
+        return Err(ApiError::bad_request("body must be a concatenation of 32-byte tags"));
+    }
+    if body.len() / 32 > max {
+        return Err(ApiError::too_large(max * 32));
+    }
+    Ok(body.chunks_exact(32).map(|t| Tag(t.try_into().expect("32 bytes"))).collect())
+}
+
+async fn chunks_missing(
+    State(st): State<AppState>,
+    _auth: Authed,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&st, &headers, body, MAX_MISSING_TAGS * 32).await?;
+    let tags = split_tags(&body, MAX_MISSING_TAGS)?;
+    let missing = st.0.storage.chunks.missing(&tags).await?;
+    let mut out = BytesMut::with_capacity(missing.len() * 32);
+    for t in &missing {
+        out.extend_from_slice(&t.0);
+    }
+    Ok(octets(&st, out.freeze()))
+}
+
+async fn chunks_fetch(
+    State(st): State<AppState>,
+    _auth: Authed,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&st, &headers, body, MAX_FETCH_TAGS * 32).await?;
+    let tags = split_tags(&body, MAX_FETCH_TAGS)?;
+    let st2 = st.clone();
+    let frames = futures::stream::iter(tags)
+        .map(move |t| {
+            let st = st2.clone();
+            async move {
+                let data = match st.0.storage.chunks.store().get(&t).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::error!(tag = %t, error = %e, "chunk unreadable in batched fetch");
+                        None
+                    }
+                };
+                let mut frame = BytesMut::with_capacity(4 + data.as_ref().map_or(0, |d| d.len()));
+                match data {
+                    Some(d) => {
+                        frame.extend_from_slice(&(d.len() as u32).to_le_bytes());
+                        frame.extend_from_slice(&d);
+                    }
+                    None => frame.extend_from_slice(&ABSENT_FRAME.to_le_bytes()),
+                }
+                st.0.metrics.add_out(frame.len());
+                Ok::<_, std::io::Error>(frame.freeze())
+            }
+        })
+        .buffered(8);
+    Ok((
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))],
+        Body::from_stream(frames),
+    )
+        .into_response())
+}
+
+async fn put_chunk(
+    State(st): State<AppState>,
+    _auth: Authed,
+    Path(tag): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let tag = parse_tag(&tag, "chunk tag")?;
+    let data = read_body(&st, &headers, body, MAX_STORED).await?;
+    let len = data.len();
+    match st.0.storage.chunks.store().put(&tag, data).await {
+        Ok(true) => {
+            st.0.metrics.chunk_stored(len);
+            Ok(StatusCode::CREATED)
+        }
+        Ok(false) => {
+            st.0.storage.chunks.touch(&tag).await;
+            Ok(StatusCode::OK)
+        }
+        Err(StoreError::Integrity { source: ChunkError::TagMismatch { actual, .. }, .. }) => {
+            Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "tag_mismatch",
+                format!("chunk bytes hash to {actual}, not to the tag in the URL"),
+            ))
+        }
+        Err(StoreError::Integrity { source, .. }) => {
+            Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_chunk", source.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn get_chunk(
+    State(st): State<AppState>,
+    _auth: Authed,
+    Path(tag): Path<String>,
+) -> Result<Response, ApiError> {
+    let tag = parse_tag(&tag, "chunk tag")?;
+    match st.0.storage.chunks.read(&tag).await? {
+        Some(data) => Ok(octets(&st, data)),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no_such_chunk", format!("no chunk {tag}"))),
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let locks = st.0.storage.meta.locks_held().await.unwrap_or(0);
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
+        st.0.metrics.render(locks),
+    )
+        .into_response()
+}

@@ -1,0 +1,339 @@
+//! `isr-server`: the command line (see SPEC.md and docs/api.md).
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use isr_format::RecoveryPublicKey;
+use isr_server::admin::{self, split_target};
+use isr_server::{auth, AppState, ServerSettings, Storage, StorageConfig};
+use isr_store::meta::LockRelease;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "isr-server", version, about = "Internet Suspend/Resume server")]
+struct Cli {
+    #[command(flatten)]
+    storage: StorageArgs,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Debug, Clone)]
+struct StorageArgs {
+    /// Data directory: metadata in DIR/meta.sqlite, chunks in DIR/chunks/.
+    #[arg(long, global = true, env = "ISR_DATA", value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Metadata database: sqlite:PATH (postgres://... not supported in this build yet).
+    #[arg(long, global = true, value_name = "URL")]
+    database: Option<String>,
+    /// Chunk store: a directory or file:PATH (s3://BUCKET/PREFIX not supported in this build yet).
+    #[arg(long, global = true, value_name = "URL")]
+    chunks: Option<String>,
+    /// Configuration file of `key = value` lines (data, database, chunks, listen, tls_cert, tls_key,
+    /// recovery_pubkey, gc_grace_secs); command-line options win.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve the HTTP API.
+    Serve {
+        /// Address to listen on (port 0 picks a free one).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// X25519 public key (64 hex) that clients seal parcel keyroots to for recovery.
+        #[arg(long, value_name = "HEX")]
+        recovery_pubkey: Option<String>,
+    },
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Inspect parcels.
+    #[command(subcommand)]
+    Parcel(ParcelCmd),
+    /// Break the lock of USER/PARCEL.
+    Unlock { target: String },
+    /// Delete all but the newest N versions of USER/PARCEL (never the head).
+    Prune {
+        target: String,
+        #[arg(long, value_name = "N")]
+        keep: u64,
+    },
+    /// Delete chunks that no version references.
+    Gc {
+        /// Leave unreferenced chunks younger than this alone (uploads of commits in progress).
+        #[arg(long, value_name = "SECONDS")]
+        grace: Option<u64>,
+    },
+    /// Check that every referenced chunk is present (--full: and re-hash each).
+    Check {
+        #[arg(long)]
+        full: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Add a user (password from $ISR_PASSWORD or a prompt).
+    Add {
+        name: String,
+    },
+    List,
+    /// Remove a user with all their parcels (chunks go at the next gc).
+    Remove {
+        name: String,
+    },
+    /// Set a new password (wrapped keyroots are not rewrapped: see docs/api.md).
+    Passwd {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ParcelCmd {
+    /// List parcels (of one user, or of all).
+    List { user: Option<String> },
+}
+
+/// A failure with its exit code.
+struct Exit(u8, anyhow::Error);
+
+fn usage(msg: impl std::fmt::Display) -> Exit {
+    Exit(2, anyhow!("{msg}"))
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Exit {
+    fn from(e: E) -> Self {
+        Exit(1, e.into())
+    }
+}
+
+fn read_config(path: &PathBuf) -> Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{}:{}: expected key = value", path.display(), i + 1))?;
+        let v = v.trim().trim_matches('"');
+        let k = k.trim().replace('-', "_");
+        const KEYS: &[&str] = &[
+            "data",
+            "database",
+            "chunks",
+            "listen",
+            "tls_cert",
+            "tls_key",
+            "recovery_pubkey",
+            "gc_grace_secs",
+        ];
+        if !KEYS.contains(&k.as_str()) {
+            bail!("{}:{}: unknown key {k:?} (known: {})", path.display(), i + 1, KEYS.join(", "));
+        }
+        out.insert(k, v.to_owned());
+    }
+    Ok(out)
+}
+
+fn password(prompt: &str) -> Result<String> {
+    if let Ok(p) = std::env::var("ISR_PASSWORD") {
+        return Ok(p);
+    }
+    let p = rpassword::prompt_password(prompt).context("reading the password from the terminal")?;
+    if p.is_empty() {
+        bail!("empty password");
+    }
+    let again = rpassword::prompt_password("Again: ").context("reading the password from the terminal")?;
+    if again != p {
+        bail!("passwords do not match");
+    }
+    Ok(p)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("signal received: shutting down");
+}
+
+async fn run(cli: Cli) -> Result<(), Exit> {
+    let file = match &cli.storage.config {
+        Some(p) => read_config(p)?,
+        None => HashMap::new(),
+    };
+    let cfg = StorageConfig {
+        data: cli.storage.data.clone().or_else(|| file.get("data").map(PathBuf::from)),
+        database: cli.storage.database.clone().or_else(|| file.get("database").cloned()),
+        chunks: cli.storage.chunks.clone().or_else(|| file.get("chunks").cloned()),
+    };
+    let storage = Storage::open(&cfg).await.map_err(|e| match e {
+        // No storage given at all: bad usage.
+        isr_server::ServerError::Config(_) => Exit(2, e.into()),
+        other => Exit(1, other.into()),
+    })?;
+    match cli.cmd {
+        Cmd::Serve { listen, tls_cert, tls_key, recovery_pubkey } => {
+            let listen =
+                listen.or_else(|| file.get("listen").cloned()).unwrap_or_else(|| "127.0.0.1:7850".into());
+            let tls_cert = tls_cert.or_else(|| file.get("tls_cert").map(PathBuf::from));
+            let tls_key = tls_key.or_else(|| file.get("tls_key").map(PathBuf::from));
+            let tls = match (tls_cert, tls_key) {
+                (Some(c), Some(k)) => Some(isr_server::load_tls(&c, &k)?),
+                (None, None) => None,
+                _ => return Err(usage("--tls-cert and --tls-key go together")),
+            };
+            let recovery_pubkey = match recovery_pubkey.or_else(|| file.get("recovery_pubkey").cloned()) {
+                Some(h) => Some(
+                    RecoveryPublicKey::from_hex(&h).map_err(|e| usage(format!("--recovery-pubkey: {e}")))?,
+                ),
+                None => None,
+            };
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            let addr = listener.local_addr()?;
+            let state = AppState::new(storage, ServerSettings { recovery_pubkey });
+            println!("listening on {}://{addr}", if tls.is_some() { "https" } else { "http" });
+            tracing::info!(%addr, tls = tls.is_some(), "serving");
+            isr_server::run(listener, state, tls, shutdown_signal()).await?;
+        }
+        Cmd::User(UserCmd::Add { name }) => {
+            let pw = password(&format!("Password for {name}: "))?;
+            let n = name.clone();
+            let secret =
+                tokio::task::spawn_blocking(move || auth::login_secret_from_password(&n, &pw)).await??;
+            admin::add_user(&storage, &name, &secret).await?;
+            eprintln!("user {name} added");
+        }
+        Cmd::User(UserCmd::Passwd { name }) => {
+            if storage.meta.user(&name).await?.is_none() {
+                return Err(Exit(1, anyhow!("no such user: {name}")));
+            }
+            let pw = password(&format!("New password for {name}: "))?;
+            let n = name.clone();
+            let secret =
+                tokio::task::spawn_blocking(move || auth::login_secret_from_password(&n, &pw)).await??;
+            admin::set_password(&storage, &name, &secret).await?;
+            eprintln!(
+                "password of {name} changed. Parcel keyroots stay wrapped under the old password: the user must \
+                 change the password with the client (which rewraps them) or keep the old one for unwrapping."
+            );
+        }
+        Cmd::User(UserCmd::List) => {
+            for u in storage.meta.list_users().await? {
+                println!("{}\t{}", u.name, isr_server::rfc3339(u.created_unix));
+            }
+        }
+        Cmd::User(UserCmd::Remove { name }) => {
+            storage.meta.remove_user(&name).await?;
+            eprintln!("user {name} removed (run gc to free their chunks)");
+        }
+        Cmd::Parcel(ParcelCmd::List { user }) => {
+            let list = storage.meta.list_parcels(user.as_deref()).await?;
+            println!("{:<16} {:<24} {:>6}  LOCK", "USER", "PARCEL", "HEAD");
+            for p in list {
+                let lock = match &p.lock {
+                    Some(l) => format!("{} since {}", l.holder, isr_server::rfc3339(l.since_unix)),
+                    None => "-".into(),
+                };
+                println!("{:<16} {:<24} {:>6}  {lock}", p.user, p.name, p.head);
+            }
+        }
+        Cmd::Unlock { target } => {
+            let (u, p) = split_target(&target).ok_or_else(|| usage("expected USER/PARCEL"))?;
+            storage.meta.release_lock(u, p, LockRelease::Force).await?;
+            eprintln!("{target} unlocked");
+        }
+        Cmd::Prune { target, keep } => {
+            let (u, p) = split_target(&target).ok_or_else(|| usage("expected USER/PARCEL"))?;
+            if keep == 0 {
+                return Err(usage("--keep must be at least 1 (the head is never pruned)"));
+            }
+            let s = storage.meta.prune(u, p, keep).await?;
+            eprintln!(
+                "{target}: deleted {} versions and {} keyrings (run gc to free chunks)",
+                s.versions_deleted, s.keyrings_deleted
+            );
+        }
+        Cmd::Gc { grace } => {
+            let grace = match grace {
+                Some(g) => g,
+                None => match file.get("gc_grace_secs") {
+                    Some(g) => g.parse().map_err(|_| usage("gc_grace_secs must be a number of seconds"))?,
+                    None => admin::DEFAULT_GC_GRACE.as_secs(),
+                },
+            };
+            let r = admin::gc(&storage, Duration::from_secs(grace)).await?;
+            eprintln!(
+                "gc: {} chunks stored, {} referenced, {} deleted ({} bytes), {} unreferenced but younger than {grace} s kept, {} abandoned keyrings purged",
+                r.stored, r.referenced, r.deleted, r.bytes_freed, r.spared_young, r.keyrings_purged
+            );
+        }
+        Cmd::Check { full } => {
+            let r = admin::check(&storage, full).await?;
+            for p in &r.problems {
+                println!("{p}");
+            }
+            if !r.problems.is_empty() {
+                return Err(Exit(
+                    5,
+                    anyhow!(
+                        "check failed: {} problems in {} keyrings / {} chunks",
+                        r.problems.len(),
+                        r.keyrings,
+                        r.chunks
+                    ),
+                ));
+            }
+            eprintln!(
+                "check{}: {} keyrings, {} chunks: all good",
+                if full { " --full" } else { "" },
+                r.keyrings,
+                r.chunks
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("isr-server: error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Exit(code, e)) => {
+            eprintln!("isr-server: error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}

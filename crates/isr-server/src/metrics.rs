@@ -1,0 +1,90 @@
+//! Process-local counters exported as Prometheus text by `GET /metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub logins_failed: AtomicU64,
+    /// Chunks in the store: counted at startup and periodically, raised by every new upload.
+    pub chunks_stored: AtomicI64,
+    pub store_bytes: AtomicI64,
+}
+
+impl Metrics {
+    pub fn request(&self, route: &'static str, status: u16) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((route, status)).or_default() += 1;
+        }
+    }
+
+    pub fn add_in(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn add_out(&self, n: usize) {
+        self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn chunk_stored(&self, bytes: usize) {
+        self.chunks_stored.fetch_add(1, Ordering::Relaxed);
+        self.store_bytes.fetch_add(bytes as i64, Ordering::Relaxed);
+    }
+
+    pub fn set_store(&self, chunks: u64, bytes: u64) {
+        self.chunks_stored.store(chunks as i64, Ordering::Relaxed);
+        self.store_bytes.store(bytes as i64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, locks_held: u64) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP isr_http_requests_total HTTP requests answered, by route and status.\n");
+        out.push_str("# TYPE isr_http_requests_total counter\n");
+        if let Ok(m) = self.requests.lock() {
+            for ((route, status), n) in m.iter() {
+                let _ = writeln!(out, "isr_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            }
+        }
+        let mut one = |name: &str, kind: &str, help: &str, value: i128| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        one(
+            "isr_bytes_in_total",
+            "counter",
+            "Request body bytes received.",
+            self.bytes_in.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_bytes_out_total",
+            "counter",
+            "Response body bytes sent for chunks, keyrings and manifests.",
+            self.bytes_out.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_chunks_stored",
+            "gauge",
+            "Chunks in the chunk store.",
+            self.chunks_stored.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_store_bytes",
+            "gauge",
+            "Bytes of stored chunks.",
+            self.store_bytes.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_logins_failed_total",
+            "counter",
+            "Failed logins.",
+            self.logins_failed.load(Ordering::Relaxed).into(),
+        );
+        one("isr_locks_held", "gauge", "Parcels currently locked.", locks_held.into());
+        out
+    }
+}

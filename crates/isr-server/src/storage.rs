@@ -1,0 +1,86 @@
+//! Opening the metadata and chunk stores from the storage options every subcommand takes.
+
+use crate::chunks::Chunks;
+use crate::error::ServerError;
+use isr_format::ConvergenceSecret;
+use isr_store::{Durability, FsChunkStore, MetaError, MetaStore, SqliteMetaStore};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the stores are: `data` alone is the embedded default (`DATA/meta.sqlite`, `DATA/chunks/`);
+/// `database` / `chunks` override either part.
+#[derive(Clone, Debug, Default)]
+pub struct StorageConfig {
+    pub data: Option<PathBuf>,
+    /// `sqlite:PATH`, `sqlite://PATH` or a plain path; `postgres://...` is not supported in this build yet.
+    pub database: Option<String>,
+    /// `file:PATH`, `file://PATH` or a plain path; `s3://BUCKET/PREFIX` is not supported in this build yet.
+    pub chunks: Option<String>,
+}
+
+impl StorageConfig {
+    pub fn data_dir(dir: impl Into<PathBuf>) -> Self {
+        StorageConfig { data: Some(dir.into()), ..Default::default() }
+    }
+}
+
+/// The opened stores, shared by every request.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pub meta: Arc<dyn MetaStore>,
+    pub chunks: Chunks,
+    /// The deployment's convergence secret (created on first open).
+    pub convergence_secret: ConvergenceSecret,
+}
+
+fn strip_scheme<'a>(url: &'a str, scheme: &str) -> Option<&'a str> {
+    let rest = url.strip_prefix(scheme)?.strip_prefix(':')?;
+    Some(rest.strip_prefix("//").unwrap_or(rest))
+}
+
+fn create_dir(dir: &Path) -> Result<(), ServerError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|source| ServerError::Io { context: format!("creating {}", dir.display()), source })
+}
+
+impl Storage {
+    pub async fn open(cfg: &StorageConfig) -> Result<Storage, ServerError> {
+        if cfg.data.is_none() && (cfg.database.is_none() || cfg.chunks.is_none()) {
+            return Err(ServerError::Config(
+                "no storage given: use --data DIR (or $ISR_DATA), or both --database and --chunks".into(),
+            ));
+        }
+        if let Some(d) = &cfg.data {
+            create_dir(d)?;
+        }
+        let meta: Arc<dyn MetaStore> = match &cfg.database {
+            Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
+                return Err(ServerError::Unsupported(format!(
+                    "--database {url}: PostgreSQL metadata is not supported in this build yet (use sqlite or --data)"
+                )))
+            }
+            Some(url) => {
+                let path = PathBuf::from(strip_scheme(url, "sqlite").unwrap_or(url));
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    create_dir(parent)?;
+                }
+                Arc::new(SqliteMetaStore::open(path)?)
+            }
+            None => Arc::new(SqliteMetaStore::open(cfg.data.as_ref().expect("checked").join("meta.sqlite"))?),
+        };
+        let chunk_dir = match &cfg.chunks {
+            Some(url) if url.starts_with("s3:") => {
+                return Err(ServerError::Unsupported(format!(
+                    "--chunks {url}: S3 chunk storage is not supported in this build yet (use a directory or --data)"
+                )))
+            }
+            Some(url) => PathBuf::from(strip_scheme(url, "file").unwrap_or(url)),
+            None => cfg.data.as_ref().expect("checked").join("chunks"),
+        };
+        let fs = FsChunkStore::open(&chunk_dir, Durability::Fsync)?;
+        let secret = meta.setting_or_init("convergence_secret", ConvergenceSecret::random().to_hex()).await?;
+        let convergence_secret = ConvergenceSecret::from_hex(&secret)
+            .ok_or_else(|| MetaError::Database("stored convergence secret is not 64 hex digits".into()))?;
+        Ok(Storage { meta, chunks: Chunks::fs(fs), convergence_secret })
+    }
+}

@@ -1,0 +1,626 @@
+//! The HTTP API against an in-process server on 127.0.0.1:0.
+
+mod common;
+
+use common::{version, Api, TestServer};
+use isr_format::codec::MAX_STORED;
+use isr_format::Tag;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use std::time::{Duration, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Method, path, JSON body, octet body.
+type Route = (Method, String, Option<serde_json::Value>, Option<Vec<u8>>);
+
+#[tokio::test]
+async fn every_endpoint_refuses_without_a_token_and_with_another_users_token() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let bob = s.user("bob").await;
+    let lock = alice.create("p", "c1").await;
+    let v1 = version(1, 4, 0);
+    assert_eq!(alice.upload_version("p", &lock, 0, &v1).await, 1);
+    let t = v1.chunks[0].0;
+    let k = v1.keyring_hash;
+    let parcel_routes: Vec<Route> = vec![
+        (Method::GET, "/api/v1/parcels/p".into(), None, None),
+        (Method::DELETE, "/api/v1/parcels/p?client_id=c1".into(), None, None),
+        (Method::PUT, "/api/v1/parcels/p/keyroot".into(), Some(json!({"wrapped_keyroot": "00"})), None),
+        (Method::GET, "/api/v1/parcels/p/versions".into(), None, None),
+        (Method::GET, "/api/v1/parcels/p/versions/1/manifest".into(), None, None),
+        (Method::GET, "/api/v1/parcels/p/versions/head/manifest".into(), None, None),
+        (Method::PUT, format!("/api/v1/parcels/p/keyrings/{k}"), None, Some(v1.keyring.clone())),
+        (Method::GET, format!("/api/v1/parcels/p/keyrings/{k}"), None, None),
+        (
+            Method::POST,
+            "/api/v1/parcels/p/lock".into(),
+            Some(json!({"holder": "h", "client_id": "c9"})),
+            None,
+        ),
+        (Method::DELETE, format!("/api/v1/parcels/p/lock?lock_id={lock}"), None, None),
+        (Method::DELETE, "/api/v1/parcels/p/lock?force=true".into(), None, None),
+        (
+            Method::POST,
+            "/api/v1/parcels/p/versions".into(),
+            Some(
+                json!({"lock_id": lock, "base_version": 1, "manifest": "", "client": "x", "comment": "", "bytes_uploaded": 0}),
+            ),
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/v1/parcels/p/rollback".into(),
+            Some(json!({"version": 1, "lock_id": null, "client": "x"})),
+            None,
+        ),
+    ];
+    let chunk_routes: Vec<Route> = vec![
+        (Method::GET, "/api/v1/parcels".into(), None, None),
+        (
+            Method::POST,
+            "/api/v1/parcels".into(),
+            Some(
+                json!({"name": "q", "wrapped_keyroot": "00", "recovery_keyroot": null, "holder": "h", "client_id": "c"}),
+            ),
+            None,
+        ),
+        (Method::POST, "/api/v1/chunks/missing".into(), None, Some(t.0.to_vec())),
+        (Method::POST, "/api/v1/chunks/fetch".into(), None, Some(t.0.to_vec())),
+        (Method::PUT, format!("/api/v1/chunks/{t}"), None, Some(v1.chunks[0].1.clone())),
+        (Method::GET, format!("/api/v1/chunks/{t}"), None, None),
+    ];
+    let anonymous = Api::new(&s.url);
+    let mut forged = Api::new(&s.url);
+    forged.token = Some("0".repeat(64));
+    for (m, path, j, b) in parcel_routes.iter().chain(&chunk_routes) {
+        for api in [&anonymous, &forged] {
+            let body = j.as_ref().map(|j| serde_json::to_vec(j).unwrap()).or(b.clone());
+            let a = api.send(m.clone(), path, body, j.is_some()).await;
+            assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{m} {path}");
+            assert_eq!(a.code(), "unauthorized", "{m} {path}");
+        }
+    }
+    // Bob cannot tell alice's parcel from a missing one.
+    for (m, path, j, b) in &parcel_routes {
+        let body = j.as_ref().map(|j| serde_json::to_vec(j).unwrap()).or(b.clone());
+        let a = bob.send(m.clone(), path, body, j.is_some()).await;
+        assert_eq!(a.status, StatusCode::NOT_FOUND, "{m} {path}: {:?}", a.body);
+        assert_eq!(a.code(), "no_such_parcel", "{m} {path}");
+    }
+    assert_eq!(bob.get("/api/v1/parcels").await.json(), json!([]));
+    // Nothing of alice's changed.
+    let p = alice.get("/api/v1/parcels/p").await.json();
+    assert_eq!(p["head"], 1);
+    assert_eq!(p["wrapped_keyroot"], "00ff");
+    assert_eq!(p["lock"]["holder"], "host-c1");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn login_wrong_secret_and_unknown_user_get_the_same_401() {
+    let s = TestServer::start().await;
+    let secret = s.add_user("alice").await;
+    let api = Api::new(&s.url);
+    let wrong = isr_format::LoginSecret::random();
+    let a = api.post_json("/api/v1/login", json!({"user": "alice", "login_secret": wrong.to_hex()})).await;
+    let b = api.post_json("/api/v1/login", json!({"user": "nobody", "login_secret": wrong.to_hex()})).await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.code(), "bad_credentials");
+    assert_eq!(a.body, b.body);
+    assert_eq!(a.status, b.status);
+    let mut api = Api::new(&s.url);
+    let v = api.login("alice", &secret).await;
+    assert_eq!(v["convergence_secret"].as_str().unwrap(), s.storage.convergence_secret.to_hex());
+    assert_eq!(v["recovery_pubkey"], serde_json::Value::Null);
+    assert!(v["expires_unix"].as_i64().unwrap() > isr_server::now_unix() + 11 * 3600);
+    let m = String::from_utf8(api.get("/metrics").await.body.to_vec()).unwrap();
+    assert!(m.contains("isr_logins_failed_total 2"), "{m}");
+    assert!(m.contains("isr_http_requests_total{route=\"/api/v1/login\",status=\"401\"} 2"), "{m}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_failures_slow_down_logins() {
+    let s = TestServer::start().await;
+    let secret = s.add_user("alice").await;
+    let api = Api::new(&s.url);
+    let wrong = isr_format::LoginSecret::random().to_hex();
+    for _ in 0..4 {
+        api.post_json("/api/v1/login", json!({"user": "alice", "login_secret": wrong})).await;
+    }
+    // Four failures: the next attempt waits ~2 s after the last failure, even with the right secret.
+    let t = std::time::Instant::now();
+    let mut ok = Api::new(&s.url);
+    ok.login("alice", &secret).await;
+    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn locks_conflict_name_the_holder_and_relock_is_idempotent() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let lock = alice.create("p", "c1").await;
+    // Same client: the same lock back.
+    let a = alice.lock("p", "c1").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.json()["lock_id"], lock.as_str());
+    // Another client: 409 naming the holder.
+    let a = alice.lock("p", "c2").await;
+    assert_eq!(a.status, StatusCode::CONFLICT);
+    let j = a.json();
+    assert_eq!(j["code"], "locked");
+    assert_eq!(j["holder"], "host-c1");
+    assert!(j["since_unix"].as_i64().unwrap() > 0);
+    let msg = j["error"].as_str().unwrap();
+    assert!(msg.starts_with("parcel alice/p is locked by host-c1 since 20"), "{msg}");
+    assert!(msg.ends_with('Z'), "{msg}");
+    let listed = alice.get("/api/v1/parcels").await.json();
+    assert_eq!(listed[0]["lock"]["holder"], "host-c1");
+    assert_eq!(listed[0]["head"], 0);
+    // Wrong id: mismatch; right id: released; stale id afterwards: mismatch.
+    assert_eq!(alice.delete("/api/v1/parcels/p/lock?lock_id=abcd").await.code(), "lock_mismatch");
+    assert_eq!(
+        alice.delete(&format!("/api/v1/parcels/p/lock?lock_id={lock}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(alice.delete(&format!("/api/v1/parcels/p/lock?lock_id={lock}")).await.code(), "lock_mismatch");
+    let l2 = alice.lock("p", "c2").await.json()["lock_id"].as_str().unwrap().to_owned();
+    assert_ne!(l2, lock);
+    let m = String::from_utf8(alice.get("/metrics").await.body.to_vec()).unwrap();
+    assert!(m.contains("isr_locks_held 1"), "{m}");
+    // Force breaks it.
+    assert_eq!(alice.delete("/api/v1/parcels/p/lock?force=true").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(alice.get("/api/v1/parcels/p").await.json()["lock"], serde_json::Value::Null);
+    // Delete refused while another client holds the lock, allowed for the holder.
+    alice.lock("p", "c3").await;
+    assert_eq!(alice.delete("/api/v1/parcels/p?client_id=c1").await.code(), "locked");
+    assert_eq!(alice.delete("/api/v1/parcels/p?client_id=c3").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(alice.get("/api/v1/parcels/p").await.code(), "no_such_parcel");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn commit_checks_lock_base_manifest_keyrings_and_chunks() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let lock = alice.create("p", "c1").await;
+    assert_eq!(alice.create_raw_dup("p").await, "parcel_exists");
+    let v1 = version(1, 6, 0);
+    // Keyring not uploaded yet.
+    let a = alice.commit("p", &lock, 0, &v1).await;
+    assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "missing_keyring".into()));
+    assert_eq!(a.json()["missing"], json!([v1.keyring_hash.to_hex()]));
+    // Keyring checks.
+    let wrong =
+        alice.put_bytes(&format!("/api/v1/parcels/p/keyrings/{}", Tag([1; 32])), v1.keyring.clone()).await;
+    assert_eq!((wrong.status, wrong.code()), (StatusCode::BAD_REQUEST, "hash_mismatch".into()));
+    let junk = b"not a keyring".to_vec();
+    let bad = alice.put_bytes(&format!("/api/v1/parcels/p/keyrings/{}", Tag::of(&junk)), junk).await;
+    assert_eq!((bad.status, bad.code()), (StatusCode::BAD_REQUEST, "bad_keyring".into()));
+    assert_eq!(alice.put_keyring("p", &v1).await.status, StatusCode::CREATED);
+    assert_eq!(alice.put_keyring("p", &v1).await.status, StatusCode::OK);
+    // Chunks missing: the whole list comes back.
+    let a = alice.commit("p", &lock, 0, &v1).await;
+    assert_eq!((a.status, a.code()), (StatusCode::CONFLICT, "missing_chunks".into()));
+    let mut listed: Vec<String> =
+        a.json()["missing"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    let mut want: Vec<String> = v1.tags().iter().map(Tag::to_hex).collect();
+    listed.sort();
+    want.sort();
+    assert_eq!(listed, want);
+    // Upload some: the list shrinks to the rest.
+    for (t, c) in &v1.chunks[..3] {
+        assert_eq!(alice.put_chunk(t, c).await.status, StatusCode::CREATED);
+    }
+    let a = alice.commit("p", &lock, 0, &v1).await;
+    assert_eq!(a.json()["missing"].as_array().unwrap().len(), v1.chunks.len() - 3);
+    assert_eq!(alice.get("/api/v1/parcels/p").await.json()["head"], 0);
+    for (t, c) in &v1.chunks[3..] {
+        alice.put_chunk(t, c).await;
+    }
+    // Bad manifest, wrong lock, stale base.
+    let mut broken = v1.clone();
+    broken.manifest[20] ^= 1;
+    assert_eq!(alice.commit("p", &lock, 0, &broken).await.code(), "bad_manifest");
+    assert_eq!(alice.commit("p", "00", 0, &v1).await.code(), "lock_mismatch");
+    let a = alice.commit("p", &lock, 0, &v1).await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    assert_eq!(a.json()["version"], 1);
+    let a = alice.commit("p", &lock, 0, &v1).await;
+    assert_eq!((a.status, a.code()), (StatusCode::CONFLICT, "stale_base".into()));
+    // Version 2 shares chunks with version 1.
+    let v2 = version(2, 6, 0);
+    assert_eq!(alice.upload_version("p", &lock, 1, &v2).await, 2);
+    // Reading back.
+    let versions = alice.get("/api/v1/parcels/p/versions").await.json();
+    assert_eq!(versions.as_array().unwrap().len(), 2);
+    assert_eq!(versions[0]["version"], 1);
+    assert_eq!(versions[0]["client"], "test-client");
+    assert_eq!(versions[0]["comment"], "version from base 0");
+    assert_eq!(versions[1]["bytes_uploaded"], v2.chunks.iter().map(|(_, c)| c.len()).sum::<usize>());
+    let head = alice.get("/api/v1/parcels/p/versions/head/manifest").await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(head.headers["x-isr-version"], "2");
+    assert_eq!(head.headers["content-type"], "application/octet-stream");
+    assert_eq!(&head.body[..], &v2.manifest[..]);
+    let one = alice.get("/api/v1/parcels/p/versions/1/manifest").await;
+    assert_eq!(&one.body[..], &v1.manifest[..]);
+    assert_eq!(alice.get("/api/v1/parcels/p/versions/3/manifest").await.code(), "no_such_version");
+    assert_eq!(alice.get("/api/v1/parcels/p/versions/x/manifest").await.code(), "no_such_version");
+    let k = alice.get(&format!("/api/v1/parcels/p/keyrings/{}", v1.keyring_hash)).await;
+    assert_eq!(&k.body[..], &v1.keyring[..]);
+    assert_eq!(
+        alice.get(&format!("/api/v1/parcels/p/keyrings/{}", Tag([9; 32]))).await.code(),
+        "no_such_keyring"
+    );
+    // Password change on the client side: new wrapped keyroot.
+    assert_eq!(
+        alice.put_json("/api/v1/parcels/p/keyroot", json!({"wrapped_keyroot": "abcd"})).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(alice.get("/api/v1/parcels/p").await.json()["wrapped_keyroot"], "abcd");
+    let check = isr_server::admin::check(&s.storage, true).await.unwrap();
+    assert!(check.problems.is_empty(), "{:?}", check.problems);
+    assert_eq!(check.chunks, 10);
+    s.stop().await;
+}
+
+trait Dup {
+    async fn create_raw_dup(&self, name: &str) -> String;
+}
+impl Dup for Api {
+    async fn create_raw_dup(&self, name: &str) -> String {
+        self.post_json(
+            "/api/v1/parcels",
+            json!({"name": name, "wrapped_keyroot": "00", "recovery_keyroot": "11", "holder": "h", "client_id": "zz"}),
+        )
+        .await
+        .code()
+    }
+}
+
+#[tokio::test]
+async fn chunk_uploads_are_verified_and_fetchable() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let v = version(5, 4, 0);
+    let (t0, c0) = &v.chunks[0];
+    let (t1, c1) = &v.chunks[1];
+    let a = alice.put_chunk(t0, c1).await;
+    assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "tag_mismatch".into()));
+    assert_eq!(alice.get(&format!("/api/v1/chunks/{t0}")).await.code(), "no_such_chunk");
+    assert_eq!(alice.put_chunk(t0, c0).await.status, StatusCode::CREATED);
+    assert_eq!(alice.put_chunk(t0, c0).await.status, StatusCode::OK);
+    let g = alice.get(&format!("/api/v1/chunks/{t0}")).await;
+    assert_eq!((g.status, &g.body[..]), (StatusCode::OK, &c0[..]));
+    // missing: request order, only the absent ones.
+    let absent = Tag([0xab; 32]);
+    assert_eq!(alice.missing(&[absent, *t0, *t1, absent]).await, vec![absent, *t1, absent]);
+    // fetch: frames in request order, absent = 0xFFFFFFFF.
+    let body: Vec<u8> = [*t1, *t0, absent].iter().flat_map(|t| t.0).collect();
+    let f = alice.post_bytes("/api/v1/chunks/fetch", body).await;
+    assert_eq!(f.status, StatusCode::OK);
+    let b = &f.body[..];
+    assert_eq!(&b[..4], &u32::MAX.to_le_bytes());
+    let n = u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize;
+    assert_eq!(&b[8..8 + n], &c0[..]);
+    assert_eq!(&b[8 + n..], &u32::MAX.to_le_bytes());
+    let too_many: Vec<u8> = (0..257).flat_map(|_| t0.0).collect();
+    assert_eq!(
+        alice.post_bytes("/api/v1/chunks/fetch", too_many).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(alice.post_bytes("/api/v1/chunks/missing", vec![1; 33]).await.code(), "bad_request");
+    // Thousands of tags in one round trip.
+    let many: Vec<Tag> = (0..20_000u32)
+        .map(|i| {
+            let mut t = [0u8; 32];
+            t[..4].copy_from_slice(&i.to_le_bytes());
+            t[31] = 1;
+            Tag(t)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    assert_eq!(alice.missing(&many).await.len(), many.len());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let m = String::from_utf8(alice.get("/metrics").await.body.to_vec()).unwrap();
+    assert!(m.contains("isr_chunks_stored 1"), "{m}");
+    assert!(m.contains(&format!("isr_store_bytes {}", c0.len())), "{m}");
+    assert!(m.contains("isr_http_requests_total{route=\"/api/v1/chunks/{tag}\",status=\"201\"} 1"), "{m}");
+    s.stop().await;
+}
+
+/// Sends a raw HTTP/1.1 request head plus `body` chunks from a writer task and returns the status line the
+/// server answered with and how many body bytes had been written by then.
+async fn raw_put(
+    url: &str,
+    token: &str,
+    head_extra: &str,
+    body: Vec<u8>,
+    chunked: bool,
+) -> (String, usize, bool) {
+    let addr = url.strip_prefix("http://").unwrap();
+    let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = sock.into_split();
+    let tag = Tag([0x42; 32]);
+    let head = format!(
+        "PUT /api/v1/chunks/{tag} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/octet-stream\r\n{head_extra}\r\n"
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sent2 = sent.clone();
+    let total = body.len();
+    let writer = tokio::spawn(async move {
+        for piece in body.chunks(64 * 1024) {
+            let r = if chunked {
+                let mut framed = format!("{:x}\r\n", piece.len()).into_bytes();
+                framed.extend_from_slice(piece);
+                framed.extend_from_slice(b"\r\n");
+                wr.write_all(&framed).await
+            } else {
+                wr.write_all(piece).await
+            };
+            if r.is_err() {
+                return;
+            }
+            sent2.fetch_add(piece.len(), std::sync::atomic::Ordering::SeqCst);
+            // A slow client: the server must not wait for the whole body to refuse it.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let _ = wr.write_all(b"0\r\n\r\n").await;
+        std::future::pending::<()>().await;
+    });
+    let mut buf = vec![0u8; 4096];
+    let n =
+        tokio::time::timeout(Duration::from_secs(20), rd.read(&mut buf)).await.expect("no answer").unwrap();
+    let at = sent.load(std::sync::atomic::Ordering::SeqCst);
+    writer.abort();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    (text.lines().next().unwrap_or_default().to_owned(), at, at >= total)
+}
+
+#[tokio::test]
+async fn oversized_chunk_bodies_are_refused_early() {
+    let s = TestServer::start().await;
+    let mut alice = Api::new(&s.url);
+    let secret = s.add_user("alice").await;
+    alice.login("alice", &secret).await;
+    let token = alice.token.clone().unwrap();
+    // Declared too large: refused from the header, before any body byte.
+    let (status, sent, _) =
+        raw_put(&s.url, &token, &format!("content-length: {}\r\n", 1u64 << 40), vec![0; 256 * 1024], false)
+            .await;
+    assert!(status.contains(" 413 "), "{status}");
+    assert!(sent < 256 * 1024, "server waited for {sent} bytes");
+    // Chunked, no length: refused once the stream passes the limit, long before it ends.
+    let body = vec![7u8; 3 * MAX_STORED];
+    let (status, sent, finished) =
+        raw_put(&s.url, &token, "transfer-encoding: chunked\r\n", body, true).await;
+    assert!(status.contains(" 413 "), "{status}");
+    assert!(!finished, "the whole body was sent before the answer");
+    assert!(sent <= MAX_STORED + 2 * 1024 * 1024, "{sent}");
+    // Through reqwest: the JSON answer.
+    let a = alice.put_bytes(&format!("/api/v1/chunks/{}", Tag([1; 32])), vec![0; MAX_STORED + 1]).await;
+    assert_eq!((a.status, a.code()), (StatusCode::PAYLOAD_TOO_LARGE, "too_large".into()));
+    // The server still works.
+    assert_eq!(alice.get("/api/v1/parcels").await.status, StatusCode::OK);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn rollback_repeats_an_old_manifest_and_respects_locks() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let lock = alice.create("p", "c1").await;
+    let vs: Vec<_> = (1..=3).map(|i| version(i, 4, 1)).collect();
+    for (i, v) in vs.iter().enumerate() {
+        assert_eq!(alice.upload_version("p", &lock, i as u64, v).await, i as u64 + 1);
+    }
+    // Locked by c1: someone else's rollback is refused, the holder's goes through.
+    let a = alice
+        .post_json("/api/v1/parcels/p/rollback", json!({"version": 1, "lock_id": null, "client": "other"}))
+        .await;
+    assert_eq!((a.status, a.code()), (StatusCode::CONFLICT, "locked".into()));
+    let a = alice
+        .post_json("/api/v1/parcels/p/rollback", json!({"version": 1, "lock_id": lock, "client": "c1"}))
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+    assert_eq!(a.json()["version"], 4);
+    let m = alice.get("/api/v1/parcels/p/versions/head/manifest").await;
+    assert_eq!(&m.body[..], &vs[0].manifest[..]);
+    assert_eq!(m.headers["x-isr-version"], "4");
+    // Unlocked: anyone may roll back.
+    alice.delete(&format!("/api/v1/parcels/p/lock?lock_id={lock}")).await;
+    let a = alice.post_json("/api/v1/parcels/p/rollback", json!({"version": 2, "client": "c2"})).await;
+    assert_eq!(a.json()["version"], 5);
+    assert_eq!(
+        alice.post_json("/api/v1/parcels/p/rollback", json!({"version": 9, "client": "c2"})).await.code(),
+        "no_such_version"
+    );
+    let versions = alice.get("/api/v1/parcels/p/versions").await.json();
+    assert_eq!(versions[3]["comment"], "rollback to version 1");
+    assert!(isr_server::admin::check(&s.storage, false).await.unwrap().problems.is_empty());
+    s.stop().await;
+}
+
+fn age_all_chunks(s: &TestServer, by: Duration) {
+    let root = s.dir.path().join("chunks");
+    for d in std::fs::read_dir(&root).unwrap().flatten() {
+        if d.file_name().len() != 2 {
+            continue;
+        }
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            let file = std::fs::File::options().write(true).open(f.path()).unwrap();
+            file.set_modified(SystemTime::now() - by).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn prune_and_gc_keep_what_versions_reference() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let lock = alice.create("p", "c1").await;
+    let vs: Vec<_> = (1..=4).map(|i| version(i, 5, 2)).collect();
+    for (i, v) in vs.iter().enumerate() {
+        alice.upload_version("p", &lock, i as u64, v).await;
+    }
+    // Stray uploads that no version references.
+    let stray = version(99, 3, 0);
+    for (t, c) in &stray.chunks {
+        alice.put_chunk(t, c).await;
+    }
+    age_all_chunks(&s, Duration::from_secs(7200));
+    let young = version(98, 2, 0);
+    alice.put_chunk(&young.chunks[0].0, &young.chunks[0].1).await;
+    let r = isr_server::admin::gc(&s.storage, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(r.deleted, 2, "{r:?}");
+    assert_eq!(r.spared_young, 1, "{r:?}");
+    assert_eq!(alice.missing(&stray.tags()).await, stray.tags());
+    assert!(alice.missing(&young.tags()).await.is_empty());
+    for v in &vs {
+        assert!(alice.missing(&v.tags()).await.is_empty());
+    }
+    // Prune to the newest two: versions 1 and 2 go, with the keyrings only they used.
+    let st = s.storage.meta.prune("alice", "p", 2).await.unwrap();
+    assert_eq!(st.versions_deleted, 2);
+    assert_eq!(st.keyrings_deleted, 2);
+    let versions = alice.get("/api/v1/parcels/p/versions").await.json();
+    assert_eq!(
+        versions.as_array().unwrap().iter().map(|v| v["version"].as_u64().unwrap()).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    assert_eq!(alice.get("/api/v1/parcels/p/versions/1/manifest").await.code(), "no_such_version");
+    assert_eq!(
+        alice.get(&format!("/api/v1/parcels/p/keyrings/{}", vs[0].keyring_hash)).await.code(),
+        "no_such_keyring"
+    );
+    assert!(s.storage.meta.prune("alice", "p", 0).await.is_err());
+    age_all_chunks(&s, Duration::from_secs(7200));
+    let r = isr_server::admin::gc(&s.storage, Duration::from_secs(3600)).await.unwrap();
+    // Versions 1 and 2 had 2 own chunks each, plus the young stray chunk (now old).
+    assert_eq!(r.deleted, 2 * 2 + 1, "{r:?}");
+    for v in &vs[2..] {
+        assert!(alice.missing(&v.tags()).await.is_empty());
+    }
+    // Shared chunks survive.
+    assert!(alice.missing(&vs[0].tags()[..2]).await.is_empty());
+    assert_eq!(alice.missing(&vs[0].tags()[2..]).await.len(), 2);
+    assert!(isr_server::admin::check(&s.storage, true).await.unwrap().problems.is_empty());
+    // Removing the user frees everything at the next gc.
+    s.storage.meta.remove_user("alice").await.unwrap();
+    age_all_chunks(&s, Duration::from_secs(7200));
+    let r = isr_server::admin::gc(&s.storage, Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(r.stored, r.deleted);
+    // Her token dies within the servers' token cache lifetime.
+    tokio::time::sleep(isr_server::auth::TOKEN_CACHE_TTL + Duration::from_millis(200)).await;
+    assert_eq!(alice.get("/api/v1/parcels").await.status, StatusCode::UNAUTHORIZED);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commits_racing_gc_never_lose_chunks() {
+    let s = TestServer::start().await;
+    let alice = s.user("alice").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // gc with no grace period at all: every unreferenced chunk is fair game, including uploads of commits
+    // in progress. Commits must then see their chunks missing and re-upload, never commit without them.
+    let gcs = {
+        let (storage, stop) = (s.storage.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut runs = 0u32;
+            let mut deleted = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || runs < 3 {
+                deleted += isr_server::admin::gc(&storage, Duration::ZERO).await.unwrap().deleted;
+                runs += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (runs, deleted)
+        })
+    };
+    let mut writers = Vec::new();
+    for p in 0..4u64 {
+        let alice = alice.clone();
+        writers.push(tokio::spawn(async move {
+            let name = format!("p{p}");
+            let lock = alice.create(&name, &format!("c{p}")).await;
+            let mut all = Vec::new();
+            for i in 0..6u64 {
+                let v = version(p * 100 + i, 6, 2);
+                assert_eq!(alice.upload_version(&name, &lock, i, &v).await, i + 1);
+                all.push(v);
+            }
+            all
+        }));
+    }
+    let mut versions = Vec::new();
+    for w in writers {
+        versions.extend(w.await.unwrap());
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (runs, deleted) = gcs.await.unwrap();
+    assert!(runs >= 3);
+    eprintln!("{runs} gc runs deleted {deleted} chunks during the commits");
+    let r = isr_server::admin::gc(&s.storage, Duration::ZERO).await.unwrap();
+    let check = isr_server::admin::check(&s.storage, true).await.unwrap();
+    assert!(check.problems.is_empty(), "{:?}", check.problems);
+    for v in &versions {
+        assert!(alice.missing(&v.tags()).await.is_empty());
+    }
+    assert_eq!(r.stored - r.deleted, check.chunks);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn tls_serve_answers_over_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let (cp, kp) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cp, cert.cert.pem()).unwrap();
+    std::fs::write(&kp, cert.signing_key.serialize_pem()).unwrap();
+    let tls = isr_server::load_tls(&cp, &kp).unwrap();
+    let storage = isr_server::Storage::open(&isr_server::StorageConfig::data_dir(dir.path().join("data")))
+        .await
+        .unwrap();
+    let secret = isr_format::LoginSecret::random();
+    isr_server::admin::add_user(&storage, "alice", &secret).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let pk = isr_format::RecoverySecretKey::random().public_key();
+    let state = isr_server::AppState::new(storage, isr_server::ServerSettings { recovery_pubkey: Some(pk) });
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(isr_server::run(listener, state, Some(tls), async {
+        let _ = rx.await;
+    }));
+    let mut api = Api::new(&format!("https://localhost:{port}"));
+    api.http = common::tls_client(cert.cert.der().to_vec());
+    let v = api.login("alice", &secret).await;
+    assert_eq!(v["recovery_pubkey"], pk.to_hex());
+    assert_eq!(api.get("/api/v1/parcels").await.status, StatusCode::OK);
+    // Plain HTTP to the TLS port gets nothing useful.
+    assert!(common::client().get(format!("http://127.0.0.1:{port}/metrics")).send().await.is_err());
+    tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn unsupported_backends_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = isr_server::StorageConfig {
+        data: None,
+        database: Some("postgres://db/isr".into()),
+        chunks: Some(dir.path().display().to_string()),
+    };
+    let e = isr_server::Storage::open(&cfg).await.unwrap_err().to_string();
+    assert!(e.contains("not supported in this build yet"), "{e}");
+    let cfg = isr_server::StorageConfig {
+        data: Some(dir.path().into()),
+        database: None,
+        chunks: Some("s3://b/p".into()),
+    };
+    let e = isr_server::Storage::open(&cfg).await.unwrap_err().to_string();
+    assert!(e.contains("not supported in this build yet"), "{e}");
+}

@@ -1,0 +1,282 @@
+//! Server metadata: users, login tokens, parcels, locks, keyrings and versions, behind the async
+//! [`MetaStore`] trait.
+//!
+//! Every piece of state that several server processes must agree on (locks, tokens, failed-login counters, the
+//! deployment's settings) lives behind this trait, never in process memory, so several `isr-server serve`
+//! processes can share one database. The embedded backend is [`crate::SqliteMetaStore`]; a PostgreSQL backend
+//! implements the same trait with transactions and row locks (see the notes on [`MetaStore::commit_version`]
+//! and [`MetaStore::gc_sweep`]).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use isr_format::Tag;
+use std::collections::HashSet;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("user {0} already exists")]
+    UserExists(String),
+    #[error("no such user: {0}")]
+    NoSuchUser(String),
+    #[error("no such parcel: {0}")]
+    NoSuchParcel(String),
+    #[error("parcel {0} already exists")]
+    ParcelExists(String),
+    #[error("no such version {version} of parcel {parcel}")]
+    NoSuchVersion { parcel: String, version: u64 },
+    #[error("parcel {parcel} is locked by {}", lock.holder)]
+    Locked { parcel: String, lock: LockInfo },
+    #[error("the lock id does not match the lock of parcel {0} (released, broken or never held)")]
+    LockMismatch(String),
+    #[error("base version {base} is not the head {head}")]
+    StaleBase { base: u64, head: u64 },
+    #[error("keyrings not uploaded for this parcel: {}", hexes(.0))]
+    MissingKeyrings(Vec<Tag>),
+    #[error("stored keyring {hash} is corrupt: {reason}")]
+    BadKeyring { hash: Tag, reason: String },
+    #[error("{} chunks are missing from the chunk store", .0.len())]
+    MissingChunks(Vec<Tag>),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("chunk store error during a metadata operation: {0}")]
+    Chunks(#[from] crate::StoreError),
+    #[error("metadata database error: {0}")]
+    Database(String),
+    #[error("metadata backend not supported in this build yet: {0}")]
+    Unsupported(String),
+}
+
+fn hexes(tags: &[Tag]) -> String {
+    tags.iter().map(|t| t.to_hex()).collect::<Vec<_>>().join(", ")
+}
+
+/// A registered user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserRecord {
+    pub name: String,
+    /// argon2id PHC string of the user's login secret.
+    pub login_hash: String,
+    pub created_unix: i64,
+}
+
+/// Failed-login bookkeeping of one user (shared by every server process).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoginFailures {
+    pub count: u32,
+    pub last_unix: i64,
+}
+
+/// Who holds a parcel's lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockInfo {
+    /// Hex id handed to the holder; it proves ownership on commit and release.
+    pub lock_id: String,
+    /// Human-readable client name.
+    pub holder: String,
+    /// Stable client identity (hex); re-locking with the same id is idempotent.
+    pub client_id: String,
+    pub since_unix: i64,
+}
+
+/// A parcel as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParcelInfo {
+    pub user: String,
+    pub name: String,
+    /// Newest version number; 0 before the first version.
+    pub head: u64,
+    pub created_unix: i64,
+    pub lock: Option<LockInfo>,
+}
+
+/// A parcel with its wrapped keyroots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParcelDetail {
+    pub info: ParcelInfo,
+    pub wrapped_keyroot: Vec<u8>,
+    pub recovery_keyroot: Option<Vec<u8>>,
+}
+
+/// A version as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub version: u64,
+    pub created_unix: i64,
+    pub client: String,
+    pub bytes_uploaded: u64,
+    pub comment: String,
+}
+
+/// Which version to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VersionSel {
+    Head,
+    Number(u64),
+}
+
+/// A new parcel, created locked by its creator.
+#[derive(Clone, Debug)]
+pub struct NewParcel {
+    pub user: String,
+    pub name: String,
+    pub wrapped_keyroot: Vec<u8>,
+    pub recovery_keyroot: Option<Vec<u8>>,
+    pub lock: LockInfo,
+    pub now_unix: i64,
+}
+
+/// How a lock is released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LockRelease {
+    /// Only if the lock still has this id.
+    Id(String),
+    /// Whatever holds it (administrator or `isr unlock --force`).
+    Force,
+}
+
+/// A version to commit.
+#[derive(Clone, Debug)]
+pub struct NewVersion {
+    pub user: String,
+    pub parcel: String,
+    pub lock_id: String,
+    pub base_version: u64,
+    /// Manifest bytes exactly as the client sent them (already parsed by the caller).
+    pub manifest: Bytes,
+    /// The keyring hashes the manifest names.
+    pub keyrings: Vec<Tag>,
+    pub client: String,
+    pub comment: String,
+    pub bytes_uploaded: u64,
+    pub now_unix: i64,
+}
+
+/// A rollback: a new head that repeats an old version's manifest.
+#[derive(Clone, Debug)]
+pub struct Rollback {
+    pub user: String,
+    pub parcel: String,
+    pub version: u64,
+    /// The caller's lock id; required (and must match) only when the parcel is locked.
+    pub lock_id: Option<String>,
+    pub client: String,
+    pub now_unix: i64,
+}
+
+/// What a prune removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    pub versions_deleted: u64,
+    pub keyrings_deleted: u64,
+}
+
+/// The mark phase of garbage collection: every non-zero tag referenced by a version, and which versions
+/// were seen (so the sweep can re-check versions committed after the snapshot).
+#[derive(Clone, Debug, Default)]
+pub struct GcMark {
+    pub referenced: HashSet<Tag>,
+    pub versions_seen: HashSet<i64>,
+}
+
+/// Answers which chunks the chunk store lacks; called by [`MetaStore::commit_version`] while it holds the
+/// commit/sweep exclusion.
+#[async_trait]
+pub trait ChunkPresence: Send + Sync {
+    async fn missing(&self, tags: Vec<Tag>) -> Result<Vec<Tag>, MetaError>;
+}
+
+/// Deletes chunks; called by [`MetaStore::gc_sweep`] while it holds the commit/sweep exclusion.
+#[async_trait]
+pub trait ChunkSweeper: Send + Sync {
+    async fn delete(&self, tags: Vec<Tag>) -> Result<(), MetaError>;
+}
+
+/// The metadata store. All methods are atomic; `user`/`parcel` pairs scope every parcel operation, so a
+/// parcel of another user is indistinguishable from a missing one ([`MetaError::NoSuchParcel`]).
+#[async_trait]
+pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The value of a deployment setting, storing `init` first if it has none (atomic across processes).
+    async fn setting_or_init(&self, key: &str, init: String) -> Result<String, MetaError>;
+
+    async fn add_user(&self, name: &str, login_hash: &str, now_unix: i64) -> Result<(), MetaError>;
+    async fn set_login_hash(&self, name: &str, login_hash: &str) -> Result<(), MetaError>;
+    /// Removes the user with all parcels, versions, keyrings and tokens (chunks go at the next gc).
+    async fn remove_user(&self, name: &str) -> Result<(), MetaError>;
+    async fn list_users(&self) -> Result<Vec<UserRecord>, MetaError>;
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, MetaError>;
+
+    async fn login_failures(&self, name: &str) -> Result<LoginFailures, MetaError>;
+    /// Records one failed login; returns the new count.
+    async fn record_login_failure(&self, name: &str, now_unix: i64) -> Result<u32, MetaError>;
+    async fn clear_login_failures(&self, name: &str) -> Result<(), MetaError>;
+
+    /// Stores a session token by its hash.
+    async fn add_token(&self, token_hash: [u8; 32], user: &str, expires_unix: i64) -> Result<(), MetaError>;
+    /// The user and expiry of an unexpired token.
+    async fn token(&self, token_hash: [u8; 32], now_unix: i64) -> Result<Option<(String, i64)>, MetaError>;
+    async fn purge_expired_tokens(&self, now_unix: i64) -> Result<u64, MetaError>;
+
+    /// Parcels of one user, or of everyone (`None`), by user then name.
+    async fn list_parcels(&self, user: Option<&str>) -> Result<Vec<ParcelInfo>, MetaError>;
+    async fn parcel(&self, user: &str, parcel: &str) -> Result<ParcelDetail, MetaError>;
+    async fn create_parcel(&self, p: NewParcel) -> Result<(), MetaError>;
+    async fn set_wrapped_keyroot(&self, user: &str, parcel: &str, wrapped: &[u8]) -> Result<(), MetaError>;
+    /// Deletes a parcel unless another client (`client_id` differs) holds its lock.
+    async fn delete_parcel(&self, user: &str, parcel: &str, client_id: Option<&str>)
+        -> Result<(), MetaError>;
+
+    /// Locks a parcel for `lock`'s client, or returns the lock that client already holds.
+    async fn acquire_lock(&self, user: &str, parcel: &str, lock: LockInfo) -> Result<LockInfo, MetaError>;
+    async fn release_lock(&self, user: &str, parcel: &str, how: LockRelease) -> Result<(), MetaError>;
+    async fn locks_held(&self) -> Result<u64, MetaError>;
+
+    /// Stores a keyring for a parcel; returns true if it was new. The caller has verified hash and format.
+    async fn put_keyring(&self, user: &str, parcel: &str, hash: Tag, data: Bytes) -> Result<bool, MetaError>;
+    async fn keyring(&self, user: &str, parcel: &str, hash: Tag) -> Result<Option<Bytes>, MetaError>;
+
+    /// Versions in ascending order.
+    async fn versions(&self, user: &str, parcel: &str) -> Result<Vec<VersionInfo>, MetaError>;
+    /// A version's number and manifest bytes.
+    async fn manifest(&self, user: &str, parcel: &str, which: VersionSel) -> Result<(u64, Bytes), MetaError>;
+
+    /// Makes a new version visible as the head, after checking (in this order) the lock, the base version, that
+    /// every keyring was uploaded for the parcel, and that `chunks` holds every tag those keyrings name.
+    ///
+    /// The check of the chunks and the insert are one critical section that excludes [`MetaStore::gc_sweep`]
+    /// (SQLite: one `BEGIN IMMEDIATE` transaction; PostgreSQL: a transaction holding `SELECT ... FOR UPDATE` on
+    /// the single gc-lock row), so a sweep can never delete a chunk between the check and the insert.
+    async fn commit_version(&self, v: NewVersion, chunks: &dyn ChunkPresence) -> Result<u64, MetaError>;
+    /// A new head repeating version `r.version`'s manifest and keyrings.
+    async fn rollback(&self, r: Rollback) -> Result<u64, MetaError>;
+    /// Deletes all but the newest `keep` (≥ 1) versions and the keyrings only they referenced.
+    async fn prune(&self, user: &str, parcel: &str, keep: u64) -> Result<PruneStats, MetaError>;
+
+    /// Every keyring referenced by any version, as (user, parcel, hash), for `check` (which then reads each
+    /// with [`MetaStore::keyring`]).
+    async fn referenced_keyrings(&self) -> Result<Vec<(String, String, Tag)>, MetaError>;
+    /// Deletes keyrings that no version references and that were uploaded before `before_unix` (left behind
+    /// by commits that never happened). Returns how many.
+    async fn purge_unreferenced_keyrings(&self, before_unix: i64) -> Result<u64, MetaError>;
+
+    /// Garbage collection, mark phase (no lock held): tags referenced by all versions.
+    async fn gc_mark(&self) -> Result<GcMark, MetaError>;
+    /// Garbage collection, sweep of one batch: under the commit/sweep exclusion, drops from `candidates` the
+    /// tags of versions not in `mark.versions_seen` (committed meanwhile), then deletes the rest through
+    /// `sweeper`. Returns the tags deleted.
+    async fn gc_sweep(
+        &self,
+        mark: &GcMark,
+        candidates: Vec<Tag>,
+        sweeper: &dyn ChunkSweeper,
+    ) -> Result<Vec<Tag>, MetaError>;
+}
+
+/// A valid parcel name: `[A-Za-z0-9._-]{1,64}`.
+pub fn valid_parcel_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A valid user name: the same alphabet as parcels, not starting with '.' or '-'.
+pub fn valid_user_name(name: &str) -> bool {
+    valid_parcel_name(name) && !name.starts_with(['.', '-'])
+}

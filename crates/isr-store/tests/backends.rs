@@ -1,0 +1,606 @@
+//! Conformance of every backend behind the same traits, against real services: chunk stores (fs, memory, S3
+//! on SeaweedFS) and metadata stores (SQLite, PostgreSQL), plus the multi-process races of PostgreSQL.
+//! See `support` for how the services are found or started (never skipped).
+
+mod support;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use isr_format::Tag;
+use isr_store::meta::*;
+use isr_store::{
+    ChunkStore, Durability, FsChunkStore, MemChunkStore, SqliteMetaStore, StoreError, VerifyingStore,
+};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use support::*;
+
+// ---------------------------------------------------------------------------------------------------------
+// Chunk stores
+
+async fn chunk_conformance(store: &dyn ChunkStore) {
+    assert!(store.list().await.unwrap().is_empty(), "a fresh store is empty");
+    let (t1, c1) = encoded_chunk(1);
+    let (t2, c2) = encoded_chunk(2);
+    let (t3, _) = encoded_chunk(3);
+    assert!(store.put(&t1, c1.clone()).await.unwrap(), "first put is new");
+    assert!(!store.put(&t1, c1.clone()).await.unwrap(), "second put is not");
+    assert!(store.put(&t2, c2.clone()).await.unwrap());
+    assert_eq!(store.get(&t1).await.unwrap().unwrap(), c1);
+    assert_eq!(store.get(&t2).await.unwrap().unwrap(), c2);
+    assert!(store.get(&t3).await.unwrap().is_none());
+    assert!(store.contains(&t1).await.unwrap());
+    assert!(!store.contains(&t3).await.unwrap());
+    let mut listed = store.list().await.unwrap();
+    listed.sort();
+    let mut want = vec![(t1, c1.len() as u64), (t2, c2.len() as u64)];
+    want.sort();
+    assert_eq!(listed, want);
+    store.delete(&t2).await.unwrap();
+    store.delete(&t2).await.unwrap();
+    store.delete(&t3).await.unwrap();
+    assert!(store.get(&t2).await.unwrap().is_none());
+    assert!(!store.contains(&t2).await.unwrap());
+    assert_eq!(store.list().await.unwrap(), vec![(t1, c1.len() as u64)]);
+    // Racing puts of one tag: all succeed, the chunk is whole.
+    let (t4, c4) = encoded_chunk(4);
+    let puts = (0..8).map(|_| store.put(&t4, c4.clone()));
+    let results = futures::future::join_all(puts).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert!(results.iter().any(|r| *r.as_ref().unwrap()));
+    assert_eq!(store.get(&t4).await.unwrap().unwrap(), c4);
+}
+
+#[tokio::test]
+async fn chunks_fs() {
+    let dir = tempfile::tempdir().unwrap();
+    chunk_conformance(&FsChunkStore::open(dir.path(), Durability::Fsync).unwrap()).await;
+}
+
+#[tokio::test]
+async fn chunks_mem() {
+    chunk_conformance(&MemChunkStore::new()).await;
+}
+
+#[tokio::test]
+async fn chunks_s3() {
+    let store = s3_store();
+    chunk_conformance(&store).await;
+    // Another prefix of the same bucket sees none of it.
+    assert!(s3_store().list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn chunks_s3_verifying() {
+    let s3 = s3_store();
+    let store = VerifyingStore::new(s3.clone());
+    chunk_conformance(&store).await;
+    let (t1, c1) = encoded_chunk(11);
+    let (_, c2) = encoded_chunk(12);
+    assert!(matches!(store.put(&t1, c2.clone()).await, Err(StoreError::Integrity { .. })));
+    assert!(!s3.contains(&t1).await.unwrap(), "wrong bytes were not stored");
+    // Corruption in the bucket is reported, never returned.
+    assert!(s3.put(&t1, c2).await.unwrap());
+    assert!(matches!(store.get(&t1).await, Err(StoreError::Integrity { .. })));
+    s3.delete(&t1).await.unwrap();
+    assert!(store.put(&t1, c1.clone()).await.unwrap());
+    assert_eq!(store.get(&t1).await.unwrap().unwrap(), c1);
+}
+
+/// More objects than one S3 listing page (1000) holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chunks_s3_list_pages() {
+    let store = s3_store();
+    let items: Vec<(Tag, Bytes)> = (0..1100u32)
+        .map(|i| {
+            let data = Bytes::from(i.to_le_bytes().to_vec());
+            (Tag::of(&data), data)
+        })
+        .collect();
+    let results: Vec<_> = futures::stream::iter(items.iter().map(|(t, d)| store.put(t, d.clone())))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(results.iter().all(|r| matches!(r, Ok(true))));
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), items.len());
+    let want: HashSet<(Tag, u64)> = items.iter().map(|(t, _)| (*t, 4)).collect();
+    assert_eq!(listed.into_iter().collect::<HashSet<_>>(), want);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Metadata stores
+
+fn lock(client: &str) -> LockInfo {
+    LockInfo {
+        lock_id: unique("lock-"),
+        holder: format!("host of {client}"),
+        client_id: client.to_owned(),
+        since_unix: 1000,
+    }
+}
+
+fn new_parcel(user: &str, name: &str, lock: LockInfo) -> NewParcel {
+    NewParcel {
+        user: user.into(),
+        name: name.into(),
+        wrapped_keyroot: vec![1, 2, 3],
+        recovery_keyroot: Some(vec![4, 5]),
+        lock,
+        now_unix: 1000,
+    }
+}
+
+fn new_version(user: &str, parcel: &str, lock_id: &str, base: u64, keyrings: Vec<Tag>) -> NewVersion {
+    NewVersion {
+        user: user.into(),
+        parcel: parcel.into(),
+        lock_id: lock_id.into(),
+        base_version: base,
+        manifest: Bytes::from(format!("manifest on {base}")),
+        keyrings,
+        client: "client-a".into(),
+        comment: format!("on {base}"),
+        bytes_uploaded: 77,
+        now_unix: 2000 + base as i64,
+    }
+}
+
+fn present(store: &dyn ChunkStore) -> Presence<'_> {
+    Presence { store, delay: Duration::ZERO }
+}
+
+async fn meta_users_tokens_settings(m: &dyn MetaStore) {
+    assert_eq!(m.setting_or_init("secret", "first".into()).await.unwrap(), "first");
+    assert_eq!(m.setting_or_init("secret", "second".into()).await.unwrap(), "first");
+    m.add_user("alice", "hash-a", 10).await.unwrap();
+    m.add_user("bob", "hash-b", 11).await.unwrap();
+    assert!(matches!(m.add_user("alice", "x", 12).await, Err(MetaError::UserExists(_))));
+    let users = m.list_users().await.unwrap();
+    assert_eq!(users.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
+    assert_eq!(
+        m.user("alice").await.unwrap(),
+        Some(UserRecord { name: "alice".into(), login_hash: "hash-a".into(), created_unix: 10 })
+    );
+    assert_eq!(m.user("carol").await.unwrap(), None);
+    assert!(matches!(m.set_login_hash("carol", "h").await, Err(MetaError::NoSuchUser(_))));
+
+    assert_eq!(m.login_failures("alice").await.unwrap(), LoginFailures::default());
+    assert_eq!(m.record_login_failure("alice", 50).await.unwrap(), 1);
+    assert_eq!(m.record_login_failure("alice", 60).await.unwrap(), 2);
+    assert_eq!(m.login_failures("alice").await.unwrap(), LoginFailures { count: 2, last_unix: 60 });
+    assert_eq!(m.record_login_failure("nobody", 60).await.unwrap(), 0);
+    m.clear_login_failures("alice").await.unwrap();
+    assert_eq!(m.login_failures("alice").await.unwrap().count, 0);
+    m.record_login_failure("alice", 70).await.unwrap();
+    m.set_login_hash("alice", "hash-a2").await.unwrap();
+    assert_eq!(m.user("alice").await.unwrap().unwrap().login_hash, "hash-a2");
+    assert_eq!(m.login_failures("alice").await.unwrap().count, 0, "a new secret clears failures");
+
+    m.add_token([1; 32], "alice", 100).await.unwrap();
+    m.add_token([2; 32], "alice", 200).await.unwrap();
+    m.add_token([3; 32], "bob", 300).await.unwrap();
+    assert!(matches!(m.add_token([4; 32], "carol", 100).await, Err(MetaError::NoSuchUser(_))));
+    assert_eq!(m.token([1; 32], 99).await.unwrap(), Some(("alice".into(), 100)));
+    assert_eq!(m.token([1; 32], 100).await.unwrap(), None, "expired");
+    assert_eq!(m.token([9; 32], 0).await.unwrap(), None);
+    assert_eq!(m.purge_expired_tokens(150).await.unwrap(), 1);
+    assert_eq!(m.token([2; 32], 150).await.unwrap(), Some(("alice".into(), 200)));
+
+    m.create_parcel(new_parcel("alice", "p", lock("c1"))).await.unwrap();
+    m.remove_user("alice").await.unwrap();
+    assert!(matches!(m.remove_user("alice").await, Err(MetaError::NoSuchUser(_))));
+    assert_eq!(m.token([2; 32], 150).await.unwrap(), None, "tokens go with the user");
+    assert!(m.list_parcels(None).await.unwrap().is_empty(), "parcels go with the user");
+    assert_eq!(m.token([3; 32], 150).await.unwrap(), Some(("bob".into(), 300)));
+}
+
+async fn meta_parcels_and_locks(m: &dyn MetaStore) {
+    m.add_user("alice", "h", 1).await.unwrap();
+    m.add_user("bob", "h", 1).await.unwrap();
+    let l1 = lock("client-1");
+    m.create_parcel(new_parcel("alice", "p1", l1.clone())).await.unwrap();
+    m.create_parcel(new_parcel("alice", "p2", lock("client-1"))).await.unwrap();
+    m.create_parcel(new_parcel("bob", "p1", lock("client-9"))).await.unwrap();
+    assert!(matches!(
+        m.create_parcel(new_parcel("alice", "p1", lock("x"))).await,
+        Err(MetaError::ParcelExists(_))
+    ));
+    assert!(matches!(
+        m.create_parcel(new_parcel("carol", "p1", lock("x"))).await,
+        Err(MetaError::NoSuchUser(_))
+    ));
+    let all = m.list_parcels(None).await.unwrap();
+    assert_eq!(
+        all.iter().map(|p| format!("{}/{}", p.user, p.name)).collect::<Vec<_>>(),
+        ["alice/p1", "alice/p2", "bob/p1"]
+    );
+    let mine = m.list_parcels(Some("alice")).await.unwrap();
+    assert_eq!(mine.len(), 2);
+    assert_eq!(mine[0].head, 0);
+    assert_eq!(mine[0].lock.as_ref(), Some(&l1));
+    let d = m.parcel("alice", "p1").await.unwrap();
+    assert_eq!(
+        (d.wrapped_keyroot.as_slice(), d.recovery_keyroot.as_deref()),
+        (&[1, 2, 3][..], Some(&[4, 5][..]))
+    );
+    assert!(matches!(m.parcel("alice", "nope").await, Err(MetaError::NoSuchParcel(_))));
+    assert!(matches!(m.parcel("carol", "p1").await, Err(MetaError::NoSuchParcel(_))));
+    m.set_wrapped_keyroot("alice", "p1", &[9, 9]).await.unwrap();
+    assert_eq!(m.parcel("alice", "p1").await.unwrap().wrapped_keyroot, vec![9, 9]);
+    assert!(matches!(m.set_wrapped_keyroot("alice", "nope", &[1]).await, Err(MetaError::NoSuchParcel(_))));
+    assert_eq!(m.locks_held().await.unwrap(), 3);
+
+    // The creator holds the lock; re-locking by the same client is idempotent and returns the held lock.
+    assert_eq!(m.acquire_lock("alice", "p1", lock("client-1")).await.unwrap(), l1);
+    match m.acquire_lock("alice", "p1", lock("client-2")).await {
+        Err(MetaError::Locked { lock, .. }) => assert_eq!(lock, l1),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert!(matches!(
+        m.release_lock("alice", "p1", LockRelease::Id("wrong".into())).await,
+        Err(MetaError::LockMismatch(_))
+    ));
+    m.release_lock("alice", "p1", LockRelease::Id(l1.lock_id.clone())).await.unwrap();
+    assert!(matches!(
+        m.release_lock("alice", "p1", LockRelease::Id(l1.lock_id.clone())).await,
+        Err(MetaError::LockMismatch(_))
+    ));
+    assert_eq!(m.locks_held().await.unwrap(), 2);
+    let l2 = lock("client-2");
+    assert_eq!(m.acquire_lock("alice", "p1", l2.clone()).await.unwrap(), l2);
+    assert_eq!(m.parcel("alice", "p1").await.unwrap().info.lock, Some(l2.clone()));
+    m.release_lock("alice", "p1", LockRelease::Force).await.unwrap();
+    assert_eq!(m.parcel("alice", "p1").await.unwrap().info.lock, None);
+    m.release_lock("alice", "p1", LockRelease::Force).await.unwrap();
+    assert!(matches!(m.acquire_lock("alice", "nope", lock("c")).await, Err(MetaError::NoSuchParcel(_))));
+
+    // Deleting: refused while another client holds the lock.
+    assert!(matches!(m.delete_parcel("alice", "p2", Some("client-2")).await, Err(MetaError::Locked { .. })));
+    assert!(matches!(m.delete_parcel("alice", "p2", None).await, Err(MetaError::Locked { .. })));
+    m.delete_parcel("alice", "p2", Some("client-1")).await.unwrap();
+    m.delete_parcel("alice", "p1", None).await.unwrap();
+    assert!(matches!(m.delete_parcel("alice", "p1", None).await, Err(MetaError::NoSuchParcel(_))));
+    assert_eq!(m.list_parcels(Some("alice")).await.unwrap(), vec![]);
+}
+
+async fn meta_commits(m: &dyn MetaStore) {
+    let chunks = MemChunkStore::new();
+    m.add_user("u", "h", 1).await.unwrap();
+    let l = lock("c1");
+    m.create_parcel(new_parcel("u", "p", l.clone())).await.unwrap();
+    let (a, da) = fake_chunk();
+    let (b, db) = fake_chunk();
+    let (c, dc) = fake_chunk();
+    for (t, d) in [(a, &da), (b, &db)] {
+        chunks.put(&t, d.clone()).await.unwrap();
+    }
+    let (k1, kd1) = keyring(&[a, b]);
+    assert!(m.put_keyring("u", "p", k1, kd1.clone()).await.unwrap());
+    assert!(!m.put_keyring("u", "p", k1, kd1.clone()).await.unwrap());
+    assert_eq!(m.keyring("u", "p", k1).await.unwrap(), Some(kd1.clone()));
+    assert_eq!(m.keyring("u", "p", Tag([5; 32])).await.unwrap(), None);
+    assert!(matches!(m.put_keyring("u", "nope", k1, kd1.clone()).await, Err(MetaError::NoSuchParcel(_))));
+
+    // Refusals, in order: lock, base, keyrings, chunks.
+    let bad_lock = new_version("u", "p", "wrong", 0, vec![k1]);
+    assert!(matches!(m.commit_version(bad_lock, &present(&chunks)).await, Err(MetaError::LockMismatch(_))));
+    let stale = new_version("u", "p", &l.lock_id, 3, vec![k1]);
+    assert!(matches!(
+        m.commit_version(stale, &present(&chunks)).await,
+        Err(MetaError::StaleBase { base: 3, head: 0 })
+    ));
+    let no_keyring = new_version("u", "p", &l.lock_id, 0, vec![k1, Tag([6; 32])]);
+    match m.commit_version(no_keyring, &present(&chunks)).await {
+        Err(MetaError::MissingKeyrings(k)) => assert_eq!(k, vec![Tag([6; 32])]),
+        other => panic!("expected MissingKeyrings, got {other:?}"),
+    }
+    let (k2, kd2) = keyring(&[a, c]);
+    m.put_keyring("u", "p", k2, kd2).await.unwrap();
+    match m.commit_version(new_version("u", "p", &l.lock_id, 0, vec![k2]), &present(&chunks)).await {
+        Err(MetaError::MissingChunks(t)) => assert_eq!(t, vec![c]),
+        other => panic!("expected MissingChunks, got {other:?}"),
+    }
+    assert!(m.versions("u", "p").await.unwrap().is_empty(), "refused commits leave nothing");
+
+    assert_eq!(
+        m.commit_version(new_version("u", "p", &l.lock_id, 0, vec![k1]), &present(&chunks)).await.unwrap(),
+        1
+    );
+    chunks.put(&c, dc.clone()).await.unwrap();
+    assert_eq!(
+        m.commit_version(new_version("u", "p", &l.lock_id, 1, vec![k2, k2]), &present(&chunks))
+            .await
+            .unwrap(),
+        2
+    );
+    let stale = new_version("u", "p", &l.lock_id, 1, vec![k1]);
+    assert!(matches!(
+        m.commit_version(stale, &present(&chunks)).await,
+        Err(MetaError::StaleBase { base: 1, head: 2 })
+    ));
+    let vs = m.versions("u", "p").await.unwrap();
+    assert_eq!(vs.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        (vs[0].client.as_str(), vs[0].bytes_uploaded, vs[0].comment.as_str()),
+        ("client-a", 77, "on 0")
+    );
+    assert_eq!(m.manifest("u", "p", VersionSel::Head).await.unwrap(), (2, Bytes::from("manifest on 1")));
+    assert_eq!(m.manifest("u", "p", VersionSel::Number(1)).await.unwrap(), (1, Bytes::from("manifest on 0")));
+    assert!(matches!(
+        m.manifest("u", "p", VersionSel::Number(9)).await,
+        Err(MetaError::NoSuchVersion { version: 9, .. })
+    ));
+    assert_eq!(m.parcel("u", "p").await.unwrap().info.head, 2);
+
+    // Rollback: needs the lock id while locked; repeats the old manifest and keyrings as a new head.
+    let rb = |lock_id: Option<String>, version| Rollback {
+        user: "u".into(),
+        parcel: "p".into(),
+        version,
+        lock_id,
+        client: "admin".into(),
+        now_unix: 5000,
+    };
+    assert!(matches!(m.rollback(rb(None, 1)).await, Err(MetaError::Locked { .. })));
+    assert!(matches!(m.rollback(rb(Some("wrong".into()), 1)).await, Err(MetaError::Locked { .. })));
+    assert!(matches!(
+        m.rollback(rb(Some(l.lock_id.clone()), 7)).await,
+        Err(MetaError::NoSuchVersion { version: 7, .. })
+    ));
+    assert_eq!(m.rollback(rb(Some(l.lock_id.clone()), 1)).await.unwrap(), 3);
+    assert_eq!(m.manifest("u", "p", VersionSel::Head).await.unwrap(), (3, Bytes::from("manifest on 0")));
+    assert_eq!(m.versions("u", "p").await.unwrap()[2].comment, "rollback to version 1");
+    m.release_lock("u", "p", LockRelease::Force).await.unwrap();
+    assert_eq!(m.rollback(rb(None, 2)).await.unwrap(), 4, "an unlocked parcel needs no lock id");
+
+    let mut refd = m.referenced_keyrings().await.unwrap();
+    refd.sort();
+    let mut want = vec![("u".to_string(), "p".to_string(), k1), ("u".into(), "p".into(), k2)];
+    want.sort();
+    assert_eq!(refd, want);
+
+    // Prune: never the head; keyrings only the pruned versions named go with them.
+    assert!(matches!(m.prune("u", "p", 0).await, Err(MetaError::Invalid(_))));
+    assert_eq!(m.prune("u", "p", 10).await.unwrap(), PruneStats::default());
+    assert_eq!(m.prune("u", "p", 2).await.unwrap(), PruneStats { versions_deleted: 2, keyrings_deleted: 0 });
+    assert_eq!(m.prune("u", "p", 1).await.unwrap(), PruneStats { versions_deleted: 1, keyrings_deleted: 1 });
+    assert_eq!(m.versions("u", "p").await.unwrap().iter().map(|v| v.version).collect::<Vec<_>>(), [4]);
+    assert_eq!(m.keyring("u", "p", k1).await.unwrap(), None);
+    assert!(m.keyring("u", "p", k2).await.unwrap().is_some());
+    assert_eq!(m.manifest("u", "p", VersionSel::Head).await.unwrap().0, 4);
+
+    // Abandoned uploads: unreferenced keyrings older than the cut-off.
+    let (k3, kd3) = keyring(&[c]);
+    m.put_keyring("u", "p", k3, kd3).await.unwrap();
+    assert_eq!(m.purge_unreferenced_keyrings(0).await.unwrap(), 0, "too young");
+    assert_eq!(m.purge_unreferenced_keyrings(i64::MAX).await.unwrap(), 1);
+    assert_eq!(m.keyring("u", "p", k3).await.unwrap(), None);
+    assert!(m.keyring("u", "p", k2).await.unwrap().is_some(), "referenced keyrings stay");
+}
+
+/// One full gc over `chunks`: mark, candidates, sweep. Returns the tags deleted.
+async fn gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) -> Vec<Tag> {
+    let mark = m.gc_mark().await.unwrap();
+    let candidates: Vec<Tag> = chunks
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(t, _)| t)
+        .filter(|t| !mark.referenced.contains(t))
+        .collect();
+    m.gc_sweep(&mark, candidates, &Sweeper(chunks)).await.unwrap()
+}
+
+async fn meta_gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) {
+    m.add_user("u", "h", 1).await.unwrap();
+    let l = lock("c1");
+    m.create_parcel(new_parcel("u", "p", l.clone())).await.unwrap();
+    let (a, da) = fake_chunk();
+    let (b, db) = fake_chunk();
+    let (garbage, dg) = fake_chunk();
+    for (t, d) in [(a, da), (b, db), (garbage, dg)] {
+        chunks.put(&t, d).await.unwrap();
+    }
+    let (k1, kd1) = keyring(&[a, b, a]);
+    m.put_keyring("u", "p", k1, kd1).await.unwrap();
+    m.commit_version(new_version("u", "p", &l.lock_id, 0, vec![k1]), &present(chunks)).await.unwrap();
+    assert_eq!(gc(m, chunks).await, vec![garbage]);
+    let mut left: Vec<Tag> = chunks.list().await.unwrap().into_iter().map(|(t, _)| t).collect();
+    left.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(left, want);
+
+    // A version committed after the mark protects its chunks from that mark's sweep.
+    let mark = m.gc_mark().await.unwrap();
+    let (c, dc) = fake_chunk();
+    chunks.put(&c, dc).await.unwrap();
+    let (k2, kd2) = keyring(&[a, c]);
+    m.put_keyring("u", "p", k2, kd2).await.unwrap();
+    m.commit_version(new_version("u", "p", &l.lock_id, 1, vec![k2]), &present(chunks)).await.unwrap();
+    let stale_candidates = vec![c];
+    assert_eq!(m.gc_sweep(&mark, stale_candidates, &Sweeper(chunks)).await.unwrap(), vec![]);
+    assert!(chunks.contains(&c).await.unwrap());
+
+    // After a prune, chunks only the pruned version named are garbage.
+    m.prune("u", "p", 1).await.unwrap();
+    assert_eq!(gc(m, chunks).await, vec![b]);
+    assert!(chunks.contains(&a).await.unwrap() && chunks.contains(&c).await.unwrap());
+}
+
+#[tokio::test]
+async fn meta_sqlite_users_tokens_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_users_tokens_settings(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_users_tokens_settings() {
+    meta_users_tokens_settings(&pg_store().await.0).await;
+}
+
+#[tokio::test]
+async fn meta_sqlite_parcels_and_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_parcels_and_locks(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_parcels_and_locks() {
+    meta_parcels_and_locks(&pg_store().await.0).await;
+}
+
+#[tokio::test]
+async fn meta_sqlite_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_commits(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_commits() {
+    meta_commits(&pg_store().await.0).await;
+}
+
+#[tokio::test]
+async fn meta_sqlite_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_gc(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap(), &MemChunkStore::new()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_gc_with_s3_chunks() {
+    meta_gc(&pg_store().await.0, &s3_store()).await;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// PostgreSQL shared by several server processes (each PgMetaStore has its own connections).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_open_concurrently_creates_the_schema_once() {
+    let url = pg_database().await;
+    let opens = (0..6).map(|_| isr_store::PgMetaStore::open(&url));
+    for r in futures::future::join_all(opens).await {
+        r.unwrap();
+    }
+    let (a, b) = (
+        isr_store::PgMetaStore::open(&url).await.unwrap(),
+        isr_store::PgMetaStore::open(&url).await.unwrap(),
+    );
+    // The convergence secret: generated once, whoever asks first.
+    let (x, y) =
+        tokio::join!(a.setting_or_init("k", "from-a".into()), b.setting_or_init("k", "from-b".into()));
+    assert_eq!(x.unwrap(), y.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_two_processes_race_for_a_lock() {
+    let (a, url) = pg_store().await;
+    let b = isr_store::PgMetaStore::open(&url).await.unwrap();
+    a.add_user("u", "h", 1).await.unwrap();
+    a.create_parcel(new_parcel("u", "p", lock("creator"))).await.unwrap();
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    for round in 0..100 {
+        b.release_lock("u", "p", LockRelease::Force).await.unwrap();
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let race = |m: Arc<isr_store::PgMetaStore>, who: &'static str| {
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                m.acquire_lock("u", "p", lock(who)).await
+            })
+        };
+        let (ra, rb) = (race(a.clone(), "a"), race(b.clone(), "b"));
+        let (ra, rb) = (ra.await.unwrap(), rb.await.unwrap());
+        let winner = match (&ra, &rb) {
+            (Ok(w), Err(MetaError::Locked { lock, .. })) | (Err(MetaError::Locked { lock, .. }), Ok(w)) => {
+                assert_eq!(w, lock, "the loser sees the winner's lock");
+                w.clone()
+            }
+            other => panic!("round {round}: expected exactly one winner, got {other:?}"),
+        };
+        assert_eq!(a.parcel("u", "p").await.unwrap().info.lock, Some(winner));
+    }
+}
+
+/// gc on one process while another commits: no chunk a version references is ever lost.
+async fn gc_races_commits(committer: &dyn MetaStore, collector: &dyn MetaStore, chunks: &dyn ChunkStore) {
+    committer.add_user("u", "h", 1).await.unwrap();
+    let l = lock("c1");
+    committer.create_parcel(new_parcel("u", "p", l.clone())).await.unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let commits = async {
+        let mut prev: Vec<Tag> = Vec::new();
+        let mut head = 0;
+        for _ in 0..25 {
+            // Each version keeps half the previous chunks and adds new ones; garbage appears on the side.
+            let mut tags: Vec<Tag> = prev.iter().step_by(2).copied().collect();
+            for _ in 0..4 {
+                let (t, d) = fake_chunk();
+                chunks.put(&t, d).await.unwrap();
+                tags.push(t);
+                let (g, dg) = fake_chunk();
+                chunks.put(&g, dg).await.unwrap();
+            }
+            let (k, kd) = keyring(&tags);
+            committer.put_keyring("u", "p", k, kd).await.unwrap();
+            let slow = Presence { store: chunks, delay: Duration::from_millis(5) };
+            loop {
+                match committer.commit_version(new_version("u", "p", &l.lock_id, head, vec![k]), &slow).await
+                {
+                    Ok(n) => {
+                        head = n;
+                        break;
+                    }
+                    // gc removed uploaded-but-uncommitted chunks: upload again, as a client does.
+                    Err(MetaError::MissingChunks(missing)) => {
+                        for t in missing {
+                            // Metadata tests do not verify chunk bytes: any bytes will do.
+                            chunks.put(&t, Bytes::from_static(b"re-uploaded")).await.unwrap();
+                        }
+                    }
+                    Err(e) => panic!("commit failed: {e}"),
+                }
+            }
+            prev = tags;
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let sweeps = async {
+        let mut deleted = 0;
+        let mut rounds = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            deleted += gc(collector, chunks).await.len();
+            rounds += 1;
+        }
+        (rounds, deleted)
+    };
+    let ((), (rounds, deleted)) = tokio::join!(commits, sweeps);
+    assert!(rounds > 1 && deleted > 0, "gc ran {rounds} rounds, deleted {deleted}");
+    // Every chunk every version references is still there.
+    let mark = collector.gc_mark().await.unwrap();
+    assert!(!mark.referenced.is_empty());
+    for t in &mark.referenced {
+        assert!(chunks.contains(t).await.unwrap(), "referenced chunk {t:?} was lost");
+    }
+    gc(collector, chunks).await;
+    let left: HashSet<Tag> = chunks.list().await.unwrap().into_iter().map(|(t, _)| t).collect();
+    assert_eq!(left, mark.referenced, "a final gc leaves exactly the referenced chunks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pg_gc_on_one_process_while_another_commits() {
+    let (a, url) = pg_store().await;
+    let b = isr_store::PgMetaStore::open(&url).await.unwrap();
+    gc_races_commits(&a, &b, &s3_store()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_gc_on_one_handle_while_another_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = SqliteMetaStore::open(dir.path().join("m.db")).unwrap();
+    let b = SqliteMetaStore::open(dir.path().join("m.db")).unwrap();
+    gc_races_commits(&a, &b, &MemChunkStore::new()).await;
+}
