@@ -26,7 +26,8 @@ impl Chunks {
         Chunks { store: Arc::new(VerifyingStore::new(fs.clone())), fs: Some(fs) }
     }
 
-    /// Any other store (ages unknown: gc then treats every unreferenced chunk as old enough).
+    /// Any other store (when it cannot tell a chunk's age, gc treats every unreferenced chunk as old enough;
+    /// a commit that then misses a chunk is refused with the list, and the client uploads it again).
     pub fn other(store: Arc<dyn ChunkStore>) -> Self {
         Chunks { store, fs: None }
     }
@@ -80,11 +81,7 @@ impl Chunks {
 
     /// How long ago a chunk was written (or last re-uploaded); `None` when unknown or absent.
     pub async fn age(&self, tag: &Tag) -> Option<Duration> {
-        let path = self.fs.as_ref()?.path_of(tag);
-        tokio::task::spawn_blocking(move || std::fs::metadata(path).ok()?.modified().ok()?.elapsed().ok())
-            .await
-            .ok()
-            .flatten()
+        self.store.age(tag).await
     }
 
     /// Marks an existing chunk as recently uploaded, so gc's grace period protects it like a new one.

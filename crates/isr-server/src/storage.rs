@@ -3,7 +3,10 @@
 use crate::chunks::Chunks;
 use crate::error::ServerError;
 use isr_format::ConvergenceSecret;
-use isr_store::{Durability, FsChunkStore, MetaError, MetaStore, SqliteMetaStore};
+use isr_store::{
+    Durability, FsChunkStore, MetaError, MetaStore, PgMetaStore, S3ChunkStore, SqliteMetaStore,
+    VerifyingStore,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,9 +15,11 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Default)]
 pub struct StorageConfig {
     pub data: Option<PathBuf>,
-    /// `sqlite:PATH`, `sqlite://PATH` or a plain path; `postgres://...` is not supported in this build yet.
+    /// `sqlite:PATH`, `sqlite://PATH`, a plain path, or `postgres://USER@HOST:PORT/DB` (shared by several
+    /// server processes).
     pub database: Option<String>,
-    /// `file:PATH`, `file://PATH` or a plain path; `s3://BUCKET/PREFIX` is not supported in this build yet.
+    /// `file:PATH`, `file://PATH`, a plain path, or `s3://BUCKET/PREFIX` (endpoint, region and keys from the
+    /// usual `AWS_*` variables).
     pub chunks: Option<String>,
 }
 
@@ -55,9 +60,7 @@ impl Storage {
         }
         let meta: Arc<dyn MetaStore> = match &cfg.database {
             Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
-                return Err(ServerError::Unsupported(format!(
-                    "--database {url}: PostgreSQL metadata is not supported in this build yet (use sqlite or --data)"
-                )))
+                Arc::new(PgMetaStore::open(url).await?)
             }
             Some(url) => {
                 let path = PathBuf::from(strip_scheme(url, "sqlite").unwrap_or(url));
@@ -68,19 +71,21 @@ impl Storage {
             }
             None => Arc::new(SqliteMetaStore::open(cfg.data.as_ref().expect("checked").join("meta.sqlite"))?),
         };
-        let chunk_dir = match &cfg.chunks {
+        let chunks = match &cfg.chunks {
             Some(url) if url.starts_with("s3:") => {
-                return Err(ServerError::Unsupported(format!(
-                    "--chunks {url}: S3 chunk storage is not supported in this build yet (use a directory or --data)"
-                )))
+                Chunks::other(Arc::new(VerifyingStore::new(S3ChunkStore::from_url(url)?)))
             }
-            Some(url) => PathBuf::from(strip_scheme(url, "file").unwrap_or(url)),
-            None => cfg.data.as_ref().expect("checked").join("chunks"),
+            other => {
+                let chunk_dir = match other {
+                    Some(url) => PathBuf::from(strip_scheme(url, "file").unwrap_or(url)),
+                    None => cfg.data.as_ref().expect("checked").join("chunks"),
+                };
+                Chunks::fs(FsChunkStore::open(&chunk_dir, Durability::Fsync)?)
+            }
         };
-        let fs = FsChunkStore::open(&chunk_dir, Durability::Fsync)?;
         let secret = meta.setting_or_init("convergence_secret", ConvergenceSecret::random().to_hex()).await?;
         let convergence_secret = ConvergenceSecret::from_hex(&secret)
             .ok_or_else(|| MetaError::Database("stored convergence secret is not 64 hex digits".into()))?;
-        Ok(Storage { meta, chunks: Chunks::fs(fs), convergence_secret })
+        Ok(Storage { meta, chunks, convergence_secret })
     }
 }

@@ -39,6 +39,11 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug + 'static {
     async fn delete(&self, tag: &Tag) -> Result<(), StoreError>;
     /// Every stored tag with its size in bytes.
     async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError>;
+    /// How long ago the chunk was written, when the backend knows (gc spares young chunks: they may belong
+    /// to a commit still in progress).
+    async fn age(&self, _tag: &Tag) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 #[async_trait]
@@ -57,6 +62,9 @@ impl<S: ChunkStore + ?Sized> ChunkStore for Arc<S> {
     }
     async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
         (**self).list().await
+    }
+    async fn age(&self, tag: &Tag) -> Option<std::time::Duration> {
+        (**self).age(tag).await
     }
 }
 
@@ -228,6 +236,14 @@ impl ChunkStore for FsChunkStore {
         let s = self.clone();
         blocking(move || s.list_blocking()).await
     }
+
+    async fn age(&self, tag: &Tag) -> Option<std::time::Duration> {
+        let path = self.path_of(tag);
+        tokio::task::spawn_blocking(move || std::fs::metadata(path).ok()?.modified().ok()?.elapsed().ok())
+            .await
+            .ok()
+            .flatten()
+    }
 }
 
 /// Chunks in memory, for tests.
@@ -316,6 +332,9 @@ impl<S: ChunkStore> ChunkStore for VerifyingStore<S> {
     }
     async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
         self.inner.list().await
+    }
+    async fn age(&self, tag: &Tag) -> Option<std::time::Duration> {
+        self.inner.age(tag).await
     }
 }
 

@@ -138,6 +138,12 @@ impl ChunkStore for S3ChunkStore {
         }
     }
 
+    async fn age(&self, tag: &Tag) -> Option<std::time::Duration> {
+        let meta = self.store.head(&self.key_of(tag)).await.ok()?;
+        let modified: std::time::SystemTime = meta.last_modified.into();
+        modified.elapsed().ok()
+    }
+
     async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
         // The stream pages through the listing (S3 ListObjectsV2 continuation tokens).
         let prefix = self.prefix_path();

@@ -565,6 +565,8 @@ async fn gc_races_commits(committer: &dyn MetaStore, collector: &dyn MetaStore, 
                 }
             }
             prev = tags;
+            // Let the collector in between commits too (SQLite's busy waits could otherwise starve it).
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         done.store(true, std::sync::atomic::Ordering::SeqCst);
     };
