@@ -49,6 +49,21 @@ impl ChunkCache {
         Ok(())
     }
 
+    /// Blocking read of a cached chunk's stored bytes (for use inside `spawn_blocking`, next to the decode).
+    pub fn read_blocking(&self, tag: &Tag) -> Result<Option<Vec<u8>>, ClientError> {
+        let path = self.fetched.path_of(tag);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ClientError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// Which of `tags` are not in the cache (blocking: one `stat` each).
+    pub fn missing_blocking(&self, tags: &[Tag]) -> Vec<Tag> {
+        tags.iter().filter(|t| !self.fetched.path_of(t).exists()).copied().collect()
+    }
+
     /// The chunk from the cache, or fetched from the server (verified) and cached.
     pub async fn get_or_fetch(&self, tag: &Tag, server: Option<&Transport>) -> Result<Bytes, ClientError> {
         if let Some(b) = self.get(tag).await? {

@@ -11,12 +11,13 @@ use crate::error::ClientError;
 use crate::home::write_atomic;
 use crate::transport::Transport;
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 use isr_format::{
     ByteOffset, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageLen, Keyring,
     Keyroot, Tag,
 };
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,11 +27,81 @@ pub const DEFAULT_MEMORY_CACHE: usize = 256 << 20;
 /// Dirty (unflushed) data kept in memory before a write forces a flush.
 const MAX_DIRTY_BYTES: usize = 512 << 20;
 const STRIPES: usize = 1024;
-const READ_AHEAD: u64 = 16;
+/// Chunks fetched ahead of a sequential reader (4 MiB at the default chunk size).
+const READ_AHEAD: u64 = 32;
+/// Chunks of one request decoded (or fetched) concurrently.
+const READ_PARALLELISM: usize = 16;
 const FLUSH_PARALLELISM: usize = 4;
 
 thread_local! {
     static DECODER: std::cell::RefCell<ChunkDecoder> = std::cell::RefCell::new(ChunkDecoder::new());
+    /// A zstd context per thread: creating one per chunk costs more than compressing a 128 KiB chunk.
+    static ENCODER: std::cell::RefCell<Option<(ConvergenceSecret, ChunkEncoder)>> = const { std::cell::RefCell::new(None) };
+}
+
+fn encode_chunk(
+    secret: &ConvergenceSecret,
+    data: &[u8],
+) -> Result<Option<isr_format::codec::EncodedChunk>, isr_format::codec::ChunkError> {
+    ENCODER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(s, _)| s != secret) {
+            *cell = Some((secret.clone(), ChunkEncoder::new(secret.clone())));
+        }
+        cell.as_mut().expect("just set").1.encode(data)
+    })
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<ClientError>>>>;
+
+/// Fetches chunks from the server into the cache, each tag once however many readers and read-aheads want it.
+struct Fetcher {
+    cache: ChunkCache,
+    server: Option<Transport>,
+    stats: Arc<ImageStats>,
+    inflight: Mutex<HashMap<Tag, SharedFetch>>,
+}
+
+impl Fetcher {
+    fn fetch(self: &Arc<Self>, tag: Tag) -> SharedFetch {
+        let mut inflight = self.inflight.lock().expect("fetch map");
+        if let Some(f) = inflight.get(&tag) {
+            return f.clone();
+        }
+        let me = self.clone();
+        let fut = async move {
+            let r = me.fetch_now(&tag).await.map_err(Arc::new);
+            me.inflight.lock().expect("fetch map").remove(&tag);
+            r
+        }
+        .boxed()
+        .shared();
+        inflight.insert(tag, fut.clone());
+        // Runs to the end even when every reader gave up on it (read-ahead has no reader yet).
+        tokio::spawn(fut.clone());
+        fut
+    }
+
+    fn is_fetching(&self, tag: &Tag) -> bool {
+        self.inflight.lock().expect("fetch map").contains_key(tag)
+    }
+
+    async fn fetch_now(&self, tag: &Tag) -> Result<Bytes, ClientError> {
+        // It may have landed between the caller's cache miss and now.
+        if let Some(b) = self.cache.get(tag).await? {
+            return Ok(b);
+        }
+        let server = self.server.as_ref().ok_or_else(|| {
+            ClientError::Other(format!(
+                "chunk {tag} is not in the local cache and the client is disconnected"
+            ))
+        })?;
+        let b = server.get_chunk(tag).await?;
+        self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+        self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        self.cache.put_fetched(tag, b.clone()).await?;
+        Ok(b)
+    }
 }
 
 struct Resident {
@@ -66,7 +137,9 @@ pub struct WorkingImage {
     secret: ConvergenceSecret,
     state: Mutex<State>,
     stripes: Vec<tokio::sync::Mutex<()>>,
-    prefetching: Mutex<HashSet<Tag>>,
+    fetcher: Arc<Fetcher>,
+    /// Read-ahead has considered chunks up to here (exclusive), so it does not re-check them per request.
+    ahead_mark: AtomicU64,
     memory_cache: usize,
     pub stats: Arc<ImageStats>,
 }
@@ -95,6 +168,13 @@ impl WorkingImage {
         secret: ConvergenceSecret,
         memory_cache: usize,
     ) -> WorkingImage {
+        let stats = Arc::new(ImageStats::default());
+        let fetcher = Arc::new(Fetcher {
+            cache: cache.clone(),
+            server: server.clone(),
+            stats: stats.clone(),
+            inflight: Mutex::new(HashMap::new()),
+        });
         WorkingImage {
             chunk_size: keyring.chunk_size(),
             len: keyring.image_len(),
@@ -113,9 +193,10 @@ impl WorkingImage {
                 last_read: None,
             }),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            prefetching: Mutex::new(HashSet::new()),
+            fetcher,
+            ahead_mark: AtomicU64::new(0),
             memory_cache,
-            stats: Arc::new(ImageStats::default()),
+            stats,
         }
     }
 
@@ -155,25 +236,35 @@ impl WorkingImage {
         Ok(())
     }
 
-    /// Decode chunk `i` from the cache or the server. The caller holds the chunk's stripe lock.
-    async fn load(&self, i: u64) -> Result<Vec<u8>, ClientError> {
+    /// Decode chunk `i` from the cache or the server; `None` for a zero chunk (nothing stored). The caller
+    /// holds the chunk's stripe lock.
+    async fn load(&self, i: u64) -> Result<Option<Vec<u8>>, ClientError> {
         let idx = ChunkIndex(i);
         let (entry, clen) = {
             let st = self.state.lock().expect("image state");
             (st.keyring.get(idx).map(|(t, k)| (t, k.clone())), st.keyring.chunk_len(idx))
         };
         let Some((tag, key)) = entry else {
-            return Ok(vec![0u8; clen]);
+            return Ok(None);
         };
-        let stored = match self.cache.get(&tag).await? {
-            Some(b) => b,
-            None => {
-                let b = self.cache.get_or_fetch(&tag, self.server.as_ref()).await?;
-                self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                b
+        // From the cache: read and decode in one blocking step.
+        let (cache, k) = (self.cache.clone(), key.clone());
+        let cached = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, ClientError> {
+            match cache.read_blocking(&tag)? {
+                Some(stored) => DECODER
+                    .with(|d| d.borrow_mut().decode(&tag, &k, &stored, clen))
+                    .map(Some)
+                    .map_err(|e| ClientError::chunk(&tag, e)),
+                None => Ok(None),
             }
-        };
+        })
+        .await
+        .map_err(|e| ClientError::Other(format!("decode task: {e}")))??;
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        // From the server (joining a read-ahead fetch of the same chunk if one is under way).
+        let stored = self.fetcher.fetch(tag).await.map_err(|e| ClientError::Other(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
             DECODER
                 .with(|d| d.borrow_mut().decode(&tag, &key, &stored, clen))
@@ -181,34 +272,38 @@ impl WorkingImage {
         })
         .await
         .map_err(|e| ClientError::Other(format!("decode task: {e}")))?
+        .map(Some)
     }
 
     /// Fetch the next chunks into the cache (encrypted) when reads are sequential.
-    fn read_ahead(self: &Arc<Self>, from: u64) {
-        let Some(server) = self.server.clone() else { return };
+    fn read_ahead(&self, from: u64) {
+        if self.server.is_none() {
+            return;
+        }
+        let mark = self.ahead_mark.load(Ordering::Relaxed);
+        let start = if (from..from + READ_AHEAD).contains(&mark) { mark } else { from };
         let tags: Vec<Tag> = {
             let st = self.state.lock().expect("image state");
-            (from..(from + READ_AHEAD).min(st.keyring.chunk_count()))
+            let end = (from + READ_AHEAD).min(st.keyring.chunk_count());
+            self.ahead_mark.store(end.max(start), Ordering::Relaxed);
+            (start..end)
                 .filter(|i| !st.resident.contains_key(i))
                 .filter_map(|i| st.keyring.get(ChunkIndex(i)).map(|(t, _)| t))
+                .filter(|t| !self.fetcher.is_fetching(t))
                 .collect()
         };
-        for tag in tags {
-            if !self.prefetching.lock().expect("prefetch set").insert(tag) {
-                continue;
-            }
-            let (me, server) = (self.clone(), server.clone());
-            tokio::spawn(async move {
-                if !me.cache.contains(&tag).await.unwrap_or(true) {
-                    if let Ok(b) = server.get_chunk(&tag).await {
-                        me.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-                        me.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-                        let _ = me.cache.put_fetched(&tag, b).await;
-                    }
-                }
-                me.prefetching.lock().expect("prefetch set").remove(&tag);
-            });
+        if tags.is_empty() {
+            return;
         }
+        let fetcher = self.fetcher.clone();
+        tokio::spawn(async move {
+            let cache = fetcher.cache.clone();
+            let missing =
+                tokio::task::spawn_blocking(move || cache.missing_blocking(&tags)).await.unwrap_or_default();
+            for tag in missing {
+                drop(fetcher.fetch(tag));
+            }
+        });
     }
 
     fn evict_if_needed(&self, st: &mut State) {
@@ -232,18 +327,48 @@ impl WorkingImage {
         }
     }
 
+    fn insert_resident(&self, st: &mut State, i: u64, data: Vec<u8>) {
+        st.clock += 1;
+        st.clean_bytes += data.len();
+        let last_use = st.clock;
+        st.resident.insert(i, Resident { data, last_use });
+        self.evict_if_needed(st);
+    }
+
     /// Make chunk `i` resident; the caller holds its stripe lock.
     async fn ensure_resident(&self, i: u64) -> Result<(), ClientError> {
         if self.state.lock().expect("image state").resident.contains_key(&i) {
             return Ok(());
         }
-        let data = self.load(i).await?;
+        let clen = self.chunk_size.chunk_len(self.len, ChunkIndex(i));
+        let data = self.load(i).await?.unwrap_or_else(|| vec![0u8; clen]);
         let mut st = self.state.lock().expect("image state");
-        st.clock += 1;
-        st.clean_bytes += data.len();
-        let last_use = st.clock;
-        st.resident.insert(i, Resident { data, last_use });
-        self.evict_if_needed(&mut st);
+        self.insert_resident(&mut st, i, data);
+        Ok(())
+    }
+
+    /// Copy `out.len()` bytes of chunk `i` from `start` into `out`.
+    async fn read_chunk(&self, i: u64, start: usize, out: &mut [u8]) -> std::io::Result<()> {
+        let _g = self.stripe(i).lock().await;
+        {
+            let mut st = self.state.lock().expect("image state");
+            st.clock += 1;
+            let clock = st.clock;
+            if let Some(r) = st.resident.get_mut(&i) {
+                r.last_use = clock;
+                out.copy_from_slice(&r.data[start..start + out.len()]);
+                return Ok(());
+            }
+        }
+        match self.load(i).await.map_err(eio)? {
+            // A zero chunk is not worth keeping in memory.
+            None => out.fill(0),
+            Some(data) => {
+                out.copy_from_slice(&data[start..start + out.len()]);
+                let mut st = self.state.lock().expect("image state");
+                self.insert_resident(&mut st, i, data);
+            }
+        }
         Ok(())
     }
 
@@ -251,6 +376,9 @@ impl WorkingImage {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.chunk_size;
         let range = cs.chunks_in_range(ByteOffset(offset), buf.len() as u64);
+        if range.is_empty() {
+            return Ok(());
+        }
         let sequential = {
             let mut st = self.state.lock().expect("image state");
             let seq = st.last_read.is_some_and(|l| range.start == l || range.start == l + 1);
@@ -260,21 +388,37 @@ impl WorkingImage {
         if sequential || range.end - range.start > 1 {
             self.read_ahead(range.end);
         }
-        let mut pos = 0usize;
+        // One piece of `buf` per chunk; the chunks of one request are decoded concurrently.
+        let mut parts = Vec::with_capacity((range.end - range.start) as usize);
+        let mut rest: &mut [u8] = buf;
+        let mut pos = offset;
         for i in range {
-            let _g = self.stripe(i).lock().await;
-            self.ensure_resident(i).await.map_err(eio)?;
-            let mut st = self.state.lock().expect("image state");
-            st.clock += 1;
-            let clock = st.clock;
-            let r = st.resident.get_mut(&i).expect("resident under stripe lock");
-            r.last_use = clock;
-            let start = if pos == 0 { cs.offset_in_chunk(ByteOffset(offset)) } else { 0 };
-            let n = (r.data.len() - start).min(buf.len() - pos);
-            buf[pos..pos + n].copy_from_slice(&r.data[start..start + n]);
-            pos += n;
+            let start = cs.offset_in_chunk(ByteOffset(pos));
+            let n = (cs.chunk_len(self.len, ChunkIndex(i)) - start).min(rest.len());
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            parts.push((i, start, piece));
+            rest = tail;
+            pos += n as u64;
         }
-        Ok(())
+        if parts.len() == 1 {
+            let (i, start, piece) = parts.pop().expect("one part");
+            return self.read_chunk(i, start, piece).await;
+        }
+        let mut pending = parts.into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        for (i, start, piece) in pending.by_ref().take(READ_PARALLELISM) {
+            running.push(self.read_chunk(i, start, piece));
+        }
+        let mut result = Ok(());
+        while let Some(r) = running.next().await {
+            if result.is_ok() {
+                result = r;
+            }
+            if let Some((i, start, piece)) = pending.next() {
+                running.push(self.read_chunk(i, start, piece));
+            }
+        }
+        result
     }
 
     /// Apply `f(chunk_bytes, start_in_chunk, range_in_data)` to every chunk overlapped by the range.
@@ -355,7 +499,7 @@ impl WorkingImage {
                     st.resident.get(&i).map(|r| r.data.clone()).expect("dirty chunks are resident")
                 };
                 let secret = self.secret.clone();
-                let encoded = tokio::task::spawn_blocking(move || ChunkEncoder::new(secret).encode(&data))
+                let encoded = tokio::task::spawn_blocking(move || encode_chunk(&secret, &data))
                     .await
                     .map_err(|e| ClientError::Other(format!("encode task: {e}")))?
                     .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
