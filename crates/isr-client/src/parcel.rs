@@ -274,10 +274,7 @@ impl Client {
                     if detail.head != 0 {
                         return Err(ClientError::Exists(msg));
                     }
-                    let wrapped = WrappedKeyroot(hex::decode(&detail.wrapped_keyroot).map_err(|_| {
-                        ClientError::Integrity("server sent a malformed wrapped keyroot".into())
-                    })?);
-                    let keyroot = wrapped.unwrap(&wrap)?;
+                    let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
                     (keyroot, t.lock(name, &id.name, &id.client_id).await?)
                 }
                 Err(e) => return Err(e),
@@ -373,12 +370,8 @@ impl Client {
             )));
         }
         let (v, manifest_bytes) = t.manifest(name, version).await?;
-        let wrapped = WrappedKeyroot(
-            hex::decode(&detail.wrapped_keyroot)
-                .map_err(|_| ClientError::Integrity("server sent a malformed wrapped keyroot".into()))?,
-        );
         let wrap = self.secrets()?.wrap.clone();
-        let keyroot = wrapped.unwrap(&wrap)?;
+        let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
         let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
         let dir = self.home.parcel_dir(&self.user, name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -413,12 +406,8 @@ impl Client {
         let state = self.home.local_state(&self.user, name)?.ok_or_else(|| {
             ClientError::Usage(format!("{name} is not checked out on this client: run `isr checkout {name}`"))
         })?;
-        let wrapped =
-            WrappedKeyroot(hex::decode(&state.wrapped_keyroot).map_err(|_| {
-                ClientError::Integrity("local state holds a malformed wrapped keyroot".into())
-            })?);
         let wrap = self.secrets()?.wrap.clone();
-        let keyroot = wrapped.unwrap(&wrap)?;
+        let keyroot = unwrap_keyroot(&state.wrapped_keyroot, &wrap, "the local state")?;
         let dir = self.home.parcel_dir(&self.user, name);
         let manifest_bytes = read_file(&dir.join("base.manifest"))?;
         let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
@@ -802,12 +791,8 @@ impl Client {
         let t = self.connect().await?;
         let detail = t.parcel(name).await?;
         let (_, manifest_bytes) = t.manifest(name, version).await?;
-        let wrapped = WrappedKeyroot(
-            hex::decode(&detail.wrapped_keyroot)
-                .map_err(|_| ClientError::Integrity("server sent a malformed wrapped keyroot".into()))?,
-        );
         let wrap = self.secrets()?.wrap.clone();
-        let keyroot = wrapped.unwrap(&wrap)?;
+        let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
         let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
         let ring = Keyring::open(&t.keyring(name, &manifest.disk.keyring).await?, &keyroot)?;
         let cache = self.cache()?;
@@ -860,6 +845,17 @@ impl Client {
 }
 
 // ---- helpers ---------------------------------------------------------------------------------------
+
+/// Decode a hex wrapped keyroot (from `source`, for the message) and unwrap it with the password's key.
+fn unwrap_keyroot(
+    hex_wrapped: &str,
+    wrap: &isr_format::KeyWrapKey,
+    source: &str,
+) -> Result<Keyroot, ClientError> {
+    let bytes = hex::decode(hex_wrapped)
+        .map_err(|_| ClientError::Integrity(format!("{source} holds a malformed wrapped keyroot")))?;
+    Ok(WrappedKeyroot(bytes).unwrap(wrap)?)
+}
 
 /// A raw image to import: the file itself, or a raw conversion made with `qemu-img` for other formats.
 struct RawImage {
