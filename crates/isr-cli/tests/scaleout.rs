@@ -4,57 +4,28 @@
 mod common;
 use common::*;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-struct Services {
-    env: Vec<(String, String)>,
-    _dir: tempfile::TempDir,
+/// One deployment: a fresh database and bucket prefix on the shared test services.
+struct Deployment {
+    database: String,
+    chunks: String,
 }
 
-fn services() -> Services {
-    let dir = tempfile::Builder::new().prefix("isr-scale-").tempdir().unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/services.sh");
-    let log = std::fs::File::create(dir.path().join("start.log")).unwrap();
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg("start")
-        .arg(dir.path())
-        .env("ISR_SERVICES_WATCH_PID", std::process::id().to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .status()
-        .unwrap();
-    let log = std::fs::read_to_string(dir.path().join("start.log")).unwrap_or_default();
-    assert!(status.success(), "scripts/services.sh start failed:\n{log}");
-    let env = std::fs::read_to_string(dir.path().join("env")).unwrap();
-    let env = env
-        .split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches(['"', '\'']).to_owned()))
-        .collect();
-    Services { env, _dir: dir }
+fn deployment() -> Deployment {
+    let svc = isr_testkit::services();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    Deployment { database: rt.block_on(svc.fresh_pg_database()), chunks: svc.fresh_s3_url() }
 }
 
-impl Services {
-    fn get(&self, k: &str) -> String {
-        self.env
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| panic!("{k} not in env"))
-    }
-
+impl Deployment {
     fn server_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(server_bin());
         c.args(args)
-            .args(["--database", &self.get("ISR_TEST_PG_URL"), "--chunks", &self.get("ISR_TEST_S3_URL")])
+            .args(["--database", &self.database, "--chunks", &self.chunks])
+            .envs(isr_testkit::services().env())
             .env("ISR_PASSWORD", PASSWORD)
             .stdin(Stdio::null());
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
         c
     }
 
@@ -83,7 +54,7 @@ fn client(url: &str) -> Client {
 
 #[test]
 fn two_servers_on_postgres_and_s3_act_as_one() {
-    let svc = services();
+    let svc = deployment();
     let out = svc.server_cmd(&["user", "add", "alice"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (mut s1, url1) = svc.serve();
@@ -122,7 +93,7 @@ fn two_servers_on_postgres_and_s3_act_as_one() {
     // Two clients racing for the lock through different servers: exactly one wins, every time.
     let c1 = client(&url1);
     let c2 = client(&url2);
-    for round in 0..20 {
+    for round in 0..100 {
         let mut p1 = c1.cmd(&["checkout", "p"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let mut p2 = c2.cmd(&["checkout", "p"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         let (r1, r2) = (p1.wait().unwrap().code(), p2.wait().unwrap().code());
@@ -146,9 +117,4 @@ fn two_servers_on_postgres_and_s3_act_as_one() {
     let _ = s2.kill();
     let _ = s1.wait();
     let _ = s2.wait();
-    let _ = Command::new("bash")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/services.sh"))
-        .arg("stop")
-        .arg(svc._dir.path())
-        .status();
 }

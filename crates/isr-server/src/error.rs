@@ -12,8 +12,6 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("configuration: {0}")]
     Config(String),
-    #[error("not supported in this build yet: {0}")]
-    Unsupported(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("password hashing failed: {0}")]

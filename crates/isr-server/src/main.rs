@@ -25,10 +25,11 @@ struct StorageArgs {
     /// Data directory: metadata in DIR/meta.sqlite, chunks in DIR/chunks/.
     #[arg(long, global = true, env = "ISR_DATA", value_name = "DIR")]
     data: Option<PathBuf>,
-    /// Metadata database: sqlite:PATH (postgres://... not supported in this build yet).
+    /// Metadata database: sqlite:PATH, or postgres://USER@HOST:PORT/DB shared by several servers.
     #[arg(long, global = true, value_name = "URL")]
     database: Option<String>,
-    /// Chunk store: a directory or file:PATH (s3://BUCKET/PREFIX not supported in this build yet).
+    /// Chunk store: a directory, file:PATH, or s3://BUCKET/PREFIX (endpoint, region and keys from the usual
+    /// AWS_* variables, e.g. AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
     #[arg(long, global = true, value_name = "URL")]
     chunks: Option<String>,
     /// Configuration file of `key = value` lines (data, database, chunks, listen, tls_cert, tls_key,

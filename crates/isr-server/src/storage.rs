@@ -83,6 +83,12 @@ impl Storage {
                 Chunks::fs(FsChunkStore::open(&chunk_dir, Durability::Fsync)?)
             }
         };
+        Storage::from_stores(meta, chunks).await
+    }
+
+    /// Storage over stores the caller opened (tests and benchmarks configure their own S3 clients); reads
+    /// or creates the deployment's convergence secret.
+    pub async fn from_stores(meta: Arc<dyn MetaStore>, chunks: Chunks) -> Result<Storage, ServerError> {
         let secret = meta.setting_or_init("convergence_secret", ConvergenceSecret::random().to_hex()).await?;
         let convergence_secret = ConvergenceSecret::from_hex(&secret)
             .ok_or_else(|| MetaError::Database("stored convergence secret is not 64 hex digits".into()))?;

@@ -1,58 +1,147 @@
 //! The real `isr-server` binary: SIGKILL in the middle of a check-in, restart, check, finish the check-in;
-//! graceful SIGTERM; exit codes of `check`.
+//! graceful SIGTERM; exit codes of `check`. On every backend combination (PostgreSQL and S3 are real
+//! services, see `isr_testkit`).
 
 mod common;
 
-use common::{version, Api};
+use common::{version, Api, Backend};
 use isr_format::keys::KdfParams;
 use isr_format::{Tag, UserSecrets};
+use isr_store::object_store::ObjectStoreExt;
+use isr_store::S3ChunkStore;
 use reqwest::StatusCode;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_isr-server");
 
-fn admin(data: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("ISR_DATA", data)
-        .env("ISR_PASSWORD", "correct horse")
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap()
+/// One deployment of the real binary: its storage options and environment, and a way to damage a stored
+/// chunk behind the server's back.
+struct Deployment {
+    /// Holds the data directory, SQLite file or chunk files for the test's lifetime.
+    _dir: tempfile::TempDir,
+    storage_args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// The S3 chunk store (when chunks live in S3), else chunk files under `chunk_dir`.
+    s3: Option<S3ChunkStore>,
+    chunk_dir: PathBuf,
 }
 
-/// Starts `serve` on a free port; returns the child and its URL (from the one line it prints).
-fn serve(data: &Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url =
-        line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-    assert!(!url.ends_with(":0"));
-    (child, url.to_owned())
+impl Deployment {
+    async fn new(backend: Backend) -> Deployment {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage_args = Vec::new();
+        let mut env = Vec::new();
+        let chunk_dir = dir.path().join("chunks");
+        let mut s3 = None;
+        match backend {
+            Backend::Embedded => storage_args.extend(["--data".into(), dir.path().display().to_string()]),
+            Backend::SqliteS3 | Backend::PgFs | Backend::PgS3 => {
+                let database = if backend == Backend::SqliteS3 {
+                    format!("sqlite:{}", dir.path().join("meta.sqlite").display())
+                } else {
+                    isr_testkit::services().fresh_pg_database().await
+                };
+                let chunks = if backend == Backend::PgFs {
+                    chunk_dir.display().to_string()
+                } else {
+                    let svc = isr_testkit::services();
+                    let url = svc.fresh_s3_url();
+                    s3 = Some(S3ChunkStore::from_url_with(&url, svc.s3_builder()).unwrap());
+                    env.extend(svc.env().map(|(k, v)| (k.to_owned(), v.to_owned())));
+                    url
+                };
+                storage_args.extend(["--database".into(), database, "--chunks".into(), chunks]);
+            }
+        }
+        Deployment { _dir: dir, storage_args, env, s3, chunk_dir }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .args(&self.storage_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("ISR_PASSWORD", "correct horse")
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    fn admin(&self, args: &[&str]) -> std::process::Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Starts `serve` on a free port; returns the child and its URL (from the one line it prints).
+    fn serve(&self) -> (Child, String) {
+        let mut child =
+            self.cmd(&["serve", "--listen", "127.0.0.1:0"]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+        assert!(!url.ends_with(":0"));
+        (child, url.to_owned())
+    }
+
+    fn chunk_path(&self, t: &Tag) -> PathBuf {
+        self.chunk_dir.join(&t.to_hex()[..2]).join(t.to_hex())
+    }
+
+    async fn remove_chunk(&self, t: &Tag) {
+        match &self.s3 {
+            Some(s3) => s3.object_store().delete(&s3.key_of(t)).await.unwrap(),
+            None => std::fs::remove_file(self.chunk_path(t)).unwrap(),
+        }
+    }
+
+    /// Flips one bit of a stored chunk.
+    async fn corrupt_chunk(&self, t: &Tag) {
+        match &self.s3 {
+            Some(s3) => {
+                let key = s3.key_of(t);
+                let mut bytes = s3.object_store().get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+                bytes[40] ^= 1;
+                s3.object_store().put(&key, bytes.into()).await.unwrap();
+            }
+            None => {
+                let mut bytes = std::fs::read(self.chunk_path(t)).unwrap();
+                bytes[40] ^= 1;
+                std::fs::write(self.chunk_path(t), bytes).unwrap();
+            }
+        }
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path();
-    let out = admin(data, &["user", "add", "alice"]);
+macro_rules! on_every_backend {
+    ($test:ident: $($module:ident => $backend:ident),*) => {
+        $(
+            mod $module {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::$backend).await
+                }
+            }
+        )*
+    };
+}
+
+on_every_backend!(sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes:
+    embedded => Embedded, sqlite_s3 => SqliteS3, pg_fs => PgFs, pg_s3 => PgS3);
+
+async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes(backend: Backend) {
+    let d = Deployment::new(backend).await;
+    let out = d.admin(&["user", "add", "alice"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let listed = admin(data, &["user", "list"]);
+    let listed = d.admin(&["user", "list"]);
     assert!(String::from_utf8_lossy(&listed.stdout).starts_with("alice\t"));
     let secret = UserSecrets::derive("alice", "correct horse", KdfParams::DEFAULT).unwrap().login;
 
-    let (mut server, url) = serve(data);
+    let (mut server, url) = d.serve();
     let mut api = Api::new(&url);
     api.login("alice", &secret).await;
     let lock = api.create("p", "laptop").await;
@@ -103,9 +192,9 @@ async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes() {
     assert!(confirmed.len() < needed.len(), "the server was killed too late to test anything");
 
     // After the crash: metadata intact, head unchanged, every referenced chunk present.
-    let out = admin(data, &["check", "--full"]);
+    let out = d.admin(&["check", "--full"]);
     assert!(out.status.success(), "check after crash: {}", String::from_utf8_lossy(&out.stdout));
-    let (mut server, url) = serve(data);
+    let (mut server, url) = d.serve();
     api.url = url;
     let p = api.get("/api/v1/parcels/p").await.json();
     assert_eq!(p["head"], 1);
@@ -139,42 +228,42 @@ async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes() {
     assert_eq!(status.code(), Some(0));
 
     // check: all good, then a missing and a corrupt chunk make it exit 5 naming them.
-    assert!(admin(data, &["check"]).status.success());
-    let parcels = String::from_utf8(admin(data, &["parcel", "list"]).stdout).unwrap();
+    assert!(d.admin(&["check"]).status.success());
+    let parcels = String::from_utf8(d.admin(&["parcel", "list"]).stdout).unwrap();
     assert!(parcels.contains("alice") && parcels.contains("host-laptop"), "{parcels}");
-    let path_of = |t: &Tag| data.join("chunks").join(&t.to_hex()[..2]).join(t.to_hex());
     let gone = v2.chunks[0].0;
-    std::fs::remove_file(path_of(&gone)).unwrap();
-    let out = admin(data, &["check"]);
+    d.remove_chunk(&gone).await;
+    let out = d.admin(&["check"]);
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&gone.to_hex()));
     let bad = v2.chunks[1].0;
-    let mut bytes = std::fs::read(path_of(&bad)).unwrap();
-    bytes[40] ^= 1;
-    std::fs::write(path_of(&bad), bytes).unwrap();
-    assert!(admin(data, &["check"]).status.code() == Some(5));
-    let out = admin(data, &["check", "--full"]);
+    d.corrupt_chunk(&bad).await;
+    assert!(d.admin(&["check"]).status.code() == Some(5));
+    let out = d.admin(&["check", "--full"]);
     assert_eq!(out.status.code(), Some(5));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("corrupt chunk {bad}")), "{text}");
 
     // Admin commands: unlock, prune, usage errors, unsupported backends.
-    assert!(admin(data, &["unlock", "alice/p"]).status.success());
-    assert!(!String::from_utf8(admin(data, &["parcel", "list", "alice"]).stdout)
+    assert!(d.admin(&["unlock", "alice/p"]).status.success());
+    assert!(!String::from_utf8(d.admin(&["parcel", "list", "alice"]).stdout)
         .unwrap()
         .contains("host-laptop"));
-    assert!(admin(data, &["prune", "alice/p", "--keep", "1"]).status.success());
-    assert_eq!(admin(data, &["prune", "alice/p", "--keep", "0"]).status.code(), Some(2));
-    assert_eq!(admin(data, &["prune", "nobody", "--keep", "1"]).status.code(), Some(2));
-    assert_eq!(admin(data, &["frobnicate"]).status.code(), Some(2));
-    let out = admin(data, &["gc", "--database", "postgres://isr@127.0.0.1:9/isr", "--chunks", "s3://b/p"]);
+    assert!(d.admin(&["prune", "alice/p", "--keep", "1"]).status.success());
+    assert_eq!(d.admin(&["prune", "alice/p", "--keep", "0"]).status.code(), Some(2));
+    assert_eq!(d.admin(&["prune", "nobody", "--keep", "1"]).status.code(), Some(2));
+    assert_eq!(d.admin(&["frobnicate"]).status.code(), Some(2));
+    let out = Command::new(BIN)
+        .args(["gc", "--database", "postgres://isr@127.0.0.1:9/isr", "--chunks", "s3://b/p"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("database"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = admin(data, &["gc", "--grace", "0"]);
+    let out = d.admin(&["gc", "--grace", "0"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

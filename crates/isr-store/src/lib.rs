@@ -14,3 +14,5 @@ pub mod meta_pg;
 
 pub use chunk_s3::S3ChunkStore;
 pub use meta_pg::PgMetaStore;
+/// The object store crate behind [`S3ChunkStore`] (for callers that configure or inspect the bucket).
+pub use object_store;

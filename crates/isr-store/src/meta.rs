@@ -42,8 +42,6 @@ pub enum MetaError {
     Chunks(#[from] crate::StoreError),
     #[error("metadata database error: {0}")]
     Database(String),
-    #[error("metadata backend not supported in this build yet: {0}")]
-    Unsupported(String),
 }
 
 fn hexes(tags: &[Tag]) -> String {

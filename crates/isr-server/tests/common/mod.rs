@@ -2,27 +2,84 @@
 //! (encoded chunks, a sealed keyring, a sealed manifest).
 #![allow(dead_code)]
 
+use async_trait::async_trait;
 use isr_format::{
     ChunkEncoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageLen, ImageRef, Keyring, Keyroot,
     LoginSecret, Manifest, Tag, VmDescription,
 };
-use isr_server::{AppState, ServerSettings, Storage, StorageConfig};
+use isr_server::chunks::Chunks;
+use isr_server::{AppState, ServerSettings, Storage};
+use isr_store::{
+    ChunkStore, Durability, FsChunkStore, MetaStore, PgMetaStore, S3ChunkStore, SqliteMetaStore, StoreError,
+    VerifyingStore,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+/// Where a test server keeps its metadata and chunks: the server's test suite runs on every combination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default: one data directory (SQLite + chunk files).
+    Embedded,
+    /// SQLite metadata, chunks in S3.
+    SqliteS3,
+    /// PostgreSQL metadata, chunk files.
+    PgFs,
+    /// PostgreSQL metadata, chunks in S3: the scale-out deployment.
+    PgS3,
+}
+
+impl Backend {
+    fn pg(self) -> bool {
+        matches!(self, Backend::PgFs | Backend::PgS3)
+    }
+    fn s3(self) -> bool {
+        matches!(self, Backend::SqliteS3 | Backend::PgS3)
+    }
+}
 
 pub struct TestServer {
     pub url: String,
     pub storage: Storage,
+    pub backend: Backend,
     pub dir: tempfile::TempDir,
+    /// The S3 chunk store's age shifter (see [`TestServer::age_all_chunks`]).
+    aged: Option<Arc<AgedStore>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl TestServer {
+    /// A server on the embedded default.
     pub async fn start() -> TestServer {
+        TestServer::start_on(Backend::Embedded).await
+    }
+
+    /// A server on `backend`; PostgreSQL and S3 come from `isr_testkit` (a fresh database and bucket prefix
+    /// per server).
+    pub async fn start_on(backend: Backend) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(&StorageConfig::data_dir(dir.path())).await.unwrap();
+        let meta: Arc<dyn MetaStore> = if backend.pg() {
+            let url = isr_testkit::services().fresh_pg_database().await;
+            Arc::new(PgMetaStore::open(&url).await.unwrap())
+        } else {
+            Arc::new(SqliteMetaStore::open(dir.path().join("meta.sqlite")).unwrap())
+        };
+        let mut aged = None;
+        let chunks = if backend.s3() {
+            let svc = isr_testkit::services();
+            let s3 = S3ChunkStore::from_url_with(&svc.fresh_s3_url(), svc.s3_builder()).unwrap();
+            let a = Arc::new(AgedStore::new(Arc::new(VerifyingStore::new(s3))));
+            aged = Some(a.clone());
+            Chunks::other(a)
+        } else {
+            Chunks::fs(FsChunkStore::open(dir.path().join("chunks"), Durability::Fsync).unwrap())
+        };
+        let storage = Storage::from_stores(meta, chunks).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = AppState::new(storage.clone(), ServerSettings::default());
@@ -34,7 +91,28 @@ impl TestServer {
             .await
             .unwrap();
         });
-        TestServer { url, storage, dir, stop: Some(tx), handle: Some(handle) }
+        TestServer { url, storage, backend, dir, aged, stop: Some(tx), handle: Some(handle) }
+    }
+
+    /// Makes every chunk stored now look `by` older to gc: file times for chunk files; for S3, whose
+    /// objects' times cannot be set, an offset added by the [`AgedStore`] wrapper.
+    pub async fn age_all_chunks(&self, by: Duration) {
+        if let Some(aged) = &self.aged {
+            for (tag, _) in aged.list().await.unwrap() {
+                *aged.extra.lock().unwrap().entry(tag).or_default() += by;
+            }
+            return;
+        }
+        let root = self.dir.path().join("chunks");
+        for d in std::fs::read_dir(&root).unwrap().flatten() {
+            if d.file_name().len() != 2 {
+                continue;
+            }
+            for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                let file = std::fs::File::options().write(true).open(f.path()).unwrap();
+                file.set_modified(SystemTime::now() - by).unwrap();
+            }
+        }
     }
 
     pub async fn add_user(&self, name: &str) -> LoginSecret {
@@ -286,4 +364,42 @@ pub fn tls_client(root_der: Vec<u8>) -> reqwest::Client {
         .with_root_certificates(roots)
         .with_no_client_auth();
     reqwest::Client::builder().use_preconfigured_tls(cfg).build().unwrap()
+}
+
+/// A chunk store whose chunks look older than they are by a per-chunk offset (gc tests on S3, where an
+/// object's time cannot be set); everything else passes through.
+#[derive(Debug)]
+pub struct AgedStore {
+    inner: Arc<dyn ChunkStore>,
+    extra: Mutex<HashMap<Tag, Duration>>,
+}
+
+impl AgedStore {
+    fn new(inner: Arc<dyn ChunkStore>) -> Self {
+        AgedStore { inner, extra: Mutex::new(HashMap::new()) }
+    }
+}
+
+#[async_trait]
+impl ChunkStore for AgedStore {
+    async fn put(&self, tag: &Tag, data: bytes::Bytes) -> Result<bool, StoreError> {
+        self.inner.put(tag, data).await
+    }
+    async fn get(&self, tag: &Tag) -> Result<Option<bytes::Bytes>, StoreError> {
+        self.inner.get(tag).await
+    }
+    async fn contains(&self, tag: &Tag) -> Result<bool, StoreError> {
+        self.inner.contains(tag).await
+    }
+    async fn delete(&self, tag: &Tag) -> Result<(), StoreError> {
+        self.extra.lock().unwrap().remove(tag);
+        self.inner.delete(tag).await
+    }
+    async fn list(&self) -> Result<Vec<(Tag, u64)>, StoreError> {
+        self.inner.list().await
+    }
+    async fn age(&self, tag: &Tag) -> Option<Duration> {
+        let extra = self.extra.lock().unwrap().get(tag).copied().unwrap_or_default();
+        Some(self.inner.age(tag).await? + extra)
+    }
 }

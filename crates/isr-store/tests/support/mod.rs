@@ -1,9 +1,6 @@
 //! Test support: real PostgreSQL and S3 services, chunk and keyring builders, chunk-store adapters.
 //!
-//! Services: with `ISR_TEST_PG_URL` and `ISR_TEST_S3_URL` set (plus the usual `AWS_*` variables) the tests use
-//! those; otherwise the first test that needs them runs `scripts/services.sh start` in a fresh temp dir (once per
-//! test binary) and the script's watcher stops the services and removes the dir when this process exits. A
-//! failure to start them fails the tests with the script's log: nothing is skipped.
+//! Services: `isr_testkit` finds or starts them (never skipped).
 
 #![allow(dead_code)]
 
@@ -14,116 +11,20 @@ use isr_format::{
 };
 use isr_store::meta::{ChunkPresence, ChunkSweeper, MetaError};
 use isr_store::{ChunkStore, PgMetaStore, S3ChunkStore};
-use object_store::aws::AmazonS3Builder;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-#[derive(Debug)]
-pub struct Services {
-    pub pg_url: String,
-    pub s3_url: String,
-    /// `AWS_*` settings for the S3 client; `None` = take them from this process's environment.
-    aws: Option<Vec<(String, String)>>,
-}
-
-static SERVICES: OnceLock<Result<Services, String>> = OnceLock::new();
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn start_services() -> Result<Services, String> {
-    if let (Ok(pg_url), Ok(s3_url)) = (std::env::var("ISR_TEST_PG_URL"), std::env::var("ISR_TEST_S3_URL")) {
-        return Ok(Services { pg_url, s3_url, aws: None });
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("isr-services-")
-        .tempdir()
-        .map_err(|e| format!("temp dir: {e}"))?
-        .keep();
-    let log_path = dir.join("start.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let log2 = log.try_clone().map_err(|e| e.to_string())?;
-    let script = repo_root().join("scripts/services.sh");
-    let t0 = Instant::now();
-    // Output to a file, not a pipe: the servers it starts outlive it and must not hold our pipes open.
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg("start")
-        .arg(&dir)
-        .env("ISR_SERVICES_WATCH_PID", std::process::id().to_string())
-        .env("ISR_SERVICES_REMOVE_DIR", "1")
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .status()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    let out = std::fs::read_to_string(&log_path).unwrap_or_default();
-    if !status.success() {
-        return Err(format!(
-            "PostgreSQL/S3 test services failed to start ({} start {} exited {status}); set ISR_TEST_PG_URL and \
-             ISR_TEST_S3_URL to use running ones. Log:\n{out}",
-            script.display(),
-            dir.display()
-        ));
-    }
-    eprintln!("test services started in {:.1}s: {}", t0.elapsed().as_secs_f64(), out.trim());
-    let env = std::fs::read_to_string(dir.join("env")).map_err(|e| format!("services env: {e}"))?;
-    let vars: Vec<(String, String)> = env
-        .lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-    let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    Ok(Services {
-        pg_url: get("ISR_TEST_PG_URL").ok_or("no ISR_TEST_PG_URL in env file")?,
-        s3_url: get("ISR_TEST_S3_URL").ok_or("no ISR_TEST_S3_URL in env file")?,
-        aws: Some(vars.iter().filter(|(k, _)| k.starts_with("AWS_")).cloned().collect()),
-    })
-}
-
-/// The services, started on first use.
-pub fn services() -> &'static Services {
-    match SERVICES.get_or_init(start_services) {
-        Ok(s) => s,
-        Err(e) => panic!("{e}"),
-    }
-}
-
-pub fn unique(prefix: &str) -> String {
-    format!("{prefix}{}", hex::encode(isr_format::random_bytes::<6>()))
-}
+pub use isr_testkit::{services, unique};
 
 /// A chunk store in a fresh prefix of the test bucket.
 pub fn s3_store() -> S3ChunkStore {
     let s = services();
-    let url = format!("{}/{}", s.s3_url.trim_end_matches('/'), unique("t"));
-    let builder = match &s.aws {
-        None => AmazonS3Builder::from_env(),
-        Some(vars) => {
-            vars.iter().fold(AmazonS3Builder::new(), |b, (k, v)| match k.to_ascii_lowercase().parse() {
-                Ok(key) => b.with_config(key, v),
-                Err(_) => b,
-            })
-        }
-    };
-    S3ChunkStore::from_url_with(&url, builder).expect("s3 store")
+    S3ChunkStore::from_url_with(&s.fresh_s3_url(), s.s3_builder()).expect("s3 store")
 }
 
 /// A fresh database on the test server; returns its URL.
 pub async fn pg_database() -> String {
-    let base = &services().pg_url;
-    let (client, conn) =
-        tokio_postgres::connect(base, tokio_postgres::NoTls).await.expect("connect to test PostgreSQL");
-    tokio::spawn(conn);
-    let name = unique("isr_t_");
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
-    let (head, _) = base.split_once('?').unwrap_or((base, ""));
-    let (server, _) = head.rsplit_once('/').expect("URL with a database");
-    format!("{server}/{name}")
+    services().fresh_pg_database().await
 }
 
 pub async fn pg_store() -> (PgMetaStore, String) {
