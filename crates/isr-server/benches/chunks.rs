@@ -6,33 +6,20 @@
 //! files statically (sendfile) and takes PUTs with its DAV module (no fsync); isr-server verifies each
 //! chunk's tag on GET and PUT and fsyncs each new chunk, so its PUT numbers are bounded by the disk.
 
+mod common;
+
 use bytes::Bytes;
-use isr_format::{LoginSecret, Tag};
+use common::{client_builder, measure, Target, CHUNK_BYTES};
+use isr_format::LoginSecret;
 use isr_server::{AppState, ServerSettings, Storage, StorageConfig};
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const CHUNK_BYTES: usize = 128 * 1024;
 const N_CHUNKS: usize = 256;
 const CONCURRENCY: [usize; 3] = [1, 8, 64];
-
-struct Target {
-    name: &'static str,
-    base: String,
-    get_path: Box<dyn Fn(&Tag) -> String + Send + Sync>,
-    put_path: Box<dyn Fn(&Tag) -> String + Send + Sync>,
-    token: Option<String>,
-}
-
-#[derive(Clone, Copy, Default)]
-struct Result_ {
-    rps: f64,
-    mbps: f64,
-}
 
 fn nginx_binary() -> Option<PathBuf> {
     ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"]
@@ -51,16 +38,6 @@ fn ensure_nginx() -> PathBuf {
         eprintln!("error: nginx is needed as the peer of this benchmark; install the Debian package `nginx`");
         std::process::exit(1)
     })
-}
-
-/// reqwest is built without a default crypto provider: hand it a ring config (unused for plain HTTP).
-fn client_builder() -> reqwest::ClientBuilder {
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    reqwest::Client::builder().use_preconfigured_tls(cfg)
 }
 
 fn free_port() -> u16 {
@@ -146,81 +123,6 @@ http {{
     child
 }
 
-/// A distinct stored chunk (any bytes name themselves by their BLAKE3 tag) for PUT runs.
-fn fresh_chunk(base: &[u8], n: u64) -> (Tag, Bytes) {
-    let mut v = base.to_vec();
-    v[..8].copy_from_slice(&n.to_le_bytes());
-    v[8..16].copy_from_slice(&std::process::id().to_le_bytes().repeat(2));
-    (Tag::of(&v), Bytes::from(v))
-}
-
-async fn measure(
-    target: Arc<Target>,
-    put: bool,
-    clients: usize,
-    secs: f64,
-    tags: Arc<Vec<Tag>>,
-    base: Arc<Vec<u8>>,
-) -> Result_ {
-    let http = client_builder().pool_max_idle_per_host(clients).http1_only().build().unwrap();
-    let requests = Arc::new(AtomicU64::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    static SEQ: AtomicU64 = AtomicU64::new(1 << 32);
-    // Warm the connections up.
-    let warm = futures::future::join_all((0..clients).map(|i| {
-        let (http, target, tags) = (http.clone(), target.clone(), tags.clone());
-        async move {
-            let url = format!("{}{}", target.base, (target.get_path)(&tags[i % tags.len()]));
-            let mut rb = http.get(url);
-            if let Some(t) = &target.token {
-                rb = rb.bearer_auth(t);
-            }
-            rb.send().await.unwrap().bytes().await.unwrap();
-        }
-    }));
-    warm.await;
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = (0..clients)
-        .map(|i| {
-            let (http, target, tags, base) = (http.clone(), target.clone(), tags.clone(), base.clone());
-            let (requests, bytes) = (requests.clone(), bytes.clone());
-            tokio::spawn(async move {
-                let mut k = i;
-                while Instant::now() < end {
-                    let (rb, n) = if put {
-                        let (tag, body) = fresh_chunk(&base, SEQ.fetch_add(1, Ordering::Relaxed));
-                        let n = body.len();
-                        (http.put(format!("{}{}", target.base, (target.put_path)(&tag))).body(body), n)
-                    } else {
-                        let tag = &tags[k % tags.len()];
-                        k += 7;
-                        (http.get(format!("{}{}", target.base, (target.get_path)(tag))), 0)
-                    };
-                    let rb = match &target.token {
-                        Some(t) => rb.bearer_auth(t),
-                        None => rb,
-                    };
-                    let r = rb.send().await.expect("request failed");
-                    let status = r.status();
-                    let body = r.bytes().await.expect("reading the answer");
-                    assert!(status.is_success(), "{} {status}", target.name);
-                    requests.fetch_add(1, Ordering::Relaxed);
-                    bytes.fetch_add(if put { n } else { body.len() } as u64, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    Result_ {
-        rps: requests.load(Ordering::Relaxed) as f64 / secs,
-        mbps: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
-    }
-}
-
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs us with no such flag: do a short smoke run.
     let secs: f64 = std::env::var("ISR_BENCH_SECS")
@@ -281,14 +183,14 @@ fn main() {
 
     let isr = Arc::new(Target {
         name: "isr",
-        base: url.clone(),
+        bases: vec![url.clone()],
         get_path: Box::new(|t| format!("/api/v1/chunks/{t}")),
         put_path: Box::new(|t| format!("/api/v1/chunks/{t}")),
         token: Some(token),
     });
     let ngx = Arc::new(Target {
         name: "nginx",
-        base: format!("http://127.0.0.1:{port}"),
+        bases: vec![format!("http://127.0.0.1:{port}")],
         get_path: Box::new(|t| {
             let h = t.to_hex();
             format!("/chunks/{}/{h}", &h[..2])

@@ -12,7 +12,7 @@ use futures::TryStreamExt;
 use isr_format::Tag;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::sync::Arc;
 
 /// Chunks in a bucket of an S3-compatible store.
@@ -104,12 +104,19 @@ impl S3ChunkStore {
 #[async_trait]
 impl ChunkStore for S3ChunkStore {
     async fn put(&self, tag: &Tag, data: Bytes) -> Result<bool, StoreError> {
-        if self.contains(tag).await? {
-            return Ok(false);
-        }
+        // One request: a create-only PUT (`If-None-Match: *`). A store that answers 412 tells us the chunk
+        // was there; one that ignores the condition overwrites the object with the same bytes (its tag names
+        // its content), which is harmless. Nothing relies on the answer for correctness: it only says
+        // whether the chunk is new.
         let key = self.key_of(tag);
-        self.store.put(&key, PutPayload::from_bytes(data)).await.map_err(|e| backend("put", &key, e))?;
-        Ok(true)
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&key, PutPayload::from_bytes(data), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                Ok(false)
+            }
+            Err(e) => Err(backend("put", &key, e)),
+        }
     }
 
     async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, StoreError> {
