@@ -9,7 +9,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{client_builder, measure, Target, CHUNK_BYTES};
+use common::{measure, Target, CHUNK_BYTES};
 use isr_format::LoginSecret;
 use isr_server::{AppState, ServerSettings, Storage, StorageConfig};
 use std::net::TcpListener as StdListener;
@@ -161,16 +161,7 @@ fn main() {
                 storage.chunks.store().put(&e.tag, Bytes::from(e.stored)).await.unwrap();
                 tags.push(e.tag);
             }
-            let http = client_builder().build().unwrap();
-            let r: serde_json::Value = http
-                .post(format!("{url}/api/v1/login"))
-                .json(&serde_json::json!({"user": "bench", "login_secret": secret.to_hex()}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r = common::login(&url, "bench", &secret).await;
             (tags, r["token"].as_str().unwrap().to_owned())
         })
     };

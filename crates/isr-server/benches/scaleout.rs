@@ -19,9 +19,7 @@ use isr_store::object_store::{ObjectStoreExt, PutPayload};
 use isr_store::S3ChunkStore;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 const N_CHUNKS: usize = 256;
 const CONCURRENCY: [usize; 3] = [1, 16, 64];
@@ -82,16 +80,7 @@ impl Deployment {
 
 async fn login(url: &str) -> (String, ConvergenceSecret) {
     let secret = UserSecrets::derive(USER, PASSWORD, KdfParams::DEFAULT).unwrap().login;
-    let http = client_builder().build().unwrap();
-    let r: serde_json::Value = http
-        .post(format!("{url}/api/v1/login"))
-        .json(&serde_json::json!({"user": USER, "login_secret": secret.to_hex()}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = common::login(url, USER, &secret).await;
     let cs = ConvergenceSecret::from_hex(r["convergence_secret"].as_str().unwrap()).unwrap();
     (r["token"].as_str().unwrap().to_owned(), cs)
 }
@@ -155,41 +144,22 @@ async fn measure_direct(
     tags: Arc<Vec<Tag>>,
     base: Arc<Vec<u8>>,
 ) -> Throughput {
-    static SEQ: AtomicU64 = AtomicU64::new(1 << 40);
-    let (requests, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = (0..clients)
-        .map(|i| {
-            let (s3, tags, base, requests, bytes) =
-                (s3.clone(), tags.clone(), base.clone(), requests.clone(), bytes.clone());
-            tokio::spawn(async move {
-                let mut k = i;
-                while Instant::now() < end {
-                    let n = if put {
-                        let (tag, body) = common::fresh_chunk(&base, SEQ.fetch_add(1, Ordering::Relaxed));
-                        let n = body.len();
-                        s3.object_store().put(&s3.key_of(&tag), PutPayload::from_bytes(body)).await.unwrap();
-                        n
-                    } else {
-                        let tag = &tags[k % tags.len()];
-                        k += 7;
-                        s3.object_store().get(&s3.key_of(tag)).await.unwrap().bytes().await.unwrap().len()
-                    };
-                    requests.fetch_add(1, Ordering::Relaxed);
-                    bytes.fetch_add(n as u64, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    Throughput {
-        rps: requests.load(Ordering::Relaxed) as f64 / secs,
-        mbps: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
-    }
+    common::drive(clients, secs, move |i, k| {
+        let (s3, tags, base) = (s3.clone(), tags.clone(), base.clone());
+        async move {
+            let store = s3.object_store();
+            if put {
+                let (tag, body) = common::next_fresh_chunk(&base);
+                let n = body.len();
+                store.put(&s3.key_of(&tag), PutPayload::from_bytes(body)).await.unwrap();
+                n
+            } else {
+                let key = s3.key_of(common::pick(&tags, i, k));
+                store.get(&key).await.unwrap().bytes().await.unwrap().len()
+            }
+        }
+    })
+    .await
 }
 
 fn main() {

@@ -43,6 +43,66 @@ pub fn fresh_chunk(base: &[u8], n: u64) -> (Tag, Bytes) {
     (Tag::of(&v), Bytes::from(v))
 }
 
+/// POST /api/v1/login; the answer (token, convergence secret, ...).
+pub async fn login(url: &str, user: &str, secret: &isr_format::LoginSecret) -> serde_json::Value {
+    let http = client_builder().build().unwrap();
+    http.post(format!("{url}/api/v1/login"))
+        .json(&serde_json::json!({"user": user, "login_secret": secret.to_hex()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Runs `clients` loops of `op(client, k)` for `secs` seconds (`k` counts each client's requests); `op`
+/// returns the bytes it moved.
+pub async fn drive<F, Fut>(clients: usize, secs: f64, op: F) -> Throughput
+where
+    F: Fn(usize, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = usize> + Send,
+{
+    let requests = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let (op, requests, bytes) = (op.clone(), requests.clone(), bytes.clone());
+            tokio::spawn(async move {
+                let mut k = 0;
+                while Instant::now() < end {
+                    let n = op(i, k).await;
+                    k += 1;
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    bytes.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Throughput {
+        rps: requests.load(Ordering::Relaxed) as f64 / secs,
+        mbps: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+    }
+}
+
+/// The tag client `i` GETs on its `k`-th request: clients stride through the stored chunks.
+pub fn pick(tags: &[Tag], i: usize, k: usize) -> &Tag {
+    &tags[(i + 7 * k) % tags.len()]
+}
+
+/// A PUT body never sent before in this process.
+pub fn next_fresh_chunk(base: &[u8]) -> (Tag, Bytes) {
+    static SEQ: AtomicU64 = AtomicU64::new(1 << 32);
+    fresh_chunk(base, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// GETs of `tags` or PUTs of fresh chunks against `target` over HTTP/1.1 keep-alive connections.
 pub async fn measure(
     target: Arc<Target>,
     put: bool,
@@ -52,9 +112,6 @@ pub async fn measure(
     base: Arc<Vec<u8>>,
 ) -> Throughput {
     let http = client_builder().pool_max_idle_per_host(clients).http1_only().build().unwrap();
-    let requests = Arc::new(AtomicU64::new(0));
-    let bytes = Arc::new(AtomicU64::new(0));
-    static SEQ: AtomicU64 = AtomicU64::new(1 << 32);
     // Warm the connections up.
     let warm = futures::future::join_all((0..clients).map(|i| {
         let (http, target, tags) = (http.clone(), target.clone(), tags.clone());
@@ -69,45 +126,31 @@ pub async fn measure(
         }
     }));
     warm.await;
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(secs);
-    let tasks: Vec<_> = (0..clients)
-        .map(|i| {
-            let (http, target, tags, base) = (http.clone(), target.clone(), tags.clone(), base.clone());
-            let (requests, bytes) = (requests.clone(), bytes.clone());
-            tokio::spawn(async move {
-                let mut k = i;
-                let base_url = target.bases[i % target.bases.len()].clone();
-                while Instant::now() < end {
-                    let (rb, n) = if put {
-                        let (tag, body) = fresh_chunk(&base, SEQ.fetch_add(1, Ordering::Relaxed));
-                        let n = body.len();
-                        (http.put(format!("{base_url}{}", (target.put_path)(&tag))).body(body), n)
-                    } else {
-                        let tag = &tags[k % tags.len()];
-                        k += 7;
-                        (http.get(format!("{base_url}{}", (target.get_path)(tag))), 0)
-                    };
-                    let rb = match &target.token {
-                        Some(t) => rb.bearer_auth(t),
-                        None => rb,
-                    };
-                    let r = rb.send().await.expect("request failed");
-                    let status = r.status();
-                    let body = r.bytes().await.expect("reading the answer");
-                    assert!(status.is_success(), "{} {status}", target.name);
-                    requests.fetch_add(1, Ordering::Relaxed);
-                    bytes.fetch_add(if put { n } else { body.len() } as u64, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    Throughput {
-        rps: requests.load(Ordering::Relaxed) as f64 / secs,
-        mbps: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
-    }
+    drive(clients, secs, move |i, k| {
+        let (http, target, tags, base) = (http.clone(), target.clone(), tags.clone(), base.clone());
+        async move {
+            let base_url = &target.bases[i % target.bases.len()];
+            let (rb, n) = if put {
+                let (tag, body) = next_fresh_chunk(&base);
+                let n = body.len();
+                (http.put(format!("{base_url}{}", (target.put_path)(&tag))).body(body), n)
+            } else {
+                (http.get(format!("{base_url}{}", (target.get_path)(pick(&tags, i, k)))), 0)
+            };
+            let rb = match &target.token {
+                Some(t) => rb.bearer_auth(t),
+                None => rb,
+            };
+            let r = rb.send().await.expect("request failed");
+            let status = r.status();
+            let body = r.bytes().await.expect("reading the answer");
+            assert!(status.is_success(), "{} {status}", target.name);
+            if put {
+                n
+            } else {
+                body.len()
+            }
+        }
+    })
+    .await
 }
