@@ -59,6 +59,21 @@ impl ChunkCache {
         }
     }
 
+    /// Blocking open of a cached chunk's file and its length, for callers that read it into buffers of
+    /// their own (not verified here either).
+    pub fn open_blocking(&self, tag: &Tag) -> Result<Option<(std::fs::File, u64)>, ClientError> {
+        let path = self.fetched.path_of(tag);
+        let err = |e: std::io::Error| ClientError::io(format!("reading {}", path.display()), e);
+        match std::fs::File::open(&path) {
+            Ok(f) => {
+                let len = f.metadata().map_err(err)?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
     /// Which of `tags` are not in the cache (blocking: one `stat` each).
     pub fn missing_blocking(&self, tags: &[Tag]) -> Vec<Tag> {
         tags.iter().filter(|t| !self.fetched.path_of(t).exists()).copied().collect()

@@ -10,12 +10,13 @@ use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::write_atomic;
 use crate::transport::Transport;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
+use isr_format::codec;
 use isr_format::{
-    ByteOffset, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageLen, Keyring,
-    Keyroot, Tag,
+    ByteOffset, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageLen,
+    Keyring, Keyroot, Tag,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ const FLUSH_PARALLELISM: usize = 4;
 
 thread_local! {
     static DECODER: std::cell::RefCell<ChunkDecoder> = std::cell::RefCell::new(ChunkDecoder::new());
+    /// The stored bytes of a compressed chunk being decoded (reused: no allocation per chunk).
+    static STORED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A zstd context per thread: creating one per chunk costs more than compressing a 128 KiB chunk.
     static ENCODER: std::cell::RefCell<Option<(ConvergenceSecret, ChunkEncoder)>> = const { std::cell::RefCell::new(None) };
 }
@@ -49,6 +52,52 @@ fn encode_chunk(
             *cell = Some((secret.clone(), ChunkEncoder::new(secret.clone())));
         }
         cell.as_mut().expect("just set").1.encode(data)
+    })
+}
+
+/// Read chunk `tag` from the cache and verify and decode it straight into `out` (exactly the chunk's
+/// length); `Ok(false)` when it is not cached. Blocking. An uncompressed chunk is read from its file directly
+/// into `out` and decrypted there; a compressed one into a reused per-thread buffer, decrypted in place and
+/// decompressed into `out`. On an error `out` holds garbage and must not be returned.
+fn decode_cached_into(
+    cache: &ChunkCache,
+    tag: &Tag,
+    key: &ChunkKey,
+    out: &mut [u8],
+) -> Result<bool, ClientError> {
+    use std::io::Read;
+    let Some((mut file, size)) = cache.open_blocking(tag)? else {
+        return Ok(false);
+    };
+    let io = |e: std::io::Error| ClientError::io(format!("reading chunk {tag} from the cache"), e);
+    let bad = |e: codec::ChunkError| ClientError::chunk(tag, e);
+    let mut header = [0u8; codec::HEADER_LEN];
+    let raw_size = codec::raw_stored_len(out.len()) as u64;
+    if size == raw_size {
+        file.read_exact(&mut header).map_err(io)?;
+        if header[6] == codec::COMPRESSION_NONE {
+            let mut gcm_tag = [0u8; codec::AEAD_TAG_LEN];
+            file.read_exact(out).map_err(io)?;
+            file.read_exact(&mut gcm_tag).map_err(io)?;
+            codec::decode_raw_in_place(tag, key, &header, out, &gcm_tag).map_err(bad)?;
+            return Ok(true);
+        }
+    }
+    STORED.with(|stored| {
+        let mut stored = stored.borrow_mut();
+        stored.clear();
+        if size == raw_size {
+            stored.extend_from_slice(&header);
+        }
+        // Never buffer more than one byte past the largest valid chunk: the decoder rejects it by its size.
+        let limit = (codec::MAX_STORED + 1).saturating_sub(stored.len()) as u64;
+        (&mut file).take(limit).read_to_end(&mut stored).map_err(io)?;
+        DECODER.with(|d| d.borrow_mut().decode_in_place(tag, key, &mut stored, out)).map_err(bad)?;
+        // The thread keeps its buffer, but not one far larger than this image's chunks.
+        if stored.capacity() > 2 * out.len().max(256 << 10) {
+            *stored = Vec::new();
+        }
+        Ok(true)
     })
 }
 
@@ -250,13 +299,8 @@ impl WorkingImage {
         // From the cache: read and decode in one blocking step.
         let (cache, k) = (self.cache.clone(), key.clone());
         let cached = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, ClientError> {
-            match cache.read_blocking(&tag)? {
-                Some(stored) => DECODER
-                    .with(|d| d.borrow_mut().decode(&tag, &k, &stored, clen))
-                    .map(Some)
-                    .map_err(|e| ClientError::chunk(&tag, e)),
-                None => Ok(None),
-            }
+            let mut data = vec![0u8; clen];
+            Ok(decode_cached_into(&cache, &tag, &k, &mut data)?.then_some(data))
         })
         .await
         .map_err(|e| ClientError::Other(format!("decode task: {e}")))??;
@@ -347,19 +391,67 @@ impl WorkingImage {
         Ok(())
     }
 
-    /// Copy `out.len()` bytes of chunk `i` from `start` into `out`.
-    async fn read_chunk(&self, i: u64, start: usize, out: &mut [u8]) -> std::io::Result<()> {
+    /// Fill `piece` with bytes `start..start + piece.len()` of chunk `i`. A resident chunk is copied from
+    /// memory. A whole chunk that is not resident is verified and decoded straight into `piece` and not kept
+    /// in memory (a sequential reader does not come back for it; the encrypted chunk stays in the cache).
+    /// Part of a chunk is copied from the decoded chunk, which is kept for the next small read.
+    async fn read_piece(&self, i: u64, start: usize, mut piece: BytesMut) -> (BytesMut, std::io::Result<()>) {
         let _g = self.stripe(i).lock().await;
-        {
+        let entry = {
             let mut st = self.state.lock().expect("image state");
             st.clock += 1;
             let clock = st.clock;
             if let Some(r) = st.resident.get_mut(&i) {
                 r.last_use = clock;
-                out.copy_from_slice(&r.data[start..start + out.len()]);
-                return Ok(());
+                let n = piece.len();
+                piece.copy_from_slice(&r.data[start..start + n]);
+                return (piece, Ok(()));
             }
+            st.keyring.get(ChunkIndex(i)).map(|(t, k)| (t, k.clone()))
+        };
+        let clen = self.chunk_size.chunk_len(self.len, ChunkIndex(i));
+        if start != 0 || piece.len() != clen {
+            let r = self.read_part(i, start, &mut piece).await;
+            return (piece, r);
         }
+        let Some((tag, key)) = entry else {
+            piece.fill(0);
+            return (piece, Ok(()));
+        };
+        let (cache, k) = (self.cache.clone(), key.clone());
+        let (mut piece, cached) = match tokio::task::spawn_blocking(move || {
+            let r = decode_cached_into(&cache, &tag, &k, &mut piece);
+            (piece, r)
+        })
+        .await
+        {
+            Ok(x) => x,
+            Err(e) => return (BytesMut::new(), Err(eio(format!("decode task: {e}")))),
+        };
+        match cached {
+            Ok(true) => return (piece, Ok(())),
+            Ok(false) => {}
+            Err(e) => return (piece, Err(eio(e))),
+        }
+        // From the server (joining a read-ahead fetch of the same chunk if one is under way).
+        let stored = match self.fetcher.fetch(tag).await {
+            Ok(b) => b,
+            Err(e) => return (piece, Err(eio(e))),
+        };
+        match tokio::task::spawn_blocking(move || {
+            let r = DECODER.with(|d| d.borrow_mut().decode_into(&tag, &key, &stored, &mut piece));
+            (piece, r)
+        })
+        .await
+        {
+            Ok((piece, r)) => (piece, r.map_err(|e| eio(ClientError::chunk(&tag, e)))),
+            Err(e) => (BytesMut::new(), Err(eio(format!("decode task: {e}")))),
+        }
+    }
+
+    /// Copy `out.len()` bytes of chunk `i` from `start` into `out`, keeping the decoded chunk in memory. The
+    /// caller holds the stripe lock and found the chunk not resident.
+    async fn read_part(&self, i: u64, start: usize, out: &mut [u8]) -> std::io::Result<()> {
         match self.load(i).await.map_err(eio)? {
             // A zero chunk is not worth keeping in memory.
             None => out.fill(0),
@@ -373,11 +465,23 @@ impl WorkingImage {
     }
 
     pub async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
+        let (data, r) = self.read_owned(offset, vec![0u8; buf.len()]).await;
+        r?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf` and hand it back (on an error its contents are
+    /// unspecified and must not be used). The chunks of one request are read concurrently, each into its
+    /// own piece of `buf`.
+    pub async fn read_owned(self: &Arc<Self>, offset: u64, buf: Vec<u8>) -> (Vec<u8>, std::io::Result<()>) {
+        if let Err(e) = self.check_range(offset, buf.len() as u64) {
+            return (buf, Err(e));
+        }
         let cs = self.chunk_size;
         let range = cs.chunks_in_range(ByteOffset(offset), buf.len() as u64);
         if range.is_empty() {
-            return Ok(());
+            return (buf, Ok(()));
         }
         let sequential = {
             let mut st = self.state.lock().expect("image state");
@@ -388,37 +492,46 @@ impl WorkingImage {
         if sequential || range.end - range.start > 1 {
             self.read_ahead(range.end);
         }
-        // One piece of `buf` per chunk; the chunks of one request are decoded concurrently.
+        // One owned piece of `buf` per chunk (no copy: they share `buf`'s memory and are joined again).
+        let mut rest = match Bytes::from(buf).try_into_mut() {
+            Ok(b) => b,
+            Err(b) => BytesMut::from(&b[..]),
+        };
         let mut parts = Vec::with_capacity((range.end - range.start) as usize);
-        let mut rest: &mut [u8] = buf;
         let mut pos = offset;
         for i in range {
             let start = cs.offset_in_chunk(ByteOffset(pos));
             let n = (cs.chunk_len(self.len, ChunkIndex(i)) - start).min(rest.len());
-            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(n);
-            parts.push((i, start, piece));
-            rest = tail;
+            parts.push((parts.len(), i, start, rest.split_to(n)));
             pos += n as u64;
         }
-        if parts.len() == 1 {
-            let (i, start, piece) = parts.pop().expect("one part");
-            return self.read_chunk(i, start, piece).await;
-        }
+        drop(rest);
+        let mut done: Vec<Option<BytesMut>> = vec![None; parts.len()];
         let mut pending = parts.into_iter();
         let mut running = futures::stream::FuturesUnordered::new();
-        for (i, start, piece) in pending.by_ref().take(READ_PARALLELISM) {
-            running.push(self.read_chunk(i, start, piece));
+        let piece = |(k, i, start, piece): (usize, u64, usize, BytesMut)| async move {
+            let (piece, r) = self.read_piece(i, start, piece).await;
+            (k, piece, r)
+        };
+        for p in pending.by_ref().take(READ_PARALLELISM) {
+            running.push(piece(p));
         }
         let mut result = Ok(());
-        while let Some(r) = running.next().await {
+        while let Some((k, bytes, r)) = running.next().await {
+            done[k] = Some(bytes);
             if result.is_ok() {
                 result = r;
             }
-            if let Some((i, start, piece)) = pending.next() {
-                running.push(self.read_chunk(i, start, piece));
+            if let Some(p) = pending.next() {
+                running.push(piece(p));
             }
         }
-        result
+        let mut whole = BytesMut::new();
+        for p in done.into_iter().flatten() {
+            // Adjacent pieces of one buffer join without a copy.
+            whole.unsplit(p);
+        }
+        (Vec::from(whole), result)
     }
 
     /// Apply `f(chunk_bytes, start_in_chunk, range_in_data)` to every chunk overlapped by the range.
@@ -559,6 +672,9 @@ impl isr_nbd::BlockDevice for ImageDevice {
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.0.read(offset, buf).await
+    }
+    async fn read_owned(&self, offset: u64, buf: Vec<u8>) -> (Vec<u8>, std::io::Result<()>) {
+        self.0.read_owned(offset, buf).await
     }
     async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.0.write(offset, data).await

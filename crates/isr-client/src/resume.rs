@@ -75,36 +75,177 @@ pub async fn write_image_file(
     server: Option<&crate::transport::Transport>,
     path: &Path,
 ) -> Result<(), ClientError> {
-    let file = std::fs::File::create(path)
-        .map_err(|e| ClientError::io(format!("creating {}", path.display()), e))?;
-    file.set_len(ring.image_len().0).map_err(|e| ClientError::io("sizing image file", e))?;
-    let file = Arc::new(file);
-    let results = futures::stream::iter(0..ring.chunk_count())
-        .filter_map(|i| {
-            let entry = ring.get(ChunkIndex(i)).map(|(t, k)| (i, t, k.clone()));
-            async move { entry }
+    write_image_files(&[(ring, path)], cache, server).await
+}
+
+/// Chunks fetched from the server at once while decoding images to files.
+const FETCH_PARALLELISM: usize = 8;
+
+thread_local! {
+    /// A zstd context per thread, for chunks that had to be fetched (decoded on tokio's blocking pool).
+    static DECODER: std::cell::RefCell<ChunkDecoder> = std::cell::RefCell::new(ChunkDecoder::new());
+}
+
+/// One image being decoded into a file.
+struct OutImage {
+    ring: Keyring,
+    file: std::fs::File,
+}
+
+/// What the decoding threads and the fetcher share.
+struct Decoding {
+    images: Vec<OutImage>,
+    /// (image, chunk) of every non-zero chunk, in file order.
+    work: Vec<(usize, u64)>,
+    next: std::sync::atomic::AtomicUsize,
+    failed: std::sync::atomic::AtomicBool,
+    cache: ChunkCache,
+}
+
+impl Decoding {
+    /// Verify and decode `stored` as chunk `i` of image `img` into `buf` and write it at its offset. All-zero
+    /// 4 KiB pages are skipped, so they stay holes of the sparse file like zero chunks do.
+    fn decode_write(
+        &self,
+        decoder: &mut ChunkDecoder,
+        buf: &mut Vec<u8>,
+        (img, i): (usize, u64),
+        stored: &[u8],
+    ) -> Result<(), ClientError> {
+        use std::os::unix::fs::FileExt;
+        let out = &self.images[img];
+        let idx = ChunkIndex(i);
+        let (tag, key) = out.ring.get(idx).ok_or_else(|| ClientError::Other(format!("chunk {i} is zero")))?;
+        let len = out.ring.chunk_len(idx);
+        buf.resize(len, 0);
+        decoder.decode_into(&tag, key, stored, &mut buf[..len]).map_err(|e| ClientError::chunk(&tag, e))?;
+        let base = out.ring.chunk_size().offset_of(idx).0;
+        let mut pos = 0;
+        while pos < len {
+            // The next run of non-zero pages.
+            let page_end = |p: usize| (p + PAGE).min(len);
+            while pos < len && isr_format::codec::is_zero(&buf[pos..page_end(pos)]) {
+                pos = page_end(pos);
+            }
+            let start = pos;
+            while pos < len && !isr_format::codec::is_zero(&buf[pos..page_end(pos)]) {
+                pos = page_end(pos);
+            }
+            if pos > start {
+                out.file
+                    .write_all_at(&buf[start..pos], base + start as u64)
+                    .map_err(|e| ClientError::io("writing image file", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One decoding thread: take the next chunk, read it from the cache, verify, decode and write it, with one
+    /// decoder and one buffer for all; chunks not in the cache go to the fetcher.
+    fn run_cached(
+        &self,
+        missing: &tokio::sync::mpsc::UnboundedSender<(usize, u64)>,
+    ) -> Result<(), ClientError> {
+        use std::sync::atomic::Ordering;
+        let mut decoder = ChunkDecoder::new();
+        let mut buf = Vec::new();
+        loop {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let Some(&(img, i)) = self.work.get(self.next.fetch_add(1, Ordering::Relaxed)) else {
+                return Ok(());
+            };
+            let Some((tag, _)) = self.images[img].ring.get(ChunkIndex(i)) else {
+                continue;
+            };
+            let r = match self.cache.read_blocking(&tag) {
+                Ok(Some(stored)) => self.decode_write(&mut decoder, &mut buf, (img, i), &stored),
+                Ok(None) => {
+                    // The fetcher only stops once every sender is gone, so this cannot fail while we run.
+                    let _ = missing.send((img, i));
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+            if r.is_err() {
+                self.failed.store(true, Ordering::Relaxed);
+                return r;
+            }
+        }
+    }
+}
+
+/// Bytes checked for zero at a time when writing decoded chunks (holes are kept at page granularity).
+const PAGE: usize = 4096;
+
+/// Decode images into sparse files (zero chunks, and zero pages, stay holes), all at once: cached chunks are
+/// read, verified and decoded in one blocking step on one thread per core, each reusing its decoder and
+/// buffer; chunks missing from the cache are fetched meanwhile (verified, cached) and decoded as they arrive.
+pub async fn write_image_files(
+    images: &[(&Keyring, &Path)],
+    cache: &ChunkCache,
+    server: Option<&crate::transport::Transport>,
+) -> Result<(), ClientError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let mut out = Vec::with_capacity(images.len());
+    let mut work = Vec::new();
+    for (n, (ring, path)) in images.iter().enumerate() {
+        let file = std::fs::File::create(path)
+            .map_err(|e| ClientError::io(format!("creating {}", path.display()), e))?;
+        file.set_len(ring.image_len().0).map_err(|e| ClientError::io("sizing image file", e))?;
+        work.extend((0..ring.chunk_count()).filter(|&i| ring.get(ChunkIndex(i)).is_some()).map(|i| (n, i)));
+        out.push(OutImage { ring: (*ring).clone(), file });
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(work.len()).max(1);
+    let shared = Arc::new(Decoding {
+        images: out,
+        work,
+        next: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+        cache: cache.clone(),
+    });
+    let (missing_tx, mut missing_rx) = tokio::sync::mpsc::unbounded_channel();
+    let decoders: Vec<_> = (0..threads)
+        .map(|_| {
+            let (s, tx) = (shared.clone(), missing_tx.clone());
+            tokio::task::spawn_blocking(move || s.run_cached(&tx))
         })
-        .map(|(i, tag, key)| {
-            let file = file.clone();
+        .collect();
+    drop(missing_tx);
+
+    let missing = futures::stream::poll_fn(move |cx| missing_rx.poll_recv(cx));
+    let fetched = missing
+        .map(|(img, i)| {
+            let shared = shared.clone();
             async move {
-                let stored = cache.get_or_fetch(&tag, server).await?;
-                let len = ring.chunk_len(ChunkIndex(i));
-                let offset = ring.chunk_size().offset_of(ChunkIndex(i)).0;
-                tokio::task::spawn_blocking(move || {
-                    let plain = ChunkDecoder::new()
-                        .decode(&tag, &key, &stored, len)
-                        .map_err(|e| ClientError::chunk(&tag, e))?;
-                    use std::os::unix::fs::FileExt;
-                    file.write_all_at(&plain, offset).map_err(|e| ClientError::io("writing image file", e))
-                })
-                .await
-                .map_err(|e| ClientError::Other(format!("decode task: {e}")))?
+                let Some((tag, _)) = shared.images[img].ring.get(ChunkIndex(i)) else {
+                    return Ok(());
+                };
+                let r = async {
+                    let stored = cache.get_or_fetch(&tag, server).await?;
+                    let s = shared.clone();
+                    tokio::task::spawn_blocking(move || {
+                        DECODER
+                            .with(|d| s.decode_write(&mut d.borrow_mut(), &mut Vec::new(), (img, i), &stored))
+                    })
+                    .await
+                    .map_err(|e| ClientError::Other(format!("decode task: {e}")))?
+                }
+                .await;
+                if r.is_err() {
+                    shared.failed.store(true, Ordering::Relaxed);
+                }
+                r
             }
         })
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await;
-    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        .buffer_unordered(FETCH_PARALLELISM)
+        .collect::<Vec<_>>();
+    let (decoded, fetched) = futures::join!(futures::future::join_all(decoders), fetched);
+    for d in decoded {
+        d.map_err(|e| ClientError::Other(format!("decode task: {e}")))??;
+    }
+    fetched.into_iter().collect::<Result<Vec<()>, _>>()?;
     Ok(())
 }
 
@@ -165,6 +306,7 @@ impl Client {
             self.checkout(name, None).await?;
         }
         let o = self.open(name)?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "resume: parcel opened (keyroot unwrapped)");
         if opts.disconnected {
             let missing = self.missing_locally(&o).await?;
             if missing > 0 {
@@ -178,29 +320,35 @@ impl Client {
         let server = if opts.disconnected { None } else { Some(self.connect().await?) };
         let cache = ChunkCache::open(&self.home.cache_dir())?;
         let private = private_dir()?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "resume: connected");
 
-        // Kernel and initrd for direct boot.
-        let mut files = std::collections::HashMap::new();
+        // Kernel and initrd for direct boot, and the memory image unless the VM was powered off since: all
+        // decoded at once.
+        let mut rings = Vec::new();
         for kind in [ImageKind::Kernel, ImageKind::Initrd] {
             if let Some((_, ring, _)) = self.keyrings(&o, kind)? {
-                let p = private.path().join(kind.name());
-                write_image_file(&ring, &cache, server.as_ref(), &p).await?;
-                files.insert(kind, p);
+                rings.push((kind, ring));
             }
         }
-        // The memory image, unless the VM was powered off since.
         let memory = if o.state.memory_dropped {
             None
         } else {
             self.keyrings(&o, ImageKind::Memory)?.map(|(_, w, _)| w)
         };
         let mem_path = private.path().join("memory");
+        let files: std::collections::HashMap<ImageKind, PathBuf> =
+            rings.iter().map(|(kind, _)| (*kind, private.path().join(kind.name()))).collect();
+        let mut outputs: Vec<(&Keyring, &Path)> =
+            rings.iter().filter_map(|(kind, ring)| Some((ring, files.get(kind)?.as_path()))).collect();
         if let Some(ring) = &memory {
-            write_image_file(ring, &cache, server.as_ref(), &mem_path).await?;
+            outputs.push((ring, &mem_path));
         }
+        write_image_files(&outputs, &cache, server.as_ref()).await?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "resume: images decoded");
 
         // The disk over NBD from this process.
         let image = self.working_image(&o, ImageKind::Disk, opts.disconnected).await?;
+        tracing::debug!(elapsed = ?t0.elapsed(), "resume: working disk image opened");
         let sock = private.path().join("disk.sock");
         let listener = tokio::net::UnixListener::bind(&sock)
             .map_err(|e| ClientError::io(format!("binding {}", sock.display()), e))?;
@@ -234,6 +382,7 @@ impl Client {
             eprintln!("isr: console of {name}: {}", console.display());
         }
         let prepare = t0.elapsed();
+        tracing::debug!(elapsed = ?prepare, "resume: prepared");
         let t_restore = Instant::now();
         let start = if memory.is_some() {
             Start::Incoming { memory_image_path: mem_path.clone() }

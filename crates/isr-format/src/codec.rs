@@ -145,6 +145,103 @@ pub fn verify_tag(tag: &Tag, stored: &[u8]) -> Result<(), ChunkError> {
     Ok(())
 }
 
+/// Header checks of every decoder (magic, version, cipher, reserved byte, plaintext length).
+fn check_header(header: &[u8], expected_len: usize) -> Result<[u8; HEADER_LEN], ChunkError> {
+    let header: [u8; HEADER_LEN] = header.try_into().map_err(|_| ChunkError::BadHeader("short header"))?;
+    if &header[..4] != CHUNK_MAGIC {
+        return Err(ChunkError::BadHeader("bad magic"));
+    }
+    if header[4] != CHUNK_FORMAT_VERSION {
+        return Err(ChunkError::BadHeader("unsupported format version"));
+    }
+    if header[5] != CIPHER_AES_256_GCM {
+        return Err(ChunkError::BadHeader("unknown cipher"));
+    }
+    if header[7] != 0 {
+        return Err(ChunkError::BadHeader("reserved byte set"));
+    }
+    let plain_len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    if plain_len != expected_len {
+        return Err(ChunkError::LengthMismatch { expected: expected_len, actual: plain_len });
+    }
+    Ok(header)
+}
+
+/// The stored size of an uncompressed (`COMPRESSION_NONE`) chunk of `plain_len` bytes: a stored chunk of
+/// exactly this size can be read with [`decode_raw_in_place`] straight into its destination.
+pub fn raw_stored_len(plain_len: usize) -> usize {
+    HEADER_LEN + plain_len + AEAD_TAG_LEN
+}
+
+/// Verify and decrypt an uncompressed stored chunk given in its three parts, `header || payload ||
+/// aead_tag` (the stored bytes, split), decrypting `payload` in place: on success it holds the plaintext.
+/// The caller reads the ciphertext straight into the plaintext's destination and saves a copy. Same checks,
+/// same order as [`ChunkDecoder::decode_into`]; a chunk whose header names a compression is refused
+/// (`BadHeader`), so decode those with the other functions. On failure `payload` holds garbage.
+pub fn decode_raw_in_place(
+    tag: &Tag,
+    key: &ChunkKey,
+    header: &[u8],
+    payload: &mut [u8],
+    aead_tag: &[u8],
+) -> Result<(), ChunkError> {
+    let total = header.len() + payload.len() + aead_tag.len();
+    if !(HEADER_LEN + AEAD_TAG_LEN..=MAX_STORED).contains(&total) {
+        return Err(ChunkError::BadSize(total));
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(header);
+    h.update(payload);
+    h.update(aead_tag);
+    let actual = Tag(*h.finalize().as_bytes());
+    if &actual != tag {
+        return Err(ChunkError::TagMismatch { expected: *tag, actual });
+    }
+    if aead_tag.len() != AEAD_TAG_LEN {
+        return Err(ChunkError::BadSize(total));
+    }
+    let header = check_header(header, payload.len())?;
+    let gcm_tag = ring::aead::Tag::try_from(aead_tag).map_err(|_| ChunkError::BadSize(total))?;
+    aead(key)
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(&header),
+            gcm_tag,
+            payload,
+            0..,
+        )
+        .map_err(|_| ChunkError::Decrypt)?;
+    if header[6] != COMPRESSION_NONE {
+        return Err(ChunkError::BadHeader("compressed chunk given to the raw decoder"));
+    }
+    Ok(())
+}
+
+/// The last step of decoding: a decrypted payload into exactly `out.len()` plaintext bytes.
+fn decompress_into(
+    zstd: &mut zstd::bulk::Decompressor<'static>,
+    compression: u8,
+    payload: &[u8],
+    out: &mut [u8],
+) -> Result<(), ChunkError> {
+    match compression {
+        COMPRESSION_NONE => {
+            if payload.len() != out.len() {
+                return Err(ChunkError::LengthMismatch { expected: out.len(), actual: payload.len() });
+            }
+            out.copy_from_slice(payload);
+        }
+        COMPRESSION_ZSTD => {
+            let n = zstd.decompress_to_buffer(payload, out).map_err(|_| ChunkError::Decompress)?;
+            if n != out.len() {
+                return Err(ChunkError::LengthMismatch { expected: out.len(), actual: n });
+            }
+        }
+        _ => return Err(ChunkError::BadHeader("unknown compression")),
+    }
+    Ok(())
+}
+
 /// Decodes chunks; holds a reusable zstd context, so keep one per thread.
 pub struct ChunkDecoder {
     zstd: zstd::bulk::Decompressor<'static>,
@@ -178,44 +275,31 @@ impl ChunkDecoder {
         out: &mut [u8],
     ) -> Result<(), ChunkError> {
         verify_tag(tag, stored)?;
-        let header = &stored[..HEADER_LEN];
-        if &header[..4] != CHUNK_MAGIC {
-            return Err(ChunkError::BadHeader("bad magic"));
-        }
-        if header[4] != CHUNK_FORMAT_VERSION {
-            return Err(ChunkError::BadHeader("unsupported format version"));
-        }
-        if header[5] != CIPHER_AES_256_GCM {
-            return Err(ChunkError::BadHeader("unknown cipher"));
-        }
-        if header[7] != 0 {
-            return Err(ChunkError::BadHeader("reserved byte set"));
-        }
-        let plain_len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
-        if plain_len != out.len() {
-            return Err(ChunkError::LengthMismatch { expected: out.len(), actual: plain_len });
-        }
+        let header = check_header(&stored[..HEADER_LEN], out.len())?;
         self.scratch.clear();
         self.scratch.extend_from_slice(&stored[HEADER_LEN..]);
         let payload = aead(key)
-            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(header), &mut self.scratch)
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&header), &mut self.scratch)
             .map_err(|_| ChunkError::Decrypt)?;
-        match header[6] {
-            COMPRESSION_NONE => {
-                if payload.len() != out.len() {
-                    return Err(ChunkError::LengthMismatch { expected: out.len(), actual: payload.len() });
-                }
-                out.copy_from_slice(payload);
-            }
-            COMPRESSION_ZSTD => {
-                let n = self.zstd.decompress_to_buffer(payload, out).map_err(|_| ChunkError::Decompress)?;
-                if n != out.len() {
-                    return Err(ChunkError::LengthMismatch { expected: out.len(), actual: n });
-                }
-            }
-            _ => return Err(ChunkError::BadHeader("unknown compression")),
-        }
-        Ok(())
+        decompress_into(&mut self.zstd, header[6], payload, out)
+    }
+
+    /// Like [`Self::decode_into`], but decrypts in place in `stored` (whose contents are destroyed, even on
+    /// failure) instead of copying the ciphertext to an internal buffer first. Same checks, same order.
+    pub fn decode_in_place(
+        &mut self,
+        tag: &Tag,
+        key: &ChunkKey,
+        stored: &mut [u8],
+        out: &mut [u8],
+    ) -> Result<(), ChunkError> {
+        verify_tag(tag, stored)?;
+        let (header, rest) = stored.split_at_mut(HEADER_LEN);
+        let header = check_header(header, out.len())?;
+        let payload = aead(key)
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&header), rest)
+            .map_err(|_| ChunkError::Decrypt)?;
+        decompress_into(&mut self.zstd, header[6], payload, out)
     }
 
     /// Like [`Self::decode_into`] into a fresh buffer of `expected_len` bytes.
@@ -297,6 +381,57 @@ mod tests {
             dec.decode(&e.tag, &e.key, &e.stored, data.len() - 1),
             Err(ChunkError::LengthMismatch { .. })
         ));
+    }
+
+    /// `decode_in_place` and `decode_raw_in_place` accept exactly what `decode_into` accepts.
+    fn in_place_agrees(e: &EncodedChunk, stored: &[u8], tag: &Tag, key: &ChunkKey, len: usize) {
+        let mut dec = ChunkDecoder::new();
+        let reference = dec.decode(tag, key, stored, len);
+        let mut copy = stored.to_vec();
+        let mut out = vec![0u8; len];
+        let r = dec.decode_in_place(tag, key, &mut copy, &mut out).map(|()| out);
+        assert_eq!(r.is_ok(), reference.is_ok());
+        if let (Ok(a), Ok(b)) = (&r, &reference) {
+            assert_eq!(a, b);
+        }
+        if stored.len() >= HEADER_LEN + AEAD_TAG_LEN && stored.len() - HEADER_LEN - AEAD_TAG_LEN == len {
+            let mut payload = stored[HEADER_LEN..stored.len() - AEAD_TAG_LEN].to_vec();
+            let raw = decode_raw_in_place(
+                tag,
+                key,
+                &stored[..HEADER_LEN],
+                &mut payload,
+                &stored[stored.len() - AEAD_TAG_LEN..],
+            );
+            let raw_ok = e.stored[6] == COMPRESSION_NONE && reference.is_ok();
+            assert_eq!(raw.is_ok(), raw_ok, "raw decoder disagrees");
+            if raw.is_ok() {
+                assert_eq!(Some(&payload), reference.as_ref().ok());
+            }
+        }
+    }
+
+    #[test]
+    fn in_place_decoders_check_everything() {
+        let mut raw = vec![0u8; 4096];
+        blake3::Hasher::new().update(b"seed").finalize_xof().fill(&mut raw);
+        let text: Vec<u8> = (0..8192u32).map(|i| (i / 7) as u8).collect();
+        for data in [raw, text] {
+            let e = ChunkEncoder::new(secret()).encode(&data).unwrap().unwrap();
+            in_place_agrees(&e, &e.stored, &e.tag, &e.key, data.len());
+            assert_eq!(raw_stored_len(data.len()) == e.stored.len(), e.stored[6] == COMPRESSION_NONE);
+            for i in 0..e.stored.len() {
+                let mut bad = e.stored.clone();
+                bad[i] ^= 0x80;
+                in_place_agrees(&e, &bad, &e.tag, &e.key, data.len());
+                in_place_agrees(&e, &bad, &Tag::of(&bad), &e.key, data.len());
+            }
+            let mut wrong_key = e.key.clone();
+            wrong_key.0[0] ^= 1;
+            in_place_agrees(&e, &e.stored, &e.tag, &wrong_key, data.len());
+            in_place_agrees(&e, &e.stored, &e.tag, &e.key, data.len() - 1);
+            in_place_agrees(&e, &e.stored[..e.stored.len() - 1], &e.tag, &e.key, data.len());
+        }
     }
 
     proptest! {
