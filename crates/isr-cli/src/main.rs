@@ -7,6 +7,8 @@ use isr_format::{ChunkSize, ImageKind};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod progress;
+
 #[derive(Parser, Debug)]
 #[command(name = "isr", version, about = "Internet Suspend/Resume client")]
 struct Cli {
@@ -115,7 +117,13 @@ enum Command {
         parcel: String,
         #[arg(short = 'm', long = "message", default_value = "")]
         message: String,
+        /// Keep the local changes as a new parcel NEWNAME instead (every chunk shared), e.g. after a lost lock
+        #[arg(long = "as", value_name = "NEWNAME")]
+        as_new: Option<String>,
     },
+    /// Change the password: every parcel's key is rewrapped, then the login (new password from
+    /// $ISR_NEW_PASSWORD or a prompt)
+    Passwd,
     /// Drop local changes: back to the base version
     Discard { parcel: String },
     /// Fetch every chunk of the parcel into the local cache
@@ -133,6 +141,9 @@ enum Command {
         parcel: String,
         #[arg(long)]
         full: bool,
+        /// Fetch again (verified) every cached chunk that fails its check
+        #[arg(long)]
+        repair: bool,
     },
     /// Reconstruct the raw disk image of a version (default: the head)
     Export {
@@ -150,6 +161,21 @@ fn password() -> Result<String, ClientError> {
     }
     rpassword::prompt_password("isr password: ")
         .map_err(|e| ClientError::Auth(format!("no password: set ISR_PASSWORD or run on a terminal ({e})")))
+}
+
+fn new_password() -> Result<String, ClientError> {
+    if let Ok(pw) = std::env::var("ISR_NEW_PASSWORD") {
+        return Ok(pw);
+    }
+    let err = |e: std::io::Error| {
+        ClientError::Usage(format!("no new password: set ISR_NEW_PASSWORD or run on a terminal ({e})"))
+    };
+    let a = rpassword::prompt_password("new isr password: ").map_err(err)?;
+    let b = rpassword::prompt_password("again: ").map_err(err)?;
+    if a != b {
+        return Err(ClientError::Usage("the two new passwords differ".into()));
+    }
+    Ok(a)
 }
 
 fn default_home() -> PathBuf {
@@ -188,6 +214,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         None => None,
     };
     let mut c = Client::new(home, user, cli.server.clone(), ca, Box::new(password));
+    c.set_progress(std::sync::Arc::new(progress::Terminal));
     match cli.command {
         Command::Auth => {
             c.login().await?;
@@ -216,7 +243,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             );
         }
         Command::Ls { long } => {
-            for (p, state) in c.list().await? {
+            let listing = c.list().await?;
+            if let Some(why) = &listing.offline {
+                eprintln!("isr: offline ({why}): showing the parcels checked out here, as last known");
+            }
+            for (p, state) in listing.parcels {
                 if long {
                     let lock = p
                         .lock
@@ -227,6 +258,19 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     println!("{}", p.name);
                 }
             }
+        }
+        Command::Passwd => {
+            let new = new_password()?;
+            let change = c.change_password(&new).await?;
+            println!(
+                "password changed: {} parcel keys rewrapped{}",
+                change.rewrapped,
+                if change.already > 0 {
+                    format!(", {} already used the new password", change.already)
+                } else {
+                    String::new()
+                }
+            );
         }
         Command::Versions { parcel } => {
             for v in c.versions(&parcel).await? {
@@ -247,7 +291,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             } else {
                 println!("parcel:  {}", s.parcel);
                 println!("state:   {}", s.state);
-                println!("head:    {}", s.head_version.map(|v| v.to_string()).unwrap_or_default());
+                match (&s.offline, s.head_version) {
+                    (Some(why), _) => println!("head:    unknown (offline: {why})"),
+                    (None, v) => println!("head:    {}", v.map(|v| v.to_string()).unwrap_or_default()),
+                }
                 if let Some(b) = s.base_version {
                     println!("base:    {b}");
                     println!(
@@ -257,6 +304,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
                 match s.lock {
                     Some(l) => println!("lock:    {} since {}", l.holder, when(l.since_unix)),
+                    None if s.offline.is_some() => println!("lock:    unknown (offline)"),
                     None => println!("lock:    none"),
                 }
             }
@@ -349,8 +397,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
         }
         Command::Checkout { parcel, version } => {
-            let st = c.checkout(&parcel, version).await?;
-            println!("checked out {parcel} at version {}", st.base_version);
+            let co = c.checkout(&parcel, version).await?;
+            if let Some(note) = &co.note {
+                eprintln!("isr: {note}");
+            }
+            println!("checked out {parcel} at version {}", co.state.base_version);
         }
         Command::Disk { parcel, nbd, disconnected } => {
             let o = c.open(&parcel)?;
@@ -384,12 +435,31 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             None => println!("{parcel} has no local changes"),
         },
-        Command::Checkin { parcel, message } => match c.checkin(&parcel, &message).await? {
-            Some((v, t)) => {
-                println!("checked in {parcel} as version {v}: sent {} chunks ({})", t.chunks, mib(t.bytes))
+        Command::Checkin { parcel, message, as_new: Some(new_name) } => {
+            let (v, t) = c.checkin_as(&parcel, &new_name, &message).await?;
+            println!(
+                "kept the changes to {parcel} as {new_name} version {v}: sent {} chunks ({}); {parcel} left this client",
+                t.chunks,
+                mib(t.bytes)
+            );
+        }
+        Command::Checkin { parcel, message, as_new: None } => {
+            let out = c.checkin(&parcel, &message).await?;
+            if let Some(note) = &out.note {
+                eprintln!("isr: {note}");
             }
-            None => println!("checked in {parcel}: no changes, lock released"),
-        },
+            match out.synced {
+                Some((v, t)) => {
+                    println!(
+                        "checked in {parcel} as version {v}: sent {} chunks ({})",
+                        t.chunks,
+                        mib(t.bytes)
+                    )
+                }
+                None if out.note.is_some() => println!("{parcel} left this client"),
+                None => println!("checked in {parcel}: no changes, lock released"),
+            }
+        }
         Command::Discard { parcel } => {
             c.discard(&parcel)?;
             println!("discarded local changes to {parcel}");
@@ -408,18 +478,26 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     "unlock breaks another client's lock: confirm with --force".into(),
                 ));
             }
-            c.unlock_force(&parcel).await?;
-            println!("unlocked {parcel}");
+            match c.unlock_force(&parcel).await? {
+                Some(l) => {
+                    println!("unlocked {parcel} (it was locked by {} since {})", l.holder, when(l.since_unix))
+                }
+                None => println!("{parcel} was not locked"),
+            }
         }
-        Command::Check { parcel, full } => {
-            let problems = c.check(&parcel, full).await?;
-            if !problems.is_empty() {
-                for p in &problems {
+        Command::Check { parcel, full, repair } => {
+            let report = c.check(&parcel, full, repair).await?;
+            for r in &report.repaired {
+                eprintln!("repaired: {r}");
+            }
+            if !report.problems.is_empty() {
+                for p in &report.problems {
                     eprintln!("{p}");
                 }
                 return Err(ClientError::Integrity(format!(
-                    "{} problems in the local cache of {parcel}",
-                    problems.len()
+                    "{} problems in the local cache of {parcel}{}",
+                    report.problems.len(),
+                    if repair { "" } else { " (`isr check --repair` fetches good copies from the server)" }
                 )));
             }
             let dir = c.home.parcel_dir(&c.user, &parcel);

@@ -79,10 +79,28 @@ impl ChunkCache {
         tags.iter().filter(|t| !self.fetched.path_of(t).exists()).copied().collect()
     }
 
-    /// The chunk from the cache, or fetched from the server (verified) and cached.
+    /// Drop a cached chunk (one that failed verification), so that it is fetched again.
+    pub fn evict(&self, tag: &Tag) -> Result<(), ClientError> {
+        let path = self.fetched.path_of(tag);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                tracing::warn!(%tag, "cached chunk failed verification: dropped, to be fetched again");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ClientError::io(format!("removing {}", path.display()), e)),
+        }
+    }
+
+    /// The chunk from the cache (verified by its tag), or fetched from the server (verified) and cached. A
+    /// cached copy that fails its tag is dropped and fetched again when a server is at hand.
     pub async fn get_or_fetch(&self, tag: &Tag, server: Option<&Transport>) -> Result<Bytes, ClientError> {
         if let Some(b) = self.get(tag).await? {
-            return Ok(b);
+            match isr_format::codec::verify_tag(tag, &b) {
+                Ok(()) => return Ok(b),
+                Err(e) if server.is_none() => return Err(ClientError::chunk(tag, e)),
+                Err(_) => self.evict(tag)?,
+            }
         }
         let server = server.ok_or_else(|| {
             ClientError::Other(format!(

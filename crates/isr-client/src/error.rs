@@ -2,12 +2,27 @@
 
 use isr_format::{ChunkError, KeyError, KeyringError, ManifestError, Tag};
 
+/// How a lock was lost, as the server recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockLoss {
+    pub message: String,
+    /// Who broke it (a client's name or the administrator); empty when the server has no record.
+    pub broken_by: String,
+    pub broken_unix: i64,
+    /// Who holds the lock now, and since when.
+    pub holder_now: Option<(String, i64)>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{0}")]
     Usage(String),
+    /// Another client holds the parcel's lock.
     #[error("{0}")]
     Locked(String),
+    /// The lock this client held was broken (or released) behind its back: local changes are kept.
+    #[error("{}", .0.message)]
+    LockLost(LockLoss),
     #[error("authentication failed: {0}")]
     Auth(String),
     #[error("integrity check failed: {0}")]
@@ -33,7 +48,7 @@ impl ClientError {
     pub fn exit_code(&self) -> i32 {
         match self {
             ClientError::Usage(_) => 2,
-            ClientError::Locked(_) => 3,
+            ClientError::Locked(_) | ClientError::LockLost(_) => 3,
             ClientError::Auth(_) => 4,
             ClientError::Integrity(_) => 5,
             ClientError::Unreachable { .. } => 6,
@@ -69,7 +84,10 @@ impl From<KeyError> for ClientError {
     fn from(e: KeyError) -> Self {
         match e {
             KeyError::UnwrapFailed => ClientError::Auth(
-                "the parcel key could not be unwrapped with this password (wrong password?)".into(),
+                "the parcel key could not be unwrapped with this password: if an administrator reset your \
+                 password, run `isr passwd` with ISR_PASSWORD set to your previous password and ISR_NEW_PASSWORD \
+                 to the current one"
+                    .into(),
             ),
             other => ClientError::Integrity(other.to_string()),
         }

@@ -51,6 +51,16 @@ pub struct LocalState {
     pub memory_dropped: bool,
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_796_159_509), "2026-12-01T21:11:49Z");
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Home {
     root: PathBuf,
@@ -63,10 +73,28 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// A Unix time as RFC 3339 UTC (`2026-12-01T21:11:49Z`), for messages.
+pub fn rfc3339(unix: i64) -> String {
+    let (days, secs) = (unix.div_euclid(86400), unix.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
 /// Replace `path` atomically and durably with `bytes`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
     let dir = path.parent().ok_or_else(|| ClientError::Other(format!("{} has no parent", path.display())))?;
-    std::fs::create_dir_all(dir).map_err(|e| ClientError::io(format!("creating {}", dir.display()), e))?;
+    if !dir.is_dir() {
+        create_private_dir(dir)?;
+    }
     let tmp = dir.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
@@ -97,25 +125,35 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, Cli
     }
 }
 
+/// The parcel name rule of the whole deployment (`isr_format::names`), as a usage error (exit 2).
 pub fn valid_parcel_name(name: &str) -> Result<(), ClientError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(ClientError::Usage(format!(
-            "invalid parcel name {name:?}: use 1-64 letters, digits, '.', '_' or '-', not starting with '.'"
-        )))
+    match isr_format::names::parcel_name_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(ClientError::Usage(format!(
+            "invalid parcel name {name:?}: {why} (1-64 letters, digits, '.', '_' or '-', not starting with '.')"
+        ))),
     }
+}
+
+/// Make `dir` (and its missing parents) a directory only its owner can enter.
+pub fn create_private_dir(dir: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| ClientError::io(format!("creating {}", dir.display()), e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| ClientError::io(format!("making {} private", dir.display()), e))
 }
 
 impl Home {
     pub fn open(root: impl Into<PathBuf>) -> Result<Home, ClientError> {
         let root = root.into();
-        std::fs::create_dir_all(root.join("cache"))
-            .map_err(|e| ClientError::io(format!("creating {}", root.display()), e))?;
+        // Everything below the home is private to its owner: the root is 0700 (so nothing under it can be
+        // reached by others whatever its own mode), and files are written 0600.
+        create_private_dir(&root)?;
+        create_private_dir(&root.join("cache"))?;
         Ok(Home { root })
     }
 
@@ -155,6 +193,24 @@ impl Home {
 
     pub fn local_state(&self, user: &str, parcel: &str) -> Result<Option<LocalState>, ClientError> {
         read_json(&self.parcel_dir(user, parcel).join("state.json"))
+    }
+
+    /// Every parcel of `user` checked out here.
+    pub fn local_states(&self, user: &str) -> Result<Vec<LocalState>, ClientError> {
+        let dir = self.root.join("parcels").join(user);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ClientError::io(format!("reading {}", dir.display()), e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            if let Some(st) = read_json::<LocalState>(&entry.path().join("state.json"))? {
+                out.push(st);
+            }
+        }
+        out.sort_by(|a, b| a.parcel.cmp(&b.parcel));
+        Ok(out)
     }
 
     pub fn save_local_state(&self, st: &LocalState) -> Result<(), ClientError> {

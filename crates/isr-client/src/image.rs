@@ -303,9 +303,11 @@ impl WorkingImage {
             Ok(decode_cached_into(&cache, &tag, &k, &mut data)?.then_some(data))
         })
         .await
-        .map_err(|e| ClientError::Other(format!("decode task: {e}")))??;
-        if cached.is_some() {
-            return Ok(cached);
+        .map_err(|e| ClientError::Other(format!("decode task: {e}")))?;
+        match cached {
+            Ok(Some(data)) => return Ok(Some(data)),
+            Ok(None) => {}
+            Err(e) => self.drop_bad_cached(&tag, e)?,
         }
         // From the server (joining a read-ahead fetch of the same chunk if one is under way).
         let stored = self.fetcher.fetch(tag).await.map_err(|e| ClientError::Other(e.to_string()))?;
@@ -317,6 +319,15 @@ impl WorkingImage {
         .await
         .map_err(|e| ClientError::Other(format!("decode task: {e}")))?
         .map(Some)
+    }
+
+    /// A cached chunk failed verification: when connected, drop it so that the read fetches a good copy
+    /// from the server (verified); disconnected, the read fails (never wrong data).
+    fn drop_bad_cached(&self, tag: &Tag, e: ClientError) -> Result<(), ClientError> {
+        match e {
+            ClientError::Integrity(_) if self.server.is_some() => self.cache.evict(tag),
+            other => Err(other),
+        }
     }
 
     /// Fetch the next chunks into the cache (encrypted) when reads are sequential.
@@ -431,7 +442,11 @@ impl WorkingImage {
         match cached {
             Ok(true) => return (piece, Ok(())),
             Ok(false) => {}
-            Err(e) => return (piece, Err(eio(e))),
+            Err(e) => {
+                if let Err(e) = self.drop_bad_cached(&tag, e) {
+                    return (piece, Err(eio(e)));
+                }
+            }
         }
         // From the server (joining a read-ahead fetch of the same chunk if one is under way).
         let stored = match self.fetcher.fetch(tag).await {

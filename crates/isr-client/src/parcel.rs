@@ -2,10 +2,10 @@
 
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
-use crate::home::{now_unix, valid_parcel_name, write_atomic, Home, LocalState, Session};
+use crate::home::{now_unix, rfc3339, valid_parcel_name, write_atomic, Home, LocalState, Session};
 use crate::image::{WorkingImage, DEFAULT_MEMORY_CACHE};
-use crate::progress;
-use crate::transport::{CommitRefusal, ParcelSummary, Transport, VersionInfo};
+use crate::progress::{self, Progress};
+use crate::transport::{CommitRefusal, LockInfo, ParcelSummary, Transport, VersionInfo};
 use bytes::Bytes;
 use futures::StreamExt;
 use isr_format::{
@@ -35,6 +35,7 @@ pub struct Client {
     secrets: Option<UserSecrets>,
     transport: Option<Transport>,
     session: Option<Session>,
+    progress: Arc<dyn Progress>,
 }
 
 impl std::fmt::Debug for Client {
@@ -63,16 +64,106 @@ pub struct Transfer {
     pub image_bytes: u64,
 }
 
+/// A parcel's local state (SPEC.md's `"state"` of `isr stat --json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalStateName {
+    /// Not on this client.
+    Absent,
+    /// Checked out, equal to the version it came from.
+    Unmodified,
+    /// A VM or disk export of it is active.
+    Running,
+    /// Suspended or exported with changes not yet checked in.
+    Modified,
+}
+
+impl LocalStateName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalStateName::Absent => "absent",
+            LocalStateName::Unmodified => "unmodified",
+            LocalStateName::Running => "running",
+            LocalStateName::Modified => "modified",
+        }
+    }
+}
+
+impl std::fmt::Display for LocalStateName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What `checkout` did: the local state, and a note for the user when the lock had to be taken again.
+#[derive(Debug, Clone)]
+pub struct Checkout {
+    pub state: LocalState,
+    pub note: Option<String>,
+}
+
+/// What `checkin` did: the version made (if anything changed), and a note for the user.
+#[derive(Debug, Clone)]
+pub struct CheckinOutcome {
+    pub synced: Option<(u64, Transfer)>,
+    pub note: Option<String>,
+}
+
+/// Parcels as `isr ls` shows them; `offline` says why the server's view is missing (then only the parcels
+/// checked out here are listed, with what this client knows).
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub parcels: Vec<(ParcelSummary, LocalStateName)>,
+    pub offline: Option<String>,
+}
+
+/// What `isr passwd` changed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PasswordChange {
+    /// Keyroots rewrapped with the new password.
+    pub rewrapped: u64,
+    /// Keyroots that already opened with the new password (an earlier, interrupted run).
+    pub already: u64,
+}
+
+/// What `isr check` found: problems left, and problems repaired (`--repair`).
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub problems: Vec<String>,
+    pub repaired: Vec<String>,
+}
+
+/// One image of the version a sync makes.
+#[derive(Debug, Clone)]
+struct PlannedImage {
+    kind: ImageKind,
+    image_ref: ImageRef,
+    /// The sealed keyring (the working one when the image changed, else the base's).
+    sealed: Vec<u8>,
+    changed: bool,
+}
+
+/// What a sync commits: every image of the new version, and the chunks made here that the server may lack.
+#[derive(Debug, Clone, Default)]
+struct SyncPlan {
+    images: Vec<PlannedImage>,
+    new_tags: Vec<Tag>,
+    modified: bool,
+}
+
 /// The local state of a parcel, as `isr stat` reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ParcelStatus {
     pub parcel: String,
-    pub state: &'static str,
+    pub state: LocalStateName,
     pub head_version: Option<u64>,
     pub base_version: Option<u64>,
     pub chunks: ChunkCounts,
-    pub lock: Option<crate::transport::LockInfo>,
+    pub lock: Option<LockInfo>,
     pub memory_image: bool,
+    /// Set when the server could not be reached: head and lock are then unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -148,7 +239,22 @@ impl Client {
         ca_pem: Option<Vec<u8>>,
         password: PasswordSource,
     ) -> Self {
-        Client { home, user, server, ca_pem, password, secrets: None, transport: None, session: None }
+        Client {
+            home,
+            user,
+            server,
+            ca_pem,
+            password,
+            secrets: None,
+            transport: None,
+            session: None,
+            progress: progress::quiet(),
+        }
+    }
+
+    /// Report the progress of long operations to `progress` (default: nowhere).
+    pub fn set_progress(&mut self, progress: Arc<dyn Progress>) {
+        self.progress = progress;
     }
 
     fn server_url(&self) -> Result<String, ClientError> {
@@ -235,7 +341,10 @@ impl Client {
 
     // ---- create -----------------------------------------------------------------------------------
 
-    /// Import a disk image (raw, or anything `qemu-img` reads) as version 1 of a new parcel.
+    /// Import a disk image (raw, or anything `qemu-img` reads) as version 1 of a new parcel. Everything is
+    /// checked before the server hears of the parcel, and a create that fails later deletes the parcel again:
+    /// nothing half-made remains (a create killed outright leaves a parcel without versions, which the next
+    /// `isr create` of that name finishes).
     pub async fn create(
         &mut self,
         name: &str,
@@ -243,20 +352,31 @@ impl Client {
         opts: &CreateOptions,
     ) -> Result<(u64, Transfer), ClientError> {
         valid_parcel_name(name)?;
+        let vm = VmDescription { memory_mib: opts.memory_mib, cpus: opts.cpus, append: opts.append.clone() };
+        vm.validate().map_err(|e| ClientError::Usage(format!("{e}")))?;
+        if opts.comment.len() > 4096 {
+            return Err(ClientError::Usage("the message is longer than 4096 bytes".into()));
+        }
+        if opts.initrd.is_some() && opts.kernel.is_none() {
+            return Err(ClientError::Usage("--initrd needs --kernel".into()));
+        }
+        for (what, path) in
+            [("kernel", opts.kernel.as_deref()), ("initrd", opts.initrd.as_deref())].into_iter()
+        {
+            if let Some(p) = path {
+                check_input_file(p, what)?;
+            }
+        }
+        check_input_file(disk, "disk image")?;
+        let raw = RawImage::open(disk, &self.home.root().join("tmp"))?;
+        check_input_file(raw.path(), "disk image")?;
         let t = self.connect().await?;
         let id = self.home.identity()?;
         let wrap = self.secrets()?.wrap.clone();
-        let raw = RawImage::open(disk, &self.home.root().join("tmp"))?;
         let (keyroot, lock_id) = {
             let keyroot = Keyroot::random();
             let wrapped = WrappedKeyroot::wrap(&keyroot, &wrap);
-            let recovery = match self.session.as_ref().and_then(|s| s.recovery_pubkey.clone()) {
-                Some(hexkey) => Some(WrappedKeyroot::seal_for_recovery(
-                    &keyroot,
-                    &RecoveryPublicKey::from_hex(&hexkey).map_err(|e| ClientError::Server(e.to_string()))?,
-                )),
-                None => None,
-            };
+            let recovery = self.recovery_seal(&keyroot)?;
             match t
                 .create_parcel(
                     name,
@@ -280,32 +400,81 @@ impl Client {
                 Err(e) => return Err(e),
             }
         };
+        let made = self.upload_first_version(&t, name, &raw, opts, vm, &keyroot, &lock_id, &id.name).await;
+        match made {
+            Ok(done) => {
+                t.unlock(name, &lock_id).await?;
+                Ok(done)
+            }
+            Err(e) => {
+                if let Err(undo) = t.delete_unfinished_parcel(name, &id.client_id).await {
+                    tracing::warn!(parcel = name, error = %undo, "could not delete the unfinished parcel");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The keyroot sealed for the deployment's recovery key, when the server announced one.
+    fn recovery_seal(&self, keyroot: &Keyroot) -> Result<Option<WrappedKeyroot>, ClientError> {
+        let Some(hexkey) = self.session.as_ref().and_then(|s| s.recovery_pubkey.clone()) else {
+            return Ok(None);
+        };
+        let key = RecoveryPublicKey::from_hex(&hexkey)
+            .map_err(|e| ClientError::Server(format!("the server's recovery key is malformed: {e}")))?;
+        Ok(Some(WrappedKeyroot::seal_for_recovery(keyroot, &key)))
+    }
+
+    /// Encode and upload the images of a new parcel, then commit them as version 1.
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_first_version(
+        &mut self,
+        t: &Transport,
+        name: &str,
+        raw: &RawImage,
+        opts: &CreateOptions,
+        vm: VmDescription,
+        keyroot: &Keyroot,
+        lock_id: &str,
+        client_name: &str,
+    ) -> Result<(u64, Transfer), ClientError> {
         let secret = self.convergence_secret()?;
         let mut transfer = Transfer::default();
         let mut images: Vec<(ImageKind, Keyring)> = Vec::new();
-        let disk_ring = upload_image(&t, &secret, raw.path(), opts.chunk_size, "disk", &mut transfer).await?;
+        let disk_ring = upload_image(
+            self.progress.as_ref(),
+            t,
+            &secret,
+            raw.path(),
+            opts.chunk_size,
+            "disk",
+            &mut transfer,
+        )
+        .await?;
         images.push((ImageKind::Disk, disk_ring));
         if let Some(k) = &opts.kernel {
             images.push((
                 ImageKind::Kernel,
-                upload_image(&t, &secret, k, opts.chunk_size, "kernel", &mut transfer).await?,
+                upload_image(self.progress.as_ref(), t, &secret, k, opts.chunk_size, "kernel", &mut transfer)
+                    .await?,
             ));
         }
         if let Some(i) = &opts.initrd {
             images.push((
                 ImageKind::Initrd,
-                upload_image(&t, &secret, i, opts.chunk_size, "initrd", &mut transfer).await?,
+                upload_image(self.progress.as_ref(), t, &secret, i, opts.chunk_size, "initrd", &mut transfer)
+                    .await?,
             ));
         }
         let mut refs = std::collections::HashMap::new();
         for (kind, ring) in &images {
-            let sealed = Bytes::from(ring.seal(&keyroot));
+            let sealed = Bytes::from(ring.seal(keyroot));
             let hash = Tag(*blake3::hash(&sealed).as_bytes());
-            t.put_keyring(name, &hash, sealed).await?;
+            t.put_keyring(name, lock_id, &hash, sealed).await?;
             refs.insert(*kind, ImageRef { len: ring.image_len(), keyring: hash });
         }
         let manifest = Manifest {
-            vm: VmDescription { memory_mib: opts.memory_mib, cpus: opts.cpus, append: opts.append.clone() },
+            vm,
             chunk_size: opts.chunk_size,
             disk: refs[&ImageKind::Disk],
             memory: None,
@@ -314,46 +483,93 @@ impl Client {
             created_unix: now_unix(),
             comment: opts.comment.clone(),
         };
-        let sealed = manifest.seal(&keyroot)?;
+        let sealed = manifest.seal(keyroot)?;
         let version = commit_with_retry(
-            &t,
+            t,
             &self.cache()?,
             name,
-            &lock_id,
+            lock_id,
             0,
             &sealed,
-            &id.name,
+            client_name,
             &opts.comment,
             &mut transfer,
             Some(&images),
         )
         .await?;
-        t.unlock(name, Some(&lock_id)).await?;
         Ok((version, transfer))
     }
 
     // ---- checkout ---------------------------------------------------------------------------------
 
-    /// Take the lock and fetch what a resume needs. A parcel this client already holds is a no-op.
-    pub async fn checkout(&mut self, name: &str, version: Option<u64>) -> Result<LocalState, ClientError> {
+    /// Take the lock and fetch what a resume needs. A parcel this client already holds is a no-op; one whose
+    /// lock was broken meanwhile gets its lock back when it is free (see [`Client::retake_lock`]).
+    pub async fn checkout(&mut self, name: &str, version: Option<u64>) -> Result<Checkout, ClientError> {
         valid_parcel_name(name)?;
         if let Some(st) = self.home.local_state(&self.user, name)? {
-            if version.is_none_or(|v| v == st.base_version) {
-                return Ok(st);
+            if version.is_some_and(|v| v != st.base_version) {
+                return Err(ClientError::Usage(format!(
+                    "{name} is already checked out here at version {}: check it in or discard it first",
+                    st.base_version
+                )));
             }
-            return Err(ClientError::Usage(format!(
-                "{name} is already checked out here at version {}: check it in or discard it first",
-                st.base_version
-            )));
+            return self.retake_lock(name, st).await;
         }
         let t = self.connect().await?;
         let id = self.home.identity()?;
         let lock_id = t.lock(name, &id.name, &id.client_id).await?;
         let result = self.fetch_version(&t, name, version, lock_id.clone()).await;
         if result.is_err() {
-            let _ = t.unlock(name, Some(&lock_id)).await;
+            let _ = t.unlock(name, &lock_id).await;
         }
-        result
+        Ok(Checkout { state: result?, note: None })
+    }
+
+    /// The lock of a parcel checked out here: confirmed with the server, or taken again when it was broken
+    /// and is free now. If the head moved meanwhile, an unmodified parcel moves to the new head; a modified
+    /// one keeps its changes and the note says what the user can do with them.
+    async fn retake_lock(&mut self, name: &str, mut st: LocalState) -> Result<Checkout, ClientError> {
+        let t = self.connect().await?;
+        let loss = match t.confirm_lock(name, &st.lock_id).await {
+            Ok(_) => return Ok(Checkout { state: st, note: None }),
+            Err(ClientError::LockLost(loss)) => loss,
+            Err(e) => return Err(e),
+        };
+        if let Some((holder, since)) = &loss.holder_now {
+            return Err(ClientError::Locked(format!(
+                "{}; {holder} holds the lock now (since {}). Your local changes to {name} are kept",
+                loss.message,
+                rfc3339(*since)
+            )));
+        }
+        let id = self.home.identity()?;
+        st.lock_id = t.lock(name, &id.name, &id.client_id).await?;
+        self.home.save_local_state(&st)?;
+        let mut note = format!("{}; took the lock again", loss.message);
+        let head = t.parcel(name).await?.head;
+        if head != st.head_at_checkout {
+            if self.local_state_name(name)? == LocalStateName::Unmodified {
+                let lock_id = st.lock_id.clone();
+                st = self.fetch_version(&t, name, None, lock_id).await?;
+                note.push_str(&format!(" and moved to the new head, version {}", st.base_version));
+            } else {
+                note.push_str(&format!(
+                    ". The head moved to version {head} meanwhile, but your changes are based on version {}: keep \
+                     them as a new parcel with `isr checkin {name} --as NEWNAME`, or drop them with `isr discard \
+                     {name}`",
+                    st.head_at_checkout
+                ));
+            }
+        }
+        Ok(Checkout { state: st, note: Some(note) })
+    }
+
+    /// Confirm with the server that this client still holds the lock of `name` (exit 3 naming who broke it
+    /// and when, or who holds it now).
+    pub async fn confirm_lock(&mut self, name: &str) -> Result<(), ClientError> {
+        let st = self.home.local_state(&self.user, name)?.ok_or_else(|| not_checked_out(name))?;
+        let t = self.connect().await?;
+        t.confirm_lock(name, &st.lock_id).await.map(|_| ()).map_err(|e| lock_guidance(name, e))
     }
 
     async fn fetch_version(
@@ -382,7 +598,14 @@ impl Client {
             write_atomic(&base_keyring_path(&dir, kind), &bytes)?;
             if kind != ImageKind::Disk {
                 // Memory, kernel and initrd are needed whole to start the VM.
-                fetch_missing(t, &cache, ring.tags(), kind.name()).await?;
+                fetch_missing(
+                    self.progress.as_ref(),
+                    t,
+                    &cache,
+                    &image_chunks(&ring).collect::<Vec<_>>(),
+                    kind.name(),
+                )
+                .await?;
             }
         }
         write_atomic(&dir.join("base.manifest"), &manifest_bytes)?;
@@ -469,6 +692,80 @@ impl Client {
 
     // ---- sync / checkin / discard -----------------------------------------------------------------
 
+    /// What a sync of `o` would commit: every image of the new version and the chunks made here.
+    fn plan_sync(&self, o: &Opened) -> Result<SyncPlan, ClientError> {
+        let mut plan = SyncPlan::default();
+        let mut seen = HashSet::new();
+        for kind in ImageKind::ALL {
+            if kind == ImageKind::Memory
+                && o.state.memory_dropped
+                && !work_keyring_path(&o.dir, kind).exists()
+            {
+                // Powered off since the base: the new version has no memory image.
+                plan.modified = true;
+                continue;
+            }
+            let Some((base, work, modified)) = self.keyrings(o, kind)? else { continue };
+            plan.modified |= modified;
+            let base_set: HashSet<&Tag> = base.tags().iter().collect();
+            for tag in work.tags() {
+                if !tag.is_zero() && !base_set.contains(tag) && seen.insert(*tag) {
+                    plan.new_tags.push(*tag);
+                }
+            }
+            let sealed = if modified {
+                read_file(&work_keyring_path(&o.dir, kind))?
+            } else {
+                read_file(&base_keyring_path(&o.dir, kind))?
+            };
+            let keyring = Tag(*blake3::hash(&sealed).as_bytes());
+            plan.images.push(PlannedImage {
+                kind,
+                image_ref: ImageRef { len: work.image_len(), keyring },
+                sealed,
+                changed: modified,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// The manifest of the version a plan makes.
+    fn planned_manifest(o: &Opened, plan: &SyncPlan, comment: &str) -> Manifest {
+        let mut manifest = o.manifest.clone();
+        manifest.memory = None;
+        for img in &plan.images {
+            let r = img.image_ref;
+            match img.kind {
+                ImageKind::Disk => manifest.disk = r,
+                ImageKind::Memory => manifest.memory = Some(r),
+                ImageKind::Kernel => manifest.kernel = Some(r),
+                ImageKind::Initrd => manifest.initrd = Some(r),
+            }
+        }
+        manifest.created_unix = now_unix();
+        manifest.comment = comment.to_owned();
+        manifest
+    }
+
+    /// Upload the chunks of a plan that the server lacks, then its keyrings (all of them with `every_keyring`,
+    /// for a parcel that has none yet; else those that changed).
+    async fn upload_plan(
+        &self,
+        t: &Transport,
+        name: &str,
+        lock_id: &str,
+        plan: &SyncPlan,
+        every_keyring: bool,
+        transfer: &mut Transfer,
+    ) -> Result<(), ClientError> {
+        let missing = t.missing(&plan.new_tags).await?;
+        upload_from_cache(self.progress.as_ref(), t, &self.cache()?, &missing, transfer).await?;
+        for img in plan.images.iter().filter(|i| every_keyring || i.changed) {
+            t.put_keyring(name, lock_id, &img.image_ref.keyring, Bytes::from(img.sealed.clone())).await?;
+        }
+        Ok(())
+    }
+
     /// Upload local changes as a new version and keep the lock.
     pub async fn sync(&mut self, name: &str, comment: &str) -> Result<Option<(u64, Transfer)>, ClientError> {
         let o = self.open(name)?;
@@ -478,68 +775,22 @@ impl Client {
             )));
         }
         let t = self.connect().await?;
-        let id = self.home.identity()?;
-        let cache = self.cache()?;
-        let mut changed: Vec<(ImageKind, Keyring, Keyring)> = Vec::new();
-        let mut any_modified = false;
-        for kind in ImageKind::ALL {
-            if kind == ImageKind::Memory
-                && o.state.memory_dropped
-                && !work_keyring_path(&o.dir, kind).exists()
-            {
-                any_modified = true;
-                continue;
-            }
-            if let Some((base, work, modified)) = self.keyrings(&o, kind)? {
-                any_modified |= modified;
-                changed.push((kind, base, work));
-            }
-        }
-        if !any_modified {
+        // A broken lock is told before anything is sent; the local changes stay as they are.
+        t.confirm_lock(name, &o.state.lock_id).await.map_err(|e| lock_guidance(name, e))?;
+        let plan = self.plan_sync(&o)?;
+        if !plan.modified {
             return Ok(None);
         }
+        let id = self.home.identity()?;
         let mut transfer = Transfer::default();
-        let mut new_tags: Vec<Tag> = Vec::new();
-        let mut seen = HashSet::new();
-        for (_, base, work) in &changed {
-            let base_set: HashSet<&Tag> = base.tags().iter().collect();
-            for tag in work.tags() {
-                if !tag.is_zero() && !base_set.contains(tag) && seen.insert(*tag) {
-                    new_tags.push(*tag);
-                }
-            }
-        }
-        let missing = t.missing(&new_tags).await?;
-        upload_from_cache(&t, &cache, &missing, &mut transfer).await?;
-        let mut manifest = o.manifest.clone();
-        manifest.memory = None;
-        let mut sealed_by_kind = Vec::new();
-        for (kind, _, work) in &changed {
-            let work_path = work_keyring_path(&o.dir, *kind);
-            let bytes = if work_path.exists() {
-                read_file(&work_path)?
-            } else {
-                read_file(&base_keyring_path(&o.dir, *kind))?
-            };
-            let hash = Tag(*blake3::hash(&bytes).as_bytes());
-            if work_path.exists() {
-                t.put_keyring(name, &hash, Bytes::from(bytes.clone())).await?;
-            }
-            let r = ImageRef { len: work.image_len(), keyring: hash };
-            match kind {
-                ImageKind::Disk => manifest.disk = r,
-                ImageKind::Memory => manifest.memory = Some(r),
-                ImageKind::Kernel => manifest.kernel = Some(r),
-                ImageKind::Initrd => manifest.initrd = Some(r),
-            }
-            sealed_by_kind.push((*kind, bytes));
-        }
-        manifest.created_unix = now_unix();
-        manifest.comment = comment.to_owned();
+        self.upload_plan(&t, name, &o.state.lock_id, &plan, false, &mut transfer)
+            .await
+            .map_err(|e| lock_guidance(name, e))?;
+        let manifest = Self::planned_manifest(&o, &plan, comment);
         let sealed = manifest.seal(&o.keyroot)?;
         let version = match commit_with_retry(
             &t,
-            &cache,
+            &self.cache()?,
             name,
             &o.state.lock_id,
             o.state.head_at_checkout,
@@ -559,15 +810,20 @@ impl Client {
                 let same = head_manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>()
                     == manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>();
                 if !same {
-                    return Err(ClientError::StaleBase(msg));
+                    return Err(ClientError::StaleBase(format!(
+                        "{msg}: {name}'s head is version {head}, but the changes here are based on version {} \
+                         (the lock was broken and someone else checked in meanwhile?). Keep them as a new parcel \
+                         with `isr checkin {name} --as NEWNAME`, or drop them with `isr discard {name}`",
+                        o.state.head_at_checkout
+                    )));
                 }
                 head
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(lock_guidance(name, e)),
         };
         // Record the new base: keyrings first, then the manifest, then the state that points at them.
-        for (kind, bytes) in &sealed_by_kind {
-            write_atomic(&base_keyring_path(&o.dir, *kind), bytes)?;
+        for img in &plan.images {
+            write_atomic(&base_keyring_path(&o.dir, img.kind), &img.sealed)?;
         }
         if manifest.memory.is_none() {
             let _ = std::fs::remove_file(base_keyring_path(&o.dir, ImageKind::Memory));
@@ -578,29 +834,110 @@ impl Client {
         st.head_at_checkout = version;
         st.memory_dropped = false;
         self.home.save_local_state(&st)?;
-        for (kind, _) in &sealed_by_kind {
-            let _ = std::fs::remove_file(work_keyring_path(&o.dir, *kind));
+        for img in &plan.images {
+            let _ = std::fs::remove_file(work_keyring_path(&o.dir, img.kind));
         }
         Ok(Some((version, transfer)))
     }
 
-    /// Sync, then release the lock; the parcel leaves this client (its chunks stay in the cache).
-    pub async fn checkin(
+    /// Sync, then release the lock; the parcel leaves this client (its chunks stay in the cache). A parcel
+    /// without local changes whose lock was broken meanwhile just leaves (there is nothing to keep).
+    pub async fn checkin(&mut self, name: &str, comment: &str) -> Result<CheckinOutcome, ClientError> {
+        let synced = match self.sync(name, comment).await {
+            Ok(s) => s,
+            Err(ClientError::LockLost(loss))
+                if self.local_state_name(name)? == LocalStateName::Unmodified =>
+            {
+                self.leave(name)?;
+                return Ok(CheckinOutcome {
+                    synced: None,
+                    note: Some(format!("{}; nothing to check in", loss.message)),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let st = self.home.local_state(&self.user, name)?.ok_or_else(|| not_checked_out(name))?;
+        let t = self.connect().await?;
+        match t.unlock(name, &st.lock_id).await {
+            Ok(()) => {}
+            // Committed (or nothing to commit) and the lock went meanwhile: nothing is lost by leaving.
+            Err(ClientError::LockLost(_)) if synced.is_some() => {}
+            Err(e) => return Err(lock_guidance(name, e)),
+        }
+        self.leave(name)?;
+        Ok(CheckinOutcome { synced, note: None })
+    }
+
+    /// Keep the local changes of `name` as a new parcel `new_name` (e.g. after the lock was lost and the head
+    /// moved): same keyroot, every chunk shared, version 1 of the new parcel equal to the local state. `name`
+    /// then leaves this client (its lock is released if it is still ours).
+    pub async fn checkin_as(
         &mut self,
         name: &str,
+        new_name: &str,
         comment: &str,
-    ) -> Result<Option<(u64, Transfer)>, ClientError> {
-        let synced = self.sync(name, comment).await?;
-        let st = self
-            .home
-            .local_state(&self.user, name)?
-            .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
+    ) -> Result<(u64, Transfer), ClientError> {
+        valid_parcel_name(new_name)?;
+        let o = self.open(name)?;
+        if is_running(&o.dir) {
+            return Err(ClientError::Other(format!("{name} is running: suspend it before checking it in")));
+        }
         let t = self.connect().await?;
-        t.unlock(name, Some(&st.lock_id)).await?;
+        let id = self.home.identity()?;
+        let plan = self.plan_sync(&o)?;
+        let wrapped = hex::decode(&o.state.wrapped_keyroot).map_err(|_| {
+            ClientError::Integrity("the local state holds a malformed wrapped keyroot".into())
+        })?;
+        let recovery = self.recovery_seal(&o.keyroot)?;
+        let lock_id = t
+            .create_parcel(
+                new_name,
+                &wrapped,
+                recovery.as_ref().map(|r| r.0.as_slice()),
+                &id.name,
+                &id.client_id,
+            )
+            .await?;
+        let made = async {
+            let mut transfer = Transfer::default();
+            // The new parcel has no chunks of its own: the base's are on the server already (shared).
+            self.upload_plan(&t, new_name, &lock_id, &plan, true, &mut transfer).await?;
+            let manifest = Self::planned_manifest(&o, &plan, comment);
+            let sealed = manifest.seal(&o.keyroot)?;
+            let v = commit_with_retry(
+                &t,
+                &self.cache()?,
+                new_name,
+                &lock_id,
+                0,
+                &sealed,
+                &id.name,
+                comment,
+                &mut transfer,
+                None,
+            )
+            .await?;
+            t.unlock(new_name, &lock_id).await?;
+            Ok::<_, ClientError>((v, transfer))
+        }
+        .await;
+        let done = match made {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = t.delete_unfinished_parcel(new_name, &id.client_id).await;
+                return Err(e);
+            }
+        };
+        // The changes are safe in the new parcel: release the old lock if it is still ours, and leave.
+        let _ = t.unlock(name, &o.state.lock_id).await;
+        self.leave(name)?;
+        Ok(done)
+    }
+
+    /// Remove a parcel's local files (its encrypted chunks stay in the cache).
+    fn leave(&self, name: &str) -> Result<(), ClientError> {
         let dir = self.home.parcel_dir(&self.user, name);
-        std::fs::remove_dir_all(&dir)
-            .map_err(|e| ClientError::io(format!("removing {}", dir.display()), e))?;
-        Ok(synced)
+        std::fs::remove_dir_all(&dir).map_err(|e| ClientError::io(format!("removing {}", dir.display()), e))
     }
 
     /// Drop local changes: back to the base version.
@@ -621,19 +958,22 @@ impl Client {
         self.home.save_local_state(&st)
     }
 
-    /// Fetch every chunk of the parcel into the cache.
+    /// Fetch every chunk of the parcel into the cache, checking it out first when it is not here yet.
     pub async fn hoard(&mut self, name: &str) -> Result<Transfer, ClientError> {
+        if self.home.local_state(&self.user, name)?.is_none() {
+            self.checkout(name, None).await?;
+        }
         let o = self.open(name)?;
         let t = self.connect().await?;
         let cache = self.cache()?;
-        let mut tags = Vec::new();
+        let mut chunks = Vec::new();
         for kind in ImageKind::ALL {
             if let Some((base, work, _)) = self.keyrings(&o, kind)? {
-                tags.extend_from_slice(base.tags());
-                tags.extend_from_slice(work.tags());
+                chunks.extend(image_chunks(&base));
+                chunks.extend(image_chunks(&work));
             }
         }
-        fetch_missing(&t, &cache, &tags, "hoard").await
+        fetch_missing(self.progress.as_ref(), &t, &cache, &chunks, "hoard").await
     }
 
     /// How many distinct stored chunks of a checked-out parcel are not in the cache.
@@ -655,7 +995,10 @@ impl Client {
 
     // ---- rollback / unlock ------------------------------------------------------------------------
 
+    /// A new head identical to `version`: its manifest re-sealed as an ordinary commit under the lock (this
+    /// client's when the parcel is checked out here, else taken for the commit and released).
     pub async fn rollback(&mut self, name: &str, version: u64) -> Result<u64, ClientError> {
+        valid_parcel_name(name)?;
         let local = self.home.local_state(&self.user, name)?;
         if let Some(st) = &local {
             let dir = self.home.parcel_dir(&self.user, name);
@@ -668,7 +1011,41 @@ impl Client {
         }
         let t = self.connect().await?;
         let id = self.home.identity()?;
-        let v = t.rollback(name, version, local.as_ref().map(|s| s.lock_id.as_str()), &id.name).await?;
+        let (lock_id, taken) = match &local {
+            Some(st) => (st.lock_id.clone(), false),
+            None => (t.lock(name, &id.name, &id.client_id).await?, true),
+        };
+        let wrap = self.secrets()?.wrap.clone();
+        let cache = self.cache()?;
+        let committed = async {
+            let detail = t.parcel(name).await?;
+            let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
+            let (_, bytes) = t.manifest(name, Some(version)).await?;
+            let mut manifest = Manifest::open(&bytes, &keyroot)?;
+            let comment = format!("rollback to version {version}");
+            manifest.comment = comment.clone();
+            manifest.created_unix = now_unix();
+            let sealed = manifest.seal(&keyroot)?;
+            let mut transfer = Transfer::default();
+            commit_with_retry(
+                &t,
+                &cache,
+                name,
+                &lock_id,
+                detail.head,
+                &sealed,
+                &id.name,
+                &comment,
+                &mut transfer,
+                None,
+            )
+            .await
+        }
+        .await;
+        if taken {
+            let _ = t.unlock(name, &lock_id).await;
+        }
+        let v = committed.map_err(|e| lock_guidance(name, e))?;
         if let Some(st) = local {
             // Still holding the lock: move the local base to the new head.
             self.fetch_version(&t, name, Some(v), st.lock_id).await?;
@@ -676,37 +1053,133 @@ impl Client {
         Ok(v)
     }
 
-    pub async fn unlock_force(&mut self, name: &str) -> Result<(), ClientError> {
+    /// Break the lock of `name` whoever holds it; returns who held it and since when.
+    pub async fn unlock_force(&mut self, name: &str) -> Result<Option<LockInfo>, ClientError> {
+        valid_parcel_name(name)?;
         let t = self.connect().await?;
-        t.unlock(name, None).await
+        let held = t.parcel(name).await?.lock;
+        let id = self.home.identity()?;
+        t.break_lock(name, &id.name).await?;
+        Ok(held)
+    }
+
+    // ---- password ---------------------------------------------------------------------------------
+
+    /// Change the user's password: every parcel's keyroot is rewrapped with the new password's key, then the
+    /// login secret is replaced. Safe to run again after an interruption, and also the way out after an
+    /// administrator's `isr-server user passwd` (run with the previous password as the old one and the one
+    /// the administrator set as the new one): the login works with either, and a keyroot that already opens
+    /// with the new password is left as it is.
+    pub async fn change_password(&mut self, new_password: &str) -> Result<PasswordChange, ClientError> {
+        if new_password.is_empty() {
+            return Err(ClientError::Usage("the new password is empty".into()));
+        }
+        let old = self.secrets()?.clone();
+        let new = UserSecrets::derive(&self.user, new_password, KdfParams::DEFAULT)?;
+        let url = self.server_url()?;
+        let base = Transport::new(&url, self.ca_pem.as_deref())?;
+        // Log in with the old password; if that fails, the login secret may already be the new one.
+        let (t, logged_in_with_new) = match self.login_with(base.clone()).await {
+            Ok(t) => (t, false),
+            Err(ClientError::Auth(_)) => {
+                self.secrets = Some(new.clone());
+                let t = self.login_with(base).await.map_err(|e| match e {
+                    ClientError::Auth(m) => ClientError::Auth(format!(
+                        "{m}: neither ISR_PASSWORD nor the new password is this user's login password"
+                    )),
+                    other => other,
+                })?;
+                (t, true)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut change = PasswordChange::default();
+        for p in t.parcels().await? {
+            let detail = t.parcel(&p.name).await?;
+            if unwrap_keyroot(&detail.wrapped_keyroot, &new.wrap, "the server").is_ok() {
+                change.already += 1;
+                continue;
+            }
+            let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &old.wrap, "the server").map_err(|e| match e {
+                ClientError::Auth(_) => ClientError::Auth(format!(
+                    "the key of parcel {} opens with neither the old nor the new password; nothing was changed                      for it (an administrator's recovery key can reset it)",
+                    p.name
+                )),
+                other => other,
+            })?;
+            let rewrapped = WrappedKeyroot::wrap(&keyroot, &new.wrap);
+            t.put_keyroot(&p.name, &rewrapped.0).await?;
+            change.rewrapped += 1;
+        }
+        if !logged_in_with_new {
+            t.change_login_secret(&new.login.to_hex()).await?;
+        }
+        self.secrets = Some(new.clone());
+        // Parcels checked out here keep a copy of the wrapped keyroot: rewrap those too.
+        for st in self.home.local_states(&self.user)? {
+            let mut st = st;
+            if let Ok(keyroot) = unwrap_keyroot(&st.wrapped_keyroot, &old.wrap, "the local state") {
+                st.wrapped_keyroot = hex::encode(WrappedKeyroot::wrap(&keyroot, &new.wrap).0);
+                self.home.save_local_state(&st)?;
+            }
+        }
+        // The stored token stays valid; a fresh login proves the new secret works.
+        self.transport = None;
+        self.login().await?;
+        Ok(change)
     }
 
     // ---- listing ----------------------------------------------------------------------------------
 
-    pub async fn list(&mut self) -> Result<Vec<(ParcelSummary, &'static str)>, ClientError> {
-        let t = self.connect().await?;
+    /// Every parcel of the user with its local state; offline, the parcels checked out here as far as this
+    /// client knows them (`Listing::offline` says why).
+    pub async fn list(&mut self) -> Result<Listing, ClientError> {
+        let server = match self.connect().await {
+            Ok(t) => t.parcels().await,
+            Err(e) => Err(e),
+        };
+        let (parcels, offline) = match server {
+            Ok(p) => (p, None),
+            Err(e @ ClientError::Unreachable { .. }) => {
+                let local = self
+                    .home
+                    .local_states(&self.user)?
+                    .into_iter()
+                    .map(|st| ParcelSummary {
+                        name: st.parcel,
+                        head: st.head_at_checkout,
+                        created_unix: 0,
+                        lock: None,
+                    })
+                    .collect();
+                (local, Some(e.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
         let mut out = Vec::new();
-        for p in t.parcels().await? {
+        for p in parcels {
             let state = self.local_state_name(&p.name)?;
             out.push((p, state));
         }
-        Ok(out)
+        Ok(Listing { parcels: out, offline })
     }
 
     pub async fn versions(&mut self, name: &str) -> Result<Vec<VersionInfo>, ClientError> {
+        valid_parcel_name(name)?;
         let t = self.connect().await?;
         t.versions(name).await
     }
 
-    fn local_state_name(&self, name: &str) -> Result<&'static str, ClientError> {
-        let Some(st) = self.home.local_state(&self.user, name)? else { return Ok("absent") };
+    /// The local state of a parcel, from its files alone.
+    pub fn local_state_name(&self, name: &str) -> Result<LocalStateName, ClientError> {
+        let Some(st) = self.home.local_state(&self.user, name)? else { return Ok(LocalStateName::Absent) };
         let dir = self.home.parcel_dir(&self.user, name);
         if is_running(&dir) {
-            return Ok("running");
+            return Ok(LocalStateName::Running);
         }
         let modified =
             st.memory_dropped || ImageKind::ALL.iter().any(|k| work_keyring_path(&dir, *k).exists());
-        Ok(if modified { "modified" } else { "unmodified" })
+        Ok(if modified { LocalStateName::Modified } else { LocalStateName::Unmodified })
     }
 
     /// Disk chunks available locally, changed since the base, and in all (no server contact).
@@ -722,21 +1195,32 @@ impl Client {
         Ok((cached, work.diff(&base).len() as u64, work.chunk_count()))
     }
 
+    /// The state of a parcel; without the server, what this client knows (`offline` says why).
     pub async fn stat(&mut self, name: &str) -> Result<ParcelStatus, ClientError> {
         valid_parcel_name(name)?;
-        let t = self.connect().await?;
-        let detail = t.parcel(name).await?;
         let state = self.local_state_name(name)?;
+        let server = match self.connect().await {
+            Ok(t) => t.parcel(name).await,
+            Err(e) => Err(e),
+        };
+        let (head, lock, offline) = match server {
+            Ok(d) => (Some(d.head), d.lock, None),
+            Err(e @ ClientError::Unreachable { .. }) if state != LocalStateName::Absent => {
+                (None, None, Some(e.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
         let mut status = ParcelStatus {
             parcel: name.to_owned(),
             state,
-            head_version: Some(detail.head),
+            head_version: head,
             base_version: None,
             chunks: ChunkCounts::default(),
-            lock: detail.lock,
+            lock,
             memory_image: false,
+            offline,
         };
-        if state == "absent" {
+        if state == LocalStateName::Absent {
             return Ok(status);
         }
         let o = self.open(name)?;
@@ -750,34 +1234,64 @@ impl Client {
 
     // ---- check / export ---------------------------------------------------------------------------
 
-    /// Validate the local cache of a checked-out parcel. Returns the problems found (empty = healthy).
-    pub async fn check(&mut self, name: &str, full: bool) -> Result<Vec<String>, ClientError> {
+    /// Validate the local cache of a checked-out parcel: every chunk written here is cached, and (`full`)
+    /// every cached chunk decodes with its key. With `repair`, every cached chunk is verified at least by its
+    /// tag, and one that fails (or is missing) is fetched again from the server, verified.
+    pub async fn check(&mut self, name: &str, full: bool, repair: bool) -> Result<CheckReport, ClientError> {
         let o = self.open(name)?;
         let cache = self.cache()?;
-        let mut problems = Vec::new();
+        let server = if repair { Some(self.connect().await?) } else { None };
+        let mut report = CheckReport::default();
         let mut decoder = ChunkDecoder::new();
+        let mut checked = HashSet::new();
         for kind in ImageKind::ALL {
             let Some((base, work, _)) = self.keyrings(&o, kind)? else { continue };
             let base_set: HashSet<&Tag> = base.tags().iter().collect();
             for i in 0..work.chunk_count() {
-                let Some((tag, key)) = work.get(ChunkIndex(i)) else { continue };
-                let local = cache.get(&tag).await?;
-                match local {
-                    None if !base_set.contains(&tag) => problems.push(format!(
-                        "{} chunk {i} ({tag}) was written here but is missing from the cache",
-                        kind.name()
-                    )),
-                    None => {}
-                    Some(stored) if full => {
-                        if let Err(e) = decoder.decode(&tag, key, &stored, work.chunk_len(ChunkIndex(i))) {
-                            problems.push(format!("{} chunk {i}: {e}", kind.name()));
-                        }
+                let idx = ChunkIndex(i);
+                let Some((tag, key)) = work.get(idx) else { continue };
+                if !checked.insert(tag) {
+                    continue;
+                }
+                let what = format!("{} chunk {i} ({tag})", kind.name());
+                let problem = match cache.get(&tag).await? {
+                    None if !base_set.contains(&tag) => {
+                        Some(format!("{what} was written here but is missing from the cache"))
                     }
-                    Some(_) => {}
+                    None => None,
+                    Some(stored) => {
+                        let bad = if full {
+                            decoder.decode(&tag, key, &stored, work.chunk_len(idx)).err()
+                        } else if repair {
+                            isr_format::codec::verify_tag(&tag, &stored).err()
+                        } else {
+                            None
+                        };
+                        bad.map(|e| format!("{what}: {e}"))
+                    }
+                };
+                let Some(problem) = problem else { continue };
+                let Some(t) = &server else {
+                    report.problems.push(problem);
+                    continue;
+                };
+                cache.evict(&tag)?;
+                match t.get_chunk(&tag).await {
+                    Ok(stored) => {
+                        decoder
+                            .decode(&tag, key, &stored, work.chunk_len(idx))
+                            .map_err(|e| ClientError::chunk(&tag, e))?;
+                        cache.put_fetched(&tag, stored).await?;
+                        report.repaired.push(problem);
+                    }
+                    Err(ClientError::NotFound(_)) => report.problems.push(format!(
+                        "{problem}; the server has no copy either (written here and never uploaded)"
+                    )),
+                    Err(e) => return Err(e),
                 }
             }
         }
-        Ok(problems)
+        Ok(report)
     }
 
     /// Reconstruct the raw disk image of a version (default: the head) into `output`.
@@ -801,7 +1315,7 @@ impl Client {
             .map_err(|e| ClientError::io(format!("creating {}", tmp.display()), e))?;
         file.set_len(ring.image_len().0).map_err(|e| ClientError::io("sizing output", e))?;
         let file = Arc::new(file);
-        let bar = progress::bytes(ring.image_len().0, "export");
+        let bar = self.progress.task("export", ring.image_len().0);
         let ring = Arc::new(ring);
         let results = futures::stream::iter(0..ring.chunk_count())
             .map(|i| {
@@ -829,14 +1343,14 @@ impl Client {
         futures::pin_mut!(results);
         while let Some(r) = results.next().await {
             match r {
-                Ok(n) => bar.inc(n),
+                Ok(n) => bar.advance(n),
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(e);
                 }
             }
         }
-        bar.finish_and_clear();
+        drop(bar);
         file.sync_all().map_err(|e| ClientError::io("syncing output", e))?;
         std::fs::rename(&tmp, output)
             .map_err(|e| ClientError::io(format!("renaming to {}", output.display()), e))?;
@@ -845,6 +1359,36 @@ impl Client {
 }
 
 // ---- helpers ---------------------------------------------------------------------------------------
+
+fn not_checked_out(name: &str) -> ClientError {
+    ClientError::Usage(format!("{name} is not checked out on this client: run `isr checkout {name}`"))
+}
+
+/// A lost lock, told with what the user can do: the local changes are kept, and `checkout` takes the lock
+/// again when it is free.
+fn lock_guidance(name: &str, e: ClientError) -> ClientError {
+    match e {
+        ClientError::LockLost(mut loss) => {
+            let who = match &loss.holder_now {
+                Some((holder, since)) => format!("{holder} holds it now (since {})", rfc3339(*since)),
+                None => "it is free now".to_owned(),
+            };
+            loss.message = format!(
+                "{}; {who}. Nothing can be checked in without the lock; the local changes to {name} are kept: \
+                 `isr checkout {name}` takes the lock again when it is free",
+                loss.message
+            );
+            ClientError::LockLost(loss)
+        }
+        other => other,
+    }
+}
+
+/// Every stored chunk of an image with its plaintext length (for progress in bytes).
+fn image_chunks(ring: &Keyring) -> impl Iterator<Item = (Tag, u64)> + '_ {
+    (0..ring.chunk_count())
+        .filter_map(move |i| ring.get(ChunkIndex(i)).map(|(t, _)| (t, ring.chunk_len(ChunkIndex(i)) as u64)))
+}
 
 /// Decode a hex wrapped keyroot (from `source`, for the message) and unwrap it with the password's key.
 fn unwrap_keyroot(
@@ -855,6 +1399,20 @@ fn unwrap_keyroot(
     let bytes = hex::decode(hex_wrapped)
         .map_err(|_| ClientError::Integrity(format!("{source} holds a malformed wrapped keyroot")))?;
     Ok(WrappedKeyroot(bytes).unwrap(wrap)?)
+}
+
+/// An input file of `isr create`: a regular, readable, non-empty file.
+fn check_input_file(path: &Path, what: &str) -> Result<(), ClientError> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| ClientError::Usage(format!("{what} {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(ClientError::Usage(format!("{what} {} is not a regular file", path.display())));
+    }
+    if meta.len() == 0 {
+        return Err(ClientError::Usage(format!("{what} {} is empty", path.display())));
+    }
+    std::fs::File::open(path).map_err(|e| ClientError::Usage(format!("{what} {}: {e}", path.display())))?;
+    Ok(())
 }
 
 /// A raw image to import: the file itself, or a raw conversion made with `qemu-img` for other formats.
@@ -928,6 +1486,7 @@ fn detect_format(path: &Path) -> Result<String, ClientError> {
 
 /// Stream a file through the encoder on all cores and upload the chunks the server lacks.
 async fn upload_image(
+    progress: &dyn Progress,
     t: &Transport,
     secret: &ConvergenceSecret,
     path: &Path,
@@ -947,7 +1506,7 @@ async fn upload_image(
     let secret = secret.clone();
     let producer =
         tokio::task::spawn_blocking(move || encode_file(&path_owned, chunk_size, len, workers, secret, tx));
-    let bar = progress::bytes(len, what);
+    let bar = progress.task(what, len);
     let mut uploaded: HashSet<Tag> = HashSet::new();
     let mut batch: Vec<isr_format::EncodedChunk> = Vec::new();
     transfer.image_bytes += len;
@@ -956,7 +1515,7 @@ async fn upload_image(
         let done = next.is_none();
         if let Some(item) = next {
             let (i, enc) = item?;
-            bar.inc(ring.chunk_len(ChunkIndex(i)) as u64);
+            bar.advance(ring.chunk_len(ChunkIndex(i)) as u64);
             if let Some(e) = enc {
                 ring.set(ChunkIndex(i), Some((e.tag, e.key.clone())));
                 if uploaded.insert(e.tag) {
@@ -987,7 +1546,7 @@ async fn upload_image(
         }
     }
     producer.await.map_err(|e| ClientError::Other(format!("reader task: {e}")))??;
-    bar.finish_and_clear();
+    drop(bar);
     Ok(ring)
 }
 
@@ -1041,12 +1600,18 @@ pub(crate) fn encode_file(
 }
 
 async fn upload_from_cache(
+    progress: &dyn Progress,
     t: &Transport,
     cache: &ChunkCache,
     tags: &[Tag],
     transfer: &mut Transfer,
 ) -> Result<(), ClientError> {
-    let bar = progress::bytes(tags.len() as u64, "upload");
+    let total: u64 = tags
+        .iter()
+        .filter_map(|tag| std::fs::metadata(cache.store().path_of(tag)).ok())
+        .map(|m| m.len())
+        .sum();
+    let bar = progress.task("upload", total);
     let results = futures::stream::iter(tags.iter().copied())
         .map(|tag| async move {
             let stored = cache.get(&tag).await?.ok_or_else(|| {
@@ -1058,15 +1623,14 @@ async fn upload_from_cache(
             t.put_chunk(&tag, stored).await?;
             Ok::<u64, ClientError>(n)
         })
-        .buffer_unordered(UPLOADS_IN_FLIGHT)
-        .collect::<Vec<_>>()
-        .await;
-    for r in results {
-        transfer.bytes += r?;
+        .buffer_unordered(UPLOADS_IN_FLIGHT);
+    futures::pin_mut!(results);
+    while let Some(r) = results.next().await {
+        let n = r?;
+        transfer.bytes += n;
         transfer.chunks += 1;
-        bar.inc(1);
+        bar.advance(n);
     }
-    bar.finish_and_clear();
     Ok(())
 }
 
@@ -1094,7 +1658,7 @@ async fn commit_with_retry(
                         missing.len()
                     )));
                 }
-                upload_from_cache(t, cache, &missing, transfer).await?;
+                upload_from_cache(&progress::Quiet, t, cache, &missing, transfer).await?;
             }
         }
     }
@@ -1103,34 +1667,36 @@ async fn commit_with_retry(
 
 /// Fetch every distinct stored chunk of `tags` that the cache lacks, several in flight.
 async fn fetch_missing(
+    progress: &dyn Progress,
     t: &Transport,
     cache: &ChunkCache,
-    tags: &[Tag],
+    chunks: &[(Tag, u64)],
     what: &str,
 ) -> Result<Transfer, ClientError> {
     let mut wanted = Vec::new();
     let mut seen = HashSet::new();
-    for tag in tags {
+    for (tag, len) in chunks {
         if !tag.is_zero() && seen.insert(*tag) && !cache.contains(tag).await? {
-            wanted.push(*tag);
+            wanted.push((*tag, *len));
         }
     }
-    let bar = progress::bytes(wanted.len() as u64, what);
+    // Progress in image bytes (what the chunks decode to): the stored sizes are known only once fetched.
+    let bar = progress.task(what, wanted.iter().map(|(_, n)| n).sum());
     let results = futures::stream::iter(wanted)
-        .map(|tag| async move {
+        .map(|(tag, len)| async move {
             let b = t.get_chunk(&tag).await?;
             let n = b.len() as u64;
             cache.put_fetched(&tag, b).await?;
-            Ok::<u64, ClientError>(n)
+            Ok::<(u64, u64), ClientError>((n, len))
         })
         .buffer_unordered(FETCHES_IN_FLIGHT);
     futures::pin_mut!(results);
     let mut transfer = Transfer::default();
     while let Some(r) = results.next().await {
-        transfer.bytes += r?;
+        let (stored, plain) = r?;
+        transfer.bytes += stored;
         transfer.chunks += 1;
-        bar.inc(1);
+        bar.advance(plain);
     }
-    bar.finish_and_clear();
     Ok(transfer)
 }

@@ -43,6 +43,23 @@ pub struct VmDescription {
     pub append: Option<String>,
 }
 
+impl VmDescription {
+    /// The limits every VM description must keep (checked before a parcel is created, and at every seal).
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let bad = |m: &str| Err(ManifestError::Body(m.to_owned()));
+        if !(16..=1 << 20).contains(&self.memory_mib) {
+            return bad("memory must be between 16 MiB and 1 TiB");
+        }
+        if !(1..=256).contains(&self.cpus) {
+            return bad("cpus must be between 1 and 256");
+        }
+        if self.append.as_ref().is_some_and(|a| a.len() > 4096) {
+            return bad("kernel command line longer than 4096 bytes");
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageKind {
@@ -106,15 +123,7 @@ impl Manifest {
 
     fn validate(&self) -> Result<(), ManifestError> {
         let bad = |m: &str| Err(ManifestError::Body(m.to_owned()));
-        if !(16..=1 << 20).contains(&self.vm.memory_mib) {
-            return bad("memory must be between 16 MiB and 1 TiB");
-        }
-        if !(1..=256).contains(&self.vm.cpus) {
-            return bad("cpus must be between 1 and 256");
-        }
-        if self.vm.append.as_ref().is_some_and(|a| a.len() > 4096) {
-            return bad("kernel command line longer than 4096 bytes");
-        }
+        self.vm.validate()?;
         if self.comment.len() > 4096 {
             return bad("comment longer than 4096 bytes");
         }

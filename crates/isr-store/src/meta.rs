@@ -269,12 +269,4 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<Tag>, MetaError>;
 }
 
-/// A valid parcel name: `[A-Za-z0-9._-]{1,64}`.
-pub fn valid_parcel_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-/// A valid user name: the same alphabet as parcels, not starting with '.' or '-'.
-pub fn valid_user_name(name: &str) -> bool {
-    valid_parcel_name(name) && !name.starts_with(['.', '-'])
-}
+pub use isr_format::names::{valid_parcel_name, valid_user_name};

@@ -22,6 +22,8 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub url: String,
     child: Option<Child>,
+    /// Certificate and key to serve HTTPS with.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Server {
@@ -31,10 +33,29 @@ impl Server {
 
     pub fn start() -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let s = Server { dir, url: String::new(), child: None };
+        let s = Server { dir, url: String::new(), child: None, tls: None };
         s.admin(&["user", "add", "alice"]);
         s.admin(&["user", "add", "bob"]);
         s.restart()
+    }
+
+    /// A server on HTTPS with this certificate and key.
+    pub fn start_tls(cert: &Path, key: &Path) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Server { dir, url: String::new(), child: None, tls: Some((cert.to_owned(), key.to_owned())) };
+        s.admin(&["user", "add", "alice"]);
+        s.restart()
+    }
+
+    /// An administrator's command with `password` in $ISR_PASSWORD.
+    pub fn admin_with_password(&self, args: &[&str], password: &str) -> Output {
+        Command::new(server_bin())
+            .args(args)
+            .arg("--data")
+            .arg(self.data())
+            .env("ISR_PASSWORD", password)
+            .output()
+            .unwrap()
     }
 
     pub fn admin(&self, args: &[&str]) -> Output {
@@ -53,13 +74,12 @@ impl Server {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let mut child = Command::new(server_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(self.data())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(server_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(self.data());
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let url =
@@ -67,6 +87,14 @@ impl Server {
         self.url = url.to_owned();
         self.child = Some(child);
         self
+    }
+
+    /// Kill the server process (SIGKILL) and keep it down.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     pub fn chunk_files(&self) -> Vec<PathBuf> {
