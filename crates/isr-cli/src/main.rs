@@ -121,6 +121,19 @@ enum Command {
         #[arg(long = "as", value_name = "NEWNAME")]
         as_new: Option<String>,
     },
+    /// Local web console: parcels, versions, the lifecycle's buttons, the VM's screen (127.0.0.1 only;
+    /// prints a URL with a one-time token)
+    Ui {
+        /// Loopback address to listen on (port 0: a free one)
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Do not try to open the URL in a browser
+        #[arg(long)]
+        no_open: bool,
+        /// CPU acceleration of the VMs it resumes
+        #[arg(long, env = "ISR_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+        accel: String,
+    },
     /// Change the password: every parcel's key is rewrapped, then the login (new password from
     /// $ISR_NEW_PASSWORD or a prompt)
     Passwd,
@@ -161,6 +174,15 @@ fn password() -> Result<String, ClientError> {
     }
     rpassword::prompt_password("isr password: ")
         .map_err(|e| ClientError::Auth(format!("no password: set ISR_PASSWORD or run on a terminal ({e})")))
+}
+
+fn accel_choice(accel: &str) -> isr_client::resume::AccelChoice {
+    use isr_client::resume::AccelChoice;
+    match accel {
+        "kvm" => AccelChoice::Kvm,
+        "tcg" => AccelChoice::Tcg,
+        _ => AccelChoice::Auto,
+    }
 }
 
 fn new_password() -> Result<String, ClientError> {
@@ -207,13 +229,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         .clone()
         .or_else(default_user)
         .ok_or_else(|| ClientError::Usage("no user: use --user or ISR_USER".into()))?;
-    let ca = match &cli.ca_cert {
+    let ca_pem = match &cli.ca_cert {
         Some(p) => {
             Some(std::fs::read(p).map_err(|e| ClientError::io(format!("reading {}", p.display()), e))?)
         }
         None => None,
     };
-    let mut c = Client::new(home, user, cli.server.clone(), ca, Box::new(password));
+    let mut c = Client::new(home, user, cli.server.clone(), ca_pem.clone(), Box::new(password));
     c.set_progress(std::sync::Arc::new(progress::Terminal));
     match cli.command {
         Command::Auth => {
@@ -258,6 +280,52 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     println!("{}", p.name);
                 }
             }
+        }
+        Command::Ui { listen, no_open, accel } => {
+            if !listen.ip().is_loopback() {
+                return Err(ClientError::Usage(format!(
+                    "the web console listens on loopback only, not on {listen}"
+                )));
+            }
+            let password = password()?;
+            let runtime = tempfile::Builder::new()
+                .prefix("isr-ui-")
+                .tempdir()
+                .map_err(|e| ClientError::io("creating the console's private directory", e))?;
+            let resume = isr_client::resume::ResumeOptions {
+                display: isr_vmm::Display::None,
+                disconnected: false,
+                accel: accel_choice(&accel),
+                qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
+            };
+            let settings = isr_ui::UiSettings {
+                home: c.home.root().to_owned(),
+                user: c.user.clone(),
+                server: cli.server.clone(),
+                ca_pem: ca_pem.clone(),
+                password,
+                runtime_dir: runtime.path().to_owned(),
+                resume,
+            };
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| ClientError::io(format!("listening on {listen}"), e))?;
+            let addr = listener.local_addr().map_err(|e| ClientError::io("local address", e))?;
+            let token = isr_ui::new_token();
+            let url = format!("http://{addr}/?token={token}");
+            println!("isr ui: open {url}");
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            if !no_open && (std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()) {
+                let _ = std::process::Command::new("xdg-open")
+                    .arg(&url)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
+            }
+            isr_ui::serve(listener, settings, token, shutdown_signal())
+                .await
+                .map_err(|e| ClientError::Other(e.to_string()))?;
         }
         Command::Passwd => {
             let new = new_password()?;
@@ -310,17 +378,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
         }
         Command::Resume { parcel, display, disconnected, accel, vnc } => {
-            use isr_client::resume::{AccelChoice, ResumeOptions, StopRequest};
+            use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
                 "none" => isr_vmm::Display::None,
                 "vnc" => isr_vmm::Display::Vnc { listen: vnc },
                 _ => isr_vmm::Display::Gtk,
             };
-            let accel = match accel.as_str() {
-                "kvm" => AccelChoice::Kvm,
-                "tcg" => AccelChoice::Tcg,
-                _ => AccelChoice::Auto,
-            };
+            let accel = accel_choice(&accel);
             let opts = ResumeOptions {
                 display,
                 disconnected,

@@ -117,6 +117,23 @@ pub struct Listing {
     pub offline: Option<String>,
 }
 
+/// One character per chunk of an image: [`ChunkMap::ABSENT`] (not on this client), [`ChunkMap::CACHED`],
+/// [`ChunkMap::DIRTY`] (changed here, not on the server yet), [`ChunkMap::UPLOADED`] (changed here, on the
+/// server), [`ChunkMap::ZERO`] (nothing stored).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChunkMap {
+    pub disk: String,
+    pub memory: String,
+}
+
+impl ChunkMap {
+    pub const ABSENT: char = '.';
+    pub const CACHED: char = 'c';
+    pub const DIRTY: char = 'd';
+    pub const UPLOADED: char = 'u';
+    pub const ZERO: char = 'z';
+}
+
 /// What `isr passwd` changed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PasswordChange {
@@ -161,6 +178,8 @@ pub struct ParcelStatus {
     pub chunks: ChunkCounts,
     pub lock: Option<LockInfo>,
     pub memory_image: bool,
+    /// Bytes of chunks changed here that the server does not have yet (0 when offline: unknown).
+    pub pending_upload_bytes: u64,
     /// Set when the server could not be reached: head and lock are then unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<String>,
@@ -249,6 +268,14 @@ impl Client {
             transport: None,
             session: None,
             progress: progress::quiet(),
+        }
+    }
+
+    /// Use the password-derived secrets another client of the same user derived already (deriving them is
+    /// slow on purpose: a front end running many operations derives them once).
+    pub fn adopt_secrets(&mut self, other: &Client) {
+        if other.user == self.user {
+            self.secrets = other.secrets.clone();
         }
     }
 
@@ -1210,6 +1237,7 @@ impl Client {
             }
             Err(e) => return Err(e),
         };
+        let connected = offline.is_none();
         let mut status = ParcelStatus {
             parcel: name.to_owned(),
             state,
@@ -1218,6 +1246,7 @@ impl Client {
             chunks: ChunkCounts::default(),
             lock,
             memory_image: false,
+            pending_upload_bytes: 0,
             offline,
         };
         if state == LocalStateName::Absent {
@@ -1229,7 +1258,63 @@ impl Client {
         status.chunks = ChunkCounts { cached, dirty, total };
         status.memory_image = !o.state.memory_dropped
             && (o.manifest.memory.is_some() || work_keyring_path(&o.dir, ImageKind::Memory).exists());
+        if connected {
+            status.pending_upload_bytes = self.pending_upload_bytes(&o).await?;
+        }
         Ok(status)
+    }
+
+    /// Bytes of the chunks made here (not in the base) that the server lacks.
+    async fn pending_upload_bytes(&mut self, o: &Opened) -> Result<u64, ClientError> {
+        let plan = self.plan_sync(o)?;
+        if plan.new_tags.is_empty() {
+            return Ok(0);
+        }
+        let t = self.connect().await?;
+        let cache = self.cache()?;
+        Ok(t.missing(&plan.new_tags)
+            .await?
+            .iter()
+            .filter_map(|tag| std::fs::metadata(cache.store().path_of(tag)).ok())
+            .map(|m| m.len())
+            .sum())
+    }
+
+    /// The state of every chunk of the disk and memory images of a checked-out parcel, for the chunk map.
+    pub async fn chunk_map(&mut self, name: &str) -> Result<ChunkMap, ClientError> {
+        let o = self.open(name)?;
+        let cache = self.cache()?;
+        let mut map = ChunkMap::default();
+        // Which changed chunks the server has already (connected only).
+        let plan = self.plan_sync(&o)?;
+        let on_server: HashSet<Tag> = match self.connect().await {
+            Ok(t) => {
+                let missing: HashSet<Tag> = t.missing(&plan.new_tags).await?.into_iter().collect();
+                plan.new_tags.iter().filter(|t| !missing.contains(t)).copied().collect()
+            }
+            Err(_) => HashSet::new(),
+        };
+        for kind in [ImageKind::Disk, ImageKind::Memory] {
+            let Some((base, work, _)) = self.keyrings(&o, kind)? else { continue };
+            let mut states = String::with_capacity(work.chunk_count() as usize);
+            for i in 0..work.chunk_count() {
+                let idx = ChunkIndex(i);
+                let tag = work.get(idx).map(|(t, _)| t);
+                let changed = tag != base.get(idx).map(|(t, _)| t);
+                states.push(match tag {
+                    None => ChunkMap::ZERO,
+                    Some(t) if changed && on_server.contains(&t) => ChunkMap::UPLOADED,
+                    Some(_) if changed => ChunkMap::DIRTY,
+                    Some(t) if cache.contains(&t).await? => ChunkMap::CACHED,
+                    Some(_) => ChunkMap::ABSENT,
+                });
+            }
+            match kind {
+                ImageKind::Disk => map.disk = states,
+                _ => map.memory = states,
+            }
+        }
+        Ok(map)
     }
 
     // ---- check / export ---------------------------------------------------------------------------
