@@ -82,7 +82,8 @@ busybox_bin=/bin/busybox # from busybox-static (which conflicts with the dynamic
 
 # --- kernel: the package linux-image-cloud-amd64 depends on, unpacked (never installed) ---
 # Only vmlinuz and the virtio modules are kept (out/modules); the unpacked package (~100 MB) is removed.
-modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
+modules=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
+    failover net_failover virtio_net virtio_console)
 have_kernel=1
 [ -s "$out/vmlinuz" ] || have_kernel=0
 for m in "${modules[@]}"; do [ -s "$out/modules/$m.ko" ] || have_kernel=0; done
@@ -103,7 +104,8 @@ if [ "$have_kernel" = 0 ]; then
     dpkg-deb -x "$tmp"/dl/"$pkg"_*.deb "$tmp/root"
     moddir="$(ls -d "$tmp"/root/lib/modules/*/kernel | head -n1)"
     for m in "${modules[@]}"; do
-        f="$(find "$moddir/drivers/virtio" "$moddir/drivers/block" -name "$m.ko*" | head -n1)"
+        f="$(find "$moddir/drivers/virtio" "$moddir/drivers/block" "$moddir/drivers/net" "$moddir/net/core" \
+            "$moddir/drivers/char" -name "$m.ko*" | head -n1)"
         [ -n "$f" ] || { log "module $m not found in $pkg"; exit 1; }
         case "$f" in
         *.ko) cp "$f" "$out/modules/$m.ko" ;;
@@ -137,6 +139,53 @@ mount -t devtmpfs dev /dev
 for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk; do
     insmod /lib/modules/$m.ko || echo "isr-guest: insmod $m failed"
 done
+# Network (user-mode NAT: 10.0.2.0/24, the host is 10.0.2.2) and the guest-agent channel, when present.
+for m in failover net_failover virtio_net virtio_console; do insmod /lib/modules/$m.ko 2>/dev/null; done
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set lo up
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+    echo "isr-net eth0"
+else
+    echo "isr-net none"
+fi
+# A small stand-in for qemu-guest-agent on the virtio-serial port org.qemu.guest_agent.0: guest-sync,
+# guest-ping, guest-get-time, guest-set-time, and guest-exec of a page-cache drop.
+agent() {
+    exec 3<>"$1"
+    # A read returns end-of-file while the host side is not connected: wait and read again.
+    while true; do
+    while read -r req <&3; do
+        cmd="$(echo "$req" | sed -n 's/.*"execute" *: *"\([a-z-]*\)".*/\1/p')"
+        case "$cmd" in
+        guest-sync | guest-sync-delimited)
+            id="$(echo "$req" | sed -n 's/.*"id" *: *\([0-9]*\).*/\1/p')"
+            echo "{\"return\": ${id:-0}}" >&3 ;;
+        guest-ping) echo '{"return": {}}' >&3 ;;
+        guest-get-time) echo "{\"return\": $(date +%s)000000000}" >&3 ;;
+        guest-set-time)
+            ns="$(echo "$req" | sed -n 's/.*"time" *: *\([0-9]*\).*/\1/p')"
+            [ -n "$ns" ] && date -s "@$((ns / 1000000000))" >/dev/null
+            echo '{"return": {}}' >&3 ;;
+        guest-exec)
+            case "$req" in *drop_caches*) sync; echo 3 >/proc/sys/vm/drop_caches ;; esac
+            echo '{"return": {"pid": 1}}' >&3 ;;
+        *) echo "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"$cmd\"}}" >&3 ;;
+        esac
+    done
+    sleep 0.5
+    done
+}
+for port in /sys/class/virtio-ports/*; do
+    [ -e "$port/name" ] || continue
+    if [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ]; then
+        agent "/dev/$(basename "$port")" &
+        echo "isr-agent up"
+    fi
+done
+# An interactive shell on the first virtual terminal (the VGA screen, keyboard input).
+if [ -c /dev/tty1 ]; then
+    (setsid sh -c 'exec </dev/tty1 >/dev/tty1 2>&1; echo "isr test guest: a shell on tty1"; PS1="isr# " exec sh') &
+fi
 i=0
 while [ ! -b /dev/vda ]; do
     i=$((i + 1))
