@@ -3,12 +3,12 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build, the tests and the demo need (tests skip nothing silently: they need these).
 # QEMU 10 (qemu-system-x86, qemu-utils from bookworm-backports), busybox-static and cpio come from guest/build.sh.
-DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential
+DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512
 
-.PHONY: help deps guest fmt-check clippy test bench fuzz demo demo-format
+.PHONY: help deps ui-deps guest fmt-check clippy test bench fuzz demo demo-format
 
 help:
 	@echo "make demo    the whole story: server, parcel from the test guest, resume on client A, suspend, check in,"
@@ -20,7 +20,7 @@ help:
 	@echo "make deps    install the Debian packages: $(DEB_PACKAGES)"
 
 # Idempotent: asks apt only for what is missing, and refreshes the package lists only then.
-deps: guest
+deps: guest ui-deps
 	@missing=""; \
 	for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' "$$p" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -30,6 +30,14 @@ deps: guest
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# The web console's npm packages (noVNC, embedded into `isr` at build time; playwright-core for its browser
+# test), and Node.js/npm to install them.
+UI_WEB := crates/isr-ui/web
+ui-deps:
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm; }
+	@[ -f $(UI_WEB)/node_modules/playwright-core/package.json ] && [ -f $(UI_WEB)/node_modules/@novnc/novnc/core/rfb.js ] \
+	  || (cd $(UI_WEB) && npm ci --no-audit --no-fund)
 
 # The test guest (kernel + busybox initramfs + ext4 disk) in guest/out, and QEMU 10 to run it.
 guest:
