@@ -31,7 +31,7 @@ pub enum MetaError {
     /// The caller's lock was broken (`unlock --force`, `isr-server unlock`); `current` is whoever holds the
     /// parcel now, if anyone.
     #[error("your lock on {parcel} was broken by {} at unix time {}", broken.by, broken.unix)]
-    LockBroken { parcel: String, broken: BrokenLock, current: Option<LockInfo> },
+    LockBroken { parcel: String, broken: Box<BrokenLock>, current: Option<Box<LockInfo>> },
     #[error("parcel {0} has versions: it can only be deleted with its user (isr-server user remove)")]
     HasVersions(String),
     #[error("base version {base} is not the head {head}")]
@@ -105,8 +105,8 @@ pub fn check_lock(
         (Some(held), _) if held.lock_id == id => Ok(()),
         (_, Some(b)) if b.lock_id == id => Err(MetaError::LockBroken {
             parcel: parcel.to_owned(),
-            broken: b.clone(),
-            current: current.cloned(),
+            broken: Box::new(b.clone()),
+            current: current.cloned().map(Box::new),
         }),
         (Some(held), _) => Err(MetaError::Locked { parcel: parcel.to_owned(), lock: held.clone() }),
         (None, _) => Err(MetaError::LockMismatch(parcel.to_owned())),
@@ -235,6 +235,8 @@ pub trait ChunkSweeper: Send + Sync {
 pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// The value of a deployment setting, storing `init` first if it has none (atomic across processes).
     async fn setting_or_init(&self, key: &str, init: String) -> Result<String, MetaError>;
+    /// The value of a deployment setting, if it has one.
+    async fn setting(&self, key: &str) -> Result<Option<String>, MetaError>;
 
     async fn add_user(&self, name: &str, login_hash: &str, now_unix: i64) -> Result<(), MetaError>;
     async fn set_login_hash(&self, name: &str, login_hash: &str) -> Result<(), MetaError>;

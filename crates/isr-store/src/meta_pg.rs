@@ -191,8 +191,8 @@ impl std::fmt::Debug for PgMetaStore {
     }
 }
 
-/// The URL without its password.
-fn redact(url: &str) -> String {
+/// The URL without its password (for messages and logs).
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -385,6 +385,12 @@ impl MetaStore for PgMetaStore {
         )
         .await?;
         Ok(c.query_one("SELECT value FROM settings WHERE key = $1", &[&key]).await?.get(0))
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, MetaError> {
+        let mut conn = self.conn().await?;
+        let row = conn.client().query_opt("SELECT value FROM settings WHERE key = $1", &[&key]).await?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     async fn add_user(&self, name: &str, login_hash: &str, now_unix: i64) -> Result<(), MetaError> {

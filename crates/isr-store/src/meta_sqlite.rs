@@ -380,6 +380,14 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
+    async fn setting(&self, key: &str) -> Result<Option<String>, MetaError> {
+        let key = key.to_owned();
+        self.with(move |c| {
+            Ok(c.query_row("SELECT value FROM settings WHERE key = ?1", [&key], |r| r.get(0)).optional()?)
+        })
+        .await
+    }
+
     async fn add_user(&self, name: &str, login_hash: &str, now_unix: i64) -> Result<(), MetaError> {
         let (name, hash) = (name.to_owned(), login_hash.to_owned());
         self.write(move |tx| {

@@ -624,7 +624,7 @@ fn assert_broken(r: Result<impl std::fmt::Debug, MetaError>, by: &str, current: 
     match r {
         Err(MetaError::LockBroken { broken, current: now, .. }) => {
             assert_eq!(broken.by, by);
-            assert_eq!(now.as_ref(), current);
+            assert_eq!(now.as_deref(), current);
         }
         other => panic!("expected LockBroken by {by}, got {other:?}"),
     }
