@@ -583,9 +583,15 @@ async fn gc_races_commits(committer: &dyn MetaStore, collector: &dyn MetaStore, 
     let sweeps = async {
         let mut deleted = 0;
         let mut rounds = 0;
-        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        // Sweeps during the commits, and at least one that starts after them (it finds their garbage), so
+        // the counts below never depend on how fast either side runs.
+        loop {
+            let commits_done = done.load(std::sync::atomic::Ordering::SeqCst);
             deleted += gc(collector, chunks).await.len();
             rounds += 1;
+            if commits_done && rounds > 1 {
+                break;
+            }
         }
         (rounds, deleted)
     };
