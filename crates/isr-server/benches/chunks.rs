@@ -137,7 +137,8 @@ fn main() {
     let server_rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (storage, url) = server_rt.block_on(async {
-        let storage = Storage::open(&StorageConfig::data_dir(&data)).await.unwrap();
+        let storage =
+            Storage::open(&StorageConfig::data_dir(&data), isr_server::Deployment::Create).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = AppState::new(storage.clone(), ServerSettings::default());

@@ -17,9 +17,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use isr_format::codec::{ChunkError, MAX_STORED};
 use isr_format::{KeyringTags, Manifest, RecoveryPublicKey, Tag};
-use isr_store::meta::{
-    valid_parcel_name, LockInfo, LockRelease, NewParcel, NewVersion, Rollback, VersionSel,
-};
+use isr_store::meta::{valid_parcel_name, LockInfo, LockRelease, NewParcel, NewVersion, VersionSel};
 use isr_store::StoreError;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -36,10 +34,13 @@ pub const MAX_FETCH_TAGS: usize = 256;
 const ABSENT_FRAME: u32 = u32::MAX;
 const MAX_NAME: usize = 256;
 
-/// Server-wide settings returned to clients at login.
+/// Server-wide settings.
 #[derive(Clone, Debug, Default)]
 pub struct ServerSettings {
+    /// Returned to clients at login.
     pub recovery_pubkey: Option<RecoveryPublicKey>,
+    /// How failed logins hold back further attempts.
+    pub login_throttle: auth::LoginThrottle,
 }
 
 /// Everything a request handler needs.
@@ -52,6 +53,7 @@ pub struct Inner {
     pub settings: ServerSettings,
     pub metrics: Metrics,
     pub tokens: TokenCache,
+    pub logins: auth::LoginGate,
 }
 
 impl AppState {
@@ -61,6 +63,7 @@ impl AppState {
             settings,
             metrics: Metrics::default(),
             tokens: TokenCache::default(),
+            logins: auth::LoginGate::default(),
         }))
     }
 
@@ -84,14 +87,14 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/login", post(login))
+        .route("/api/v1/password", put(change_password))
         .route("/api/v1/parcels", get(list_parcels).post(create_parcel))
         .route("/api/v1/parcels/{name}", get(get_parcel).delete(delete_parcel))
         .route("/api/v1/parcels/{name}/keyroot", put(put_keyroot))
         .route("/api/v1/parcels/{name}/versions", get(list_versions).post(commit))
         .route("/api/v1/parcels/{name}/versions/{n}/manifest", get(get_manifest))
         .route("/api/v1/parcels/{name}/keyrings/{hash}", put(put_keyring).get(get_keyring))
-        .route("/api/v1/parcels/{name}/lock", post(lock).delete(unlock))
-        .route("/api/v1/parcels/{name}/rollback", post(rollback))
+        .route("/api/v1/parcels/{name}/lock", post(lock).delete(unlock).get(confirm_lock))
         .route("/api/v1/chunks/missing", post(chunks_missing))
         .route("/api/v1/chunks/fetch", post(chunks_fetch))
         .route("/api/v1/chunks/{tag}", put(put_chunk).get(get_chunk))
@@ -103,6 +106,7 @@ pub fn router(state: AppState) -> Router {
 
 const ROUTES: &[&str] = &[
     "/api/v1/login",
+    "/api/v1/password",
     "/api/v1/parcels",
     "/api/v1/parcels/{name}",
     "/api/v1/parcels/{name}/keyroot",
@@ -110,7 +114,6 @@ const ROUTES: &[&str] = &[
     "/api/v1/parcels/{name}/versions/{n}/manifest",
     "/api/v1/parcels/{name}/keyrings/{hash}",
     "/api/v1/parcels/{name}/lock",
-    "/api/v1/parcels/{name}/rollback",
     "/api/v1/chunks/missing",
     "/api/v1/chunks/fetch",
     "/api/v1/chunks/{tag}",
@@ -198,9 +201,14 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A display name from a client (holder, breaker, client): bounded, no control characters (it is shown to
+/// other users and written to logs).
 fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
     if value.len() > MAX_NAME {
         return Err(ApiError::bad_request(format!("{field} longer than {MAX_NAME} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!("{field} contains control characters")));
     }
     Ok(())
 }
@@ -239,27 +247,21 @@ async fn login(
     body: Body,
 ) -> Result<Json<LoginResponse>, ApiError> {
     let req: LoginRequest = read_json(&st, &headers, body).await?;
-    let mut secret = [0u8; 32];
-    hex::decode_to_slice(req.login_secret.trim(), &mut secret)
-        .map_err(|_| ApiError::bad_request("login_secret must be 64 hex digits"))?;
+    let secret = parse_login_secret(&req.login_secret)?;
+    st.0.metrics.login_attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let meta = &st.0.storage.meta;
     let user = if req.user.len() <= 64 { meta.user(&req.user).await? } else { None };
     if let Some(u) = &user {
-        // Repeated failures slow down further attempts for this user (state shared through the database).
-        let f = meta.login_failures(&u.name).await?;
-        let wait = f.last_unix + auth::login_delay_secs(f.count) - crate::now_unix();
-        if wait > 0 {
-            tokio::time::sleep(std::time::Duration::from_secs(wait.min(auth::MAX_LOGIN_DELAY_SECS) as u64))
-                .await;
-        }
+        // Held back after repeated failures, and counted as a failure before the verification (see auth).
+        st.0.logins.admit(meta.as_ref(), &st.0.settings.login_throttle, &u.name).await?;
     }
     let phc = user.as_ref().map_or_else(|| auth::dummy_hash().to_owned(), |u| u.login_hash.clone());
+    st.0.metrics.login_verifications.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let ok = tokio::task::spawn_blocking(move || auth::verify_login_secret(&phc, &secret))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let Some(user) = user.filter(|_| ok) else {
         st.0.metrics.logins_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        meta.record_login_failure(&req.user, crate::now_unix()).await?;
         tracing::info!(user = %req.user.escape_debug(), "failed login");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -280,6 +282,37 @@ async fn login(
         convergence_secret: st.0.storage.convergence_secret.to_hex(),
         recovery_pubkey: st.0.settings.recovery_pubkey.map(|k| k.to_hex()),
     }))
+}
+
+fn parse_login_secret(hex_secret: &str) -> Result<[u8; 32], ApiError> {
+    let mut secret = [0u8; 32];
+    hex::decode_to_slice(hex_secret.trim(), &mut secret)
+        .map_err(|_| ApiError::bad_request("login_secret must be 64 hex digits"))?;
+    Ok(secret)
+}
+
+#[derive(Deserialize)]
+struct PasswordRequest {
+    login_secret: String,
+}
+
+/// The authenticated user's new login secret (the client has rewrapped every parcel's keyroot first).
+async fn change_password(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let req: PasswordRequest = read_json(&st, &headers, body).await?;
+    let secret = isr_format::LoginSecret(parse_login_secret(&req.login_secret)?);
+    let hash = tokio::task::spawn_blocking(move || auth::hash_login_secret(&secret))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    // Also clears the failed-login counter.
+    st.0.storage.meta.set_login_hash(&user, &hash).await?;
+    tracing::info!(%user, "password changed");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ---- parcels ----
@@ -509,58 +542,37 @@ async fn commit(
     Ok((StatusCode::CREATED, Json(json!({"version": version}))).into_response())
 }
 
-#[derive(Deserialize)]
-struct RollbackRequest {
-    version: u64,
-    #[serde(default)]
-    lock_id: Option<String>,
-    #[serde(default)]
-    client: String,
-}
-
-async fn rollback(
-    State(st): State<AppState>,
-    Authed(user): Authed,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    check_name(&name)?;
-    let req: RollbackRequest = read_json(&st, &headers, body).await?;
-    check_text("client", &req.client)?;
-    let version =
-        st.0.storage
-            .meta
-            .rollback(Rollback {
-                user: user.clone(),
-                parcel: name.clone(),
-                version: req.version,
-                lock_id: req.lock_id,
-                client: req.client,
-                now_unix: crate::now_unix(),
-            })
-            .await?;
-    tracing::info!(%user, parcel = %name, to = req.version, version, "rollback");
-    Ok((StatusCode::CREATED, Json(json!({"version": version}))).into_response())
-}
-
 // ---- keyrings ----
 
 fn parse_tag(s: &str, what: &str) -> Result<Tag, ApiError> {
     Tag::from_hex(s).ok_or_else(|| ApiError::bad_request(format!("{what} must be 64 hex digits")))
 }
 
+#[derive(Deserialize)]
+struct LockIdQuery {
+    lock_id: Option<String>,
+}
+
+fn required_lock_id(q: LockIdQuery) -> Result<String, ApiError> {
+    q.lock_id.ok_or_else(|| ApiError::bad_request("the lock_id=HEX query parameter is required"))
+}
+
 async fn put_keyring(
     State(st): State<AppState>,
     Authed(user): Authed,
     Path((name, hash)): Path<(String, String)>,
+    Query(q): Query<LockIdQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     check_name(&name)?;
     let hash = parse_tag(&hash, "keyring hash")?;
-    // The parcel must be this user's before the body is worth reading.
+    // Someone else's parcel is a missing one, whatever the request holds.
     st.0.storage.meta.parcel(&user, &name).await?;
+    let lock_id = required_lock_id(q)?;
+    // The parcel must be this user's and locked by the caller before the body is worth reading; the store
+    // checks the lock again in the transaction that stores the keyring.
+    st.0.storage.meta.confirm_lock(&user, &name, &lock_id).await?;
     let data = read_body(&st, &headers, body, MAX_KEYRING).await?;
     let d2 = data.clone();
     let checked = tokio::task::spawn_blocking(move || {
@@ -578,7 +590,7 @@ async fn put_keyring(
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
     checked?;
-    let new = st.0.storage.meta.put_keyring(&user, &name, hash, data).await?;
+    let new = st.0.storage.meta.put_keyring(&user, &name, &lock_id, hash, data).await?;
     Ok(if new { StatusCode::CREATED } else { StatusCode::OK })
 }
 
@@ -621,11 +633,28 @@ async fn lock(
     Ok(Json(json!({"lock_id": lock.lock_id, "since_unix": lock.since_unix})).into_response())
 }
 
+/// Whether `lock_id` is still the parcel's lock (a client confirms before it resumes, and at checkout of a
+/// parcel it already has).
+async fn confirm_lock(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    Query(q): Query<LockIdQuery>,
+) -> Result<Response, ApiError> {
+    check_name(&name)?;
+    st.0.storage.meta.parcel(&user, &name).await?;
+    let lock_id = required_lock_id(q)?;
+    let lock = st.0.storage.meta.confirm_lock(&user, &name, &lock_id).await?;
+    Ok(Json(json!({"holder": lock.holder, "since_unix": lock.since_unix})).into_response())
+}
+
 #[derive(Deserialize)]
 struct UnlockQuery {
     lock_id: Option<String>,
     #[serde(default)]
     force: bool,
+    /// Who breaks the lock (a client's display name), told to the holder whose lock it was.
+    by: Option<String>,
 }
 
 async fn unlock(
@@ -636,12 +665,17 @@ async fn unlock(
 ) -> Result<StatusCode, ApiError> {
     check_name(&name)?;
     let how = match (q.force, q.lock_id) {
-        (true, _) => LockRelease::Force,
+        (true, _) => {
+            let by = q.by.unwrap_or_else(|| format!("an unnamed client of {user}"));
+            check_text("by", &by)?;
+            LockRelease::Force { by, now_unix: crate::now_unix() }
+        }
         (false, Some(id)) => LockRelease::Id(id),
         (false, None) => return Err(ApiError::bad_request("give lock_id=HEX or force=true")),
     };
-    st.0.storage.meta.release_lock(&user, &name, how.clone()).await?;
-    tracing::info!(%user, parcel = %name, force = how == LockRelease::Force, "unlock");
+    let forced = matches!(how, LockRelease::Force { .. });
+    st.0.storage.meta.release_lock(&user, &name, how).await?;
+    tracing::info!(%user, parcel = %name, force = forced, "unlock");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -762,7 +796,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     let locks = st.0.storage.meta.locks_held().await.unwrap_or(0);
     (
         [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"))],
-        st.0.metrics.render(locks),
+        st.0.metrics.render(locks, st.0.logins.counters.held_back.load(std::sync::atomic::Ordering::Relaxed)),
     )
         .into_response()
 }

@@ -3,6 +3,11 @@
 //! The client never sends the password: it sends the [`LoginSecret`] derived from it
 //! ([`UserSecrets::derive`]); the server keeps only an argon2id hash (random salt) of that secret. Session
 //! tokens are random, stored as their BLAKE3 hash, and expire after [`TOKEN_LIFETIME_SECS`].
+//!
+//! Throttling ([`LoginGate::admit`]) counts an attempt as a failure *before* verifying it (a compare-and-set
+//! on the user's failure counter in the database, cleared by a success), so attempts in flight are held back
+//! like finished ones: N parallel connections do not buy N guesses. Within one process a user's attempts
+//! also queue on a per-user async mutex, so only one of them polls the database; other users never wait.
 
 use crate::error::ServerError;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -11,7 +16,7 @@ use isr_format::keys::KdfParams;
 use isr_format::{LoginSecret, UserSecrets};
 use isr_store::MetaStore;
 use std::collections::HashMap;
-use std::sync::{OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 pub const TOKEN_LIFETIME_SECS: i64 = 12 * 3600;
@@ -54,10 +59,113 @@ pub fn dummy_hash() -> &'static str {
 
 /// How long a login for a user with `failures` recent failures is held back after the last failure.
 pub fn login_delay_secs(failures: u32) -> i64 {
-    if failures < FREE_FAILURES {
-        0
-    } else {
-        1i64.checked_shl(failures - FREE_FAILURES).unwrap_or(i64::MAX).min(MAX_LOGIN_DELAY_SECS)
+    LoginThrottle::default().delay_secs(failures)
+}
+
+/// The hold-back rule: after `free_failures` failures in a row, an attempt is admitted only
+/// `unit_secs * 2^(failures - free_failures)` seconds (at most `max_delay_secs`) after the last one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginThrottle {
+    pub free_failures: u32,
+    pub unit_secs: i64,
+    pub max_delay_secs: i64,
+    /// How often a held-back attempt re-reads the shared counter (another process may have cleared it).
+    pub poll: Duration,
+}
+
+impl Default for LoginThrottle {
+    fn default() -> Self {
+        LoginThrottle {
+            free_failures: FREE_FAILURES,
+            unit_secs: 1,
+            max_delay_secs: MAX_LOGIN_DELAY_SECS,
+            poll: Duration::from_secs(1),
+        }
+    }
+}
+
+impl LoginThrottle {
+    pub fn delay_secs(&self, failures: u32) -> i64 {
+        if failures < self.free_failures {
+            return 0;
+        }
+        let doublings = failures - self.free_failures;
+        let factor = 1i64.checked_shl(doublings).filter(|_| doublings < 63).unwrap_or(i64::MAX);
+        self.unit_secs.saturating_mul(factor).min(self.max_delay_secs)
+    }
+}
+
+/// Counts of the throttle, for `/metrics` and tests.
+#[derive(Debug, Default)]
+pub struct LoginCounters {
+    /// Attempts currently held back (waiting for their turn or their time).
+    pub held_back: std::sync::atomic::AtomicI64,
+}
+
+/// Decrements `held_back` however the wait ends (including a client that goes away).
+struct HeldBack<'a>(&'a std::sync::atomic::AtomicI64);
+
+impl Drop for HeldBack<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Per-user admission of login attempts in this process.
+#[derive(Debug, Default)]
+pub struct LoginGate {
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub counters: LoginCounters,
+}
+
+impl LoginGate {
+    fn turn_of(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        turns.entry(user.to_owned()).or_default().clone()
+    }
+
+    fn forget_if_idle(&self, user: &str) {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        if turns.get(user).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(user);
+        }
+    }
+
+    /// Waits until `user` (a known user) may make one more attempt, and counts it as a failure before it is
+    /// verified; the caller clears the counter when the secret was right. One attempt per user and process
+    /// decides at a time; across processes, the compare-and-set in the database gives each slot to one.
+    pub async fn admit(
+        &self,
+        meta: &dyn MetaStore,
+        throttle: &LoginThrottle,
+        user: &str,
+    ) -> Result<(), isr_store::MetaError> {
+        use std::sync::atomic::Ordering;
+        self.counters.held_back.fetch_add(1, Ordering::Relaxed);
+        let held = HeldBack(&self.counters.held_back);
+        let turn = self.turn_of(user);
+        let result = async {
+            let _mine = turn.lock().await;
+            loop {
+                let seen = meta.login_failures(user).await?;
+                let now = crate::now_unix();
+                let wait = seen.last_unix.saturating_add(throttle.delay_secs(seen.count)) - now;
+                if wait > 0 {
+                    let wait = Duration::from_secs(wait as u64).min(throttle.poll);
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                if meta.reserve_login_attempt(user, seen, now).await? {
+                    return Ok(());
+                }
+                // Another process took this slot: decide again on what it wrote.
+            }
+        }
+        .await;
+        drop(turn);
+        drop(held);
+        self.forget_if_idle(user);
+        result
     }
 }
 
@@ -138,5 +246,9 @@ mod tests {
         assert_eq!(login_delay_secs(3), 1);
         assert_eq!(login_delay_secs(5), 4);
         assert_eq!(login_delay_secs(200), MAX_LOGIN_DELAY_SECS);
+        let slow = LoginThrottle { unit_secs: 3600, max_delay_secs: 100 * 3600, ..LoginThrottle::default() };
+        assert_eq!(slow.delay_secs(2), 0);
+        assert_eq!(slow.delay_secs(4), 7200);
+        assert_eq!(slow.delay_secs(u32::MAX), 100 * 3600);
     }
 }

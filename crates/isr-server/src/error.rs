@@ -12,6 +12,9 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("configuration: {0}")]
     Config(String),
+    /// The storage options name no deployment (and the command may not create one).
+    #[error("{0}")]
+    NoDeployment(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("password hashing failed: {0}")]
@@ -99,6 +102,24 @@ impl From<MetaError> for ApiError {
             .with("holder", lock.holder)
             .with("since_unix", lock.since_unix),
             MetaError::LockMismatch(_) => ApiError::new(S::CONFLICT, "lock_mismatch", msg),
+            MetaError::LockBroken { parcel, broken, current } => {
+                let mut e = ApiError::new(
+                    S::CONFLICT,
+                    "lock_broken",
+                    format!(
+                        "your lock on {parcel} was broken by {} at {}",
+                        broken.by,
+                        crate::rfc3339(broken.unix)
+                    ),
+                )
+                .with("broken_by", broken.by)
+                .with("broken_unix", broken.unix);
+                if let Some(held) = current {
+                    e = e.with("holder", held.holder).with("since_unix", held.since_unix);
+                }
+                e
+            }
+            MetaError::HasVersions(_) => ApiError::new(S::CONFLICT, "has_versions", msg),
             MetaError::StaleBase { head, .. } => {
                 ApiError::new(S::CONFLICT, "stale_base", msg).with("head", head)
             }

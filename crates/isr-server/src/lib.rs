@@ -7,6 +7,7 @@
 //! - [`api`]: the HTTP routes; [`server`]: the accept loop (TLS, graceful shutdown).
 //! - [`admin`]: `gc`, `check`, user management: what the administrator's subcommands do.
 //! - [`metrics`]: counters for `GET /metrics`.
+//! - [`tls`]: `isr-server tls init`, a private CA and a server certificate it signs.
 
 pub mod admin;
 pub mod api;
@@ -16,11 +17,12 @@ pub mod error;
 pub mod metrics;
 pub mod server;
 pub mod storage;
+pub mod tls;
 
 pub use api::{router, AppState, ServerSettings};
 pub use error::ServerError;
 pub use server::{load_tls, run};
-pub use storage::{Storage, StorageConfig};
+pub use storage::{Deployment, Storage, StorageConfig};
 
 /// Seconds since the Unix epoch.
 pub fn now_unix() -> i64 {
@@ -32,8 +34,14 @@ pub fn now_unix() -> i64 {
 
 /// `unix` as an RFC 3339 UTC timestamp (`2026-11-02T14:03:09Z`).
 pub fn rfc3339(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
+    let (y, m, d) = civil_date(unix);
     let secs = unix.rem_euclid(86_400);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// The UTC calendar date (year, month 1-12, day 1-31) of `unix`.
+pub fn civil_date(unix: i64) -> (i64, i64, i64) {
+    let days = unix.div_euclid(86_400);
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -44,7 +52,7 @@ pub fn rfc3339(unix: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    (y, m, d)
 }
 
 #[cfg(test)]

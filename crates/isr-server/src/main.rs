@@ -4,7 +4,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use isr_format::RecoveryPublicKey;
 use isr_server::admin::{self, split_target};
-use isr_server::{auth, AppState, ServerSettings, Storage, StorageConfig};
+use isr_server::{auth, AppState, Deployment, ServerSettings, Storage, StorageConfig};
 use isr_store::meta::LockRelease;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -78,11 +78,28 @@ enum Cmd {
         #[arg(long)]
         full: bool,
     },
+    /// TLS certificates.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum TlsCmd {
+    /// Write a private CA (ca.pem, for `isr --ca-cert`) and a server certificate it signs (cert.pem,
+    /// key.pem, for `serve --tls-cert/--tls-key`).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+        /// A DNS name or IP address clients reach the server by (repeatable; default localhost, 127.0.0.1,
+        /// ::1).
+        #[arg(long = "name", value_name = "HOST")]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum UserCmd {
-    /// Add a user (password from $ISR_PASSWORD or a prompt).
+    /// Add a user (password from $ISR_PASSWORD or a prompt); creates the deployment if there is none.
     Add {
         name: String,
     },
@@ -91,7 +108,7 @@ enum UserCmd {
     Remove {
         name: String,
     },
-    /// Set a new password (wrapped keyroots are not rewrapped: see docs/api.md).
+    /// Set a new password (the user's parcels stay sealed with the old one until they run `isr passwd`).
     Passwd {
         name: String,
     },
@@ -175,7 +192,23 @@ async fn shutdown_signal() {
     tracing::info!("signal received: shutting down");
 }
 
+/// Who `isr-server unlock` is, for the holder whose lock it breaks.
+const ADMIN_BREAKER: &str = "the administrator (isr-server unlock)";
+
 async fn run(cli: Cli) -> Result<(), Exit> {
+    if let Cmd::Tls(TlsCmd::Init { output, names }) = &cli.cmd {
+        let files = isr_server::tls::init(output, names)?;
+        eprintln!(
+            "wrote {} (the CA: clients trust it with `isr --ca-cert {}`), {} and {} (serve --tls-cert {} --tls-key {})",
+            files.ca_cert.display(),
+            files.ca_cert.display(),
+            files.cert.display(),
+            files.key.display(),
+            files.cert.display(),
+            files.key.display()
+        );
+        return Ok(());
+    }
     let file = match &cli.storage.config {
         Some(p) => read_config(p)?,
         None => HashMap::new(),
@@ -185,9 +218,14 @@ async fn run(cli: Cli) -> Result<(), Exit> {
         database: cli.storage.database.clone().or_else(|| file.get("database").cloned()),
         chunks: cli.storage.chunks.clone().or_else(|| file.get("chunks").cloned()),
     };
-    let storage = Storage::open(&cfg).await.map_err(|e| match e {
-        // No storage given at all: bad usage.
-        isr_server::ServerError::Config(_) => Exit(2, e.into()),
+    // Only `user add` may create a deployment; everything else refuses storage that holds none.
+    let mode = match cli.cmd {
+        Cmd::User(UserCmd::Add { .. }) => Deployment::Create,
+        _ => Deployment::MustExist,
+    };
+    let storage = Storage::open(&cfg, mode).await.map_err(|e| match e {
+        // No storage given at all, or storage that holds no deployment: bad usage.
+        isr_server::ServerError::Config(_) | isr_server::ServerError::NoDeployment(_) => Exit(2, e.into()),
         other => Exit(1, other.into()),
     })?;
     match cli.cmd {
@@ -211,7 +249,8 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
-            let state = AppState::new(storage, ServerSettings { recovery_pubkey });
+            let state =
+                AppState::new(storage, ServerSettings { recovery_pubkey, ..ServerSettings::default() });
             println!("listening on {}://{addr}", if tls.is_some() { "https" } else { "http" });
             tracing::info!(%addr, tls = tls.is_some(), "serving");
             isr_server::run(listener, state, tls, shutdown_signal()).await?;
@@ -234,8 +273,10 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                 tokio::task::spawn_blocking(move || auth::login_secret_from_password(&n, &pw)).await??;
             admin::set_password(&storage, &name, &secret).await?;
             eprintln!(
-                "password of {name} changed. Parcel keyroots stay wrapped under the old password: the user must \
-                 change the password with the client (which rewraps them) or keep the old one for unwrapping."
+                "password of {name} changed. Their parcels are still sealed with their previous password: tell \
+                 {name} to run `isr passwd` with ISR_PASSWORD set to the previous password and ISR_NEW_PASSWORD \
+                 to the new one (it rewraps every parcel's key and sets the new password), unless the \
+                 deployment's recovery key is used to reseal them."
             );
         }
         Cmd::User(UserCmd::List) => {
@@ -260,7 +301,8 @@ async fn run(cli: Cli) -> Result<(), Exit> {
         }
         Cmd::Unlock { target } => {
             let (u, p) = split_target(&target).ok_or_else(|| usage("expected USER/PARCEL"))?;
-            storage.meta.release_lock(u, p, LockRelease::Force).await?;
+            let how = LockRelease::Force { by: ADMIN_BREAKER.into(), now_unix: isr_server::now_unix() };
+            storage.meta.release_lock(u, p, how).await?;
             eprintln!("{target} unlocked");
         }
         Cmd::Prune { target, keep } => {
@@ -288,6 +330,8 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                 r.stored, r.referenced, r.deleted, r.bytes_freed, r.spared_young, r.keyrings_purged
             );
         }
+        // Needs no storage: handled above.
+        Cmd::Tls(_) => {}
         Cmd::Check { full } => {
             let r = admin::check(&storage, full).await?;
             for p in &r.problems {
@@ -316,11 +360,14 @@ async fn run(cli: Cli) -> Result<(), Exit> {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour escapes only for a terminal, never in a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

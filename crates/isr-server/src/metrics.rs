@@ -11,6 +11,10 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub logins_failed: AtomicU64,
+    /// Login requests received (well-formed ones).
+    pub login_attempts: AtomicU64,
+    /// Login secrets verified against a hash (each one a guess an attacker gets).
+    pub login_verifications: AtomicU64,
     /// Chunks in the store: counted at startup and periodically, raised by every new upload.
     pub chunks_stored: AtomicI64,
     pub store_bytes: AtomicI64,
@@ -42,7 +46,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, locks_held: u64) -> String {
+    pub fn render(&self, locks_held: u64, logins_held_back: i64) -> String {
         let mut out = String::new();
         out.push_str("# HELP isr_http_requests_total HTTP requests answered, by route and status.\n");
         out.push_str("# TYPE isr_http_requests_total counter\n");
@@ -83,6 +87,24 @@ impl Metrics {
             "counter",
             "Failed logins.",
             self.logins_failed.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_login_attempts_total",
+            "counter",
+            "Login requests received.",
+            self.login_attempts.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_login_verifications_total",
+            "counter",
+            "Login secrets verified (attempts admitted by the throttle, and unknown users).",
+            self.login_verifications.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_logins_held_back",
+            "gauge",
+            "Login attempts currently held back by the throttle.",
+            logins_held_back.into(),
         );
         one("isr_locks_held", "gauge", "Parcels currently locked.", locks_held.into());
         out

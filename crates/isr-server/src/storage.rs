@@ -29,6 +29,19 @@ impl StorageConfig {
     }
 }
 
+/// Whether opening may create a deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deployment {
+    /// `user add`: create the data directory, database and chunk store if there are none.
+    Create,
+    /// Everything else: refuse storage that holds no deployment (a mistyped `--data` must not silently
+    /// become an empty server).
+    MustExist,
+}
+
+/// The setting every deployment has from its first open on.
+const CONVERGENCE_SECRET: &str = "convergence_secret";
+
 /// The opened stores, shared by every request.
 #[derive(Clone, Debug)]
 pub struct Storage {
@@ -43,20 +56,33 @@ fn strip_scheme<'a>(url: &'a str, scheme: &str) -> Option<&'a str> {
     Some(rest.strip_prefix("//").unwrap_or(rest))
 }
 
-fn create_dir(dir: &Path) -> Result<(), ServerError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|source| ServerError::Io { context: format!("creating {}", dir.display()), source })
+/// A directory of the server's own, private to its owner (0700, set explicitly).
+fn private_dir(dir: &Path) -> Result<(), ServerError> {
+    Ok(isr_store::chunk::create_private_dir(dir)?)
+}
+
+fn no_deployment(what: String) -> ServerError {
+    ServerError::NoDeployment(format!(
+        "{what}: no isr deployment there. `isr-server user add NAME` with the same storage options creates one"
+    ))
 }
 
 impl Storage {
-    pub async fn open(cfg: &StorageConfig) -> Result<Storage, ServerError> {
+    /// Opens the stores `cfg` names; with [`Deployment::MustExist`], refuses storage that holds no
+    /// deployment (no database file, no chunk directory, or a database never initialised) without creating
+    /// anything there.
+    pub async fn open(cfg: &StorageConfig, mode: Deployment) -> Result<Storage, ServerError> {
         if cfg.data.is_none() && (cfg.database.is_none() || cfg.chunks.is_none()) {
             return Err(ServerError::Config(
                 "no storage given: use --data DIR (or $ISR_DATA), or both --database and --chunks".into(),
             ));
         }
+        let create = mode == Deployment::Create;
         if let Some(d) = &cfg.data {
-            create_dir(d)?;
+            if !create && !d.is_dir() {
+                return Err(no_deployment(format!("data directory {} does not exist", d.display())));
+            }
+            private_dir(d)?;
         }
         let meta: Arc<dyn MetaStore> = match &cfg.database {
             Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
@@ -64,13 +90,32 @@ impl Storage {
             }
             Some(url) => {
                 let path = PathBuf::from(strip_scheme(url, "sqlite").unwrap_or(url));
-                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    create_dir(parent)?;
+                if !create && !path.is_file() {
+                    return Err(no_deployment(format!("database {} does not exist", path.display())));
+                }
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+                    private_dir(parent)?;
                 }
                 Arc::new(SqliteMetaStore::open(path)?)
             }
-            None => Arc::new(SqliteMetaStore::open(cfg.data.as_ref().expect("checked").join("meta.sqlite"))?),
+            None => {
+                let path = cfg.data.as_ref().expect("checked").join("meta.sqlite");
+                if !create && !path.is_file() {
+                    return Err(no_deployment(format!(
+                        "{} holds no meta.sqlite",
+                        path.parent().expect("joined").display()
+                    )));
+                }
+                Arc::new(SqliteMetaStore::open(path)?)
+            }
         };
+        if !create && meta.setting(CONVERGENCE_SECRET).await?.is_none() {
+            let db = cfg
+                .database
+                .as_deref()
+                .map_or_else(|| "the data directory's database".to_owned(), isr_store::meta_pg::redact);
+            return Err(no_deployment(format!("{db} was never initialised")));
+        }
         let chunks = match &cfg.chunks {
             Some(url) if url.starts_with("s3:") => {
                 Chunks::other(Arc::new(VerifyingStore::new(S3ChunkStore::from_url(url)?)))
@@ -80,6 +125,12 @@ impl Storage {
                     Some(url) => PathBuf::from(strip_scheme(url, "file").unwrap_or(url)),
                     None => cfg.data.as_ref().expect("checked").join("chunks"),
                 };
+                if !create && !chunk_dir.is_dir() {
+                    return Err(no_deployment(format!(
+                        "chunk directory {} does not exist",
+                        chunk_dir.display()
+                    )));
+                }
                 Chunks::fs(FsChunkStore::open(&chunk_dir, Durability::Fsync)?)
             }
         };
@@ -89,7 +140,7 @@ impl Storage {
     /// Storage over stores the caller opened (tests and benchmarks configure their own S3 clients); reads
     /// or creates the deployment's convergence secret.
     pub async fn from_stores(meta: Arc<dyn MetaStore>, chunks: Chunks) -> Result<Storage, ServerError> {
-        let secret = meta.setting_or_init("convergence_secret", ConvergenceSecret::random().to_hex()).await?;
+        let secret = meta.setting_or_init(CONVERGENCE_SECRET, ConvergenceSecret::random().to_hex()).await?;
         let convergence_secret = ConvergenceSecret::from_hex(&secret)
             .ok_or_else(|| MetaError::Database("stored convergence secret is not 64 hex digits".into()))?;
         Ok(Storage { meta, chunks, convergence_secret })

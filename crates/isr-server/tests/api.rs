@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{version, Api, Backend, TestServer};
+use common::{version, Answer, Api, Backend, TestServer};
 use isr_format::codec::MAX_STORED;
 use isr_format::Tag;
 use reqwest::{Method, StatusCode};
@@ -34,12 +34,14 @@ macro_rules! on_every_backend {
 on_every_backend!(
     every_endpoint_refuses_without_a_token_and_with_another_users_token,
     login_wrong_secret_and_unknown_user_get_the_same_401,
-    repeated_failures_slow_down_logins,
+    concurrent_wrong_logins_are_held_back_before_they_are_verified,
+    password_change_replaces_the_login_secret,
     locks_conflict_name_the_holder_and_relock_is_idempotent,
+    broken_locks_are_refused_naming_who_broke_them,
+    only_a_parcel_without_versions_can_be_deleted,
     commit_checks_lock_base_manifest_keyrings_and_chunks,
     chunk_uploads_are_verified_and_fetchable,
     oversized_chunk_bodies_are_refused_early,
-    rollback_repeats_an_old_manifest_and_respects_locks,
     prune_and_gc_keep_what_versions_reference,
     commits_racing_gc_never_lose_chunks,
 );
@@ -63,7 +65,12 @@ async fn every_endpoint_refuses_without_a_token_and_with_another_users_token(bac
         (Method::GET, "/api/v1/parcels/p/versions".into(), None, None),
         (Method::GET, "/api/v1/parcels/p/versions/1/manifest".into(), None, None),
         (Method::GET, "/api/v1/parcels/p/versions/head/manifest".into(), None, None),
-        (Method::PUT, format!("/api/v1/parcels/p/keyrings/{k}"), None, Some(v1.keyring.clone())),
+        (
+            Method::PUT,
+            format!("/api/v1/parcels/p/keyrings/{k}?lock_id={lock}"),
+            None,
+            Some(v1.keyring.clone()),
+        ),
         (Method::GET, format!("/api/v1/parcels/p/keyrings/{k}"), None, None),
         (
             Method::POST,
@@ -72,6 +79,7 @@ async fn every_endpoint_refuses_without_a_token_and_with_another_users_token(bac
             None,
         ),
         (Method::DELETE, format!("/api/v1/parcels/p/lock?lock_id={lock}"), None, None),
+        (Method::GET, format!("/api/v1/parcels/p/lock?lock_id={lock}"), None, None),
         (Method::DELETE, "/api/v1/parcels/p/lock?force=true".into(), None, None),
         (
             Method::POST,
@@ -81,15 +89,10 @@ async fn every_endpoint_refuses_without_a_token_and_with_another_users_token(bac
             ),
             None,
         ),
-        (
-            Method::POST,
-            "/api/v1/parcels/p/rollback".into(),
-            Some(json!({"version": 1, "lock_id": null, "client": "x"})),
-            None,
-        ),
     ];
     let chunk_routes: Vec<Route> = vec![
         (Method::GET, "/api/v1/parcels".into(), None, None),
+        (Method::PUT, "/api/v1/password".into(), Some(json!({"login_secret": "00".repeat(32)})), None),
         (
             Method::POST,
             "/api/v1/parcels".into(),
@@ -152,19 +155,113 @@ async fn login_wrong_secret_and_unknown_user_get_the_same_401(backend: Backend) 
     s.stop().await;
 }
 
-async fn repeated_failures_slow_down_logins(backend: Backend) {
-    let s = TestServer::start_on(backend).await;
-    let secret = s.add_user("alice").await;
-    let api = Api::new(&s.url);
-    let wrong = isr_format::LoginSecret::random().to_hex();
-    for _ in 0..4 {
-        api.post_json("/api/v1/login", json!({"user": "alice", "login_secret": wrong})).await;
+/// The value of one metric line of `GET /metrics`.
+async fn metric(api: &Api, name: &str) -> i64 {
+    let m = String::from_utf8(api.get("/metrics").await.body.to_vec()).unwrap();
+    let prefix = format!("{name} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no metric {name} in {m}"))
+        .parse()
+        .unwrap()
+}
+
+/// Polls `/metrics` until `done` holds for `name`'s value (a generous deadline: machine speed never
+/// decides the outcome, only how long the wait is).
+async fn wait_for_metric(api: &Api, name: &str, done: impl Fn(i64) -> bool) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let v = metric(api, name).await;
+        if done(v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} stayed at {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Four failures: the next attempt waits ~2 s after the last failure, even with the right secret.
-    let t = std::time::Instant::now();
-    let mut ok = Api::new(&s.url);
-    ok.login("alice", &secret).await;
-    assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+}
+
+async fn concurrent_wrong_logins_are_held_back_before_they_are_verified(backend: Backend) {
+    // Hour-long slots: nothing is admitted by the clock during the test, only by the shift below.
+    let throttle = isr_server::auth::LoginThrottle {
+        unit_secs: 3600,
+        max_delay_secs: 100 * 3600,
+        ..isr_server::auth::LoginThrottle::default()
+    };
+    let settings = isr_server::ServerSettings { login_throttle: throttle, ..Default::default() };
+    let s = TestServer::start_with(backend, settings).await;
+    let secret = s.add_user("alice").await;
+    let bob_secret = s.add_user("bob").await;
+    let api = Api::new(&s.url);
+    let wrong = json!({"user": "alice", "login_secret": isr_format::LoginSecret::random().to_hex()});
+    // Three free failures, verified one by one.
+    for _ in 0..3 {
+        assert_eq!(api.post_json("/api/v1/login", wrong.clone()).await.code(), "bad_credentials");
+    }
+    assert_eq!(metric(&api, "isr_login_verifications_total").await, 3);
+    // Thirty guesses at once, then the right secret behind them: all held back, none verified.
+    let mut attempts: Vec<tokio::task::JoinHandle<Answer>> = (0..30)
+        .map(|_| {
+            let (api, wrong) = (api.clone(), wrong.clone());
+            tokio::spawn(async move { api.post_json("/api/v1/login", wrong).await })
+        })
+        .collect();
+    wait_for_metric(&api, "isr_logins_held_back", |v| v == 30).await;
+    let right = json!({"user": "alice", "login_secret": secret.to_hex()});
+    let api2 = api.clone();
+    attempts.push(tokio::spawn(async move { api2.post_json("/api/v1/login", right).await }));
+    wait_for_metric(&api, "isr_logins_held_back", |v| v == 31).await;
+    // Another user is not held up by the flood.
+    let mut bob = Api::new(&s.url);
+    bob.login("bob", &bob_secret).await;
+    assert_eq!(metric(&api, "isr_login_verifications_total").await, 4, "alice: 3, bob: 1");
+    assert_eq!(metric(&api, "isr_login_attempts_total").await, 3 + 31 + 1);
+    // The next slot opens (the last failure moved hours back in the shared counter): exactly one held
+    // attempt gets it, counted as a failure before its verification; the others wait for the next slot.
+    let seen = s.storage.meta.login_failures("alice").await.unwrap();
+    assert_eq!(seen.count, 3);
+    assert!(s.storage.meta.reserve_login_attempt("alice", seen, seen.last_unix - 10 * 3600).await.unwrap());
+    wait_for_metric(&api, "isr_login_verifications_total", |v| v >= 5).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while attempts.iter().filter(|a| a.is_finished()).count() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the admitted attempt never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&api, "isr_login_verifications_total").await, 5);
+    assert_eq!(metric(&api, "isr_logins_held_back").await, 30);
+    assert_eq!(s.storage.meta.login_failures("alice").await.unwrap().count, 5);
+    let (done, held): (Vec<_>, Vec<_>) = attempts.into_iter().partition(|a| a.is_finished());
+    assert_eq!(done.len(), 1);
+    // First come, first admitted: a guess, not the right secret queued behind them.
+    let answer = done.into_iter().next().unwrap().await.unwrap();
+    assert_eq!(answer.code(), "bad_credentials");
+    for h in held {
+        h.abort();
+    }
+    // Not stopped gracefully: the held attempts would hold the drain for its whole timeout.
+}
+
+async fn password_change_replaces_the_login_secret(backend: Backend) {
+    let s = TestServer::start_on(backend).await;
+    let old = s.add_user("alice").await;
+    let mut alice = Api::new(&s.url);
+    alice.login("alice", &old).await;
+    let anon = Api::new(&s.url);
+    let wrong = json!({"user": "alice", "login_secret": isr_format::LoginSecret::random().to_hex()});
+    for _ in 0..2 {
+        anon.post_json("/api/v1/login", wrong.clone()).await;
+    }
+    assert_eq!(s.storage.meta.login_failures("alice").await.unwrap().count, 2);
+    let a = alice.put_json("/api/v1/password", json!({"login_secret": "not hex"})).await;
+    assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "bad_request".into()));
+    let new = isr_format::LoginSecret::random();
+    let a = alice.put_json("/api/v1/password", json!({"login_secret": new.to_hex()})).await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT, "{:?}", a.body);
+    assert_eq!(s.storage.meta.login_failures("alice").await.unwrap().count, 0, "failures cleared");
+    // The old secret no longer logs in; the new one does; the token in use stays valid.
+    let a = anon.post_json("/api/v1/login", json!({"user": "alice", "login_secret": old.to_hex()})).await;
+    assert_eq!(a.code(), "bad_credentials");
+    Api::new(&s.url).login("alice", &new).await;
+    assert_eq!(alice.get("/api/v1/parcels").await.status, StatusCode::OK);
     s.stop().await;
 }
 
@@ -189,8 +286,8 @@ async fn locks_conflict_name_the_holder_and_relock_is_idempotent(backend: Backen
     let listed = alice.get("/api/v1/parcels").await.json();
     assert_eq!(listed[0]["lock"]["holder"], "host-c1");
     assert_eq!(listed[0]["head"], 0);
-    // Wrong id: mismatch; right id: released; stale id afterwards: mismatch.
-    assert_eq!(alice.delete("/api/v1/parcels/p/lock?lock_id=abcd").await.code(), "lock_mismatch");
+    // Wrong id while locked: told who holds it; right id: released; stale id afterwards: mismatch.
+    assert_eq!(alice.delete("/api/v1/parcels/p/lock?lock_id=abcd").await.code(), "locked");
     assert_eq!(
         alice.delete(&format!("/api/v1/parcels/p/lock?lock_id={lock}")).await.status,
         StatusCode::NO_CONTENT
@@ -211,6 +308,116 @@ async fn locks_conflict_name_the_holder_and_relock_is_idempotent(backend: Backen
     s.stop().await;
 }
 
+/// A 409 `lock_broken` naming the breaker, and the current holder when there is one.
+fn assert_lock_broken(a: &Answer, by: &str, holder: Option<&str>) {
+    assert_eq!((a.status, a.code()), (StatusCode::CONFLICT, "lock_broken".into()), "{:?}", a.body);
+    let j = a.json();
+    assert_eq!(j["broken_by"], by);
+    assert!(j["broken_unix"].as_i64().unwrap() > 1_700_000_000);
+    let msg = j["error"].as_str().unwrap();
+    assert!(msg.starts_with(&format!("your lock on alice/p was broken by {by} at 20")), "{msg}");
+    assert!(msg.ends_with('Z'), "{msg}");
+    match holder {
+        Some(h) => {
+            assert_eq!(j["holder"], h);
+            assert!(j["since_unix"].as_i64().unwrap() > 0);
+        }
+        None => assert!(j.get("holder").is_none(), "{j}"),
+    }
+}
+
+async fn broken_locks_are_refused_naming_who_broke_them(backend: Backend) {
+    let s = TestServer::start_on(backend).await;
+    let alice = s.user("alice").await;
+    let lock = alice.create("p", "c1").await;
+    assert_eq!(alice.upload_version("p", &lock, 0, &version(1, 4, 0)).await, 1);
+    let a = alice.confirm("p", &lock).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert_eq!(a.json()["holder"], "host-c1");
+    assert!(a.json()["since_unix"].as_i64().unwrap() > 0);
+
+    // Another client breaks the lock. The old holder's every lock-carrying call is told who and when.
+    let a = alice.delete("/api/v1/parcels/p/lock?force=true&by=desk%20top").await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    let v2 = version(2, 4, 0);
+    for (t, c) in &v2.chunks {
+        alice.put_chunk(t, c).await;
+    }
+    assert_lock_broken(&alice.put_keyring("p", &lock, &v2).await, "desk top", None);
+    assert_lock_broken(&alice.commit("p", &lock, 1, &v2).await, "desk top", None);
+    assert_lock_broken(
+        &alice.delete(&format!("/api/v1/parcels/p/lock?lock_id={lock}")).await,
+        "desk top",
+        None,
+    );
+    assert_lock_broken(&alice.confirm("p", &lock).await, "desk top", None);
+    assert_eq!(
+        alice.get(&format!("/api/v1/parcels/p/keyrings/{}", v2.keyring_hash)).await.code(),
+        "no_such_keyring"
+    );
+    assert_eq!(alice.get("/api/v1/parcels/p").await.json()["head"], 1);
+    // An id never held, on an unlocked parcel: unknown.
+    assert_eq!(alice.confirm("p", "abcd").await.code(), "lock_mismatch");
+    // The lock id is required where it is checked.
+    let a =
+        alice.put_bytes(&format!("/api/v1/parcels/p/keyrings/{}", v2.keyring_hash), v2.keyring.clone()).await;
+    assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "bad_request".into()));
+    assert_eq!(alice.get("/api/v1/parcels/p/lock").await.code(), "bad_request");
+
+    // Someone else holds the parcel now: the broken holder also learns who; other ids see the holder.
+    let l2 = alice.lock("p", "c2").await.json()["lock_id"].as_str().unwrap().to_owned();
+    assert_lock_broken(&alice.confirm("p", &lock).await, "desk top", Some("host-c2"));
+    assert_lock_broken(&alice.commit("p", &lock, 1, &v2).await, "desk top", Some("host-c2"));
+    let a = alice.confirm("p", "abcd").await;
+    assert_eq!((a.code(), a.json()["holder"].clone()), ("locked".into(), json!("host-c2")));
+    // The new holder works as usual; after a normal release its id is just unknown.
+    assert_eq!(alice.upload_version("p", &l2, 1, &v2).await, 2);
+    assert_eq!(
+        alice.delete(&format!("/api/v1/parcels/p/lock?lock_id={l2}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(alice.confirm("p", &l2).await.code(), "lock_mismatch");
+    assert_lock_broken(&alice.confirm("p", &lock).await, "desk top", None);
+
+    // The breaker's name is a display name: control characters are refused and the lock stays.
+    let l3 = alice.lock("p", "c1").await.json()["lock_id"].as_str().unwrap().to_owned();
+    assert_ne!(l3, lock);
+    assert_eq!(alice.delete("/api/v1/parcels/p/lock?force=true&by=a%0Ab").await.code(), "bad_request");
+    assert_eq!(alice.confirm("p", &l3).await.status, StatusCode::OK);
+    // Without a name, the breaker is still named somehow; only the latest break is remembered.
+    alice.delete("/api/v1/parcels/p/lock?force=true").await;
+    assert_lock_broken(&alice.confirm("p", &l3).await, "an unnamed client of alice", None);
+    assert_eq!(alice.confirm("p", &lock).await.code(), "lock_mismatch");
+    s.stop().await;
+}
+
+async fn only_a_parcel_without_versions_can_be_deleted(backend: Backend) {
+    let s = TestServer::start_on(backend).await;
+    let alice = s.user("alice").await;
+    let lock = alice.create("p", "c1").await;
+    let v1 = version(1, 4, 0);
+    assert_eq!(alice.upload_version("p", &lock, 0, &v1).await, 1);
+    // Whoever asks, with or without the lock: a parcel with versions stays.
+    for path in ["/api/v1/parcels/p?client_id=c1", "/api/v1/parcels/p?client_id=c2", "/api/v1/parcels/p"] {
+        let a = alice.delete(path).await;
+        assert_eq!((a.status, a.code()), (StatusCode::CONFLICT, "has_versions".into()), "{path}");
+    }
+    alice.delete("/api/v1/parcels/p/lock?force=true&by=x").await;
+    assert_eq!(alice.delete("/api/v1/parcels/p").await.code(), "has_versions");
+    let m = alice.get("/api/v1/parcels/p/versions/head/manifest").await;
+    assert_eq!(&m.body[..], &v1.manifest[..]);
+    // An undone create: the creator's client may delete it; another client may not while it is locked.
+    alice.create("q", "c1").await;
+    assert_eq!(alice.delete("/api/v1/parcels/q?client_id=c2").await.code(), "locked");
+    assert_eq!(alice.delete("/api/v1/parcels/q?client_id=c1").await.status, StatusCode::NO_CONTENT);
+    assert_eq!(alice.get("/api/v1/parcels/q").await.code(), "no_such_parcel");
+    // Unlocked and empty: deletable.
+    let l = alice.create("r", "c1").await;
+    alice.delete(&format!("/api/v1/parcels/r/lock?lock_id={l}")).await;
+    assert_eq!(alice.delete("/api/v1/parcels/r").await.status, StatusCode::NO_CONTENT);
+    s.stop().await;
+}
+
 async fn commit_checks_lock_base_manifest_keyrings_and_chunks(backend: Backend) {
     let s = TestServer::start_on(backend).await;
     let alice = s.user("alice").await;
@@ -222,14 +429,16 @@ async fn commit_checks_lock_base_manifest_keyrings_and_chunks(backend: Backend) 
     assert_eq!((a.status, a.code()), (StatusCode::BAD_REQUEST, "missing_keyring".into()));
     assert_eq!(a.json()["missing"], json!([v1.keyring_hash.to_hex()]));
     // Keyring checks.
-    let wrong =
-        alice.put_bytes(&format!("/api/v1/parcels/p/keyrings/{}", Tag([1; 32])), v1.keyring.clone()).await;
+    let wrong = alice
+        .put_bytes(&format!("/api/v1/parcels/p/keyrings/{}?lock_id={lock}", Tag([1; 32])), v1.keyring.clone())
+        .await;
     assert_eq!((wrong.status, wrong.code()), (StatusCode::BAD_REQUEST, "hash_mismatch".into()));
     let junk = b"not a keyring".to_vec();
-    let bad = alice.put_bytes(&format!("/api/v1/parcels/p/keyrings/{}", Tag::of(&junk)), junk).await;
+    let bad =
+        alice.put_bytes(&format!("/api/v1/parcels/p/keyrings/{}?lock_id={lock}", Tag::of(&junk)), junk).await;
     assert_eq!((bad.status, bad.code()), (StatusCode::BAD_REQUEST, "bad_keyring".into()));
-    assert_eq!(alice.put_keyring("p", &v1).await.status, StatusCode::CREATED);
-    assert_eq!(alice.put_keyring("p", &v1).await.status, StatusCode::OK);
+    assert_eq!(alice.put_keyring("p", &lock, &v1).await.status, StatusCode::CREATED);
+    assert_eq!(alice.put_keyring("p", &lock, &v1).await.status, StatusCode::OK);
     // Chunks missing: the whole list comes back.
     let a = alice.commit("p", &lock, 0, &v1).await;
     assert_eq!((a.status, a.code()), (StatusCode::CONFLICT, "missing_chunks".into()));
@@ -253,7 +462,7 @@ async fn commit_checks_lock_base_manifest_keyrings_and_chunks(backend: Backend) 
     let mut broken = v1.clone();
     broken.manifest[20] ^= 1;
     assert_eq!(alice.commit("p", &lock, 0, &broken).await.code(), "bad_manifest");
-    assert_eq!(alice.commit("p", "00", 0, &v1).await.code(), "lock_mismatch");
+    assert_eq!(alice.commit("p", "00", 0, &v1).await.code(), "locked");
     let a = alice.commit("p", &lock, 0, &v1).await;
     assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
     assert_eq!(a.json()["version"], 1);
@@ -350,9 +559,7 @@ async fn chunk_uploads_are_verified_and_fetchable(backend: Backend) {
             Tag(t)
         })
         .collect();
-    let started = std::time::Instant::now();
     assert_eq!(alice.missing(&many).await.len(), many.len());
-    assert!(started.elapsed() < Duration::from_secs(10));
     let m = String::from_utf8(alice.get("/metrics").await.body.to_vec()).unwrap();
     assert!(m.contains("isr_chunks_stored 1"), "{m}");
     assert!(m.contains(&format!("isr_store_bytes {}", c0.len())), "{m}");
@@ -360,15 +567,18 @@ async fn chunk_uploads_are_verified_and_fetchable(backend: Backend) {
     s.stop().await;
 }
 
-/// Sends a raw HTTP/1.1 request head plus `body` chunks from a writer task and returns the status line the
-/// server answered with and how many body bytes had been written by then.
+/// Sends a raw HTTP/1.1 chunk PUT: the head, then `body` (framed when `chunked`) and, only if `finish`,
+/// the end of a chunked body. Returns the answer read off the socket. When the body is not finished the
+/// server can answer only by refusing what it has, never by waiting for the rest (which never comes): a
+/// server that waited would not answer before the deadline.
 async fn raw_put(
     url: &str,
     token: &str,
     head_extra: &str,
     body: Vec<u8>,
     chunked: bool,
-) -> (String, usize, bool) {
+    finish: bool,
+) -> String {
     let addr = url.strip_prefix("http://").unwrap();
     let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut rd, mut wr) = sock.into_split();
@@ -377,27 +587,24 @@ async fn raw_put(
         "PUT /api/v1/chunks/{tag} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\ncontent-type: application/octet-stream\r\n{head_extra}\r\n"
     );
     wr.write_all(head.as_bytes()).await.unwrap();
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let sent2 = sent.clone();
-    let total = body.len();
     let writer = tokio::spawn(async move {
         for piece in body.chunks(64 * 1024) {
-            let r = if chunked {
+            let framed = if chunked {
                 let mut framed = format!("{:x}\r\n", piece.len()).into_bytes();
                 framed.extend_from_slice(piece);
                 framed.extend_from_slice(b"\r\n");
-                wr.write_all(&framed).await
+                framed
             } else {
-                wr.write_all(piece).await
+                piece.to_vec()
             };
-            if r.is_err() {
+            // The server may answer and close while this is still writing: not an error here.
+            if wr.write_all(&framed).await.is_err() {
                 return;
             }
-            sent2.fetch_add(piece.len(), std::sync::atomic::Ordering::SeqCst);
-            // A slow client: the server must not wait for the whole body to refuse it.
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let _ = wr.write_all(b"0\r\n\r\n").await;
+        if finish && chunked {
+            let _ = wr.write_all(b"0\r\n\r\n").await;
+        }
         std::future::pending::<()>().await;
     });
     // The whole answer: the head, then as many body bytes as it declares (or until the server closes).
@@ -423,10 +630,11 @@ async fn raw_put(
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), read_answer).await.expect("no answer");
-    let at = sent.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(180), read_answer)
+        .await
+        .expect("no answer: the server waited for body bytes past its limit");
     writer.abort();
-    (String::from_utf8_lossy(&answer).into_owned(), at, at >= total)
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 async fn oversized_chunk_bodies_are_refused_early(backend: Backend) {
@@ -435,68 +643,30 @@ async fn oversized_chunk_bodies_are_refused_early(backend: Backend) {
     let secret = s.add_user("alice").await;
     alice.login("alice", &secret).await;
     let token = alice.token.clone().unwrap();
-    // Declared too large: refused from the header, before any body byte.
-    let (status, sent, _) =
-        raw_put(&s.url, &token, &format!("content-length: {}\r\n", 1u64 << 40), vec![0; 256 * 1024], false)
+    // Declared too large: refused from the header, with no body byte sent at all.
+    let status =
+        raw_put(&s.url, &token, &format!("content-length: {}\r\n", 1u64 << 40), Vec::new(), false, false)
             .await;
     assert!(status.starts_with("HTTP/1.1 413 "), "{status}");
-    assert!(sent < 256 * 1024, "server waited for {sent} bytes");
-    // Chunked, no length: refused once the stream passes the limit, long before it ends.
-    let body = vec![7u8; 3 * MAX_STORED];
-    let (status, sent, finished) =
-        raw_put(&s.url, &token, "transfer-encoding: chunked\r\n", body, true).await;
+    // Chunked, no length: refused once the stream passes the limit, though the body never ends.
+    let body = vec![7u8; MAX_STORED + 128 * 1024];
+    let status = raw_put(&s.url, &token, "transfer-encoding: chunked\r\n", body, true, false).await;
     assert!(status.starts_with("HTTP/1.1 413 "), "{status}");
-    assert!(!finished, "the whole body was sent before the answer");
-    assert!(sent <= MAX_STORED + 2 * 1024 * 1024, "{sent}");
     // Just over the limit: the JSON answer names the problem. (Read off the socket: a client still writing
     // the body when the server answers and closes may see a broken pipe before it reads the answer.)
-    let (answer, _, _) = raw_put(
+    let answer = raw_put(
         &s.url,
         &token,
         &format!("content-length: {}\r\n", MAX_STORED + 1),
         vec![0; MAX_STORED + 1],
         false,
+        true,
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     assert!(answer.contains(r#""code":"too_large""#), "{answer}");
     // The server still works.
     assert_eq!(alice.get("/api/v1/parcels").await.status, StatusCode::OK);
-    s.stop().await;
-}
-
-async fn rollback_repeats_an_old_manifest_and_respects_locks(backend: Backend) {
-    let s = TestServer::start_on(backend).await;
-    let alice = s.user("alice").await;
-    let lock = alice.create("p", "c1").await;
-    let vs: Vec<_> = (1..=3).map(|i| version(i, 4, 1)).collect();
-    for (i, v) in vs.iter().enumerate() {
-        assert_eq!(alice.upload_version("p", &lock, i as u64, v).await, i as u64 + 1);
-    }
-    // Locked by c1: someone else's rollback is refused, the holder's goes through.
-    let a = alice
-        .post_json("/api/v1/parcels/p/rollback", json!({"version": 1, "lock_id": null, "client": "other"}))
-        .await;
-    assert_eq!((a.status, a.code()), (StatusCode::CONFLICT, "locked".into()));
-    let a = alice
-        .post_json("/api/v1/parcels/p/rollback", json!({"version": 1, "lock_id": lock, "client": "c1"}))
-        .await;
-    assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
-    assert_eq!(a.json()["version"], 4);
-    let m = alice.get("/api/v1/parcels/p/versions/head/manifest").await;
-    assert_eq!(&m.body[..], &vs[0].manifest[..]);
-    assert_eq!(m.headers["x-isr-version"], "4");
-    // Unlocked: anyone may roll back.
-    alice.delete(&format!("/api/v1/parcels/p/lock?lock_id={lock}")).await;
-    let a = alice.post_json("/api/v1/parcels/p/rollback", json!({"version": 2, "client": "c2"})).await;
-    assert_eq!(a.json()["version"], 5);
-    assert_eq!(
-        alice.post_json("/api/v1/parcels/p/rollback", json!({"version": 9, "client": "c2"})).await.code(),
-        "no_such_version"
-    );
-    let versions = alice.get("/api/v1/parcels/p/versions").await.json();
-    assert_eq!(versions[3]["comment"], "rollback to version 1");
-    assert!(isr_server::admin::check(&s.storage, false).await.unwrap().problems.is_empty());
     s.stop().await;
 }
 
@@ -613,33 +783,49 @@ async fn commits_racing_gc_never_lose_chunks(backend: Backend) {
     s.stop().await;
 }
 
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
 #[tokio::test]
-async fn tls_serve_answers_over_https() {
+async fn tls_init_makes_a_ca_that_the_client_trusts() {
     let dir = tempfile::tempdir().unwrap();
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let (cp, kp) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cp, cert.cert.pem()).unwrap();
-    std::fs::write(&kp, cert.signing_key.serialize_pem()).unwrap();
-    let tls = isr_server::load_tls(&cp, &kp).unwrap();
-    let storage = isr_server::Storage::open(&isr_server::StorageConfig::data_dir(dir.path().join("data")))
-        .await
-        .unwrap();
+    let out = dir.path().join("tls");
+    let files = isr_server::tls::init(&out, &[]).unwrap();
+    assert_eq!((mode_of(&out), mode_of(&files.key)), (0o700, 0o600));
+    let again = isr_server::tls::init(&out, &[]).unwrap_err().to_string();
+    assert!(again.contains("already exists"), "{again}");
+    let tls = isr_server::load_tls(&files.cert, &files.key).unwrap();
+    let storage = isr_server::Storage::open(
+        &isr_server::StorageConfig::data_dir(dir.path().join("data")),
+        isr_server::Deployment::Create,
+    )
+    .await
+    .unwrap();
     let secret = isr_format::LoginSecret::random();
     isr_server::admin::add_user(&storage, "alice", &secret).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let pk = isr_format::RecoverySecretKey::random().public_key();
-    let state = isr_server::AppState::new(storage, isr_server::ServerSettings { recovery_pubkey: Some(pk) });
+    let settings = isr_server::ServerSettings { recovery_pubkey: Some(pk), ..Default::default() };
+    let state = isr_server::AppState::new(storage, settings);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(isr_server::run(listener, state, Some(tls), async {
         let _ = rx.await;
     }));
-    let mut api = Api::new(&format!("https://localhost:{port}"));
-    api.http = common::tls_client(cert.cert.der().to_vec());
-    let v = api.login("alice", &secret).await;
-    assert_eq!(v["recovery_pubkey"], pk.to_hex());
-    assert_eq!(api.get("/api/v1/parcels").await.status, StatusCode::OK);
+    // The real client, trusting ca.pem (what `isr --ca-cert DIR/ca.pem` does), by name and by address.
+    let ca = std::fs::read(&files.ca_cert).unwrap();
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{port}");
+        let client = isr_client::transport::Transport::new(&url, Some(&ca)).unwrap();
+        let reply = client.login("alice", &secret.to_hex()).await.unwrap();
+        assert_eq!(reply.recovery_pubkey, Some(pk.to_hex()), "{url}");
+    }
+    // Without the CA the certificate is not trusted.
+    let untrusting =
+        isr_client::transport::Transport::new(&format!("https://localhost:{port}"), None).unwrap();
+    assert!(untrusting.login("alice", &secret.to_hex()).await.is_err());
     // Plain HTTP to the TLS port gets nothing useful.
     assert!(common::client().get(format!("http://127.0.0.1:{port}/metrics")).send().await.is_err());
     tx.send(()).unwrap();
@@ -654,13 +840,13 @@ async fn unreachable_or_malformed_backends_say_so() {
         database: Some("postgres://isr@127.0.0.1:9/isr".into()),
         chunks: Some(dir.path().display().to_string()),
     };
-    let e = isr_server::Storage::open(&cfg).await.unwrap_err().to_string();
+    let e = isr_server::Storage::open(&cfg, isr_server::Deployment::MustExist).await.unwrap_err().to_string();
     assert!(e.contains("database"), "{e}");
     let cfg = isr_server::StorageConfig {
         data: Some(dir.path().into()),
         database: None,
         chunks: Some("s3://".into()),
     };
-    let e = isr_server::Storage::open(&cfg).await.unwrap_err().to_string();
+    let e = isr_server::Storage::open(&cfg, isr_server::Deployment::Create).await.unwrap_err().to_string();
     assert!(e.contains("s3://"), "{e}");
 }

@@ -150,7 +150,7 @@ async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes(backend: Bac
 
     // Check-in of version 2: keyring, then chunks; the server dies part-way through the chunks.
     let v2 = version(2, 600, 0);
-    assert_eq!(api.put_keyring("p", &v2).await.status, StatusCode::CREATED);
+    assert_eq!(api.put_keyring("p", &lock, &v2).await.status, StatusCode::CREATED);
     let needed = api.missing(&v2.tags()).await;
     assert_eq!(needed.len(), v2.chunks.len());
     let (confirmed_part, rest) = needed.split_at(needed.len() / 3);
@@ -158,10 +158,12 @@ async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes(backend: Bac
         let c = &v2.chunks.iter().find(|(x, _)| x == t).unwrap().1;
         assert_eq!(api.put_chunk(t, c).await.status, StatusCode::CREATED);
     }
-    // The rest in flight, 8 at a time, while the server is killed.
+    // The rest in flight, 8 at a time, while the server is killed; the last chunk is held back until after
+    // the kill, so the check-in is unfinished however fast the uploads go.
     let confirmed = std::sync::Arc::new(std::sync::Mutex::new(confirmed_part.to_vec()));
+    let (in_flight, _held_back) = rest.split_at(rest.len() - 1);
     let uploads = {
-        let (api, rest, v2, confirmed) = (api.clone(), rest.to_vec(), v2.clone(), confirmed.clone());
+        let (api, rest, v2, confirmed) = (api.clone(), in_flight.to_vec(), v2.clone(), confirmed.clone());
         tokio::spawn(async move {
             use futures::StreamExt;
             futures::stream::iter(rest)
@@ -184,12 +186,17 @@ async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes(backend: Bac
                 .await;
         })
     };
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    // Kill once some of them have landed (a generous deadline, not a duration the test depends on).
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while confirmed.lock().unwrap().len() < confirmed_part.len() + 16 {
+        assert!(std::time::Instant::now() < deadline, "uploads did not progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     server.kill().unwrap(); // SIGKILL
     server.wait().unwrap();
     uploads.await.unwrap();
     let confirmed = confirmed.lock().unwrap().clone();
-    assert!(confirmed.len() < needed.len(), "the server was killed too late to test anything");
+    assert!(confirmed.len() < needed.len());
 
     // After the crash: metadata intact, head unchanged, every referenced chunk present.
     let out = d.admin(&["check", "--full"]);
@@ -270,4 +277,138 @@ async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes(backend: Bac
 async fn isr_server_bytes_in(api: &Api) -> u64 {
     let m = String::from_utf8(api.get("/metrics").await.body.to_vec()).unwrap();
     m.lines().find_map(|l| l.strip_prefix("isr_bytes_in_total ")).unwrap().parse().unwrap()
+}
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("ISR_DATA")
+        .env("ISR_PASSWORD", "correct horse")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Only `user add` makes a deployment; every other subcommand refuses storage that holds none, creating
+/// nothing. What `user add` and `serve` write is private, and the log has no colour escapes.
+#[tokio::test]
+async fn only_user_add_makes_a_deployment_and_its_files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.display().to_string();
+    let db = format!("sqlite:{}", dir.path().join("db/meta.sqlite").display());
+    let chunks = dir.path().join("chunks").display().to_string();
+    let commands: &[&[&str]] = &[
+        &["serve", "--listen", "127.0.0.1:0"],
+        &["user", "list"],
+        &["user", "passwd", "alice"],
+        &["user", "remove", "alice"],
+        &["parcel", "list"],
+        &["check"],
+        &["gc"],
+        &["prune", "alice/p", "--keep", "1"],
+        &["unlock", "alice/p"],
+    ];
+    for cmd in commands {
+        for storage in
+            [vec!["--data", d.as_str()], vec!["--database", db.as_str(), "--chunks", chunks.as_str()]]
+        {
+            let out = run(&[*cmd, storage.as_slice()].concat());
+            assert_eq!(out.status.code(), Some(2), "{cmd:?} {storage:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains("isr-server user add"), "{cmd:?}: {}", stderr(&out));
+        }
+        assert!(!data.exists() && !dir.path().join("db").exists() && !dir.path().join("chunks").exists());
+    }
+    // A PostgreSQL database no `user add` initialised is refused too.
+    let pg = isr_testkit::services().fresh_pg_database().await;
+    let out = run(&["parcel", "list", "--database", &pg, "--chunks", &chunks]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("never initialised"), "{}", stderr(&out));
+
+    let out = run(&["user", "add", "alice", "--data", &d]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(mode_of(&data), 0o700);
+    assert_eq!(mode_of(&data.join("meta.sqlite")), 0o600);
+    assert_eq!((mode_of(&data.join("chunks")), mode_of(&data.join("chunks/tmp"))), (0o700, 0o700));
+
+    // serve: what it writes is private too; its log to a pipe has no escape codes.
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data", &d])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+    let mut api = Api::new(&url);
+    api.login("alice", &UserSecrets::derive("alice", "correct horse", KdfParams::DEFAULT).unwrap().login)
+        .await;
+    let lock = api.create("p", "laptop").await;
+    let v = version(1, 3, 0);
+    assert_eq!(api.upload_version("p", &lock, 0, &v).await, 1);
+    let (t, _) = &v.chunks[0];
+    let chunk = data.join("chunks").join(&t.to_hex()[..2]).join(t.to_hex());
+    assert_eq!((mode_of(chunk.parent().unwrap()), mode_of(&chunk)), (0o700, 0o600));
+    for suffix in ["-wal", "-shm"] {
+        let p = data.join(format!("meta.sqlite{suffix}"));
+        if p.exists() {
+            assert_eq!(mode_of(&p), 0o600, "{}", p.display());
+        }
+    }
+
+    // The administrator breaks the lock: the holder is told it was the administrator.
+    let out = run(&["unlock", "alice/p", "--data", &d]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = api.confirm("p", &lock).await;
+    assert_eq!(a.code(), "lock_broken");
+    assert_eq!(a.json()["broken_by"], "the administrator (isr-server unlock)");
+
+    // An administrator's password reset says what the user must do.
+    let out = run(&["user", "passwd", "alice", "--data", &d]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stderr(&out);
+    for needle in ["isr passwd", "ISR_PASSWORD", "ISR_NEW_PASSWORD", "previous password"] {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in the log: {log:?}");
+}
+
+/// `tls init` needs no storage, writes the three files, and refuses to overwrite them.
+#[test]
+fn tls_init_writes_a_ca_and_a_server_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("tls");
+    let o = out_dir.display().to_string();
+    let out = run(&["tls", "init", "--output", &o, "--name", "isr.example", "--name", "10.0.0.7"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--ca-cert"), "{}", stderr(&out));
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        assert!(out_dir.join(f).is_file(), "{f}");
+    }
+    assert_eq!(mode_of(&out_dir.join("key.pem")), 0o600);
+    // cert.pem holds the server certificate and the CA's; ca.pem is the CA alone.
+    let ca = std::fs::read_to_string(out_dir.join("ca.pem")).unwrap();
+    let chain = std::fs::read_to_string(out_dir.join("cert.pem")).unwrap();
+    assert_eq!(ca.matches("BEGIN CERTIFICATE").count(), 1);
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+    assert!(chain.ends_with(&ca));
+    let again = run(&["tls", "init", "--output", &o]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
 }

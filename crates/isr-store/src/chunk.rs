@@ -82,7 +82,8 @@ pub enum Durability {
 }
 
 /// Chunks as files `DIR/ab/abcdef...` (first byte of the tag as a fan-out directory), written to
-/// `DIR/tmp/` first and renamed into place.
+/// `DIR/tmp/` first and renamed into place. Private to the owner: directories 0700, files 0600, set
+/// explicitly (whatever the umask).
 #[derive(Debug, Clone)]
 pub struct FsChunkStore {
     root: PathBuf,
@@ -93,7 +94,17 @@ impl FsChunkStore {
     pub fn open(root: impl Into<PathBuf>, durability: Durability) -> Result<Self, StoreError> {
         let root = root.into();
         let tmp = root.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        create_private_dir(&root)?;
+        create_private_dir(&tmp)?;
+        // Stores made before directories were private: tighten the fan-out directories too (files inside
+        // are unreachable through the private root either way).
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for e in entries.flatten() {
+                if e.file_name().len() == 2 && e.file_type().is_ok_and(|t| t.is_dir()) {
+                    set_mode(&e.path(), PRIVATE_DIR)?;
+                }
+            }
+        }
         // Leftovers of writes interrupted by a crash were never renamed, so never visible. Remove those old
         // enough that no live writer (another process sharing the store) can still be working on them.
         if let Ok(entries) = std::fs::read_dir(&tmp) {
@@ -127,9 +138,11 @@ impl FsChunkStore {
             return Ok(false);
         }
         let dir = dest.parent().expect("chunk paths have a parent");
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        if !dir.is_dir() {
+            create_private_dir(dir)?;
+        }
         let tmp = self.root.join("tmp").join(format!("{}.{:016x}", tag.to_hex(), rand_u64()));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        let mut f = create_private_file(&tmp)?;
         let written = f.write_all(data).and_then(|_| {
             if self.durability == Durability::Fsync {
                 f.sync_data()
@@ -182,6 +195,42 @@ impl FsChunkStore {
         }
         Ok(out)
     }
+}
+
+/// Mode of every directory of a [`FsChunkStore`].
+pub const PRIVATE_DIR: u32 = 0o700;
+/// Mode of every file of a [`FsChunkStore`].
+pub const PRIVATE_FILE: u32 = 0o600;
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| StoreError::io(path, e))
+}
+
+/// Creates `dir` (and missing parents, which the caller owns the mode of) as a 0700 directory; an existing one
+/// is set to 0700. Racing creators are fine.
+pub fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR)
+        .create(dir)
+        .map_err(|e| StoreError::io(dir, e))?;
+    // The umask may have taken bits off: set the mode explicitly.
+    set_mode(dir, PRIVATE_DIR)
+}
+
+/// A new file, mode 0600 whatever the umask.
+fn create_private_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE)).map_err(|e| StoreError::io(path, e))?;
+    Ok(f)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

@@ -26,8 +26,14 @@ pub enum MetaError {
     NoSuchVersion { parcel: String, version: u64 },
     #[error("parcel {parcel} is locked by {}", lock.holder)]
     Locked { parcel: String, lock: LockInfo },
-    #[error("the lock id does not match the lock of parcel {0} (released, broken or never held)")]
+    #[error("the lock id does not match the lock of parcel {0} (released or never held)")]
     LockMismatch(String),
+    /// The caller's lock was broken (`unlock --force`, `isr-server unlock`); `current` is whoever holds the
+    /// parcel now, if anyone.
+    #[error("your lock on {parcel} was broken by {} at unix time {}", broken.by, broken.unix)]
+    LockBroken { parcel: String, broken: Box<BrokenLock>, current: Option<Box<LockInfo>> },
+    #[error("parcel {0} has versions: it can only be deleted with its user (isr-server user remove)")]
+    HasVersions(String),
     #[error("base version {base} is not the head {head}")]
     StaleBase { base: u64, head: u64 },
     #[error("keyrings not uploaded for this parcel: {}", hexes(.0))]
@@ -74,6 +80,37 @@ pub struct LockInfo {
     /// Stable client identity (hex); re-locking with the same id is idempotent.
     pub client_id: String,
     pub since_unix: i64,
+}
+
+/// The latest forced release of a parcel's lock: whose lock it was, who broke it and when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokenLock {
+    pub lock_id: String,
+    /// Display name of the breaker: a client's name, or the administrator.
+    pub by: String,
+    pub unix: i64,
+}
+
+/// The one rule every operation that carries a lock id follows (commit, keyring upload, release by id,
+/// rollback with an id, confirmation), for every backend: `id` must be the parcel's current lock. Otherwise
+/// the caller learns why: its lock was broken (and by whom), someone else holds the parcel, or the id is
+/// simply unknown (released, or never held).
+pub fn check_lock(
+    parcel: &str,
+    id: &str,
+    current: Option<&LockInfo>,
+    broken: Option<&BrokenLock>,
+) -> Result<(), MetaError> {
+    match (current, broken) {
+        (Some(held), _) if held.lock_id == id => Ok(()),
+        (_, Some(b)) if b.lock_id == id => Err(MetaError::LockBroken {
+            parcel: parcel.to_owned(),
+            broken: Box::new(b.clone()),
+            current: current.cloned().map(Box::new),
+        }),
+        (Some(held), _) => Err(MetaError::Locked { parcel: parcel.to_owned(), lock: held.clone() }),
+        (None, _) => Err(MetaError::LockMismatch(parcel.to_owned())),
+    }
 }
 
 /// A parcel as listed.
@@ -126,10 +163,12 @@ pub struct NewParcel {
 /// How a lock is released.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LockRelease {
-    /// Only if the lock still has this id.
+    /// Only if the lock still has this id ([`check_lock`]).
     Id(String),
-    /// Whatever holds it (administrator or `isr unlock --force`).
-    Force,
+    /// Whatever holds it (administrator or `isr unlock --force`); the broken lock is remembered on the
+    /// parcel (the latest break only) so its holder is told, not just refused. Breaking an unlocked parcel
+    /// changes nothing.
+    Force { by: String, now_unix: i64 },
 }
 
 /// A version to commit.
@@ -155,7 +194,8 @@ pub struct Rollback {
     pub user: String,
     pub parcel: String,
     pub version: u64,
-    /// The caller's lock id; required (and must match) only when the parcel is locked.
+    /// The caller's lock id: when given it must be the current lock ([`check_lock`]); without one the
+    /// parcel must be unlocked.
     pub lock_id: Option<String>,
     pub client: String,
     pub now_unix: i64,
@@ -195,6 +235,8 @@ pub trait ChunkSweeper: Send + Sync {
 pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// The value of a deployment setting, storing `init` first if it has none (atomic across processes).
     async fn setting_or_init(&self, key: &str, init: String) -> Result<String, MetaError>;
+    /// The value of a deployment setting, if it has one.
+    async fn setting(&self, key: &str) -> Result<Option<String>, MetaError>;
 
     async fn add_user(&self, name: &str, login_hash: &str, now_unix: i64) -> Result<(), MetaError>;
     async fn set_login_hash(&self, name: &str, login_hash: &str) -> Result<(), MetaError>;
@@ -206,6 +248,16 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn login_failures(&self, name: &str) -> Result<LoginFailures, MetaError>;
     /// Records one failed login; returns the new count.
     async fn record_login_failure(&self, name: &str, now_unix: i64) -> Result<u32, MetaError>;
+    /// Counts a login attempt as failed *before* it is verified, if the user's failures are still `seen`
+    /// (compare and set, so of several processes or tasks that saw the same state exactly one gets the slot):
+    /// count + 1, last = `now_unix`. Returns false when the state changed meanwhile (re-read and decide
+    /// again). A successful login then clears the count.
+    async fn reserve_login_attempt(
+        &self,
+        name: &str,
+        seen: LoginFailures,
+        now_unix: i64,
+    ) -> Result<bool, MetaError>;
     async fn clear_login_failures(&self, name: &str) -> Result<(), MetaError>;
 
     /// Stores a session token by its hash.
@@ -219,17 +271,31 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn parcel(&self, user: &str, parcel: &str) -> Result<ParcelDetail, MetaError>;
     async fn create_parcel(&self, p: NewParcel) -> Result<(), MetaError>;
     async fn set_wrapped_keyroot(&self, user: &str, parcel: &str, wrapped: &[u8]) -> Result<(), MetaError>;
-    /// Deletes a parcel unless another client (`client_id` differs) holds its lock.
+    /// Deletes a parcel that has no version (an undone `create`), unless another client (`client_id`
+    /// differs) holds its lock. A parcel with versions is refused ([`MetaError::HasVersions`]): its history
+    /// goes only with its user.
     async fn delete_parcel(&self, user: &str, parcel: &str, client_id: Option<&str>)
         -> Result<(), MetaError>;
 
     /// Locks a parcel for `lock`'s client, or returns the lock that client already holds.
     async fn acquire_lock(&self, user: &str, parcel: &str, lock: LockInfo) -> Result<LockInfo, MetaError>;
     async fn release_lock(&self, user: &str, parcel: &str, how: LockRelease) -> Result<(), MetaError>;
+    /// The current lock, if `lock_id` is it ([`check_lock`] otherwise).
+    async fn confirm_lock(&self, user: &str, parcel: &str, lock_id: &str) -> Result<LockInfo, MetaError>;
+    /// The latest break of the parcel's lock, if any.
+    async fn broken_lock(&self, user: &str, parcel: &str) -> Result<Option<BrokenLock>, MetaError>;
     async fn locks_held(&self) -> Result<u64, MetaError>;
 
-    /// Stores a keyring for a parcel; returns true if it was new. The caller has verified hash and format.
-    async fn put_keyring(&self, user: &str, parcel: &str, hash: Tag, data: Bytes) -> Result<bool, MetaError>;
+    /// Stores a keyring for a parcel whose lock is `lock_id` ([`check_lock`]); returns true if it was new.
+    /// The caller has verified hash and format.
+    async fn put_keyring(
+        &self,
+        user: &str,
+        parcel: &str,
+        lock_id: &str,
+        hash: Tag,
+        data: Bytes,
+    ) -> Result<bool, MetaError>;
     async fn keyring(&self, user: &str, parcel: &str, hash: Tag) -> Result<Option<Bytes>, MetaError>;
 
     /// Versions in ascending order.

@@ -66,6 +66,10 @@ CREATE TABLE IF NOT EXISTS parcels (
     lock_since BIGINT,
     UNIQUE (user_id, name)
 );
+-- Added after the first release (ADD COLUMN IF NOT EXISTS migrates older databases on open).
+ALTER TABLE parcels ADD COLUMN IF NOT EXISTS broken_lock_id TEXT;
+ALTER TABLE parcels ADD COLUMN IF NOT EXISTS broken_by TEXT;
+ALTER TABLE parcels ADD COLUMN IF NOT EXISTS broken_unix BIGINT;
 CREATE TABLE IF NOT EXISTS keyrings (
     parcel_id BIGINT NOT NULL REFERENCES parcels(id) ON DELETE CASCADE,
     hash BYTEA NOT NULL,
@@ -187,8 +191,8 @@ impl std::fmt::Debug for PgMetaStore {
     }
 }
 
-/// The URL without its password.
-fn redact(url: &str) -> String {
+/// The URL without its password (for messages and logs).
+pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -227,6 +231,16 @@ struct ParcelRow {
     id: i64,
     head: u64,
     lock: Option<LockInfo>,
+    broken: Option<BrokenLock>,
+    /// `user/parcel`, for errors.
+    name: String,
+}
+
+impl ParcelRow {
+    /// [`check_lock`] against this row.
+    fn check_lock(&self, lock_id: &str) -> Result<(), MetaError> {
+        check_lock(&self.name, lock_id, self.lock.as_ref(), self.broken.as_ref())
+    }
 }
 
 /// A parcel's row; `FOR UPDATE` locks it until the transaction ends.
@@ -237,17 +251,29 @@ async fn parcel_row<C: GenericClient + Sync>(
     for_update: bool,
 ) -> Result<ParcelRow, MetaError> {
     let sql = if for_update {
-        "SELECT p.id, p.head, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since
+        "SELECT p.id, p.head, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since,
+                p.broken_lock_id, p.broken_by, p.broken_unix
          FROM parcels p JOIN users u ON u.id = p.user_id WHERE u.name = $1 AND p.name = $2 FOR UPDATE OF p"
     } else {
-        "SELECT p.id, p.head, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since
+        "SELECT p.id, p.head, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since,
+                p.broken_lock_id, p.broken_by, p.broken_unix
          FROM parcels p JOIN users u ON u.id = p.user_id WHERE u.name = $1 AND p.name = $2"
     };
-    let row = c
-        .query_opt(sql, &[&user, &parcel])
-        .await?
-        .ok_or_else(|| MetaError::NoSuchParcel(format!("{user}/{parcel}")))?;
-    Ok(ParcelRow { id: row.get(0), head: row.get::<_, i64>(1) as u64, lock: lock_from(&row, 2) })
+    let name = format!("{user}/{parcel}");
+    let row =
+        c.query_opt(sql, &[&user, &parcel]).await?.ok_or_else(|| MetaError::NoSuchParcel(name.clone()))?;
+    let broken = row.get::<_, Option<String>>(6).map(|lock_id| BrokenLock {
+        lock_id,
+        by: row.get::<_, Option<String>>(7).unwrap_or_default(),
+        unix: row.get::<_, Option<i64>>(8).unwrap_or(0),
+    });
+    Ok(ParcelRow {
+        id: row.get(0),
+        head: row.get::<_, i64>(1) as u64,
+        lock: lock_from(&row, 2),
+        broken,
+        name,
+    })
 }
 
 /// Takes the commit/sweep exclusion: shared by commits, exclusive for sweeps.
@@ -361,6 +387,12 @@ impl MetaStore for PgMetaStore {
         Ok(c.query_one("SELECT value FROM settings WHERE key = $1", &[&key]).await?.get(0))
     }
 
+    async fn setting(&self, key: &str) -> Result<Option<String>, MetaError> {
+        let mut conn = self.conn().await?;
+        let row = conn.client().query_opt("SELECT value FROM settings WHERE key = $1", &[&key]).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     async fn add_user(&self, name: &str, login_hash: &str, now_unix: i64) -> Result<(), MetaError> {
         let mut conn = self.conn().await?;
         let n = conn
@@ -445,6 +477,24 @@ impl MetaStore for PgMetaStore {
             )
             .await?;
         Ok(row.map(|r| r.get::<_, i64>(0) as u32).unwrap_or(0))
+    }
+
+    async fn reserve_login_attempt(
+        &self,
+        name: &str,
+        seen: LoginFailures,
+        now_unix: i64,
+    ) -> Result<bool, MetaError> {
+        let mut conn = self.conn().await?;
+        let n = conn
+            .client()
+            .execute(
+                "UPDATE users SET failed_logins = failed_logins + 1, last_failed_unix = $4
+                 WHERE name = $1 AND failed_logins = $2 AND last_failed_unix = $3",
+                &[&name, &i64::from(seen.count), &seen.last_unix, &now_unix],
+            )
+            .await?;
+        Ok(n == 1)
     }
 
     async fn clear_login_failures(&self, name: &str) -> Result<(), MetaError> {
@@ -595,9 +645,12 @@ impl MetaStore for PgMetaStore {
         let mut conn = self.conn().await?;
         let tx = conn.client().transaction().await?;
         let p = parcel_row(&tx, user, parcel, true).await?;
+        if p.head != 0 {
+            return Err(MetaError::HasVersions(p.name));
+        }
         if let Some(lock) = p.lock {
             if client_id != Some(lock.client_id.as_str()) {
-                return Err(MetaError::Locked { parcel: format!("{user}/{parcel}"), lock });
+                return Err(MetaError::Locked { parcel: p.name, lock });
             }
         }
         tx.execute("DELETE FROM parcels WHERE id = $1", &[&p.id]).await?;
@@ -629,9 +682,15 @@ impl MetaStore for PgMetaStore {
         let mut conn = self.conn().await?;
         let tx = conn.client().transaction().await?;
         let p = parcel_row(&tx, user, parcel, true).await?;
-        if let LockRelease::Id(id) = &how {
-            if p.lock.as_ref().map(|l| &l.lock_id) != Some(id) {
-                return Err(MetaError::LockMismatch(format!("{user}/{parcel}")));
+        match &how {
+            LockRelease::Id(id) => p.check_lock(id)?,
+            LockRelease::Force { by, now_unix } => {
+                let Some(held) = &p.lock else { return Ok(()) };
+                tx.execute(
+                    "UPDATE parcels SET broken_lock_id = $2, broken_by = $3, broken_unix = $4 WHERE id = $1",
+                    &[&p.id, &held.lock_id, by, now_unix],
+                )
+                .await?;
             }
         }
         tx.execute(
@@ -644,6 +703,18 @@ impl MetaStore for PgMetaStore {
         Ok(())
     }
 
+    async fn confirm_lock(&self, user: &str, parcel: &str, lock_id: &str) -> Result<LockInfo, MetaError> {
+        let mut conn = self.conn().await?;
+        let p = parcel_row(conn.client(), user, parcel, false).await?;
+        p.check_lock(lock_id)?;
+        Ok(p.lock.expect("check_lock passes only for the current lock"))
+    }
+
+    async fn broken_lock(&self, user: &str, parcel: &str) -> Result<Option<BrokenLock>, MetaError> {
+        let mut conn = self.conn().await?;
+        Ok(parcel_row(conn.client(), user, parcel, false).await?.broken)
+    }
+
     async fn locks_held(&self) -> Result<u64, MetaError> {
         let mut conn = self.conn().await?;
         let n: i64 = conn
@@ -654,11 +725,20 @@ impl MetaStore for PgMetaStore {
         Ok(n as u64)
     }
 
-    async fn put_keyring(&self, user: &str, parcel: &str, hash: Tag, data: Bytes) -> Result<bool, MetaError> {
+    async fn put_keyring(
+        &self,
+        user: &str,
+        parcel: &str,
+        lock_id: &str,
+        hash: Tag,
+        data: Bytes,
+    ) -> Result<bool, MetaError> {
         let now = crate::meta_sqlite::now_unix();
         let mut conn = self.conn().await?;
         let tx = conn.client().transaction().await?;
-        let p = parcel_row(&tx, user, parcel, false).await?;
+        // The row locked: a concurrent break of the lock waits for this upload, or this upload sees it.
+        let p = parcel_row(&tx, user, parcel, true).await?;
+        p.check_lock(lock_id)?;
         let n = tx
             .execute(
                 "INSERT INTO keyrings (parcel_id, hash, data, created_unix) VALUES ($1, $2, $3, $4)
@@ -739,15 +819,12 @@ impl MetaStore for PgMetaStore {
     }
 
     async fn commit_version(&self, v: NewVersion, chunks: &dyn ChunkPresence) -> Result<u64, MetaError> {
-        let name = format!("{}/{}", v.user, v.parcel);
         let mut conn = self.conn().await?;
         let tx = conn.client().transaction().await?;
         // The commit/sweep exclusion first (lock order: gc_lock, then the parcel row), held until COMMIT.
         gc_lock(&tx, false).await?;
         let p = parcel_row(&tx, &v.user, &v.parcel, true).await?;
-        if p.lock.as_ref().map(|l| &l.lock_id) != Some(&v.lock_id) {
-            return Err(MetaError::LockMismatch(name));
-        }
+        p.check_lock(&v.lock_id)?;
         if v.base_version != p.head {
             return Err(MetaError::StaleBase { base: v.base_version, head: p.head });
         }
@@ -811,10 +888,10 @@ impl MetaStore for PgMetaStore {
         // A new version that references chunks: the same exclusion as a commit.
         gc_lock(&tx, false).await?;
         let p = parcel_row(&tx, &r.user, &r.parcel, true).await?;
-        if let Some(lock) = p.lock {
-            if r.lock_id.as_deref() != Some(lock.lock_id.as_str()) {
-                return Err(MetaError::Locked { parcel: name, lock });
-            }
+        match (&r.lock_id, p.lock.clone()) {
+            (Some(id), _) => p.check_lock(id)?,
+            (None, Some(lock)) => return Err(MetaError::Locked { parcel: name, lock }),
+            (None, None) => {}
         }
         let row = tx
             .query_opt(

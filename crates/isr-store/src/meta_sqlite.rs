@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS parcels (
     lock_holder TEXT,
     lock_client_id TEXT,
     lock_since INTEGER,
+    broken_lock_id TEXT,
+    broken_by TEXT,
+    broken_unix INTEGER,
     UNIQUE (user_id, name)
 );
 CREATE TABLE IF NOT EXISTS keyrings (
@@ -71,6 +74,56 @@ CREATE TABLE IF NOT EXISTS version_keyrings (
 CREATE INDEX IF NOT EXISTS version_keyrings_by_hash ON version_keyrings (parcel_id, hash);
 CREATE INDEX IF NOT EXISTS tokens_by_expiry ON tokens (expires_unix);
 "#;
+
+/// Columns added after the first release: (table, column, declaration). Databases created before them get
+/// them on open.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("parcels", "broken_lock_id", "TEXT"),
+    ("parcels", "broken_by", "TEXT"),
+    ("parcels", "broken_unix", "INTEGER"),
+];
+
+/// Adds the [`ADDED_COLUMNS`] a database lacks, in one write transaction (so two processes opening an old
+/// database at once do not both add them).
+fn migrate(conn: &mut Connection) -> Result<(), MetaError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for (table, column, decl) in ADDED_COLUMNS {
+        let present: bool = tx
+            .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+            .exists([column])?;
+        if !present {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The database file and its `-wal` / `-shm` companions readable by their owner only. SQLite gives the
+/// companions the main file's mode when it creates them; this also repairs files made before that rule.
+fn make_private(path: &Path) -> Result<(), MetaError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let private = |p: &Path| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| MetaError::Database(format!("making {} private: {e}", p.display())))
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| MetaError::Database(format!("creating {}: {e}", path.display())))?;
+    private(path)?;
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut companion = path.as_os_str().to_owned();
+        companion.push(suffix);
+        let companion = PathBuf::from(companion);
+        if companion.exists() {
+            private(&companion)?;
+        }
+    }
+    Ok(())
+}
 
 /// Idle connections kept for reuse.
 const POOL_IDLE: usize = 16;
@@ -121,23 +174,42 @@ struct ParcelRow {
     id: i64,
     head: u64,
     lock: Option<LockInfo>,
+    broken: Option<BrokenLock>,
+    /// `user/parcel`, for errors.
+    name: String,
+}
+
+impl ParcelRow {
+    /// [`check_lock`] against this row.
+    fn check_lock(&self, lock_id: &str) -> Result<(), MetaError> {
+        check_lock(&self.name, lock_id, self.lock.as_ref(), self.broken.as_ref())
+    }
 }
 
 fn parcel_row(conn: &Connection, user: &str, parcel: &str) -> Result<ParcelRow, MetaError> {
+    let name = format!("{user}/{parcel}");
     conn.query_row(
-        "SELECT p.id, p.head, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since
+        "SELECT p.id, p.head, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since,
+                p.broken_lock_id, p.broken_by, p.broken_unix
          FROM parcels p JOIN users u ON u.id = p.user_id WHERE u.name = ?1 AND p.name = ?2",
         params![user, parcel],
         |r| {
+            let broken = r.get::<_, Option<String>>(6)?.map(|lock_id| BrokenLock {
+                lock_id,
+                by: r.get::<_, Option<String>>(7).ok().flatten().unwrap_or_default(),
+                unix: r.get::<_, Option<i64>>(8).ok().flatten().unwrap_or(0),
+            });
             Ok(ParcelRow {
                 id: r.get(0)?,
                 head: r.get::<_, i64>(1)? as u64,
                 lock: lock_from(r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+                broken,
+                name: name.clone(),
             })
         },
     )
     .optional()?
-    .ok_or_else(|| MetaError::NoSuchParcel(format!("{user}/{parcel}")))
+    .ok_or_else(|| MetaError::NoSuchParcel(name.clone()))
 }
 
 fn user_id(conn: &Connection, name: &str) -> Result<i64, MetaError> {
@@ -198,11 +270,14 @@ fn insert_version(
 }
 
 impl SqliteMetaStore {
-    /// Opens (creating if needed) the database at `path`.
+    /// Opens (creating if needed) the database at `path`, private to its owner (mode 0600), and adds
+    /// columns an older database lacks.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, MetaError> {
         let path = path.into();
-        let conn = open_conn(&path)?;
+        make_private(&path)?;
+        let mut conn = open_conn(&path)?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         Ok(SqliteMetaStore { path, pool: Arc::new(Mutex::new(vec![conn])) })
     }
 
@@ -305,6 +380,14 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
+    async fn setting(&self, key: &str) -> Result<Option<String>, MetaError> {
+        let key = key.to_owned();
+        self.with(move |c| {
+            Ok(c.query_row("SELECT value FROM settings WHERE key = ?1", [&key], |r| r.get(0)).optional()?)
+        })
+        .await
+    }
+
     async fn add_user(&self, name: &str, login_hash: &str, now_unix: i64) -> Result<(), MetaError> {
         let (name, hash) = (name.to_owned(), login_hash.to_owned());
         self.write(move |tx| {
@@ -395,6 +478,24 @@ impl MetaStore for SqliteMetaStore {
                 .query_row("SELECT failed_logins FROM users WHERE name = ?1", [&name], |r| r.get::<_, i64>(0))
                 .optional()?
                 .unwrap_or(0) as u32)
+        })
+        .await
+    }
+
+    async fn reserve_login_attempt(
+        &self,
+        name: &str,
+        seen: LoginFailures,
+        now_unix: i64,
+    ) -> Result<bool, MetaError> {
+        let name = name.to_owned();
+        self.write(move |tx| {
+            let n = tx.execute(
+                "UPDATE users SET failed_logins = failed_logins + 1, last_failed_unix = ?4
+                 WHERE name = ?1 AND failed_logins = ?2 AND last_failed_unix = ?3",
+                params![name, seen.count as i64, seen.last_unix, now_unix],
+            )?;
+            Ok(n == 1)
         })
         .await
     }
@@ -535,9 +636,12 @@ impl MetaStore for SqliteMetaStore {
         let (user, parcel, client_id) = (user.to_owned(), parcel.to_owned(), client_id.map(str::to_owned));
         self.write(move |tx| {
             let p = parcel_row(tx, &user, &parcel)?;
+            if p.head != 0 {
+                return Err(MetaError::HasVersions(p.name));
+            }
             if let Some(lock) = p.lock {
                 if client_id.as_deref() != Some(lock.client_id.as_str()) {
-                    return Err(MetaError::Locked { parcel: format!("{user}/{parcel}"), lock });
+                    return Err(MetaError::Locked { parcel: p.name, lock });
                 }
             }
             tx.execute("DELETE FROM parcels WHERE id = ?1", [p.id])?;
@@ -570,9 +674,14 @@ impl MetaStore for SqliteMetaStore {
         let (user, parcel) = (user.to_owned(), parcel.to_owned());
         self.write(move |tx| {
             let p = parcel_row(tx, &user, &parcel)?;
-            if let LockRelease::Id(id) = &how {
-                if p.lock.as_ref().map(|l| &l.lock_id) != Some(id) {
-                    return Err(MetaError::LockMismatch(format!("{user}/{parcel}")));
+            match &how {
+                LockRelease::Id(id) => p.check_lock(id)?,
+                LockRelease::Force { by, now_unix } => {
+                    let Some(held) = &p.lock else { return Ok(()) };
+                    tx.execute(
+                        "UPDATE parcels SET broken_lock_id = ?2, broken_by = ?3, broken_unix = ?4 WHERE id = ?1",
+                        params![p.id, held.lock_id, by, now_unix],
+                    )?;
                 }
             }
             tx.execute(
@@ -585,6 +694,21 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
+    async fn confirm_lock(&self, user: &str, parcel: &str, lock_id: &str) -> Result<LockInfo, MetaError> {
+        let (user, parcel, lock_id) = (user.to_owned(), parcel.to_owned(), lock_id.to_owned());
+        self.with(move |c| {
+            let p = parcel_row(c, &user, &parcel)?;
+            p.check_lock(&lock_id)?;
+            Ok(p.lock.expect("check_lock passes only for the current lock"))
+        })
+        .await
+    }
+
+    async fn broken_lock(&self, user: &str, parcel: &str) -> Result<Option<BrokenLock>, MetaError> {
+        let (user, parcel) = (user.to_owned(), parcel.to_owned());
+        self.with(move |c| Ok(parcel_row(c, &user, &parcel)?.broken)).await
+    }
+
     async fn locks_held(&self) -> Result<u64, MetaError> {
         self.with(|c| {
             Ok(c.query_row("SELECT COUNT(*) FROM parcels WHERE lock_id IS NOT NULL", [], |r| {
@@ -594,11 +718,19 @@ impl MetaStore for SqliteMetaStore {
         .await
     }
 
-    async fn put_keyring(&self, user: &str, parcel: &str, hash: Tag, data: Bytes) -> Result<bool, MetaError> {
-        let (user, parcel) = (user.to_owned(), parcel.to_owned());
+    async fn put_keyring(
+        &self,
+        user: &str,
+        parcel: &str,
+        lock_id: &str,
+        hash: Tag,
+        data: Bytes,
+    ) -> Result<bool, MetaError> {
+        let (user, parcel, lock_id) = (user.to_owned(), parcel.to_owned(), lock_id.to_owned());
         let now = crate::meta_sqlite::now_unix();
         self.write(move |tx| {
             let p = parcel_row(tx, &user, &parcel)?;
+            p.check_lock(&lock_id)?;
             let n = tx.execute(
                 "INSERT OR IGNORE INTO keyrings (parcel_id, hash, data, created_unix) VALUES (?1, ?2, ?3, ?4)",
                 params![p.id, &hash.0[..], &data[..], now],
@@ -684,11 +816,8 @@ impl MetaStore for SqliteMetaStore {
         let (conn, checked) = self
             .run(conn, move |c| {
                 in_open_tx(c, |c| {
-                    let name = format!("{}/{}", v1.user, v1.parcel);
                     let p = parcel_row(c, &v1.user, &v1.parcel)?;
-                    if p.lock.as_ref().map(|l| &l.lock_id) != Some(&v1.lock_id) {
-                        return Err(MetaError::LockMismatch(name));
-                    }
+                    p.check_lock(&v1.lock_id)?;
                     if v1.base_version != p.head {
                         return Err(MetaError::StaleBase { base: v1.base_version, head: p.head });
                     }
@@ -772,10 +901,10 @@ impl MetaStore for SqliteMetaStore {
         self.write(move |tx| {
             let name = format!("{}/{}", r.user, r.parcel);
             let p = parcel_row(tx, &r.user, &r.parcel)?;
-            if let Some(lock) = p.lock {
-                if r.lock_id.as_deref() != Some(lock.lock_id.as_str()) {
-                    return Err(MetaError::Locked { parcel: name, lock });
-                }
+            match (&r.lock_id, p.lock.clone()) {
+                (Some(id), _) => p.check_lock(id)?,
+                (None, Some(lock)) => return Err(MetaError::Locked { parcel: name, lock }),
+                (None, None) => {}
             }
             let (vid, manifest): (i64, Vec<u8>) = tx
                 .query_row(

@@ -121,6 +121,11 @@ fn lock(client: &str) -> LockInfo {
     }
 }
 
+/// A forced release, as `isr-server unlock` makes it.
+fn force() -> LockRelease {
+    LockRelease::Force { by: "the administrator".into(), now_unix: 3000 }
+}
+
 fn new_parcel(user: &str, name: &str, lock: LockInfo) -> NewParcel {
     NewParcel {
         user: user.into(),
@@ -238,9 +243,10 @@ async fn meta_parcels_and_locks(m: &dyn MetaStore) {
         Err(MetaError::Locked { lock, .. }) => assert_eq!(lock, l1),
         other => panic!("expected Locked, got {other:?}"),
     }
+    // A wrong id while another lock is held: told who holds it (check_lock).
     assert!(matches!(
         m.release_lock("alice", "p1", LockRelease::Id("wrong".into())).await,
-        Err(MetaError::LockMismatch(_))
+        Err(MetaError::Locked { .. })
     ));
     m.release_lock("alice", "p1", LockRelease::Id(l1.lock_id.clone())).await.unwrap();
     assert!(matches!(
@@ -251,9 +257,9 @@ async fn meta_parcels_and_locks(m: &dyn MetaStore) {
     let l2 = lock("client-2");
     assert_eq!(m.acquire_lock("alice", "p1", l2.clone()).await.unwrap(), l2);
     assert_eq!(m.parcel("alice", "p1").await.unwrap().info.lock, Some(l2.clone()));
-    m.release_lock("alice", "p1", LockRelease::Force).await.unwrap();
+    m.release_lock("alice", "p1", force()).await.unwrap();
     assert_eq!(m.parcel("alice", "p1").await.unwrap().info.lock, None);
-    m.release_lock("alice", "p1", LockRelease::Force).await.unwrap();
+    m.release_lock("alice", "p1", force()).await.unwrap();
     assert!(matches!(m.acquire_lock("alice", "nope", lock("c")).await, Err(MetaError::NoSuchParcel(_))));
 
     // Deleting: refused while another client holds the lock.
@@ -277,15 +283,18 @@ async fn meta_commits(m: &dyn MetaStore) {
         chunks.put(&t, d.clone()).await.unwrap();
     }
     let (k1, kd1) = keyring(&[a, b]);
-    assert!(m.put_keyring("u", "p", k1, kd1.clone()).await.unwrap());
-    assert!(!m.put_keyring("u", "p", k1, kd1.clone()).await.unwrap());
+    assert!(m.put_keyring("u", "p", &l.lock_id, k1, kd1.clone()).await.unwrap());
+    assert!(!m.put_keyring("u", "p", &l.lock_id, k1, kd1.clone()).await.unwrap());
     assert_eq!(m.keyring("u", "p", k1).await.unwrap(), Some(kd1.clone()));
     assert_eq!(m.keyring("u", "p", Tag([5; 32])).await.unwrap(), None);
-    assert!(matches!(m.put_keyring("u", "nope", k1, kd1.clone()).await, Err(MetaError::NoSuchParcel(_))));
+    assert!(matches!(
+        m.put_keyring("u", "nope", &l.lock_id, k1, kd1.clone()).await,
+        Err(MetaError::NoSuchParcel(_))
+    ));
 
     // Refusals, in order: lock, base, keyrings, chunks.
     let bad_lock = new_version("u", "p", "wrong", 0, vec![k1]);
-    assert!(matches!(m.commit_version(bad_lock, &present(&chunks)).await, Err(MetaError::LockMismatch(_))));
+    assert!(matches!(m.commit_version(bad_lock, &present(&chunks)).await, Err(MetaError::Locked { .. })));
     let stale = new_version("u", "p", &l.lock_id, 3, vec![k1]);
     assert!(matches!(
         m.commit_version(stale, &present(&chunks)).await,
@@ -297,7 +306,7 @@ async fn meta_commits(m: &dyn MetaStore) {
         other => panic!("expected MissingKeyrings, got {other:?}"),
     }
     let (k2, kd2) = keyring(&[a, c]);
-    m.put_keyring("u", "p", k2, kd2).await.unwrap();
+    m.put_keyring("u", "p", &l.lock_id, k2, kd2).await.unwrap();
     match m.commit_version(new_version("u", "p", &l.lock_id, 0, vec![k2]), &present(&chunks)).await {
         Err(MetaError::MissingChunks(t)) => assert_eq!(t, vec![c]),
         other => panic!("expected MissingChunks, got {other:?}"),
@@ -352,7 +361,7 @@ async fn meta_commits(m: &dyn MetaStore) {
     assert_eq!(m.rollback(rb(Some(l.lock_id.clone()), 1)).await.unwrap(), 3);
     assert_eq!(m.manifest("u", "p", VersionSel::Head).await.unwrap(), (3, Bytes::from("manifest on 0")));
     assert_eq!(m.versions("u", "p").await.unwrap()[2].comment, "rollback to version 1");
-    m.release_lock("u", "p", LockRelease::Force).await.unwrap();
+    m.release_lock("u", "p", force()).await.unwrap();
     assert_eq!(m.rollback(rb(None, 2)).await.unwrap(), 4, "an unlocked parcel needs no lock id");
 
     let mut refd = m.referenced_keyrings().await.unwrap();
@@ -371,9 +380,10 @@ async fn meta_commits(m: &dyn MetaStore) {
     assert!(m.keyring("u", "p", k2).await.unwrap().is_some());
     assert_eq!(m.manifest("u", "p", VersionSel::Head).await.unwrap().0, 4);
 
-    // Abandoned uploads: unreferenced keyrings older than the cut-off.
+    // Abandoned uploads: unreferenced keyrings older than the cut-off (uploaded under a lock).
+    let l = m.acquire_lock("u", "p", lock("c1")).await.unwrap();
     let (k3, kd3) = keyring(&[c]);
-    m.put_keyring("u", "p", k3, kd3).await.unwrap();
+    m.put_keyring("u", "p", &l.lock_id, k3, kd3).await.unwrap();
     assert_eq!(m.purge_unreferenced_keyrings(0).await.unwrap(), 0, "too young");
     assert_eq!(m.purge_unreferenced_keyrings(i64::MAX).await.unwrap(), 1);
     assert_eq!(m.keyring("u", "p", k3).await.unwrap(), None);
@@ -405,7 +415,7 @@ async fn meta_gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) {
         chunks.put(&t, d).await.unwrap();
     }
     let (k1, kd1) = keyring(&[a, b, a]);
-    m.put_keyring("u", "p", k1, kd1).await.unwrap();
+    m.put_keyring("u", "p", &l.lock_id, k1, kd1).await.unwrap();
     m.commit_version(new_version("u", "p", &l.lock_id, 0, vec![k1]), &present(chunks)).await.unwrap();
     assert_eq!(gc(m, chunks).await, vec![garbage]);
     let mut left: Vec<Tag> = chunks.list().await.unwrap().into_iter().map(|(t, _)| t).collect();
@@ -419,7 +429,7 @@ async fn meta_gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) {
     let (c, dc) = fake_chunk();
     chunks.put(&c, dc).await.unwrap();
     let (k2, kd2) = keyring(&[a, c]);
-    m.put_keyring("u", "p", k2, kd2).await.unwrap();
+    m.put_keyring("u", "p", &l.lock_id, k2, kd2).await.unwrap();
     m.commit_version(new_version("u", "p", &l.lock_id, 1, vec![k2]), &present(chunks)).await.unwrap();
     let stale_candidates = vec![c];
     assert_eq!(m.gc_sweep(&mark, stale_candidates, &Sweeper(chunks)).await.unwrap(), vec![]);
@@ -503,7 +513,7 @@ async fn pg_two_processes_race_for_a_lock() {
     a.create_parcel(new_parcel("u", "p", lock("creator"))).await.unwrap();
     let (a, b) = (Arc::new(a), Arc::new(b));
     for round in 0..100 {
-        b.release_lock("u", "p", LockRelease::Force).await.unwrap();
+        b.release_lock("u", "p", force()).await.unwrap();
         let barrier = Arc::new(tokio::sync::Barrier::new(2));
         let race = |m: Arc<isr_store::PgMetaStore>, who: &'static str| {
             let barrier = barrier.clone();
@@ -545,7 +555,7 @@ async fn gc_races_commits(committer: &dyn MetaStore, collector: &dyn MetaStore, 
                 chunks.put(&g, dg).await.unwrap();
             }
             let (k, kd) = keyring(&tags);
-            committer.put_keyring("u", "p", k, kd).await.unwrap();
+            committer.put_keyring("u", "p", &l.lock_id, k, kd).await.unwrap();
             let slow = Presence { store: chunks, delay: Duration::from_millis(5) };
             loop {
                 match committer.commit_version(new_version("u", "p", &l.lock_id, head, vec![k]), &slow).await
@@ -573,9 +583,15 @@ async fn gc_races_commits(committer: &dyn MetaStore, collector: &dyn MetaStore, 
     let sweeps = async {
         let mut deleted = 0;
         let mut rounds = 0;
-        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        // Sweeps during the commits, and at least one that starts after them (it finds their garbage), so
+        // the counts below never depend on how fast either side runs.
+        loop {
+            let commits_done = done.load(std::sync::atomic::Ordering::SeqCst);
             deleted += gc(collector, chunks).await.len();
             rounds += 1;
+            if commits_done && rounds > 1 {
+                break;
+            }
         }
         (rounds, deleted)
     };
@@ -605,4 +621,224 @@ async fn sqlite_gc_on_one_handle_while_another_commits() {
     let a = SqliteMetaStore::open(dir.path().join("m.db")).unwrap();
     let b = SqliteMetaStore::open(dir.path().join("m.db")).unwrap();
     gc_races_commits(&a, &b, &MemChunkStore::new()).await;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Broken locks, undoing a create, login reservations: the same rules on every metadata backend.
+
+fn assert_broken(r: Result<impl std::fmt::Debug, MetaError>, by: &str, current: Option<&LockInfo>) {
+    match r {
+        Err(MetaError::LockBroken { broken, current: now, .. }) => {
+            assert_eq!(broken.by, by);
+            assert_eq!(now.as_deref(), current);
+        }
+        other => panic!("expected LockBroken by {by}, got {other:?}"),
+    }
+}
+
+async fn meta_broken_locks(m: &dyn MetaStore) {
+    let chunks = MemChunkStore::new();
+    m.add_user("u", "h", 1).await.unwrap();
+    let l1 = lock("c1");
+    m.create_parcel(new_parcel("u", "p", l1.clone())).await.unwrap();
+    assert_eq!(m.confirm_lock("u", "p", &l1.lock_id).await.unwrap(), l1);
+    assert_eq!(m.broken_lock("u", "p").await.unwrap(), None);
+    let (t, d) = fake_chunk();
+    chunks.put(&t, d).await.unwrap();
+    let (k1, kd1) = keyring(&[t]);
+    m.put_keyring("u", "p", &l1.lock_id, k1, kd1.clone()).await.unwrap();
+
+    // Broken by another client: every operation carrying the old id is told who broke it.
+    let by_laptop = LockRelease::Force { by: "laptop".into(), now_unix: 3000 };
+    m.release_lock("u", "p", by_laptop).await.unwrap();
+    let broken = m.broken_lock("u", "p").await.unwrap().unwrap();
+    assert_eq!(
+        (broken.lock_id.as_str(), broken.by.as_str(), broken.unix),
+        (l1.lock_id.as_str(), "laptop", 3000)
+    );
+    assert_broken(m.confirm_lock("u", "p", &l1.lock_id).await, "laptop", None);
+    assert_broken(m.put_keyring("u", "p", &l1.lock_id, k1, kd1.clone()).await, "laptop", None);
+    assert_broken(
+        m.commit_version(new_version("u", "p", &l1.lock_id, 0, vec![k1]), &present(&chunks)).await,
+        "laptop",
+        None,
+    );
+    assert_broken(m.release_lock("u", "p", LockRelease::Id(l1.lock_id.clone())).await, "laptop", None);
+    let rb = |lock_id: &str| Rollback {
+        user: "u".into(),
+        parcel: "p".into(),
+        version: 1,
+        lock_id: Some(lock_id.into()),
+        client: "c1".into(),
+        now_unix: 3100,
+    };
+    assert_broken(m.rollback(rb(&l1.lock_id)).await, "laptop", None);
+    assert!(m.versions("u", "p").await.unwrap().is_empty(), "nothing was committed");
+    // An id never held is just unknown.
+    assert!(matches!(m.confirm_lock("u", "p", "never").await, Err(MetaError::LockMismatch(_))));
+    // Breaking an unlocked parcel changes nothing.
+    m.release_lock("u", "p", force()).await.unwrap();
+    assert_eq!(m.broken_lock("u", "p").await.unwrap().unwrap().by, "laptop");
+
+    // Someone else holds it now: the broken holder learns that too; other ids see the holder.
+    let l2 = m.acquire_lock("u", "p", lock("c2")).await.unwrap();
+    assert_broken(m.confirm_lock("u", "p", &l1.lock_id).await, "laptop", Some(&l2));
+    assert_broken(
+        m.commit_version(new_version("u", "p", &l1.lock_id, 0, vec![k1]), &present(&chunks)).await,
+        "laptop",
+        Some(&l2),
+    );
+    match m.confirm_lock("u", "p", "never").await {
+        Err(MetaError::Locked { lock, .. }) => assert_eq!(lock, l2),
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert_eq!(m.confirm_lock("u", "p", &l2.lock_id).await.unwrap(), l2);
+    m.put_keyring("u", "p", &l2.lock_id, k1, kd1).await.unwrap();
+    assert_eq!(
+        m.commit_version(new_version("u", "p", &l2.lock_id, 0, vec![k1]), &present(&chunks)).await.unwrap(),
+        1
+    );
+    // Only the latest break is remembered.
+    m.release_lock("u", "p", force()).await.unwrap();
+    assert_broken(m.confirm_lock("u", "p", &l2.lock_id).await, "the administrator", None);
+    assert!(matches!(m.confirm_lock("u", "p", &l1.lock_id).await, Err(MetaError::LockMismatch(_))));
+
+    // A parcel with versions is never deleted through delete_parcel, whoever asks.
+    let l3 = m.acquire_lock("u", "p", lock("c3")).await.unwrap();
+    for client in [Some("c3"), Some("other"), None] {
+        assert!(matches!(m.delete_parcel("u", "p", client).await, Err(MetaError::HasVersions(_))));
+    }
+    assert_eq!(m.parcel("u", "p").await.unwrap().info.lock, Some(l3));
+    assert_eq!(m.versions("u", "p").await.unwrap().len(), 1);
+    // One with none is (an undone create), by its lock holder.
+    m.create_parcel(new_parcel("u", "empty", lock("c4"))).await.unwrap();
+    assert!(matches!(m.delete_parcel("u", "empty", Some("c5")).await, Err(MetaError::Locked { .. })));
+    m.delete_parcel("u", "empty", Some("c4")).await.unwrap();
+}
+
+async fn meta_login_reservations(m: &dyn MetaStore) {
+    m.add_user("u", "h", 1).await.unwrap();
+    let seen = m.login_failures("u").await.unwrap();
+    assert!(m.reserve_login_attempt("u", seen, 100).await.unwrap());
+    // A second reservation from the same (now stale) state loses: exactly one of racing attempts wins.
+    assert!(!m.reserve_login_attempt("u", seen, 100).await.unwrap());
+    let now = m.login_failures("u").await.unwrap();
+    assert_eq!(now, LoginFailures { count: 1, last_unix: 100 });
+    assert!(m.reserve_login_attempt("u", now, 101).await.unwrap());
+    assert_eq!(m.login_failures("u").await.unwrap(), LoginFailures { count: 2, last_unix: 101 });
+    assert!(!m.reserve_login_attempt("nobody", LoginFailures::default(), 1).await.unwrap());
+    m.clear_login_failures("u").await.unwrap();
+    assert_eq!(m.login_failures("u").await.unwrap().count, 0);
+}
+
+#[tokio::test]
+async fn meta_sqlite_broken_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_broken_locks(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_broken_locks() {
+    meta_broken_locks(&pg_store().await.0).await;
+}
+
+#[tokio::test]
+async fn meta_sqlite_login_reservations() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_login_reservations(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_login_reservations() {
+    meta_login_reservations(&pg_store().await.0).await;
+}
+
+/// The tables `users` and `parcels` as the first release created them (no broken-lock columns).
+const OLD_SCHEMA: &str = "
+CREATE TABLE users (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, login_hash TEXT NOT NULL,
+    created_unix INTEGER NOT NULL, failed_logins INTEGER NOT NULL DEFAULT 0,
+    last_failed_unix INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE parcels (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE, name TEXT NOT NULL,
+    created_unix INTEGER NOT NULL, head INTEGER NOT NULL DEFAULT 0, wrapped_keyroot BLOB NOT NULL,
+    recovery_keyroot BLOB, lock_id TEXT, lock_holder TEXT, lock_client_id TEXT, lock_since INTEGER,
+    UNIQUE (user_id, name));
+INSERT INTO users (name, login_hash, created_unix) VALUES ('u', 'h', 1);
+INSERT INTO parcels (user_id, name, created_unix, wrapped_keyroot, lock_id, lock_holder, lock_client_id, lock_since)
+    VALUES (1, 'p', 1, x'00', 'old-lock', 'old host', 'c1', 5);
+";
+
+/// An existing database gets the new columns on open, keeps its rows, and breaks are then remembered.
+async fn migrated_store_remembers_breaks(m: &dyn MetaStore) {
+    assert_eq!(m.parcel("u", "p").await.unwrap().info.lock.unwrap().holder, "old host");
+    assert_eq!(m.broken_lock("u", "p").await.unwrap(), None);
+    m.release_lock("u", "p", force()).await.unwrap();
+    assert_broken(m.confirm_lock("u", "p", "old-lock").await, "the administrator", None);
+}
+
+#[tokio::test]
+async fn meta_sqlite_migrates_an_old_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    rusqlite::Connection::open(&path).unwrap().execute_batch(OLD_SCHEMA).unwrap();
+    migrated_store_remembers_breaks(&SqliteMetaStore::open(&path).unwrap()).await;
+    // Opening again (columns present) changes nothing.
+    let again = SqliteMetaStore::open(&path).unwrap();
+    assert_eq!(again.broken_lock("u", "p").await.unwrap().unwrap().lock_id, "old-lock");
+}
+
+#[tokio::test]
+async fn meta_pg_migrates_an_old_database() {
+    let url = pg_database().await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let old = OLD_SCHEMA
+        .replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+        .replace("INTEGER", "BIGINT")
+        .replace("BLOB", "BYTEA")
+        .replace("x'00'", "'\\x00'::bytea");
+    client.batch_execute(&old).await.unwrap();
+    drop(client);
+    driver.await.unwrap().unwrap();
+    migrated_store_remembers_breaks(&isr_store::PgMetaStore::open(&url).await.unwrap()).await;
+    let again = isr_store::PgMetaStore::open(&url).await.unwrap();
+    assert_eq!(again.broken_lock("u", "p").await.unwrap().unwrap().lock_id, "old-lock");
+}
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn fs_chunks_and_sqlite_files_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("chunks");
+    let store = FsChunkStore::open(&root, Durability::Fsync).unwrap();
+    let (t, c) = encoded_chunk(1);
+    store.put(&t, c).await.unwrap();
+    assert_eq!(mode_of(&root), 0o700);
+    assert_eq!(mode_of(&root.join("tmp")), 0o700);
+    assert_eq!(mode_of(store.path_of(&t).parent().unwrap()), 0o700);
+    assert_eq!(mode_of(&store.path_of(&t)), 0o600);
+    // A store made with open modes is tightened when opened.
+    use std::os::unix::fs::PermissionsExt;
+    let fanout = store.path_of(&t).parent().unwrap().to_owned();
+    for d in [&root, &fanout] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    FsChunkStore::open(&root, Durability::Fsync).unwrap();
+    assert_eq!((mode_of(&root), mode_of(&fanout)), (0o700, 0o700));
+
+    let db = dir.path().join("meta.sqlite");
+    let m = SqliteMetaStore::open(&db).unwrap();
+    m.add_user("u", "h", 1).await.unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        assert_eq!(mode_of(&p), 0o600, "{}", p.display());
+    }
+    drop(m);
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    SqliteMetaStore::open(&db).unwrap();
+    assert_eq!(mode_of(&db), 0o600);
 }

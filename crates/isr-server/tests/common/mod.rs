@@ -62,6 +62,11 @@ impl TestServer {
     /// A server on `backend`; PostgreSQL and S3 come from `isr_testkit` (a fresh database and bucket prefix
     /// per server).
     pub async fn start_on(backend: Backend) -> TestServer {
+        TestServer::start_with(backend, ServerSettings::default()).await
+    }
+
+    /// A server on `backend` with `settings`.
+    pub async fn start_with(backend: Backend, settings: ServerSettings) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let meta: Arc<dyn MetaStore> = if backend.pg() {
             let url = isr_testkit::services().fresh_pg_database().await;
@@ -82,7 +87,7 @@ impl TestServer {
         let storage = Storage::from_stores(meta, chunks).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = AppState::new(storage.clone(), ServerSettings::default());
+        let state = AppState::new(storage.clone(), settings);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             isr_server::run(listener, state, None, async {
@@ -252,9 +257,18 @@ impl Api {
         a.body.chunks_exact(32).map(|c| Tag(c.try_into().unwrap())).collect()
     }
 
-    pub async fn put_keyring(&self, parcel: &str, v: &Version) -> Answer {
-        self.put_bytes(&format!("/api/v1/parcels/{parcel}/keyrings/{}", v.keyring_hash), v.keyring.clone())
-            .await
+    /// Uploads `v`'s keyring under the lock `lock_id`.
+    pub async fn put_keyring(&self, parcel: &str, lock_id: &str, v: &Version) -> Answer {
+        self.put_bytes(
+            &format!("/api/v1/parcels/{parcel}/keyrings/{}?lock_id={lock_id}", v.keyring_hash),
+            v.keyring.clone(),
+        )
+        .await
+    }
+
+    /// Confirms the lock `lock_id` (`GET .../lock?lock_id=`).
+    pub async fn confirm(&self, parcel: &str, lock_id: &str) -> Answer {
+        self.get(&format!("/api/v1/parcels/{parcel}/lock?lock_id={lock_id}")).await
     }
 
     pub async fn commit(&self, parcel: &str, lock_id: &str, base: u64, v: &Version) -> Answer {
@@ -271,7 +285,7 @@ impl Api {
 
     /// Uploads a version completely (keyring, missing chunks, commit, retrying while chunks go missing).
     pub async fn upload_version(&self, parcel: &str, lock_id: &str, base: u64, v: &Version) -> u64 {
-        let a = self.put_keyring(parcel, v).await;
+        let a = self.put_keyring(parcel, lock_id, v).await;
         assert!(a.status.is_success(), "{:?}", a.body);
         let mut todo = self.missing(&v.tags()).await;
         for attempt in 0..100 {
@@ -286,7 +300,7 @@ impl Api {
             }
             if a.code() == "missing_keyring" {
                 // Purged as abandoned by a gc with no grace period: upload it again.
-                assert!(self.put_keyring(parcel, v).await.status.is_success());
+                assert!(self.put_keyring(parcel, lock_id, v).await.status.is_success());
                 todo = Vec::new();
                 continue;
             }
