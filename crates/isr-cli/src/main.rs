@@ -291,11 +291,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 runtime_dir,
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
+            // Handlers installed before the resume starts (and writes the record `isr suspend` reads): a
+            // signal arriving early is queued, never the default action that kills the process.
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
             tokio::spawn(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
                 loop {
                     let req = tokio::select! {
                         _ = term.recv() => StopRequest::Suspend,
