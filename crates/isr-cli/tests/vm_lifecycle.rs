@@ -143,7 +143,10 @@ fn killed_resumes_leave_no_vm_and_no_plaintext_and_suspend_tells_the_truth() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&read.stdout);
-    assert!(read.status.success() && text.contains("read 65536/65536"), "read from the read-only export: {text}");
+    assert!(
+        read.status.success() && text.contains("read 65536/65536"),
+        "read from the read-only export: {text}"
+    );
     let (ok, text) = qemu_io(&sock, &["write -P 0x5a 0 64k"]);
     assert!(!ok, "a write to the read-only export succeeded: {text}");
     stop_disk(disk);

@@ -446,7 +446,7 @@ pub fn free_space(dir: &Path) -> Result<u64, ClientError> {
             std::io::Error::last_os_error(),
         ));
     }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn mib(bytes: u64) -> String {
