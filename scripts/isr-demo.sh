@@ -49,7 +49,7 @@ took
 step "client A: resume headless (checks out, boots; the guest appends a counter to its disk every second)"
 ISR_HOME="$work/a" "$bin/isr" resume desktop --display none >"$work/a-resume.out" 2>&1 &
 resume_pid=$!
-con_a="$work/a/parcels/demo/desktop/console.log"
+con_a="$work/a/logs/demo/desktop/console.log"
 wait_counters "$con_a" 5
 echo "   guest on A printed: $(counters "$con_a" | tr '\n' ' ')"; took
 
@@ -66,7 +66,7 @@ ISR_HOME="$work/a" "$bin/isr" checkin desktop -m "suspended on A" | sed 's/^/   
 step "client B (another home = another machine): resume; the guest continues from memory"
 ISR_HOME="$work/b" "$bin/isr" resume desktop --display none >"$work/b-resume.out" 2>&1 &
 resume_pid=$!
-con_b="$work/b/parcels/demo/desktop/console.log"
+con_b="$work/b/logs/demo/desktop/console.log"
 wait_counters "$con_b" 4
 first_b=$(counters "$con_b" | head -1)
 echo "   last counter on A: $last_a; first counter on B: $first_b"

@@ -99,7 +99,7 @@ async fn main() {
         "--append",
         APPEND,
     ]);
-    let console = a.home.join("parcels").join("alice").join("vm").join("console.log");
+    let console = a.home.join("logs").join("alice").join("vm").join("console.log");
     let resume = || {
         a.cmd(&["resume", "vm", "--display", "none"])
             .stdout(Stdio::piped())

@@ -1,9 +1,9 @@
 //! `isr`: the Internet Suspend/Resume client. Thin: parses the command line and calls `isr-client`.
 
 use clap::{Parser, Subcommand};
-use isr_client::parcel::{is_running, Client, CreateOptions, RunGuard};
+use isr_client::parcel::{is_running, Client, CreateOptions};
 use isr_client::{home::Home, ClientError};
-use isr_format::{ChunkSize, ImageKind};
+use isr_format::ChunkSize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -79,6 +79,10 @@ enum Command {
         /// VNC display for --display vnc
         #[arg(long, default_value = "127.0.0.1:0")]
         vnc: String,
+        /// Directory for the private plaintext directory (memory image, kernel, initrd); needs room for the
+        /// guest RAM [default: /dev/shm, else /tmp]
+        #[arg(long, env = "ISR_RUNTIME_DIR", value_name = "DIR")]
+        runtime_dir: Option<PathBuf>,
     },
     /// Ask a running resume to save memory and stop
     Suspend { parcel: String },
@@ -105,6 +109,12 @@ enum Command {
         /// Never contact the server (the parcel must be hoarded)
         #[arg(long)]
         disconnected: bool,
+        /// Export read-only (allowed on a suspended parcel: its memory image stays valid)
+        #[arg(long, conflicts_with = "force")]
+        read_only: bool,
+        /// Allow writes on a suspended parcel: drops its memory image, the next resume boots cold
+        #[arg(long)]
+        force: bool,
     },
     /// Upload changes as a new version and keep the lock
     Sync {
@@ -297,6 +307,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 disconnected: false,
                 accel: accel_choice(&accel),
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
+                runtime_dir: std::env::var_os("ISR_RUNTIME_DIR").map(PathBuf::from),
             };
             let settings = isr_ui::UiSettings {
                 home: c.home.root().to_owned(),
@@ -377,7 +388,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
-        Command::Resume { parcel, display, disconnected, accel, vnc } => {
+        Command::Resume { parcel, display, disconnected, accel, vnc, runtime_dir } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
                 "none" => isr_vmm::Display::None,
@@ -390,13 +401,16 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 disconnected,
                 accel,
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
+                runtime_dir,
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
+            // Handlers installed before the resume starts (and writes the record `isr suspend` reads): a
+            // signal arriving early is queued, never the default action that kills the process.
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
             tokio::spawn(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                let mut usr1 = signal(SignalKind::user_defined1()).expect("SIGUSR1 handler");
                 loop {
                     let req = tokio::select! {
                         _ = term.recv() => StopRequest::Suspend,
@@ -423,20 +437,21 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Suspend { parcel } => {
             use isr_client::resume::StopRequest;
-            if c.stop_running(&parcel, StopRequest::Suspend, std::time::Duration::from_secs(600)).await? {
-                println!("suspended {parcel}");
-            } else {
-                return Err(ClientError::Other(format!("{parcel} is not running on this client")));
+            match c.stop_running(&parcel, StopRequest::Suspend, std::time::Duration::from_secs(600)).await? {
+                Some(_) => println!("suspended {parcel}"),
+                None => return Err(ClientError::Other(format!("{parcel} is not running on this client"))),
             }
         }
         Command::Poweroff { parcel } => {
             use isr_client::resume::StopRequest;
-            if c.stop_running(&parcel, StopRequest::Poweroff, std::time::Duration::from_secs(120)).await? {
-                println!("powered off {parcel}");
-            } else {
-                let o = c.open(&parcel)?;
-                c.drop_memory(&o)?;
-                println!("{parcel} will boot cold at the next resume");
+            match c.stop_running(&parcel, StopRequest::Poweroff, std::time::Duration::from_secs(120)).await? {
+                Some(o) if o.outcome == "powered off" => println!("powered off {parcel}"),
+                Some(o) => println!("{parcel} stopped ({}); the next resume boots cold", o.outcome),
+                None => {
+                    let o = c.open(&parcel)?;
+                    c.drop_memory(&o)?;
+                    println!("{parcel} will boot cold at the next resume");
+                }
             }
         }
         Command::Dirtometer { parcel, interval } => {
@@ -467,31 +482,21 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             println!("checked out {parcel} at version {}", co.state.base_version);
         }
-        Command::Disk { parcel, nbd, disconnected } => {
-            let o = c.open(&parcel)?;
-            if disconnected {
-                let missing = c.missing_locally(&o).await?;
-                if missing > 0 {
-                    return Err(ClientError::Other(format!(
-                        "{missing} chunks of {parcel} are not hoarded: run `isr hoard {parcel}` first"
-                    )));
-                }
+        Command::Disk { parcel, nbd, disconnected, read_only, force } => {
+            use isr_client::resume::DiskOptions;
+            let export = c.open_disk(&parcel, DiskOptions { disconnected, read_only, force }).await?;
+            if let Some(note) = &export.note {
+                eprintln!("isr: {note}");
             }
-            let _guard = RunGuard::acquire(&o.dir)?;
-            let image = c.working_image(&o, ImageKind::Disk, disconnected).await?;
-            let _ = std::fs::remove_file(&nbd);
-            let listener = tokio::net::UnixListener::bind(&nbd)
-                .map_err(|e| ClientError::io(format!("binding {}", nbd.display()), e))?;
-            println!("serving {parcel} ({} bytes) on nbd+unix:///?socket={}", image.len(), nbd.display());
-            let device = std::sync::Arc::new(isr_client::image::ImageDevice(image.clone()));
-            let served = isr_nbd::serve(listener, device, shutdown_signal()).await;
-            image.flush().await?;
-            let _ = std::fs::remove_file(&nbd);
-            served.map_err(|e| ClientError::Other(format!("NBD server: {e}")))?;
-            eprintln!(
-                "stopped; {} chunks fetched",
-                image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed)
+            let listener = export.bind(&nbd)?;
+            println!(
+                "serving {parcel} ({} bytes{}) on nbd+unix:///?socket={}",
+                export.image.len(),
+                if read_only { ", read-only" } else { "" },
+                nbd.display()
             );
+            let fetched = export.serve(listener, &nbd, shutdown_signal()).await?;
+            eprintln!("stopped; {fetched} chunks fetched");
         }
         Command::Sync { parcel, message } => match c.sync(&parcel, &message).await? {
             Some((v, t)) => {

@@ -1,45 +1,10 @@
 //! The whole ISR story under TCG: resume a real guest, suspend, check in, resume on another client.
 
 mod common;
+use common::guest::*;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
-
-fn guest() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest");
-    let st =
-        std::process::Command::new("bash").arg(root.join("build.sh")).stdout(Stdio::null()).status().unwrap();
-    assert!(st.success(), "guest/build.sh failed");
-    root.join("out")
-}
-
-fn counters(console: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split("isr-counter ").nth(1))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
-fn console_of(c: &Client, parcel: &str) -> PathBuf {
-    c.home.path().join("parcels").join(&c.user).join(parcel).join("console.log")
-}
-
-fn resume(c: &Client, parcel: &str) -> Child {
-    c.cmd(&["resume", parcel, "--display", "none"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn finish(child: Child) -> String {
-    let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "resume failed: {text}");
-    text
-}
 
 fn sent_bytes_mib(out: &str) -> f64 {
     let inside = out.split('(').nth(1).unwrap_or_else(|| panic!("no byte count in {out:?}"));

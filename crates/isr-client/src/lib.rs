@@ -6,6 +6,8 @@
 //! - [`image`]: a checked-out image (disk or memory) read and written in place: decoded chunks in memory,
 //!   dirty chunks encoded into the cache and recorded in a working keyring made durable on flush.
 //! - [`parcel`]: the lifecycle: create, checkout, sync, checkin, discard, hoard, rollback, check, export.
+//! - [`resume`]: the VM (and `isr disk`): resume, suspend, power off.
+//! - [`run`]: the run-time records of a running parcel and the cleanup after a run that died.
 
 pub mod cache;
 pub mod error;
@@ -14,6 +16,7 @@ pub mod image;
 pub mod parcel;
 pub mod progress;
 pub mod resume;
+pub mod run;
 pub mod transport;
 
 pub use error::ClientError;

@@ -214,41 +214,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ClientError> {
     std::fs::read(path).map_err(|e| ClientError::io(format!("reading {}", path.display()), e))
 }
 
-/// Whether a disk export or VM of the parcel is running (it holds `run.lock`).
-pub fn is_running(dir: &Path) -> bool {
-    let Ok(f) = std::fs::File::open(dir.join("run.lock")) else { return false };
-    !try_flock(&f)
-}
-
-fn try_flock(f: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a valid open descriptor has no memory-safety preconditions.
-    #[allow(unsafe_code)]
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    r == 0
-}
-
-/// Held while a disk export or VM runs; released (by the kernel, even on kill -9) when dropped.
-#[derive(Debug)]
-pub struct RunGuard {
-    _file: std::fs::File,
-}
-
-impl RunGuard {
-    pub fn acquire(dir: &Path) -> Result<RunGuard, ClientError> {
-        let path = dir.join("run.lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
-        if !try_flock(&f) {
-            return Err(ClientError::Other("the parcel is already running on this client".into()));
-        }
-        Ok(RunGuard { _file: f })
-    }
-}
+pub use crate::run::{is_running, RunGuard};
 
 impl Client {
     pub fn new(
@@ -653,6 +619,7 @@ impl Client {
     /// Open a checked-out parcel: unwrap the keyroot and authenticate manifest and keyrings.
     pub fn open(&mut self, name: &str) -> Result<Opened, ClientError> {
         valid_parcel_name(name)?;
+        crate::run::clean_stale(&self.home.parcel_dir(&self.user, name))?;
         let state = self.home.local_state(&self.user, name)?.ok_or_else(|| {
             ClientError::Usage(format!("{name} is not checked out on this client: run `isr checkout {name}`"))
         })?;

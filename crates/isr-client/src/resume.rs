@@ -2,13 +2,20 @@
 //! image saved by migration to a file (mapped-ram: RAM at fixed offsets) and chunked like the disk.
 //!
 //! Plaintext never lands on the client's disk: the memory image and the kernel/initrd files QEMU needs live in
-//! a private directory on tmpfs (`/dev/shm`) when there is one, and are removed as soon as QEMU is done.
+//! a private directory (0700) of the runtime directory (`--runtime-dir`, `$ISR_RUNTIME_DIR`, default the tmpfs
+//! `/dev/shm`), removed on every exit of the resume; after a `kill -9`, by the next isr command of the parcel
+//! ([`crate::run`]). QEMU dies with the resume (`PR_SET_PDEATHSIG`).
 
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
-use crate::home::write_atomic;
-use crate::image::ImageDevice;
-use crate::parcel::{work_keyring_path, Client, Opened, RunGuard};
+use crate::home::{valid_parcel_name, write_atomic};
+use crate::image::{ImageDevice, WorkingImage};
+use crate::parcel::{is_running, work_keyring_path, Client, Opened};
+use crate::run::{
+    check_runtime_space, clean_stale, console_log, default_runtime_dir, drop_memory_image,
+    memory_image_would_resume, private_dir_path, read_outcome, read_record, PrivateDir, Run, RunKind,
+    RunOutcome,
+};
 use futures::StreamExt;
 use isr_format::{ChunkDecoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, Keyring, Tag};
 use isr_vmm::{Accel, Display, Start, Vm, VmConfig, VmmError};
@@ -39,6 +46,8 @@ pub struct ResumeOptions {
     pub disconnected: bool,
     pub accel: AccelChoice,
     pub qemu: Option<PathBuf>,
+    /// Where the private directory for plaintext goes (default: [`default_runtime_dir`]).
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// How a resume ended, with timings for the user.
@@ -46,26 +55,14 @@ pub struct ResumeOptions {
 pub struct ResumeReport {
     pub outcome: &'static str,
     pub accel: Accel,
-    pub console_log: Option<PathBuf>,
+    /// The guest's serial console (`HOME/logs/USER/PARCEL/console.log`).
+    pub console_log: PathBuf,
     pub restore: Duration,
     pub prepare: Duration,
     pub suspend: Duration,
     pub memory_image_bytes: u64,
     pub memory_chunks_stored: u64,
     pub fetched_chunks: u64,
-}
-
-/// A private directory for plaintext files QEMU needs, on tmpfs when possible.
-fn private_dir() -> Result<tempfile::TempDir, ClientError> {
-    let shm = Path::new("/dev/shm");
-    let builder = tempfile::Builder::new().prefix("isr-").tempdir_in(if shm.is_dir() {
-        shm
-    } else {
-        Path::new("/tmp")
-    });
-    builder
-        .or_else(|_| tempfile::Builder::new().prefix("isr-").tempdir())
-        .map_err(|e| ClientError::io("creating a private directory", e))
 }
 
 /// Decode an image into a sparse file (zero chunks stay holes).
@@ -288,8 +285,95 @@ fn vmm_error(e: VmmError) -> ClientError {
     }
 }
 
+/// Room in the runtime directory beyond guest RAM, kernel and initrd: the memory image's headers and device
+/// state, QEMU's sockets.
+const RUNTIME_SLACK: u64 = 16 << 20;
+
+/// How the VM stopped, before the memory image (if any) is stored.
+enum Ended {
+    Suspended(isr_vmm::SuspendInfo),
+    PoweredOff,
+    Exited(isr_vmm::VmExit),
+}
+
+/// What the user is told about the parcel's memory image after a run that did not store a new one.
+fn next_resume_note(dir: &Path) -> &'static str {
+    match memory_image_would_resume(dir) {
+        Ok(true) => "the next resume continues from the memory image saved before (the guest did not run)",
+        _ => {
+            "the next resume boots cold from the disk as the guest last flushed it (like after a power loss)"
+        }
+    }
+}
+
+/// Whether process `pid` is `isr resume PARCEL` (its command line has both), so that a signal meant for it
+/// never reaches another process that happens to have reused the pid.
+fn is_resume_of(pid: u32, parcel: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.contains(&b"resume".as_slice()) && args.contains(&parcel.as_bytes())
+}
+
+/// `isr disk` options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskOptions {
+    /// Never contact the server (the parcel must be hoarded).
+    pub disconnected: bool,
+    /// Export read-only: allowed on a suspended parcel, whose memory image stays valid.
+    pub read_only: bool,
+    /// Allow writes on a suspended parcel: its memory image is dropped (the next resume boots cold).
+    pub force: bool,
+}
+
+/// The disk of a parcel ready to be served over NBD (`isr disk`); it holds the parcel's `run.lock`.
+#[derive(Debug)]
+pub struct DiskExport {
+    pub image: Arc<WorkingImage>,
+    pub read_only: bool,
+    /// For the user, e.g. that `--force` dropped the memory image.
+    pub note: Option<String>,
+    run: Run,
+}
+
+impl DiskExport {
+    /// Listen on the Unix socket `path` (an old socket file there is replaced).
+    pub fn bind(&self, path: &Path) -> Result<tokio::net::UnixListener, ClientError> {
+        let _ = std::fs::remove_file(path);
+        tokio::net::UnixListener::bind(path)
+            .map_err(|e| ClientError::io(format!("binding {}", path.display()), e))
+    }
+
+    /// Serve until `shutdown`, flush what was written, and release the parcel. Returns the chunks fetched.
+    pub async fn serve(
+        self,
+        listener: tokio::net::UnixListener,
+        socket: &Path,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<u64, ClientError> {
+        let options = isr_nbd::ServeOptions { read_only: self.read_only, ..Default::default() };
+        let device = Arc::new(ImageDevice(self.image.clone()));
+        let served = isr_nbd::serve_with_options(listener, device, options, shutdown).await;
+        let flushed = self.image.flush().await;
+        let _ = std::fs::remove_file(socket);
+        let error = match (&flushed, &served) {
+            (Err(e), _) => Some(e.to_string()),
+            (_, Err(e)) => Some(format!("NBD server: {e}")),
+            _ => None,
+        };
+        let finished = self.run.finish(if error.is_some() { "failed" } else { "stopped" }, false, error);
+        flushed?;
+        served.map_err(|e| ClientError::Other(format!("NBD server: {e}")))?;
+        finished?;
+        Ok(self.image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+
 impl Client {
     /// Run the parcel's VM in the foreground until it is suspended, powered off or shut down by the guest.
+    ///
+    /// QEMU dies with the thread that starts it (`PR_SET_PDEATHSIG`): call this on a thread that lives as
+    /// long as the resume (the `block_on` thread or a runtime worker), never inside `spawn_blocking`.
     pub async fn resume(
         &mut self,
         name: &str,
@@ -297,6 +381,9 @@ impl Client {
         mut stop: tokio::sync::mpsc::Receiver<StopRequest>,
     ) -> Result<ResumeReport, ClientError> {
         let t0 = Instant::now();
+        valid_parcel_name(name)?;
+        // Before anything else: what a dead earlier run left (its QEMU, its plaintext) goes.
+        clean_stale(&self.home.parcel_dir(&self.user, name))?;
         if self.home.local_state(&self.user, name)?.is_none() {
             if opts.disconnected {
                 return Err(ClientError::Other(format!(
@@ -307,33 +394,84 @@ impl Client {
         }
         let o = self.open(name)?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: parcel opened (keyroot unwrapped)");
+        let runtime_dir = opts.runtime_dir.clone().unwrap_or_else(default_runtime_dir);
+        let private_path = private_dir_path(&runtime_dir, name);
+        let mut run = Run::start(&o.dir, RunKind::Resume, Some(private_path.clone()))?;
+        let result = self.run_vm(name, &o, opts, &mut stop, &runtime_dir, &private_path, &mut run, t0).await;
+        // The private directory is gone on every path (its guard removes it); make sure and say so if not.
+        let removed = match std::fs::remove_dir_all(&private_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ClientError::io(
+                format!("removing the private directory {} (it holds plaintext)", private_path.display()),
+                e,
+            )),
+            _ => Ok(()),
+        };
+        let (outcome, stored, error) = match (&result, &removed) {
+            (Ok(r), Ok(())) => (r.outcome, r.outcome == "suspended", None),
+            (Ok(r), Err(e)) => ("failed", r.outcome == "suspended", Some(e.to_string())),
+            (Err(e), _) => ("failed", false, Some(e.to_string())),
+        };
+        let finished = run.finish(outcome, stored, error);
+        let report = result?;
+        removed?;
+        finished?;
+        Ok(report)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_vm(
+        &mut self,
+        name: &str,
+        o: &Opened,
+        opts: &ResumeOptions,
+        stop: &mut tokio::sync::mpsc::Receiver<StopRequest>,
+        runtime_dir: &Path,
+        private_path: &Path,
+        run: &mut Run,
+        t0: Instant,
+    ) -> Result<ResumeReport, ClientError> {
+        // Room for the plaintext before anything starts.
+        let vm = &o.manifest.vm;
+        let needed = (u64::from(vm.memory_mib) << 20)
+            + o.manifest.kernel.map_or(0, |r| r.len.0)
+            + o.manifest.initrd.map_or(0, |r| r.len.0)
+            + RUNTIME_SLACK;
+        check_runtime_space(
+            runtime_dir,
+            needed,
+            &format!("the guest memory of {name} ({} MiB of RAM, with its kernel and initrd)", vm.memory_mib),
+        )?;
         if opts.disconnected {
-            let missing = self.missing_locally(&o).await?;
+            let missing = self.missing_locally(o).await?;
             if missing > 0 {
                 return Err(ClientError::Other(format!(
                     "{missing} chunks of {name} are not in the local cache: run `isr hoard {name}` before resuming disconnected"
                 )));
             }
+            eprintln!(
+                "isr: --disconnected: the lock of {name} is not confirmed with the server; nothing can be checked in \
+                 until a connected command (e.g. `isr sync {name}`) confirms it"
+            );
+        } else {
+            self.confirm_lock(name).await?;
         }
-        let _guard = RunGuard::acquire(&o.dir)?;
-        write_atomic(&o.dir.join("run.pid"), std::process::id().to_string().as_bytes())?;
         let server = if opts.disconnected { None } else { Some(self.connect().await?) };
         let cache = ChunkCache::open(&self.home.cache_dir())?;
-        let private = private_dir()?;
+        let private = PrivateDir::create(private_path.to_owned())?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: connected");
 
         // Kernel and initrd for direct boot, and the memory image unless the VM was powered off since: all
         // decoded at once.
         let mut rings = Vec::new();
         for kind in [ImageKind::Kernel, ImageKind::Initrd] {
-            if let Some((_, ring, _)) = self.keyrings(&o, kind)? {
+            if let Some((_, ring, _)) = self.keyrings(o, kind)? {
                 rings.push((kind, ring));
             }
         }
         let memory = if o.state.memory_dropped {
             None
         } else {
-            self.keyrings(&o, ImageKind::Memory)?.map(|(_, w, _)| w)
+            self.keyrings(o, ImageKind::Memory)?.map(|(_, w, _)| w)
         };
         let mem_path = private.path().join("memory");
         let files: std::collections::HashMap<ImageKind, PathBuf> =
@@ -347,7 +485,7 @@ impl Client {
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: images decoded");
 
         // The disk over NBD from this process.
-        let image = self.working_image(&o, ImageKind::Disk, opts.disconnected).await?;
+        let image = self.working_image(o, ImageKind::Disk, opts.disconnected).await?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: working disk image opened");
         let sock = private.path().join("disk.sock");
         let listener = tokio::net::UnixListener::bind(&sock)
@@ -357,6 +495,10 @@ impl Client {
         let nbd = tokio::spawn(isr_nbd::serve(listener, device, async move {
             let _ = nbd_stop_rx.await;
         }));
+        let stop_nbd = || async {
+            let _ = nbd_stop_tx.send(());
+            let _ = nbd.await;
+        };
 
         let qemu = opts.qemu.clone().unwrap_or_else(|| PathBuf::from(isr_vmm::DEFAULT_QEMU));
         let accel = match opts.accel {
@@ -368,35 +510,56 @@ impl Client {
                 d.accel
             }
         };
-        let mut config = VmConfig::new(o.manifest.vm.memory_mib, &sock);
-        config.cpus = o.manifest.vm.cpus;
+        let mut config = VmConfig::new(vm.memory_mib, &sock);
+        config.cpus = vm.cpus;
         config.kernel = files.get(&ImageKind::Kernel).cloned();
         config.initrd = files.get(&ImageKind::Initrd).cloned();
-        config.append = o.manifest.vm.append.clone();
+        config.append = vm.append.clone();
         config.accel = accel;
         config.qemu = qemu;
         config.display = opts.display.clone();
-        let console = o.dir.join("console.log");
-        if opts.display == Display::None {
-            config.console_log = Some(console.clone());
-            eprintln!("isr: console of {name}: {}", console.display());
-        }
+        config.runtime_dir = Some(private.path().to_owned());
+        // The serial console goes to the log in every display mode; the log is outside the parcel directory,
+        // so it survives a checkin.
+        let console = console_log(self.home.root(), &self.user, name)?;
+        config.console_log = Some(console.clone());
+        eprintln!("isr: console of {name}: {}", console.display());
         let prepare = t0.elapsed();
         tracing::debug!(elapsed = ?prepare, "resume: prepared");
+
+        // QEMU gets SIGKILL when the thread that forks it ends (PR_SET_PDEATHSIG, set by isr-vmm): this future
+        // is polled by the runtime's `block_on` thread or a worker, both living as long as the resume. Never
+        // move the start into `spawn_blocking`, whose threads end when idle.
         let t_restore = Instant::now();
-        let start = if memory.is_some() {
-            Start::Incoming { memory_image_path: mem_path.clone() }
+        let started = if memory.is_some() {
+            match Vm::start_paused(config, Start::Incoming { memory_image_path: mem_path.clone() }).await {
+                Ok(mut vm) => {
+                    // Before the guest runs: from here on the saved image no longer matches the disk, however
+                    // this run ends, unless it stores a new one.
+                    let consumed = run.set_qemu_pid(vm.pid()).and_then(|()| run.consume_memory_image());
+                    match consumed {
+                        Ok(()) => vm.cont().await.map(|()| vm).map_err(vmm_error),
+                        Err(e) => {
+                            let _ = vm.poweroff().await;
+                            Err(e)
+                        }
+                    }
+                }
+                Err(e) => Err(vmm_error(e)),
+            }
         } else {
-            Start::Cold
+            match Vm::start(config, Start::Cold).await {
+                Ok(vm) => run.set_qemu_pid(vm.pid()).map(|()| vm),
+                Err(e) => Err(vmm_error(e)),
+            }
         };
-        let started = Vm::start(config, start).await;
+        // QEMU has loaded the memory image (or failed to): its plaintext copy goes at once.
         let _ = std::fs::remove_file(&mem_path);
         let mut vm = match started {
             Ok(vm) => vm,
             Err(e) => {
-                let _ = nbd_stop_tx.send(());
-                let _ = nbd.await;
-                return Err(vmm_error(e));
+                stop_nbd().await;
+                return Err(e);
             }
         };
         let restore = t_restore.elapsed();
@@ -405,125 +568,246 @@ impl Client {
             exit = vm.wait() => { Err(exit) }
             req = stop.recv() => { Ok(req.unwrap_or(StopRequest::Suspend)) }
         };
+        let t_suspend = Instant::now();
+        let ended = match request {
+            Ok(StopRequest::Suspend) => {
+                eprintln!("isr: saving the memory of {name}");
+                vm.suspend(&mem_path).await.map(Ended::Suspended).map_err(vmm_error)
+            }
+            Ok(StopRequest::Poweroff) => vm.poweroff().await.map(|_| Ended::PoweredOff).map_err(vmm_error),
+            Err(exit) => exit.map(Ended::Exited).map_err(vmm_error),
+        };
+        // QEMU is gone on every path: after a failed save it still runs (isr-vmm resumed the guest).
+        if ended.is_err() {
+            let _ = vm.poweroff().await;
+        }
+        drop(vm);
+        stop_nbd().await;
+        let flushed = image.flush().await;
         let mut report = ResumeReport {
             outcome: "",
             accel,
-            console_log: (opts.display == Display::None).then_some(console),
+            console_log: console,
             restore,
             prepare,
             suspend: Duration::ZERO,
             memory_image_bytes: 0,
             memory_chunks_stored: 0,
-            fetched_chunks: 0,
+            fetched_chunks: image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed),
         };
-        let t_suspend = Instant::now();
-        let saved_memory = match request {
-            Ok(StopRequest::Suspend) => {
-                let info = vm.suspend(&mem_path).await.map_err(vmm_error);
-                match info {
-                    Ok(info) => {
-                        report.memory_image_bytes = info.file_size;
-                        report.outcome = "suspended";
-                        true
-                    }
-                    Err(e) => {
-                        let _ = vm.poweroff().await;
-                        let _ = nbd_stop_tx.send(());
-                        let _ = nbd.await;
-                        image.flush().await?;
-                        return Err(e);
-                    }
-                }
+        let ended = match (ended, flushed) {
+            (Ok(e), Ok(())) => e,
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                // No memory image that matches the disk: the next resume boots cold.
+                let _ = std::fs::remove_file(&mem_path);
+                drop_memory_image(&o.dir)?;
+                return Err(e);
             }
-            Ok(StopRequest::Poweroff) => {
-                vm.poweroff().await.map_err(vmm_error)?;
+        };
+        match ended {
+            Ended::Suspended(info) => {
+                report.memory_image_bytes = info.file_size;
+                report.memory_chunks_stored = self.store_memory_image(name, o, &mem_path, &cache).await?;
+                report.outcome = "suspended";
+            }
+            Ended::PoweredOff => {
+                drop_memory_image(&o.dir)?;
                 report.outcome = "powered off";
-                false
             }
-            Err(exit) => {
-                let exit = exit.map_err(vmm_error)?;
+            Ended::Exited(exit) => {
+                drop_memory_image(&o.dir)?;
                 report.outcome =
                     if exit.guest_initiated() { "shut down by the guest" } else { "QEMU exited" };
-                false
             }
-        };
-        let _ = nbd_stop_tx.send(());
-        let _ = nbd.await;
-        image.flush().await?;
-        report.fetched_chunks = image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed);
+        }
+        private.remove()?;
+        report.suspend = t_suspend.elapsed();
+        Ok(report)
+    }
 
-        let mut st = self
-            .home
-            .local_state(&self.user, name)?
-            .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
-        let mem_work = work_keyring_path(&o.dir, ImageKind::Memory);
-        if saved_memory {
+    /// Encode the saved memory image into the cache and make it the parcel's working memory image. On failure
+    /// the parcel has no memory image (it was consumed by the run) and the error says so.
+    async fn store_memory_image(
+        &mut self,
+        name: &str,
+        o: &Opened,
+        mem_path: &Path,
+        cache: &ChunkCache,
+    ) -> Result<u64, ClientError> {
+        let stored = async {
             let secret = self.convergence_secret_pub()?;
-            let encoded = store_image_file(&mem_path, o.manifest.chunk_size, &secret, &cache).await;
-            let _ = std::fs::remove_file(&mem_path);
-            let (ring, stored) = encoded?;
-            report.memory_chunks_stored = stored;
+            let (ring, stored) = store_image_file(mem_path, o.manifest.chunk_size, &secret, cache).await?;
+            let mem_work = work_keyring_path(&o.dir, ImageKind::Memory);
             let base_tags: Option<Vec<Tag>> =
-                self.keyrings(&o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
+                self.keyrings(o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
             if base_tags.as_deref() == Some(ring.tags()) && o.manifest.memory.is_some() {
                 let _ = std::fs::remove_file(&mem_work);
             } else {
                 write_atomic(&mem_work, &ring.seal(&o.keyroot))?;
             }
+            let mut st = self
+                .home
+                .local_state(&self.user, name)?
+                .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
             st.memory_dropped = false;
-        } else {
-            let _ = std::fs::remove_file(&mem_work);
-            st.memory_dropped = o.manifest.memory.is_some();
+            self.home.save_local_state(&st)?;
+            Ok::<u64, ClientError>(stored)
         }
-        self.home.save_local_state(&st)?;
-        let _ = std::fs::remove_file(o.dir.join("run.pid"));
-        report.suspend = t_suspend.elapsed();
-        Ok(report)
+        .await;
+        let _ = std::fs::remove_file(mem_path);
+        match stored {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                drop_memory_image(&o.dir)?;
+                Err(ClientError::Other(format!(
+                    "storing the memory image of {name} failed: {e}; the VM has stopped, and {}",
+                    next_resume_note(&o.dir)
+                )))
+            }
+        }
     }
 
-    /// Ask the process running `name` to stop (suspend or power off) and wait until it has.
+    /// Ask the resume running `name` to stop (suspend or power off), wait until it has ended, and report how:
+    /// `Ok(None)` when nothing runs; an error unless it ended as asked (a suspend only when the memory image
+    /// was stored). Whatever happened, nothing of that run stays behind.
     pub async fn stop_running(
         &mut self,
         name: &str,
         how: StopRequest,
         timeout: Duration,
-    ) -> Result<bool, ClientError> {
+    ) -> Result<Option<RunOutcome>, ClientError> {
+        valid_parcel_name(name)?;
         let dir = self.home.parcel_dir(&self.user, name);
-        if !crate::parcel::is_running(&dir) {
-            return Ok(false);
-        }
-        let pid: i32 = std::fs::read_to_string(dir.join("run.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| ClientError::Other(format!("{name} is running but its process id is unknown")))?;
+        let deadline = Instant::now() + timeout;
+        // A run that has just taken run.lock writes its record right after.
+        let rec = loop {
+            if !is_running(&dir) {
+                clean_stale(&dir)?;
+                return Ok(None);
+            }
+            match read_record(&dir)? {
+                Some(r) if r.kind == RunKind::Disk => {
+                    return Err(ClientError::Other(format!(
+                        "{name} is served by `isr disk` (pid {}), not resumed: stop that process (SIGINT or SIGTERM)",
+                        r.isr_pid
+                    )))
+                }
+                Some(r) if is_resume_of(r.isr_pid, name) => break r,
+                _ if Instant::now() > deadline => {
+                    return Err(ClientError::Other(format!(
+                        "{name} is running but its process cannot be found (no run record)"
+                    )))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
         let sig = match how {
             StopRequest::Suspend => libc::SIGTERM,
             StopRequest::Poweroff => libc::SIGUSR1,
         };
-        // SAFETY: kill(2) with a pid read from our own run file; no memory is touched.
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid was just checked to be `isr resume NAME`.
         #[allow(unsafe_code)]
-        let r = unsafe { libc::kill(pid, sig) };
+        let r = unsafe { libc::kill(rec.isr_pid as libc::pid_t, sig) };
         if r != 0 {
-            return Err(ClientError::io(
-                format!("signalling process {pid}"),
-                std::io::Error::last_os_error(),
-            ));
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(ClientError::io(format!("signalling process {}", rec.isr_pid), e));
+            }
+            // it has just died: the outcome (or its absence) below tells
         }
-        let deadline = Instant::now() + timeout;
-        while crate::parcel::is_running(&dir) {
+        while is_running(&dir) {
             if Instant::now() > deadline {
-                return Err(ClientError::Other(format!("{name} did not stop within {}s", timeout.as_secs())));
+                return Err(ClientError::Other(format!(
+                    "{name} did not stop within {}s (`isr resume` pid {} still runs)",
+                    timeout.as_secs(),
+                    rec.isr_pid
+                )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(true)
+        let outcome = read_outcome(&dir)?.filter(|o| o.run_id == rec.run_id);
+        // A run that died leaves its private directory (and maybe QEMU): nothing of it may stay.
+        clean_stale(&dir)?;
+        let next = next_resume_note(&dir);
+        let asked = match how {
+            StopRequest::Suspend => "suspending",
+            StopRequest::Poweroff => "powering off",
+        };
+        match outcome {
+            None => Err(ClientError::Other(format!(
+                "the resume of {name} (pid {}) ended without saying how: it was killed or crashed{}; no new memory \
+                 image was stored. Nothing of it is left running; {next}",
+                rec.isr_pid,
+                if how == StopRequest::Suspend { " while saving the memory" } else { "" }
+            ))),
+            Some(o) if o.outcome == "failed" => Err(ClientError::Other(format!(
+                "{asked} {name} failed: {}. The VM has stopped; {}",
+                o.error.as_deref().unwrap_or("unknown error"),
+                if o.memory_image_stored { "its memory image was stored" } else { next }
+            ))),
+            Some(o) if how == StopRequest::Suspend && !o.memory_image_stored => Err(ClientError::Other(format!(
+                "{name} stopped without saving its memory ({}); {next}",
+                o.outcome
+            ))),
+            Some(o) => Ok(Some(o)),
+        }
     }
 
     /// Drop the saved memory image of a parcel that is not running: the next resume boots cold.
     pub fn drop_memory(&mut self, o: &Opened) -> Result<(), ClientError> {
-        let _ = std::fs::remove_file(work_keyring_path(&o.dir, ImageKind::Memory));
-        let mut st = o.state.clone();
-        st.memory_dropped = o.manifest.memory.is_some();
-        self.home.save_local_state(&st)
+        drop_memory_image(&o.dir)
+    }
+
+    /// Prepare `isr disk`: check the parcel out when needed (unless disconnected), take its `run.lock`, and
+    /// refuse to write the disk of a suspended parcel unless `force` (which drops the memory image).
+    pub async fn open_disk(&mut self, name: &str, opts: DiskOptions) -> Result<DiskExport, ClientError> {
+        valid_parcel_name(name)?;
+        if opts.read_only && opts.force {
+            return Err(ClientError::Usage("--read-only and --force exclude each other".into()));
+        }
+        clean_stale(&self.home.parcel_dir(&self.user, name))?;
+        if self.home.local_state(&self.user, name)?.is_none() {
+            if opts.disconnected {
+                return Err(ClientError::Other(format!(
+                    "{name} is not checked out here; --disconnected needs a hoarded parcel"
+                )));
+            }
+            self.checkout(name, None).await?;
+        }
+        let o = self.open(name)?;
+        if opts.disconnected {
+            let missing = self.missing_locally(&o).await?;
+            if missing > 0 {
+                return Err(ClientError::Other(format!(
+                    "{missing} chunks of {name} are not hoarded: run `isr hoard {name}` first"
+                )));
+            }
+        }
+        let run = Run::start(&o.dir, RunKind::Disk, None)?;
+        let prepared = async {
+            let mut note = None;
+            if !opts.read_only && memory_image_would_resume(&o.dir)? {
+                if !opts.force {
+                    return Err(ClientError::Other(format!(
+                        "{name} is suspended: its saved memory image expects the disk exactly as it is, so writing \
+                         the disk now would corrupt the resumed guest's file systems. `isr disk {name} --read-only` \
+                         serves it read-only; `--force` allows writes and drops the memory image (the next resume \
+                         then boots cold)"
+                    )));
+                }
+                drop_memory_image(&o.dir)?;
+                note = Some(format!("--force: dropped the saved memory image of {name}; the next resume boots cold"));
+            }
+            let image = self.working_image(&o, ImageKind::Disk, opts.disconnected).await?;
+            Ok((image, note))
+        }
+        .await;
+        match prepared {
+            Ok((image, note)) => Ok(DiskExport { image, read_only: opts.read_only, note, run }),
+            Err(e) => {
+                run.finish("failed", false, Some(e.to_string()))?;
+                Err(e)
+            }
+        }
     }
 }

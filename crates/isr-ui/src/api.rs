@@ -383,10 +383,9 @@ async fn operation(
             }
             // Running elsewhere on this client (`isr resume` in a terminal): ask that process.
             st.spawn_job(&name, &op, false, move |mut c| async move {
-                if c.stop_running(&n, how, std::time::Duration::from_secs(600)).await? {
-                    Ok(format!("{n}: {}", if how == StopRequest::Suspend { "suspended" } else { "powered off" }))
-                } else {
-                    Err(ClientError::Usage(format!("{n} is not running on this client")))
+                match c.stop_running(&n, how, std::time::Duration::from_secs(600)).await? {
+                    Some(o) => Ok(format!("{n}: {}", o.outcome)),
+                    None => Err(ClientError::Usage(format!("{n} is not running on this client"))),
                 }
             })
         }

@@ -58,15 +58,16 @@ pub async fn detect_accel(qemu: &Path) -> AccelDetection {
         return tcg(format!("cannot write the KVM probe: {e}"));
     }
     let started = Instant::now();
-    let child = Command::new(qemu)
-        .args(["-accel", "kvm", "-machine", "pc", "-nodefaults", "-no-user-config", "-display", "none"])
+    let mut cmd = Command::new(qemu);
+    cmd.args(["-accel", "kvm", "-machine", "pc", "-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-m", "16", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios"])
         .arg(bios.path())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
+        .kill_on_drop(true);
+    crate::vm::die_with_parent(&mut cmd);
+    let child = cmd.spawn();
     let mut child = match child {
         Ok(c) => c,
         Err(e) => return tcg(format!("cannot run {}: {e}", qemu.display())),

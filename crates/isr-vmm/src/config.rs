@@ -66,8 +66,12 @@ pub struct VmConfig {
     /// NBD export name, `None` for the default export.
     pub disk_export: Option<String>,
     pub display: Display,
-    /// Where the guest's serial console goes. `None`: a GTK virtual console with `Display::Gtk`, else nowhere.
+    /// Where the guest's serial console goes (in every display mode). `None`: a GTK virtual console with
+    /// `Display::Gtk`, else nowhere.
     pub console_log: Option<PathBuf>,
+    /// A private directory for QEMU's QMP socket (the caller removes it). `None`: a fresh temporary
+    /// directory, removed when the [`crate::Vm`] is dropped.
+    pub runtime_dir: Option<PathBuf>,
     pub accel: Accel,
     /// The QEMU binary (looked up in `PATH` when relative).
     pub qemu: PathBuf,
@@ -91,6 +95,7 @@ impl VmConfig {
             disk_export: None,
             display: Display::None,
             console_log: None,
+            runtime_dir: None,
             accel: Accel::Tcg,
             qemu: PathBuf::from(DEFAULT_QEMU),
             extra_args: Vec::new(),

@@ -79,7 +79,33 @@ pub struct SuspendInfo {
     pub elapsed: Duration,
 }
 
+/// Makes the child spawned by `cmd` get SIGKILL when its parent goes (`PR_SET_PDEATHSIG`), so a QEMU never
+/// outlives the process that runs it, even after a `kill -9` of that process.
+///
+/// The kernel sends the signal when the *thread* that forked the child ends, not the process: spawn from a
+/// thread that lives as long as the child (a tokio runtime worker or the thread running `block_on`), never
+/// from a `spawn_blocking` thread, which the runtime lets go after a while idle.
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe system calls
+    // (prctl, getppid) without allocating: `from_raw_os_error` and `last_os_error` do not allocate.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nobody would send the signal.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A running QEMU. Dropping it kills QEMU (SIGKILL); use [`Vm::suspend`] or [`Vm::poweroff`] to stop it.
+/// QEMU also dies with the process (see [`Vm::start`]).
 #[derive(Debug)]
 pub struct Vm {
     child: Child,
@@ -90,39 +116,66 @@ pub struct Vm {
     exit: Option<VmExit>,
     qmp_socket: PathBuf,
     config: VmConfig,
-    _run_dir: tempfile::TempDir,
+    _run_dir: Option<tempfile::TempDir>,
 }
 
 impl Vm {
     /// Starts QEMU. With [`Start::Incoming`] it loads the memory image and lets the guest continue; a bad
     /// image gives [`VmmError::MemoryImageRejected`] (QEMU is stopped then).
+    ///
+    /// QEMU gets SIGKILL when the thread calling this ends (`PR_SET_PDEATHSIG`): call it from a thread that
+    /// lives as long as the VM (a tokio worker or `block_on` thread, not `spawn_blocking`).
     pub async fn start(config: VmConfig, start: Start) -> Result<Vm, VmmError> {
-        let run_dir = tempfile::Builder::new()
-            .prefix("isr-vmm-")
-            .tempdir()
-            .map_err(|source| VmmError::Io { what: "creating a runtime directory".into(), source })?;
-        let qmp_socket = run_dir.path().join("qmp.sock");
+        let mut vm = Vm::start_paused(config, start).await?;
+        vm.cont().await?;
+        Ok(vm)
+    }
+
+    /// Like [`Vm::start`], but the guest does not run yet (QEMU `-S`; with [`Start::Incoming`] the memory
+    /// image is loaded): call [`Vm::cont`]. Lets the caller record that the image is in use before the
+    /// guest changes anything.
+    pub async fn start_paused(config: VmConfig, start: Start) -> Result<Vm, VmmError> {
+        let (run_dir, qmp_socket) = match &config.runtime_dir {
+            Some(dir) => (None, dir.join("qmp.sock")),
+            None => {
+                let d = tempfile::Builder::new()
+                    .prefix("isr-vmm-")
+                    .tempdir()
+                    .map_err(|source| VmmError::Io { what: "creating a runtime directory".into(), source })?;
+                let sock = d.path().join("qmp.sock");
+                (Some(d), sock)
+            }
+        };
+        if config.runtime_dir.is_some() {
+            // a socket left by an earlier QEMU in the same directory
+            let _ = std::fs::remove_file(&qmp_socket);
+        }
         if let Start::Incoming { memory_image_path } = &start {
             check_image(memory_image_path, &config)?;
         }
-        let args = config.qemu_args(&qmp_socket, matches!(start, Start::Incoming { .. }));
+        let incoming = matches!(start, Start::Incoming { .. });
+        let mut args = config.qemu_args(&qmp_socket, incoming);
+        if !incoming {
+            // incoming already implies -S
+            args.insert(0, "-S".into());
+        }
         tracing::debug!("starting {} {:?}", config.qemu.display(), args);
-        let mut child = Command::new(&config.qemu)
-            .args(&args)
+        let mut cmd = Command::new(&config.qemu);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             // own process group: a Ctrl-C on the terminal reaches isr (which then suspends), not QEMU
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| {
-                if source.kind() == std::io::ErrorKind::NotFound {
-                    VmmError::QemuNotFound { binary: config.qemu.clone() }
-                } else {
-                    VmmError::Spawn { binary: config.qemu.clone(), source }
-                }
-            })?;
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                VmmError::QemuNotFound { binary: config.qemu.clone() }
+            } else {
+                VmmError::Spawn { binary: config.qemu.clone(), source }
+            }
+        })?;
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_task = child.stderr.take().map(|pipe| {
             let tail = stderr.clone();
@@ -199,6 +252,18 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Lets the guest of a VM started with [`Vm::start_paused`] run.
+    pub async fn cont(&mut self) -> Result<(), VmmError> {
+        match self.qmp.execute("cont", None).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let e = self.died_or(e.into()).await;
+                let _ = self.poweroff().await;
+                Err(e)
+            }
+        }
+    }
+
     async fn incoming(&mut self, path: &Path) -> Result<(), VmmError> {
         let rejected = |reason: String| VmmError::MemoryImageRejected { path: path.to_owned(), reason };
         self.set_migration_caps().await?;
@@ -220,7 +285,6 @@ impl Vm {
                 })
             }
         }
-        self.qmp.execute("cont", None).await.map_err(VmmError::from)?;
         Ok(())
     }
 
@@ -394,7 +458,8 @@ impl Vm {
         &self.config
     }
 
-    /// The QMP socket (in a private directory removed when the `Vm` is dropped).
+    /// The QMP socket (in [`VmConfig::runtime_dir`], else in a private directory removed when the `Vm` is
+    /// dropped).
     pub fn qmp_socket(&self) -> &Path {
         &self.qmp_socket
     }
@@ -476,5 +541,46 @@ async fn exited_error(
     VmmError::QemuExited {
         status: status.to_string(),
         stderr: t.iter().map(String::as_str).collect::<Vec<_>>().join("\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// State letter of /proc/PID/stat (`Z` for a zombie), `None` once the process is gone.
+    fn proc_state(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')').next()?.trim().chars().next()
+    }
+
+    #[test]
+    fn child_dies_with_the_thread_that_spawned_it() {
+        let spawner = std::thread::spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut cmd = Command::new("sleep");
+                cmd.arg("600").stdin(Stdio::null());
+                die_with_parent(&mut cmd);
+                let child = cmd.spawn().expect("spawning sleep");
+                let pid = child.id().unwrap();
+                // neither killed nor waited for: only PR_SET_PDEATHSIG can end it
+                std::mem::forget(child);
+                pid
+            })
+        });
+        let pid = spawner.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while matches!(proc_state(pid), Some(s) if s != 'Z') {
+            assert!(Instant::now() < deadline, "sleep (pid {pid}) outlived the thread that spawned it");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // reap it
+        // SAFETY: waitpid on our own child's pid with a valid status pointer.
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut status = 0;
+            libc::waitpid(pid as libc::pid_t, &mut status, 0);
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Test harness: a real `isr-server` on 127.0.0.1:0 in a temp dir and the real `isr` binary.
 #![allow(dead_code)]
 
+pub mod guest;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
