@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::path::Path;
 
-/// A small parcel `name` of `user` made from a 32 MiB image.
+/// A small parcel `name` made from a 32 MiB image (random data in its first 4 MiB, zeros after).
 fn small_parcel(c: &Client, dir: &Path, name: &str) {
     let img = dir.join(format!("{name}.img"));
     make_image(&img, 32 << 20);
@@ -36,7 +36,7 @@ fn a_broken_lock_is_told_its_changes_kept_and_the_lock_taken_back() {
     let b = Client::new(&server, "alice");
     small_parcel(&a, dir.path(), "p");
     a.ok(&["checkout", "p"]);
-    write_pattern(&a, dir.path(), "p", 0x5a, "1M");
+    write_pattern(&a, dir.path(), "p", 0x5a, "5M");
 
     // B breaks A's lock; A learns it at the next command that needs the lock: exit 3, who and when.
     let out = b.ok(&["unlock", "p", "--force"]);
@@ -55,14 +55,14 @@ fn a_broken_lock_is_told_its_changes_kept_and_the_lock_taken_back() {
     assert!(err.contains("took the lock again"), "{err}");
     let out = a.ok(&["checkin", "p", "-m", "after the break"]);
     assert!(out.contains("version 2"), "{out}");
-    assert!(exported(&b, dir.path(), "p")[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0x5a));
+    assert!(exported(&b, dir.path(), "p")[5 << 20..(5 << 20) + 65536].iter().all(|&x| x == 0x5a));
 
     // Now the head moves while A's lock is broken: A keeps its changes as a new parcel.
     a.ok(&["checkout", "p"]);
-    write_pattern(&a, dir.path(), "p", 0x11, "2M");
+    write_pattern(&a, dir.path(), "p", 0x11, "6M");
     b.ok(&["unlock", "p", "--force"]);
     b.ok(&["checkout", "p"]);
-    write_pattern(&b, dir.path(), "p", 0x22, "3M");
+    write_pattern(&b, dir.path(), "p", 0x22, "7M");
     b.ok(&["checkin", "p", "-m", "b's work"]);
     let (code, err) = a.code(&["checkout", "p"]);
     assert_eq!(code, 0, "{err}");
@@ -74,16 +74,16 @@ fn a_broken_lock_is_told_its_changes_kept_and_the_lock_taken_back() {
     assert!(out.contains("p-mine version 1"), "{out}");
     assert_eq!(a.stat("p")["state"], "absent");
     let mine = exported(&b, dir.path(), "p-mine");
-    assert!(mine[2 << 20..(2 << 20) + 65536].iter().all(|&x| x == 0x11), "A's change is in p-mine");
-    assert!(mine[3 << 20..(3 << 20) + 65536].iter().all(|&x| x == 0), "B's is not");
+    assert!(mine[6 << 20..(6 << 20) + 65536].iter().all(|&x| x == 0x11), "A's change is in p-mine");
+    assert!(mine[7 << 20..(7 << 20) + 65536].iter().all(|&x| x == 0), "B's is not");
     let head = exported(&b, dir.path(), "p");
-    assert!(head[3 << 20..(3 << 20) + 65536].iter().all(|&x| x == 0x22), "p's head is B's version");
+    assert!(head[7 << 20..(7 << 20) + 65536].iter().all(|&x| x == 0x22), "p's head is B's version");
     // p's lock was released by A's checkin --as (A had taken it again at the checkout above).
     assert!(!a.ok(&["ls", "-l"]).lines().any(|l| l.starts_with("p ") && l.contains("locked by")));
 
     // A broken lock of an unmodified (or discarded) parcel: checkin just leaves.
     a.ok(&["checkout", "p"]);
-    write_pattern(&a, dir.path(), "p", 0x33, "4M");
+    write_pattern(&a, dir.path(), "p", 0x33, "8M");
     b.ok(&["unlock", "p", "--force"]);
     a.ok(&["discard", "p"]);
     let (code, err) = a.code(&["checkin", "p"]);
