@@ -345,7 +345,12 @@ impl Client {
         opts: &CreateOptions,
     ) -> Result<(u64, Transfer), ClientError> {
         valid_parcel_name(name)?;
-        let vm = VmDescription { memory_mib: opts.memory_mib, cpus: opts.cpus, append: opts.append.clone() };
+        let vm = VmDescription {
+            memory_mib: opts.memory_mib,
+            cpus: opts.cpus,
+            append: opts.append.clone(),
+            devices: isr_format::DeviceModel::CURRENT,
+        };
         vm.validate().map_err(|e| ClientError::Usage(format!("{e}")))?;
         if opts.comment.len() > 4096 {
             return Err(ClientError::Usage("the message is longer than 4096 bytes".into()));
@@ -1126,7 +1131,7 @@ impl Client {
     // ---- listing ----------------------------------------------------------------------------------
 
     /// Every parcel of the user with its local state; offline, the parcels checked out here as far as this
-    /// client knows them (`Listing::offline` says why).
+    /// client knows them (`Listing::offline` says why), or the error when none is.
     pub async fn list(&mut self) -> Result<Listing, ClientError> {
         let server = match self.connect().await {
             Ok(t) => t.parcels().await,
@@ -1134,7 +1139,7 @@ impl Client {
         };
         let (parcels, offline) = match server {
             Ok(p) => (p, None),
-            Err(e @ ClientError::Unreachable { .. }) => {
+            Err(e @ ClientError::Unreachable { .. }) if !self.home.local_states(&self.user)?.is_empty() => {
                 let local = self
                     .home
                     .local_states(&self.user)?

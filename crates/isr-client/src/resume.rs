@@ -23,6 +23,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How long a resume waits for a guest agent to answer after the VM starts (a guest still booting, or one
+/// without an agent, never answers; nothing waits for this).
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a suspend waits for the guest agent before it saves the memory anyway.
+const AGENT_SUSPEND_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Why a running VM should stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopRequest {
@@ -382,6 +388,17 @@ impl Client {
     ) -> Result<ResumeReport, ClientError> {
         let t0 = Instant::now();
         valid_parcel_name(name)?;
+        if opts.display == Display::Gtk
+            && std::env::var_os("DISPLAY").is_none()
+            && std::env::var_os("WAYLAND_DISPLAY").is_none()
+        {
+            // Refused before any lock is taken or anything starts.
+            return Err(ClientError::Usage(
+                "--display gtk needs a desktop session (no DISPLAY or WAYLAND_DISPLAY here): use --display vnc \
+                 (then a VNC viewer or `isr ui`) or --display none (then `isr console`)"
+                    .into(),
+            ));
+        }
         // Before anything else: what a dead earlier run left (its QEMU, its plaintext) goes.
         clean_stale(&self.home.parcel_dir(&self.user, name))?;
         if self.home.local_state(&self.user, name)?.is_none() {
@@ -519,6 +536,12 @@ impl Client {
         config.qemu = qemu;
         config.display = opts.display.clone();
         config.runtime_dir = Some(private.path().to_owned());
+        // The parcel's device model, the same on every client (a memory image needs the devices it was saved
+        // with).
+        config.vga = vm.devices.has_display();
+        config.agent_channel = vm.devices.has_agent_channel();
+        let agent_socket = config.agent_channel.then(|| private.path().join("qga.sock"));
+        config.agent_socket = agent_socket.clone();
         // The serial console goes to the log in every display mode; the log is outside the parcel directory,
         // so it survives a checkin.
         let console = console_log(self.home.root(), &self.user, name)?;
@@ -564,13 +587,44 @@ impl Client {
         };
         let restore = t_restore.elapsed();
 
+        // With a guest agent: the guest's clock is set to the host's (after a resume it stands where the guest
+        // was suspended). Without one nothing happens.
+        let clock = agent_socket.clone().map(|sock| {
+            tokio::spawn(async move {
+                match isr_vmm::GuestAgent::connect(&sock, AGENT_START_TIMEOUT).await {
+                    Ok(Some(mut agent)) => match agent.set_time_to_host().await {
+                        Ok(()) => eprintln!("isr: guest clock set to the host's (guest agent)"),
+                        Err(e) => eprintln!("isr: the guest agent did not set the clock: {e}"),
+                    },
+                    Ok(None) => tracing::debug!("no guest agent answered"),
+                    Err(e) => tracing::debug!(error = %e, "guest agent channel"),
+                }
+            })
+        });
         let request = tokio::select! {
             exit = vm.wait() => { Err(exit) }
             req = stop.recv() => { Ok(req.unwrap_or(StopRequest::Suspend)) }
         };
+        if let Some(task) = clock {
+            task.abort();
+            let _ = task.await;
+        }
         let t_suspend = Instant::now();
         let ended = match request {
             Ok(StopRequest::Suspend) => {
+                if let Some(sock) = &agent_socket {
+                    // The page cache holds copies of file data the disk has: dropped first, the memory image
+                    // does not carry them again.
+                    if let Ok(Ok(Some(mut agent))) =
+                        tokio::time::timeout(AGENT_SUSPEND_TIMEOUT, isr_vmm::GuestAgent::connect(sock, AGENT_SUSPEND_TIMEOUT)).await
+                    {
+                        match tokio::time::timeout(AGENT_SUSPEND_TIMEOUT * 4, agent.drop_page_cache()).await {
+                            Ok(Ok(())) => eprintln!("isr: the guest dropped its page cache (guest agent)"),
+                            Ok(Err(e)) => tracing::debug!(error = %e, "page cache drop"),
+                            Err(_) => tracing::debug!("page cache drop timed out"),
+                        }
+                    }
+                }
                 eprintln!("isr: saving the memory of {name}");
                 vm.suspend(&mem_path).await.map(Ended::Suspended).map_err(vmm_error)
             }

@@ -80,7 +80,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let keyroot = Keyroot::random();
     let sealed_keyring = keyring.seal(&keyroot);
     let manifest = Manifest {
-        vm: VmDescription { memory_mib: 512, cpus: 1, append: None },
+        vm: VmDescription { memory_mib: 512, cpus: 1, append: None, devices: Default::default() },
         chunk_size: cs,
         disk: ImageRef { len: ImageLen(image.len), keyring: Tag::of(&sealed_keyring) },
         memory: None,

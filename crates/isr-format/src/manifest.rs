@@ -41,6 +41,39 @@ pub struct VmDescription {
     /// Kernel command line for direct kernel boot (used when the manifest has a kernel image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub append: Option<String>,
+    /// The emulated devices besides CPU, RAM, disk and serial port: part of a saved memory image, so a parcel
+    /// resumes with the devices it was created with on every client. See [`DeviceModel`].
+    #[serde(default, skip_serializing_if = "DeviceModel::is_serial_only")]
+    pub devices: DeviceModel,
+}
+
+/// The device model of a VM (numbered; a number never changes meaning).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DeviceModel(pub u32);
+
+impl DeviceModel {
+    /// Serial console only (parcels made before the desktop devices existed).
+    pub const SERIAL_ONLY: DeviceModel = DeviceModel(0);
+    /// A desktop: standard VGA, USB tablet (absolute pointer) and PS/2 keyboard, and a virtio-serial channel
+    /// for the QEMU guest agent.
+    pub const DESKTOP_1: DeviceModel = DeviceModel(1);
+    /// What new parcels get.
+    pub const CURRENT: DeviceModel = DeviceModel::DESKTOP_1;
+
+    pub fn is_serial_only(&self) -> bool {
+        *self == DeviceModel::SERIAL_ONLY
+    }
+
+    /// A display adapter, tablet and keyboard.
+    pub fn has_display(self) -> bool {
+        self.0 >= 1
+    }
+
+    /// A virtio-serial port for the guest agent.
+    pub fn has_agent_channel(self) -> bool {
+        self.0 >= 1
+    }
 }
 
 impl VmDescription {
@@ -55,6 +88,9 @@ impl VmDescription {
         }
         if self.append.as_ref().is_some_and(|a| a.len() > 4096) {
             return bad("kernel command line longer than 4096 bytes");
+        }
+        if self.devices.0 > DeviceModel::CURRENT.0 {
+            return bad("device model newer than this isr knows (upgrade isr)");
         }
         Ok(())
     }
@@ -211,7 +247,7 @@ mod tests {
 
     pub(crate) fn sample() -> Manifest {
         Manifest {
-            vm: VmDescription { memory_mib: 256, cpus: 1, append: Some("console=ttyS0".into()) },
+            vm: VmDescription { memory_mib: 256, cpus: 1, append: Some("console=ttyS0".into()), devices: DeviceModel::SERIAL_ONLY },
             chunk_size: ChunkSize::DEFAULT,
             disk: ImageRef { len: ImageLen(64 << 20), keyring: Tag([1; 32]) },
             memory: None,

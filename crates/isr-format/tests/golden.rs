@@ -244,7 +244,12 @@ fn fixture_keyring() -> Keyring {
 fn fixture_manifest(keyring_bytes: &[u8]) -> Manifest {
     let keyring = Tag::of(keyring_bytes);
     Manifest {
-        vm: VmDescription { memory_mib: 512, cpus: 2, append: Some("console=ttyS0 root=/dev/vda rw".into()) },
+        vm: VmDescription {
+            memory_mib: 512,
+            cpus: 2,
+            append: Some("console=ttyS0 root=/dev/vda rw".into()),
+            devices: Default::default(),
+        },
         chunk_size: ChunkSize::new(4096).unwrap(),
         disk: ImageRef { len: ImageLen(5 * 4096 + 1000), keyring },
         memory: Some(ImageRef { len: ImageLen(512 << 20), keyring: Tag([0x11; 32]) }),

@@ -55,8 +55,13 @@ pub struct VmConfig {
     pub machine: String,
     /// *machine*: CPU model; `None` = QEMU's default (`qemu64`), which migrates between hosts and accelerators.
     pub cpu: Option<String>,
-    /// *machine*: a standard VGA adapter. Without it only the serial console exists.
+    /// *machine*: a standard VGA adapter with a USB tablet (absolute pointer, so a VNC or GTK pointer lines up)
+    /// beside the board's PS/2 keyboard. Without it only the serial console exists.
     pub vga: bool,
+    /// *machine*: a virtio-serial port named `org.qemu.guest_agent.0` for the QEMU guest agent.
+    pub agent_channel: bool,
+    /// Where the host end of the agent channel listens (a Unix socket); `None`: not connected this run.
+    pub agent_socket: Option<PathBuf>,
     /// Direct kernel boot (the kernel, initrd and command line are loaded into RAM: part of the memory image).
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
@@ -88,6 +93,8 @@ impl VmConfig {
             machine: "pc".into(),
             cpu: None,
             vga: false,
+            agent_channel: false,
+            agent_socket: None,
             kernel: None,
             initrd: None,
             append: None,
@@ -116,6 +123,22 @@ impl VmConfig {
         a.pair("-smp", self.cpus.to_string());
         a.push("-no-reboot");
         a.pair("-vga", if self.vga { "std" } else { "none" });
+        if self.vga {
+            a.pair("-device", "qemu-xhci,id=xhci");
+            a.pair("-device", "usb-tablet,bus=xhci.0");
+        }
+        if self.agent_channel {
+            a.pair("-device", "virtio-serial-pci,id=vser0");
+            match &self.agent_socket {
+                Some(path) => {
+                    let mut chardev = OsString::from("socket,id=qga0,server=on,wait=off,path=");
+                    chardev.push(escape_opt(path.as_os_str()));
+                    a.pair("-chardev", chardev);
+                }
+                None => a.pair("-chardev", "null,id=qga0"),
+            }
+            a.pair("-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0");
+        }
         match &self.display {
             Display::None => a.pair("-display", "none"),
             Display::Gtk => a.pair("-display", "gtk"),
@@ -255,6 +278,24 @@ mod tests {
         assert_eq!(value_of(&a, "-serial"), ["null"]);
         assert_eq!(a.last().unwrap(), "-S");
         assert!(value_of(&a, "-kernel").is_empty());
+    }
+
+    #[test]
+    fn the_desktop_devices_and_the_agent_channel() {
+        let mut c = VmConfig::new(256, "/run/d.sock");
+        c.vga = true;
+        c.agent_channel = true;
+        let a = strings(&c.qemu_args(Path::new("/q"), false));
+        assert_eq!(value_of(&a, "-vga"), ["std"]);
+        let devices = value_of(&a, "-device");
+        assert!(devices.iter().any(|d| d.starts_with("usb-tablet")), "{devices:?}");
+        assert!(devices.iter().any(|d| d.contains("name=org.qemu.guest_agent.0")), "{devices:?}");
+        assert!(value_of(&a, "-chardev").contains(&"null,id=qga0"));
+        // The socket is only the back end: the devices stay the same when it is connected.
+        c.agent_socket = Some("/run/qga.sock".into());
+        let b = strings(&c.qemu_args(Path::new("/q"), false));
+        assert_eq!(value_of(&b, "-device"), devices);
+        assert!(value_of(&b, "-chardev").iter().any(|c| c.contains("path=/run/qga.sock")));
     }
 
     #[test]

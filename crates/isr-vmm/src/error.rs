@@ -24,6 +24,9 @@ pub enum VmmError {
     Qmp(#[from] QmpError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// The guest agent answered something unexpected, or not in time (the guest is untrusted).
+    #[error("guest agent: {0}")]
+    Agent(String),
     #[error("timed out {0}")]
     Timeout(String),
     #[error("the VM is not running (QEMU has exited)")]

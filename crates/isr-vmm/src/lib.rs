@@ -9,12 +9,14 @@
 //! - [`qmp`] is the QMP client underneath.
 
 mod accel;
+pub mod agent;
 mod config;
 mod error;
 mod image;
 pub mod qmp;
 mod vm;
 
+pub use agent::GuestAgent;
 pub use accel::{detect_accel, AccelDetection, KVM_PROBE_TIMEOUT};
 pub use config::{Accel, Display, VmConfig, DEFAULT_QEMU};
 pub use error::VmmError;

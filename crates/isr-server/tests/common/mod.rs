@@ -354,7 +354,7 @@ pub fn version(seed: u64, n: u64, shared: u64) -> Version {
     let keyring = keyring.seal(&keyroot);
     let keyring_hash = Tag::of(&keyring);
     let manifest = Manifest {
-        vm: VmDescription { memory_mib: 256, cpus: 1, append: None },
+        vm: VmDescription { memory_mib: 256, cpus: 1, append: None, devices: Default::default() },
         chunk_size: cs,
         disk: ImageRef { len, keyring: keyring_hash },
         memory: None,
