@@ -1272,7 +1272,8 @@ impl Client {
             for i in 0..work.chunk_count() {
                 let idx = ChunkIndex(i);
                 let tag = work.get(idx).map(|(t, _)| t);
-                let changed = tag != base.get(idx).map(|(t, _)| t);
+                let base_tag = (i < base.chunk_count()).then(|| base.get(idx).map(|(t, _)| t)).flatten();
+                let changed = tag != base_tag;
                 states.push(match tag {
                     None => ChunkMap::ZERO,
                     Some(t) if changed && on_server.contains(&t) => ChunkMap::UPLOADED,

@@ -63,6 +63,25 @@ async function waitFor(what, fn, timeoutMs = 600_000) {
   }
 }
 
+// Type as a person does: Shift held for shifted characters. (keyboard.type sends '$' as the Digit4 key without
+// Shift, and noVNC forwards the key itself to QEMU, so the guest would see '4'.)
+const SHIFTED = { '!': '1', '@': '2', '#': '3', '$': '4', '%': '5', '^': '6', '&': '7', '*': '8', '(': '9', ')': '0',
+  '_': 'Minus', '+': 'Equal', '{': 'BracketLeft', '}': 'BracketRight', '|': 'Backslash', ':': 'Semicolon',
+  '"': 'Quote', '<': 'Comma', '>': 'Period', '?': 'Slash', '~': 'Backquote' };
+async function typeLikeAPerson(text) {
+  for (const ch of text) {
+    if (SHIFTED[ch]) {
+      const base = SHIFTED[ch];
+      await page.keyboard.press('Shift+' + (base.length === 1 ? 'Digit' + base : base));
+    } else if (ch >= 'A' && ch <= 'Z') {
+      await page.keyboard.press('Shift+Key' + ch);
+    } else {
+      await page.keyboard.type(ch);
+    }
+    await page.waitForTimeout(30);
+  }
+}
+
 async function stateOf(name) {
   return page.evaluate(async (n) => {
     const r = await fetch('/api/state');
@@ -123,7 +142,7 @@ try {
     result.before_typing = await screenStats();
     await shot(`${step}-2-screen`);
     await page.locator('#screen canvas').click();
-    await page.keyboard.type('echo typed-in-the-browser $((6*7)) > /dev/ttyS0; echo answer $((6*7))', { delay: 40 });
+    await typeLikeAPerson('echo typed-in-the-browser $((6*7)) > /dev/ttyS0; echo answer $((6*7))');
     await page.keyboard.press('Enter');
     result.after_typing = await waitFor('the answer on the screen', async () => {
       const s = await screenStats();
