@@ -182,6 +182,8 @@ for port in /sys/class/virtio-ports/*; do
         echo "isr-agent up"
     fi
 done
+# An interactive shell on the serial console too (`isr console`); the counter lines go there as well.
+(setsid sh -c 'exec </dev/ttyS0 >/dev/ttyS0 2>&1; PS1="isr-serial# " exec sh') &
 # An interactive shell on the first virtual terminal (the VGA screen, keyboard input).
 if [ -c /dev/tty1 ]; then
     (setsid sh -c 'exec </dev/tty1 >/dev/tty1 2>&1; echo "isr test guest: a shell on tty1"; PS1="isr# " exec sh') &

@@ -7,6 +7,7 @@ use isr_format::ChunkSize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod console;
 mod progress;
 
 #[derive(Parser, Debug)]
@@ -144,6 +145,8 @@ enum Command {
         #[arg(long, env = "ISR_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
         accel: String,
     },
+    /// The running VM's serial console on this terminal, interactive (Ctrl-] detaches)
+    Console { parcel: String },
     /// Change the password: every parcel's key is rewrapped, then the login (new password from
     /// $ISR_NEW_PASSWORD or a prompt)
     Passwd,
@@ -337,6 +340,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             isr_ui::serve(listener, settings, token, shutdown_signal())
                 .await
                 .map_err(|e| ClientError::Other(e.to_string()))?;
+        }
+        Command::Console { parcel } => {
+            let sock = c.console_socket(&parcel)?;
+            console::attach(&parcel, &sock).await?;
         }
         Command::Passwd => {
             let new = new_password()?;

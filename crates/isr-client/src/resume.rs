@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The serial console's socket in a running VM's private directory (`isr console`).
+pub const CONSOLE_SOCKET: &str = "console.sock";
+
 /// How long a resume waits for a guest agent to answer after the VM starts (a guest still booting, or one
 /// without an agent, never answers; nothing waits for this).
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -546,6 +549,7 @@ impl Client {
         // so it survives a checkin.
         let console = console_log(self.home.root(), &self.user, name)?;
         config.console_log = Some(console.clone());
+        config.console_socket = Some(private.path().join(CONSOLE_SOCKET));
         eprintln!("isr: console of {name}: {}", console.display());
         let prepare = t0.elapsed();
         tracing::debug!(elapsed = ?prepare, "resume: prepared");
@@ -719,6 +723,22 @@ impl Client {
                 )))
             }
         }
+    }
+
+    /// The serial console socket of the running VM of `name` (for `isr console`).
+    pub fn console_socket(&self, name: &str) -> Result<PathBuf, ClientError> {
+        valid_parcel_name(name)?;
+        let dir = self.home.parcel_dir(&self.user, name);
+        let private = crate::run::is_running(&dir)
+            .then(|| crate::run::read_record(&dir).ok().flatten())
+            .flatten()
+            .and_then(|r| r.private_dir)
+            .ok_or_else(|| ClientError::Usage(format!("{name} is not running on this client")))?;
+        let sock = private.join(CONSOLE_SOCKET);
+        if !sock.exists() {
+            return Err(ClientError::Other(format!("{name} runs but its console is not up (yet)")));
+        }
+        Ok(sock)
     }
 
     /// Ask the resume running `name` to stop (suspend or power off), wait until it has ended, and report how:

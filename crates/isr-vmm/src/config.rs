@@ -74,6 +74,9 @@ pub struct VmConfig {
     /// Where the guest's serial console goes (in every display mode). `None`: a GTK virtual console with
     /// `Display::Gtk`, else nowhere.
     pub console_log: Option<PathBuf>,
+    /// A Unix socket on which the serial console is also served, interactive (`isr console`); output still goes
+    /// to `console_log`.
+    pub console_socket: Option<PathBuf>,
     /// A private directory for QEMU's QMP socket (the caller removes it). `None`: a fresh temporary
     /// directory, removed when the [`crate::Vm`] is dropped.
     pub runtime_dir: Option<PathBuf>,
@@ -102,6 +105,7 @@ impl VmConfig {
             disk_export: None,
             display: Display::None,
             console_log: None,
+            console_socket: None,
             runtime_dir: None,
             accel: Accel::Tcg,
             qemu: PathBuf::from(DEFAULT_QEMU),
@@ -150,6 +154,14 @@ impl VmConfig {
         // serial port 0: always present (a machine device); only its back end varies
         // (the console log is appended to, so it spans suspends and resumes)
         match (&self.console_log, &self.display) {
+            (Some(path), _) if self.console_socket.is_some() => {
+                let mut chardev = OsString::from("socket,id=console0,server=on,wait=off,path=");
+                chardev.push(escape_opt(self.console_socket.as_deref().unwrap_or(path).as_os_str()));
+                chardev.push(",logappend=on,logfile=");
+                chardev.push(escape_opt(path.as_os_str()));
+                a.pair("-chardev", chardev);
+                a.pair("-serial", "chardev:console0");
+            }
             (Some(path), _) => {
                 let mut chardev = OsString::from("file,id=console0,append=on,path=");
                 chardev.push(escape_opt(path.as_os_str()));
