@@ -591,6 +591,18 @@ impl Client {
         };
         let restore = t_restore.elapsed();
 
+        if let Display::Vnc { listen } = &opts.display {
+            if !listen.starts_with("unix:") {
+                // A password for this session only: anyone else on the machine can reach the address.
+                let password: String = hex::encode(isr_format::random_bytes::<4>());
+                vm.set_vnc_password(&password).await.map_err(vmm_error)?;
+                let addr = vm.vnc_address().await.ok().flatten().unwrap_or_else(|| listen.clone());
+                eprintln!(
+                    "isr: the screen of {name} is on VNC at {addr}, password {password} (this session only): \
+                     e.g. `remote-viewer vnc://{addr}`, or `isr ui` for it in a browser"
+                );
+            }
+        }
         // With a guest agent: the guest's clock is set to the host's (after a resume it stands where the guest
         // was suspended). Without one nothing happens.
         let clock = agent_socket.clone().map(|sock| {

@@ -148,7 +148,13 @@ impl VmConfig {
             Display::Gtk => a.pair("-display", "gtk"),
             Display::Vnc { listen } => {
                 a.pair("-display", "none");
-                a.pair("-vnc", listen);
+                // On a network address the screen needs the session's password (set over QMP after start, see
+                // `Vm::set_vnc_password`); a Unix socket is private to its directory already.
+                if listen.starts_with("unix:") {
+                    a.pair("-vnc", listen);
+                } else {
+                    a.pair("-vnc", format!("{listen},password=on"));
+                }
             }
         }
         // serial port 0: always present (a machine device); only its back end varies
@@ -326,6 +332,9 @@ mod tests {
         assert_eq!(value_of(&gtk, "-display"), ["gtk"]);
         assert_eq!(value_of(&gtk, "-serial"), ["vc"]);
         assert_eq!(value_of(&vnc, "-display"), ["none"]);
-        assert_eq!(value_of(&vnc, "-vnc"), ["127.0.0.1:3"]);
+        assert_eq!(value_of(&vnc, "-vnc"), ["127.0.0.1:3,password=on"], "a network VNC needs the password");
+        c.display = Display::Vnc { listen: "unix:/run/x/vnc.sock".into() };
+        let unix = strings(&c.qemu_args(Path::new("/q"), false));
+        assert_eq!(value_of(&unix, "-vnc"), ["unix:/run/x/vnc.sock"]);
     }
 }

@@ -458,6 +458,25 @@ impl Vm {
         &self.config
     }
 
+    /// Set the VNC password of a VM started with `Display::Vnc` on a network address (at most 8 characters
+    /// count: that is the VNC protocol's limit).
+    pub async fn set_vnc_password(&mut self, password: &str) -> Result<(), VmmError> {
+        self.qmp()
+            .execute("change-vnc-password", Some(serde_json::json!({"password": password})))
+            .await
+            .map(|_| ())
+            .map_err(VmmError::from)
+    }
+
+    /// Where QEMU's VNC server listens (`query-vnc`), e.g. `127.0.0.1:5900`.
+    pub async fn vnc_address(&mut self) -> Result<Option<String>, VmmError> {
+        let v = self.qmp().execute("query-vnc", None).await?;
+        Ok(match (v.get("host").and_then(|h| h.as_str()), v.get("service").and_then(|s| s.as_str())) {
+            (Some(h), Some(s)) => Some(format!("{h}:{s}")),
+            _ => None,
+        })
+    }
+
     /// The QMP socket (in [`VmConfig::runtime_dir`], else in a private directory removed when the `Vm` is
     /// dropped).
     pub fn qmp_socket(&self) -> &Path {
