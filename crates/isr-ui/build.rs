@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten().collect();
+    let mut entries: Vec<_> =
+        std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).flatten().collect();
     entries.sort_by_key(|e| e.path());
     for e in entries {
         let p = e.path();
@@ -54,10 +55,22 @@ fn main() {
         files(root, &mut list);
         for f in list {
             let rel = f.strip_prefix(root).expect("below root").to_string_lossy().replace('\\', "/");
-            if !rel.ends_with(".js") && !rel.ends_with(".html") && !rel.ends_with(".css") && !rel.ends_with(".svg") && !rel.ends_with(".png") {
+            if !rel.ends_with(".js")
+                && !rel.ends_with(".html")
+                && !rel.ends_with(".css")
+                && !rel.ends_with(".svg")
+                && !rel.ends_with(".png")
+            {
                 continue;
             }
-            writeln!(code, "    ({:?}, {:?}, include_bytes!({:?})),", format!("{url_prefix}{rel}"), mime(&f), f.display().to_string()).expect("write");
+            writeln!(
+                code,
+                "    ({:?}, {:?}, include_bytes!({:?})),",
+                format!("{url_prefix}{rel}"),
+                mime(&f),
+                f.display().to_string()
+            )
+            .expect("write");
         }
     };
     add("/", &web.join("static"));

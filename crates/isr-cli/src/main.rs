@@ -330,7 +330,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             println!("isr ui: open {url}");
             use std::io::Write as _;
             let _ = std::io::stdout().flush();
-            if !no_open && (std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some()) {
+            if !no_open
+                && (std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some())
+            {
                 let _ = std::process::Command::new("xdg-open")
                     .arg(&url)
                     .stdout(std::process::Stdio::null())

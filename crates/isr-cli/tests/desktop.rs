@@ -121,7 +121,10 @@ fn the_serial_console_is_interactive_and_the_guest_clock_is_right_after_a_resume
     // suspended that long ago), suspend, resume: the clock is the host's again.
     lines.wait_count("guest clock set", 1);
     let sock = agent_socket(runtime.path());
-    agent(&sock, serde_json::json!({"execute": "guest-set-time", "arguments": {"time": ((host_secs() - 3.0 * 3600.0) * 1e9) as u64}}));
+    agent(
+        &sock,
+        serde_json::json!({"execute": "guest-set-time", "arguments": {"time": ((host_secs() - 3.0 * 3600.0) * 1e9) as u64}}),
+    );
     let behind = host_secs() - guest_secs(&sock);
     assert!(behind > 3.0 * 3600.0 - 120.0, "the guest clock was put back ({behind} s)");
     a.ok(&["suspend", "p"]);

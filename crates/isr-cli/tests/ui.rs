@@ -18,11 +18,19 @@ fn guest() -> PathBuf {
 
 /// `isr ui` for client `c`; returns the process and the URL it printed.
 fn console(c: &Client) -> (Child, String) {
-    let mut child =
-        c.cmd(&["ui", "--no-open", "--accel", "tcg"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut child = c
+        .cmd(&["ui", "--no-open", "--accel", "tcg"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("isr ui: open ").unwrap_or_else(|| panic!("odd first line {line:?}")).to_owned();
+    let url = line
+        .trim()
+        .strip_prefix("isr ui: open ")
+        .unwrap_or_else(|| panic!("odd first line {line:?}"))
+        .to_owned();
     (child, url)
 }
 
@@ -91,7 +99,11 @@ fn the_web_console_resumes_shows_types_suspends_and_checks_in_and_another_client
     let typed = drive(&url, &shots, "resume-and-type", "desk");
     signal(&ui, 15);
     assert!(ui.wait().unwrap().success());
-    assert!(typed["screen_first"]["lit"].as_u64().unwrap() > 500, "the screen is not blank: {}", typed["screen_first"]);
+    assert!(
+        typed["screen_first"]["lit"].as_u64().unwrap() > 500,
+        "the screen is not blank: {}",
+        typed["screen_first"]
+    );
     let before = typed["before_typing"]["cells"].as_str().unwrap();
     let after = typed["after_typing"]["cells"].as_str().unwrap();
     assert_ne!(before, after, "typing changed what the screen shows");
@@ -99,11 +111,18 @@ fn the_web_console_resumes_shows_types_suspends_and_checks_in_and_another_client
     let log = find_file(a.home.path(), "console.log").expect("console.log");
     let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
     assert!(text.contains("typed-in-the-browser 42"), "{}", &text[text.len().saturating_sub(2000)..]);
-    assert!(typed["resume_job"]["message"].as_str().unwrap().contains("suspended"), "{}", typed["resume_job"]);
+    assert!(
+        typed["resume_job"]["message"].as_str().unwrap().contains("suspended"),
+        "{}",
+        typed["resume_job"]
+    );
     assert_eq!(typed["checkin_job"]["state"], "done", "{}", typed["checkin_job"]);
     let versions: Vec<String> =
         typed["versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
-    assert!(versions.first().is_some_and(|v| v.starts_with('2') && v.contains("typed in the browser")), "{versions:?}");
+    assert!(
+        versions.first().is_some_and(|v| v.starts_with('2') && v.contains("typed in the browser")),
+        "{versions:?}"
+    );
 
     // Another client home resumes it from its own console: the same screen, where it was left.
     let b = Client::new(&server, "alice");

@@ -377,7 +377,6 @@ impl DiskExport {
     }
 }
 
-
 impl Client {
     /// Run the parcel's VM in the foreground until it is suspended, powered off or shut down by the guest.
     ///
@@ -631,8 +630,11 @@ impl Client {
                 if let Some(sock) = &agent_socket {
                     // The page cache holds copies of file data the disk has: dropped first, the memory image
                     // does not carry them again.
-                    if let Ok(Ok(Some(mut agent))) =
-                        tokio::time::timeout(AGENT_SUSPEND_TIMEOUT, isr_vmm::GuestAgent::connect(sock, AGENT_SUSPEND_TIMEOUT)).await
+                    if let Ok(Ok(Some(mut agent))) = tokio::time::timeout(
+                        AGENT_SUSPEND_TIMEOUT,
+                        isr_vmm::GuestAgent::connect(sock, AGENT_SUSPEND_TIMEOUT),
+                    )
+                    .await
                     {
                         match tokio::time::timeout(AGENT_SUSPEND_TIMEOUT * 4, agent.drop_page_cache()).await {
                             Ok(Ok(())) => eprintln!("isr: the guest dropped its page cache (guest agent)"),

@@ -247,7 +247,12 @@ mod tests {
 
     pub(crate) fn sample() -> Manifest {
         Manifest {
-            vm: VmDescription { memory_mib: 256, cpus: 1, append: Some("console=ttyS0".into()), devices: DeviceModel::SERIAL_ONLY },
+            vm: VmDescription {
+                memory_mib: 256,
+                cpus: 1,
+                append: Some("console=ttyS0".into()),
+                devices: DeviceModel::SERIAL_ONLY,
+            },
             chunk_size: ChunkSize::DEFAULT,
             disk: ImageRef { len: ImageLen(64 << 20), keyring: Tag([1; 32]) },
             memory: None,

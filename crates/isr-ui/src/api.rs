@@ -116,7 +116,13 @@ impl Console {
 fn new_client(s: &UiSettings) -> Result<Client, UiError> {
     let home = Home::open(&s.home)?;
     let pw = s.password.clone();
-    Ok(Client::new(home, s.user.clone(), s.server.clone(), s.ca_pem.clone(), Box::new(move || Ok(pw.clone()))))
+    Ok(Client::new(
+        home,
+        s.user.clone(),
+        s.server.clone(),
+        s.ca_pem.clone(),
+        Box::new(move || Ok(pw.clone())),
+    ))
 }
 
 pub fn router(state: Console) -> Router {
@@ -138,9 +144,14 @@ pub fn router(state: Console) -> Router {
 pub struct Session;
 
 fn has_session(headers: &HeaderMap, console: &Console) -> bool {
-    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).any(|c| {
-        c.trim().strip_prefix(COOKIE).and_then(|r| r.strip_prefix('=')).is_some_and(|v| v == console.0.session)
-    })
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).any(
+        |c| {
+            c.trim()
+                .strip_prefix(COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+                .is_some_and(|v| v == console.0.session)
+        },
+    )
 }
 
 impl FromRequestParts<Console> for Session {
@@ -175,7 +186,8 @@ async fn index(State(st): State<Console>, headers: HeaderMap, Query(q): Query<To
             }
             return resp;
         }
-        return (StatusCode::FORBIDDEN, "this console URL was used already; run `isr ui` again").into_response();
+        return (StatusCode::FORBIDDEN, "this console URL was used already; run `isr ui` again")
+            .into_response();
     }
     if !has_session(&headers, &st) {
         return (StatusCode::FORBIDDEN, "open the URL that `isr ui` printed").into_response();
@@ -192,7 +204,9 @@ async fn asset(State(st): State<Console>, headers: HeaderMap, uri: axum::http::U
 
 fn asset_response(path: &str) -> Response {
     match crate::assets::get(path) {
-        Some((mime, bytes)) => ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-store")], bytes).into_response(),
+        Some((mime, bytes)) => {
+            ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-store")], bytes).into_response()
+        }
         None => (StatusCode::NOT_FOUND, "no such file").into_response(),
     }
 }
@@ -283,7 +297,12 @@ async fn api_state(State(st): State<Console>, _s: Session) -> Result<Json<StateV
         }
         parcels.push(view);
     }
-    Ok(Json(StateView { user: st.0.settings.user.clone(), offline: listing.offline, parcels, jobs: st.0.jobs.views() }))
+    Ok(Json(StateView {
+        user: st.0.settings.user.clone(),
+        offline: listing.offline,
+        parcels,
+        jobs: st.0.jobs.views(),
+    }))
 }
 
 async fn versions(
@@ -366,9 +385,9 @@ async fn operation(
             Ok(format!("discarded local changes to {n}"))
         }),
         "rollback" => {
-            let version = body
-                .version
-                .ok_or_else(|| ApiError(ClientError::Usage("rollback needs the version to roll back to".into())))?;
+            let version = body.version.ok_or_else(|| {
+                ApiError(ClientError::Usage("rollback needs the version to roll back to".into()))
+            })?;
             st.spawn_job(&name, "rollback", false, move |mut c| async move {
                 let v = c.rollback(&n, version).await?;
                 Ok(format!("{n} version {v} is now identical to version {version}"))
@@ -426,6 +445,8 @@ async fn cancel(State(st): State<Console>, _s: Session, Path(id): Path<u64>) -> 
     if st.0.jobs.cancel(id) {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError(ClientError::Usage(format!("job {id} cannot be cancelled (finished, or not cancellable)"))))
+        Err(ApiError(ClientError::Usage(format!(
+            "job {id} cannot be cancelled (finished, or not cancellable)"
+        ))))
     }
 }

@@ -73,7 +73,13 @@ impl Jobs {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         jobs.insert(
             id,
-            Job { parcel: parcel.to_owned(), op: op.to_owned(), state: JobState::Running, tasks: vec![], abort: None },
+            Job {
+                parcel: parcel.to_owned(),
+                op: op.to_owned(),
+                state: JobState::Running,
+                tasks: vec![],
+                abort: None,
+            },
         );
         // Forget the oldest finished jobs beyond the bound.
         let finished: Vec<u64> =
@@ -112,7 +118,9 @@ impl Jobs {
 
     pub fn running_op(&self, parcel: &str) -> Option<String> {
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        jobs.values().find(|j| j.parcel == parcel && matches!(j.state, JobState::Running)).map(|j| j.op.clone())
+        jobs.values()
+            .find(|j| j.parcel == parcel && matches!(j.state, JobState::Running))
+            .map(|j| j.op.clone())
     }
 
     pub fn views(&self) -> Vec<JobView> {
@@ -168,7 +176,12 @@ impl Progress for JobProgress {
     fn task(&self, what: &str, total_bytes: u64) -> Box<dyn ProgressTask> {
         let done = Arc::new(AtomicU64::new(0));
         if let Some(j) = self.jobs.jobs.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
-            j.tasks.push(Task { what: what.to_owned(), total: total_bytes, done: done.clone(), started: Instant::now() });
+            j.tasks.push(Task {
+                what: what.to_owned(),
+                total: total_bytes,
+                done: done.clone(),
+                started: Instant::now(),
+            });
         }
         Box::new(Counter(done))
     }

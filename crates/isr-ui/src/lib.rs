@@ -46,7 +46,10 @@ pub struct UiSettings {
 
 impl std::fmt::Debug for UiSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UiSettings").field("home", &self.home).field("user", &self.user).finish_non_exhaustive()
+        f.debug_struct("UiSettings")
+            .field("home", &self.home)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
     }
 }
 

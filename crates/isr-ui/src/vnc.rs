@@ -32,7 +32,8 @@ pub async fn websocket(
     let vnc = match tokio::net::UnixStream::connect(&vm.vnc_socket).await {
         Ok(s) => s,
         Err(e) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, format!("the VM's screen is not up yet: {e}")).into_response()
+            return (StatusCode::SERVICE_UNAVAILABLE, format!("the VM's screen is not up yet: {e}"))
+                .into_response()
         }
     };
     ws.protocols(["binary"]).on_upgrade(move |socket| pump(socket, vnc))

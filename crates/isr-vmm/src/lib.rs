@@ -16,8 +16,8 @@ mod image;
 pub mod qmp;
 mod vm;
 
-pub use agent::GuestAgent;
 pub use accel::{detect_accel, AccelDetection, KVM_PROBE_TIMEOUT};
+pub use agent::GuestAgent;
 pub use config::{Accel, Display, VmConfig, DEFAULT_QEMU};
 pub use error::VmmError;
 pub use image::{inspect_memory_image, MemoryImageInfo};
