@@ -627,7 +627,9 @@ impl Client {
         let t_suspend = Instant::now();
         let ended = match request {
             Ok(StopRequest::Suspend) => {
-                if let Some(sock) = &agent_socket {
+                // `ISR_GUEST_PAGE_CACHE=keep` leaves it (the peer of the page-cache benchmark).
+                let keep = std::env::var("ISR_GUEST_PAGE_CACHE").is_ok_and(|v| v == "keep");
+                if let Some(sock) = agent_socket.as_ref().filter(|_| !keep) {
                     // The page cache holds copies of file data the disk has: dropped first, the memory image
                     // does not carry them again.
                     if let Ok(Ok(Some(mut agent))) = tokio::time::timeout(
