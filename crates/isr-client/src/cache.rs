@@ -79,6 +79,21 @@ impl ChunkCache {
         tags.iter().filter(|t| !self.fetched.path_of(t).exists()).copied().collect()
     }
 
+    /// A cached chunk failed verification: drop it and fetch a good copy (verified) from the server; without
+    /// a server the failure stands (never wrong data).
+    pub async fn refetch(
+        &self,
+        tag: &Tag,
+        server: Option<&Transport>,
+        failure: ClientError,
+    ) -> Result<Bytes, ClientError> {
+        let Some(server) = server else { return Err(failure) };
+        self.evict(tag)?;
+        let b = server.get_chunk(tag).await?;
+        self.put_fetched(tag, b.clone()).await?;
+        Ok(b)
+    }
+
     /// Drop a cached chunk (one that failed verification), so that it is fetched again.
     pub fn evict(&self, tag: &Tag) -> Result<(), ClientError> {
         let path = self.fetched.path_of(tag);
@@ -92,15 +107,11 @@ impl ChunkCache {
         }
     }
 
-    /// The chunk from the cache (verified by its tag), or fetched from the server (verified) and cached. A
-    /// cached copy that fails its tag is dropped and fetched again when a server is at hand.
+    /// The chunk from the cache, or fetched from the server (verified) and cached. A cached copy is not
+    /// verified here (decoding verifies it); a caller whose decode of it fails calls [`ChunkCache::refetch`].
     pub async fn get_or_fetch(&self, tag: &Tag, server: Option<&Transport>) -> Result<Bytes, ClientError> {
         if let Some(b) = self.get(tag).await? {
-            match isr_format::codec::verify_tag(tag, &b) {
-                Ok(()) => return Ok(b),
-                Err(e) if server.is_none() => return Err(ClientError::chunk(tag, e)),
-                Err(_) => self.evict(tag)?,
-            }
+            return Ok(b);
         }
         let server = server.ok_or_else(|| {
             ClientError::Other(format!(

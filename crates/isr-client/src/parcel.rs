@@ -1381,20 +1381,35 @@ impl Client {
                 async move {
                     let idx = ChunkIndex(i);
                     let Some((tag, key)) = ring.get(idx).map(|(t, k)| (t, k.clone())) else { return Ok(0) };
+                    let was_cached = cache.contains(&tag).await?;
                     let stored = cache.get_or_fetch(&tag, Some(&t)).await?;
                     let len = ring.chunk_len(idx);
                     let offset = ring.chunk_size().offset_of(idx).0;
-                    tokio::task::spawn_blocking(move || {
-                        let plain = ChunkDecoder::new()
-                            .decode(&tag, &key, &stored, len)
-                            .map_err(|e| ClientError::chunk(&tag, e))?;
-                        use std::os::unix::fs::FileExt;
-                        file.write_all_at(&plain, offset)
-                            .map_err(|e| ClientError::io("writing output", e))?;
-                        Ok::<u64, ClientError>(len as u64)
-                    })
-                    .await
-                    .map_err(|e| ClientError::Other(format!("export task: {e}")))?
+                    let decode_write =
+                        |stored: Bytes, key: isr_format::ChunkKey, file: Arc<std::fs::File>| {
+                            tokio::task::spawn_blocking(move || {
+                                let plain = ChunkDecoder::new()
+                                    .decode(&tag, &key, &stored, len)
+                                    .map_err(|e| ClientError::chunk(&tag, e))?;
+                                use std::os::unix::fs::FileExt;
+                                file.write_all_at(&plain, offset)
+                                    .map_err(|e| ClientError::io("writing output", e))?;
+                                Ok::<u64, ClientError>(len as u64)
+                            })
+                        };
+                    let first = decode_write(stored, key.clone(), file.clone())
+                        .await
+                        .map_err(|e| ClientError::Other(format!("export task: {e}")))?;
+                    match first {
+                        // A corrupt cached copy: a good one from the server instead.
+                        Err(e @ ClientError::Integrity(_)) if was_cached => {
+                            let good = cache.refetch(&tag, Some(&t), e).await?;
+                            decode_write(good, key, file)
+                                .await
+                                .map_err(|e| ClientError::Other(format!("export task: {e}")))?
+                        }
+                        other => other,
+                    }
                 }
             })
             .buffer_unordered(FETCHES_IN_FLIGHT);

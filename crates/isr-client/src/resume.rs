@@ -106,6 +106,8 @@ struct Decoding {
     next: std::sync::atomic::AtomicUsize,
     failed: std::sync::atomic::AtomicBool,
     cache: ChunkCache,
+    /// A server is at hand to fetch a good copy of a corrupt cached chunk.
+    connected: bool,
 }
 
 impl Decoding {
@@ -166,7 +168,13 @@ impl Decoding {
                 continue;
             };
             let r = match self.cache.read_blocking(&tag) {
-                Ok(Some(stored)) => self.decode_write(&mut decoder, &mut buf, (img, i), &stored),
+                Ok(Some(stored)) => match self.decode_write(&mut decoder, &mut buf, (img, i), &stored) {
+                    // A corrupt cached copy: dropped and fetched again (verified) when connected.
+                    Err(ClientError::Integrity(_)) if self.connected => self.cache.evict(&tag).map(|()| {
+                        let _ = missing.send((img, i));
+                    }),
+                    other => other,
+                },
                 Ok(None) => {
                     // The fetcher only stops once every sender is gone, so this cannot fail while we run.
                     let _ = missing.send((img, i));
@@ -210,6 +218,7 @@ pub async fn write_image_files(
         next: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         cache: cache.clone(),
+        connected: server.is_some(),
     });
     let (missing_tx, mut missing_rx) = tokio::sync::mpsc::unbounded_channel();
     let decoders: Vec<_> = (0..threads)
