@@ -22,7 +22,9 @@ pub use keys::{
     ChunkKey, ConvergenceSecret, KdfParams, KeyError, KeyWrapKey, Keyroot, LoginSecret, RecoveryPublicKey,
     RecoverySecretKey, UserSecrets, WrappedKeyroot,
 };
-pub use manifest::{ImageKind, ImageRef, Manifest, ManifestError, VmDescription};
+pub use manifest::{
+    Binding, ImageKind, ImageRef, LegacyManifest, Manifest, ManifestContents, ManifestError, VmDescription,
+};
 pub use tag::Tag;
 pub use units::{ByteOffset, ChunkIndex, ChunkSize, ImageLen, UnitsError};
 
