@@ -26,7 +26,8 @@ fn fix_trailer(bytes: &mut [u8]) {
     let end = bytes.len() - 64;
     let sum = blake3::hash(&bytes[..end]);
     // The MAC key depends on the format version (bytes 4..6).
-    let context = if bytes.get(4) == Some(&2) { "isr 2026-11 manifest mac v2" } else { "isr 2026-11 manifest mac v1" };
+    let context =
+        if bytes.get(4) == Some(&2) { "isr 2026-11 manifest mac v2" } else { "isr 2026-11 manifest mac v1" };
     let mac_key = blake3::derive_key(context, &KEYROOT);
     let mac = blake3::keyed_hash(&mac_key, &bytes[..end]);
     bytes[end..end + 32].copy_from_slice(sum.as_bytes());
