@@ -4,6 +4,7 @@ use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::{now_unix, valid_parcel_name, write_atomic, Home, LocalState, Session};
 use crate::image::{WorkingImage, DEFAULT_MEMORY_CACHE};
+use crate::manifests::{self, Asked, ParcelKey};
 use crate::progress;
 use crate::transport::{CommitRefusal, ParcelSummary, Transport, VersionInfo};
 use bytes::Bytes;
@@ -314,7 +315,8 @@ impl Client {
             created_unix: now_unix(),
             comment: opts.comment.clone(),
         };
-        let sealed = manifest.seal(&keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let sealed = manifests::seal_for_commit(&manifest, key, 0)?;
         let version = commit_with_retry(
             &t,
             &self.cache()?,
@@ -328,6 +330,7 @@ impl Client {
             Some(&images),
         )
         .await?;
+        manifests::record_commit(&self.home, key, version)?;
         t.unlock(name, Some(&lock_id)).await?;
         Ok((version, transfer))
     }
@@ -369,10 +372,11 @@ impl Client {
                 "{name} has no version yet (an interrupted create? run it again)"
             )));
         }
-        let (v, manifest_bytes) = t.manifest(name, version).await?;
         let wrap = self.secrets()?.wrap.clone();
         let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
-        let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let fetched = manifests::fetch(t, &self.home, key, Asked::from_option(version, detail.head)).await?;
+        let (v, manifest, manifest_bytes) = (fetched.version, fetched.manifest, fetched.bytes);
         let dir = self.home.parcel_dir(&self.user, name);
         let _ = std::fs::remove_dir_all(&dir);
         let cache = self.cache()?;
@@ -410,7 +414,8 @@ impl Client {
         let keyroot = unwrap_keyroot(&state.wrapped_keyroot, &wrap, "the local state")?;
         let dir = self.home.parcel_dir(&self.user, name);
         let manifest_bytes = read_file(&dir.join("base.manifest"))?;
-        let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let manifest = manifests::open_local(&self.home, key, state.base_version, &manifest_bytes)?;
         Ok(Opened { state, dir, keyroot, manifest, manifest_bytes })
     }
 
@@ -536,35 +541,43 @@ impl Client {
         }
         manifest.created_unix = now_unix();
         manifest.comment = comment.to_owned();
-        let sealed = manifest.seal(&o.keyroot)?;
-        let version = match commit_with_retry(
-            &t,
-            &cache,
-            name,
-            &o.state.lock_id,
-            o.state.head_at_checkout,
-            &sealed,
-            &id.name,
-            comment,
-            &mut transfer,
-            None,
-        )
-        .await
-        {
-            Ok(v) => v,
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &o.keyroot };
+        let base = o.state.head_at_checkout;
+        let sealed = manifests::seal_for_commit(&manifest, key, base)?;
+        let committed = match manifests::check_commit_base(&self.home, key, base) {
+            Ok(()) => {
+                commit_with_retry(
+                    &t,
+                    &cache,
+                    name,
+                    &o.state.lock_id,
+                    base,
+                    &sealed,
+                    &id.name,
+                    comment,
+                    &mut transfer,
+                    None,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let (version, base_manifest) = match committed {
+            Ok(v) => (v, sealed),
             Err(ClientError::StaleBase(msg)) => {
                 // A previous sync may have committed exactly this state and died before recording it.
-                let (head, head_bytes) = t.manifest(name, None).await?;
-                let head_manifest = Manifest::open(&head_bytes, &o.keyroot)?;
-                let same = head_manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>()
+                let head = manifests::fetch(&t, &self.home, key, Asked::Head { at_least: base }).await?;
+                let same = head.manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>()
                     == manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>();
                 if !same {
                     return Err(ClientError::StaleBase(msg));
                 }
-                head
+                // Its manifest (bound to its own number) becomes the base.
+                (head.version, head.bytes.to_vec())
             }
             Err(e) => return Err(e),
         };
+        manifests::record_commit(&self.home, key, version)?;
         // Record the new base: keyrings first, then the manifest, then the state that points at them.
         for (kind, bytes) in &sealed_by_kind {
             write_atomic(&base_keyring_path(&o.dir, *kind), bytes)?;
@@ -572,7 +585,7 @@ impl Client {
         if manifest.memory.is_none() {
             let _ = std::fs::remove_file(base_keyring_path(&o.dir, ImageKind::Memory));
         }
-        write_atomic(&o.dir.join("base.manifest"), &sealed)?;
+        write_atomic(&o.dir.join("base.manifest"), &base_manifest)?;
         let mut st = o.state.clone();
         st.base_version = version;
         st.head_at_checkout = version;
@@ -655,7 +668,12 @@ impl Client {
 
     // ---- rollback / unlock ------------------------------------------------------------------------
 
+    /// Make version `version` the content of a new head: its manifest re-sealed for head + 1 and committed
+    /// like any version (its keyrings and chunks are already on the server). Uses this client's lock when the
+    /// parcel is checked out here (the local base then moves to the new head), else takes the lock for the
+    /// commit and releases it.
     pub async fn rollback(&mut self, name: &str, version: u64) -> Result<u64, ClientError> {
+        valid_parcel_name(name)?;
         let local = self.home.local_state(&self.user, name)?;
         if let Some(st) = &local {
             let dir = self.home.parcel_dir(&self.user, name);
@@ -668,11 +686,60 @@ impl Client {
         }
         let t = self.connect().await?;
         let id = self.home.identity()?;
-        let v = t.rollback(name, version, local.as_ref().map(|s| s.lock_id.as_str()), &id.name).await?;
+        let lock_id = match &local {
+            Some(st) => st.lock_id.clone(),
+            None => t.lock(name, &id.name, &id.client_id).await?,
+        };
+        let committed = self.commit_rollback(&t, name, version, &lock_id, &id.name).await;
+        if local.is_none() {
+            let released = t.unlock(name, Some(&lock_id)).await;
+            // A failed commit is the error to report; after a good one, a failed release is.
+            if committed.is_ok() {
+                released?;
+            }
+        }
+        let v = committed?;
         if let Some(st) = local {
             // Still holding the lock: move the local base to the new head.
             self.fetch_version(&t, name, Some(v), st.lock_id).await?;
         }
+        Ok(v)
+    }
+
+    async fn commit_rollback(
+        &mut self,
+        t: &Transport,
+        name: &str,
+        version: u64,
+        lock_id: &str,
+        client: &str,
+    ) -> Result<u64, ClientError> {
+        let detail = t.parcel(name).await?;
+        let wrap = self.secrets()?.wrap.clone();
+        let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let mut manifest = manifests::fetch(t, &self.home, key, Asked::Version(version)).await?.manifest;
+        let comment = format!("rollback to version {version}");
+        manifest.comment = comment.clone();
+        manifest.created_unix = now_unix();
+        let base = detail.head;
+        manifests::check_commit_base(&self.home, key, base)?;
+        let sealed = manifests::seal_for_commit(&manifest, key, base)?;
+        let mut transfer = Transfer::default();
+        let v = commit_with_retry(
+            t,
+            &self.cache()?,
+            name,
+            lock_id,
+            base,
+            &sealed,
+            client,
+            &comment,
+            &mut transfer,
+            None,
+        )
+        .await?;
+        manifests::record_commit(&self.home, key, v)?;
         Ok(v)
     }
 
@@ -790,10 +857,11 @@ impl Client {
         valid_parcel_name(name)?;
         let t = self.connect().await?;
         let detail = t.parcel(name).await?;
-        let (_, manifest_bytes) = t.manifest(name, version).await?;
         let wrap = self.secrets()?.wrap.clone();
         let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
-        let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let manifest =
+            manifests::fetch(&t, &self.home, key, Asked::from_option(version, detail.head)).await?.manifest;
         let ring = Keyring::open(&t.keyring(name, &manifest.disk.keyring).await?, &keyroot)?;
         let cache = self.cache()?;
         let tmp = output.with_extension("isr-partial");
