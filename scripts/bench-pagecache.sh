@@ -37,7 +37,7 @@ for _ in $(seq 1 100); do grep -q listening "$work/server.out" && break; sleep 0
 export ISR_SERVER="$(sed -n 's/^listening on //p' "$work/server.out")"
 cp "$guest/disk.img" "$work/disk.img"
 "$bin/isr" create deb --disk "$work/disk.img" --memory 512 --kernel "$guest/vmlinuz" --initrd "$guest/initrd.img" \
-    --append "root=/dev/vda rw console=ttyS0 quiet" >/dev/null
+    --append "root=/dev/vda rw console=ttyS0 quiet ${ISR_BENCH_APPEND:-init_on_free=1}" >/dev/null
 
 agent() { # JSON command -> answer, through the running VM's agent socket
     python3 - "$(ls -d "$work"/run/isr-deb-*)/qga.sock" "$1" <<'PY'

@@ -3,6 +3,7 @@
 //! ```text
 //! HOME/client.json                   this client's id and name (the lock holder shown to others)
 //! HOME/session.json                  server, user, session token, deployment convergence secret (mode 0600)
+//! HOME/seen.json                     per parcel: highest version seen, first bound version seen (manifests.rs)
 //! HOME/cache/                        encrypted chunks by tag, shared by every parcel of this client
 //! HOME/parcels/USER/PARCEL/          one checked-out parcel:
 //!     state.json                       base version, lock id, wrapped keyroot

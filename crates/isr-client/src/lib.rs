@@ -5,6 +5,7 @@
 //! - [`cache`]: the local chunk cache (encrypted chunks by tag, shared by all parcels of this client).
 //! - [`image`]: a checked-out image (disk or memory) read and written in place: decoded chunks in memory,
 //!   dirty chunks encoded into the cache and recorded in a working keyring made durable on flush.
+//! - [`manifests`]: manifests opened bound to parcel and version; the highest version seen of each parcel.
 //! - [`parcel`]: the lifecycle: create, checkout, sync, checkin, discard, hoard, rollback, check, export.
 //! - [`resume`]: the VM (and `isr disk`): resume, suspend, power off.
 //! - [`run`]: the run-time records of a running parcel and the cleanup after a run that died.
@@ -13,6 +14,7 @@ pub mod cache;
 pub mod error;
 pub mod home;
 pub mod image;
+pub mod manifests;
 pub mod parcel;
 pub mod progress;
 pub mod resume;

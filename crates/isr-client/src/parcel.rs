@@ -4,6 +4,7 @@ use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::{now_unix, rfc3339, valid_parcel_name, write_atomic, Home, LocalState, Session};
 use crate::image::{WorkingImage, DEFAULT_MEMORY_CACHE};
+use crate::manifests::{self, Asked, ParcelKey};
 use crate::progress::{self, Progress};
 use crate::transport::{CommitRefusal, LockInfo, ParcelSummary, Transport, VersionInfo};
 use bytes::Bytes;
@@ -481,7 +482,8 @@ impl Client {
             created_unix: now_unix(),
             comment: opts.comment.clone(),
         };
-        let sealed = manifest.seal(keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot };
+        let sealed = manifests::seal_for_commit(&manifest, key, 0)?;
         let version = commit_with_retry(
             t,
             &self.cache()?,
@@ -495,6 +497,7 @@ impl Client {
             Some(&images),
         )
         .await?;
+        manifests::record_commit(&self.home, key, version)?;
         Ok((version, transfer))
     }
 
@@ -583,10 +586,11 @@ impl Client {
                 "{name} has no version yet (an interrupted create? run it again)"
             )));
         }
-        let (v, manifest_bytes) = t.manifest(name, version).await?;
         let wrap = self.secrets()?.wrap.clone();
         let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
-        let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let fetched = manifests::fetch(t, &self.home, key, Asked::from_option(version, detail.head)).await?;
+        let (v, manifest, manifest_bytes) = (fetched.version, fetched.manifest, fetched.bytes);
         let dir = self.home.parcel_dir(&self.user, name);
         let _ = std::fs::remove_dir_all(&dir);
         let cache = self.cache()?;
@@ -632,7 +636,8 @@ impl Client {
         let keyroot = unwrap_keyroot(&state.wrapped_keyroot, &wrap, "the local state")?;
         let dir = self.home.parcel_dir(&self.user, name);
         let manifest_bytes = read_file(&dir.join("base.manifest"))?;
-        let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let manifest = manifests::open_local(&self.home, key, state.base_version, &manifest_bytes)?;
         Ok(Opened { state, dir, keyroot, manifest, manifest_bytes })
     }
 
@@ -786,27 +791,34 @@ impl Client {
             .await
             .map_err(|e| lock_guidance(name, e))?;
         let manifest = Self::planned_manifest(&o, &plan, comment);
-        let sealed = manifest.seal(&o.keyroot)?;
-        let version = match commit_with_retry(
-            &t,
-            &self.cache()?,
-            name,
-            &o.state.lock_id,
-            o.state.head_at_checkout,
-            &sealed,
-            &id.name,
-            comment,
-            &mut transfer,
-            None,
-        )
-        .await
-        {
-            Ok(v) => v,
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &o.keyroot };
+        let base = o.state.head_at_checkout;
+        let sealed = manifests::seal_for_commit(&manifest, key, base)?;
+        let committed = match manifests::check_commit_base(&self.home, key, base) {
+            Ok(()) => {
+                commit_with_retry(
+                    &t,
+                    &self.cache()?,
+                    name,
+                    &o.state.lock_id,
+                    base,
+                    &sealed,
+                    &id.name,
+                    comment,
+                    &mut transfer,
+                    None,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let (version, base_manifest) = match committed {
+            Ok(v) => (v, sealed),
             Err(ClientError::StaleBase(msg)) => {
                 // A previous sync may have committed exactly this state and died before recording it.
-                let (head, head_bytes) = t.manifest(name, None).await?;
-                let head_manifest = Manifest::open(&head_bytes, &o.keyroot)?;
-                let same = head_manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>()
+                let head_m = manifests::fetch(&t, &self.home, key, Asked::Head { at_least: base }).await?;
+                let head = head_m.version;
+                let same = head_m.manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>()
                     == manifest.images().map(|(k, r)| (k, r.keyring)).collect::<Vec<_>>();
                 if !same {
                     return Err(ClientError::StaleBase(format!(
@@ -816,10 +828,12 @@ impl Client {
                         o.state.head_at_checkout
                     )));
                 }
-                head
+                // Its manifest (bound to its own number) becomes the base.
+                (head, head_m.bytes.to_vec())
             }
             Err(e) => return Err(lock_guidance(name, e)),
         };
+        manifests::record_commit(&self.home, key, version)?;
         // Record the new base: keyrings first, then the manifest, then the state that points at them.
         for img in &plan.images {
             write_atomic(&base_keyring_path(&o.dir, img.kind), &img.sealed)?;
@@ -827,7 +841,7 @@ impl Client {
         if manifest.memory.is_none() {
             let _ = std::fs::remove_file(base_keyring_path(&o.dir, ImageKind::Memory));
         }
-        write_atomic(&o.dir.join("base.manifest"), &sealed)?;
+        write_atomic(&o.dir.join("base.manifest"), &base_manifest)?;
         let mut st = o.state.clone();
         st.base_version = version;
         st.head_at_checkout = version;
@@ -902,7 +916,9 @@ impl Client {
             // The new parcel has no chunks of its own: the base's are on the server already (shared).
             self.upload_plan(&t, new_name, &lock_id, &plan, true, &mut transfer).await?;
             let manifest = Self::planned_manifest(&o, &plan, comment);
-            let sealed = manifest.seal(&o.keyroot)?;
+            // Sealed for the new parcel: its identity and version 1 are what the MAC binds.
+            let key = ParcelKey { user: &self.user, parcel: new_name, keyroot: &o.keyroot };
+            let sealed = manifests::seal_for_commit(&manifest, key, 0)?;
             let v = commit_with_retry(
                 &t,
                 &self.cache()?,
@@ -916,6 +932,7 @@ impl Client {
                 None,
             )
             .await?;
+            manifests::record_commit(&self.home, key, v)?;
             t.unlock(new_name, &lock_id).await?;
             Ok::<_, ClientError>((v, transfer))
         }
@@ -1016,17 +1033,21 @@ impl Client {
         };
         let wrap = self.secrets()?.wrap.clone();
         let cache = self.cache()?;
+        let user = self.user.clone();
+        let home = self.home.clone();
         let committed = async {
             let detail = t.parcel(name).await?;
             let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
-            let (_, bytes) = t.manifest(name, Some(version)).await?;
-            let mut manifest = Manifest::open(&bytes, &keyroot)?;
+            let key = ParcelKey { user: &user, parcel: name, keyroot: &keyroot };
+            // Version N re-sealed for head + 1: a rollback is an ordinary commit.
+            let mut manifest = manifests::fetch(&t, &home, key, Asked::Version(version)).await?.manifest;
             let comment = format!("rollback to version {version}");
             manifest.comment = comment.clone();
             manifest.created_unix = now_unix();
-            let sealed = manifest.seal(&keyroot)?;
+            manifests::check_commit_base(&home, key, detail.head)?;
+            let sealed = manifests::seal_for_commit(&manifest, key, detail.head)?;
             let mut transfer = Transfer::default();
-            commit_with_retry(
+            let v = commit_with_retry(
                 &t,
                 &cache,
                 name,
@@ -1038,7 +1059,9 @@ impl Client {
                 &mut transfer,
                 None,
             )
-            .await
+            .await?;
+            manifests::record_commit(&home, key, v)?;
+            Ok::<u64, ClientError>(v)
         }
         .await;
         if taken {
@@ -1362,10 +1385,11 @@ impl Client {
         valid_parcel_name(name)?;
         let t = self.connect().await?;
         let detail = t.parcel(name).await?;
-        let (_, manifest_bytes) = t.manifest(name, version).await?;
         let wrap = self.secrets()?.wrap.clone();
         let keyroot = unwrap_keyroot(&detail.wrapped_keyroot, &wrap, "the server")?;
-        let manifest = Manifest::open(&manifest_bytes, &keyroot)?;
+        let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
+        let manifest =
+            manifests::fetch(&t, &self.home, key, Asked::from_option(version, detail.head)).await?.manifest;
         let ring = Keyring::open(&t.keyring(name, &manifest.disk.keyring).await?, &keyroot)?;
         let cache = self.cache()?;
         let tmp = output.with_extension("isr-partial");

@@ -14,8 +14,8 @@ use bytes::Bytes;
 use imagegen::{Image, Mix};
 use isr_format::keys::KdfParams;
 use isr_format::{
-    ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageLen, ImageRef, Keyring,
-    Keyroot, Manifest, Tag, UserSecrets, VmDescription, WrappedKeyroot,
+    Binding, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageLen, ImageRef,
+    Keyring, Keyroot, LegacyManifest, Manifest, Tag, UserSecrets, VmDescription, WrappedKeyroot,
 };
 use isr_store::{ChunkStore, Durability, FsChunkStore, VerifyingStore};
 use pipeline::{pipeline, threads};
@@ -89,7 +89,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64,
         comment: "isr demo".into(),
     };
-    let sealed_manifest = manifest.seal(&keyroot)?;
+    let binding = Binding::new("demo", "demo-parcel", 1);
+    let sealed_manifest = manifest.seal(&keyroot, &binding)?;
     let user = UserSecrets::derive("demo", "demo password", KdfParams::DEFAULT)?;
     let wrapped = WrappedKeyroot::wrap(&keyroot, &user.wrap);
     std::fs::write(dir.path().join("keyring"), &sealed_keyring)?;
@@ -100,7 +101,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let user = UserSecrets::derive("demo", "demo password", KdfParams::DEFAULT)?;
     let keyroot = WrappedKeyroot(std::fs::read(dir.path().join("keyroot"))?).unwrap(&user.wrap)?;
-    let manifest = Manifest::open(&std::fs::read(dir.path().join("manifest"))?, &keyroot)?;
+    let manifest = Manifest::open_bound(
+        &std::fs::read(dir.path().join("manifest"))?,
+        &keyroot,
+        &binding,
+        LegacyManifest::Refuse,
+    )?
+    .manifest;
     let keyring_bytes = std::fs::read(dir.path().join("keyring"))?;
     if Tag::of(&keyring_bytes) != manifest.disk.keyring {
         return Err("keyring does not match the manifest".into());

@@ -24,7 +24,10 @@ pub use keys::{
     ChunkKey, ConvergenceSecret, KdfParams, KeyError, KeyWrapKey, Keyroot, LoginSecret, RecoveryPublicKey,
     RecoverySecretKey, UserSecrets, WrappedKeyroot,
 };
-pub use manifest::{DeviceModel, ImageKind, ImageRef, Manifest, ManifestError, VmDescription};
+pub use manifest::{
+    Binding, DeviceModel, ImageKind, ImageRef, LegacyManifest, Manifest, ManifestContents, ManifestError,
+    VmDescription,
+};
 pub use tag::Tag;
 pub use units::{ByteOffset, ChunkIndex, ChunkSize, ImageLen, UnitsError};
 

@@ -9,13 +9,17 @@
 //! The fixture files in `tests/data/` were written once by the ignored test `regenerate_fixtures`
 //! (`cargo test -p isr-format --test golden -- --ignored regenerate_fixtures`); keyring and wrapped-key
 //! sealing use random nonces, so regenerating them changes their bytes: do not, unless the format changes.
+//! `manifest.bin` is a format 1 (legacy, unbound) manifest, kept to prove old manifests still open;
+//! `manifest_v2.bin` is the same manifest in format 2, bound to a parcel and version (added with format 2,
+//! written by the same code; manifest sealing is deterministic, so it is reproducible).
 
 use isr_format::codec::{self, ChunkDecoder, ChunkEncoder, ChunkError};
 use isr_format::keyring::KEYRING_MAGIC;
 use isr_format::keys::{KdfParams, WRAPPED_KEYROOT_LEN};
 use isr_format::{
-    ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, ImageRef, Keyring, KeyringTags,
-    Keyroot, Manifest, RecoverySecretKey, Tag, UserSecrets, VmDescription, WrappedKeyroot,
+    Binding, ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, ImageRef, Keyring,
+    KeyringTags, Keyroot, LegacyManifest, Manifest, ManifestContents, ManifestError, RecoverySecretKey, Tag,
+    UserSecrets, VmDescription, WrappedKeyroot,
 };
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::path::PathBuf;
@@ -117,6 +121,7 @@ const RECOVERY_PUBLIC: &str = "7ba2cad7d8aaeaf21e13386fd01e1fbc94ac0ede92dd518b8
 const FIXTURE_HASHES: &[(&str, &str)] = &[
     ("keyring.bin", "0ee41df578c3c04ccab9a1e71687b179c563ce6d0ab0321a26730066ddc922bb"),
     ("manifest.bin", "c775fd02233de2c581887c7d336a8eea4e4122788f9f10902f6e2a73727fc705"),
+    ("manifest_v2.bin", "1f4612b040b6417642e53be8b6e634d1257dc402a847a6399f9bba01f314481d"),
     ("wrapped_password.bin", "f897f31a44315d5675f866084b6f7e49a37d05f592abbf924ec99f5c2bb3ec9b"),
     ("wrapped_recovery.bin", "d5df9c37056298812f750c87cefcda8fe8fbc1c974e55eeb87ce0b5c30fc8214"),
 ];
@@ -134,6 +139,11 @@ const MANIFEST_JSON: &str = concat!(
     "\"keyring\":\"3333333333333333333333333333333333333333333333333333333333333333\"},",
     "\"created_unix\":1790000000,\"comment\":\"golden fixture \u{2713}\"}",
 );
+
+/// What the format 2 manifest fixture is bound to.
+fn fixture_binding() -> Binding {
+    Binding::new("golden-user", "golden-parcel", 3)
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Helpers.
@@ -450,6 +460,7 @@ fn keyring_fixture() {
 // ---------------------------------------------------------------------------------------------------------
 // Manifest.
 
+/// Format 1 (legacy, unbound): written by builds before manifests were bound; must keep opening.
 #[test]
 fn manifest_fixture() {
     let bytes = fixture("manifest.bin");
@@ -463,12 +474,74 @@ fn manifest_fixture() {
     let mac_key = blake3::derive_key("isr 2026-11 manifest mac v1", &keyroot().0);
     assert_eq!(&bytes[end + 32..], blake3::keyed_hash(&mac_key, &bytes[..end]).as_bytes(), "MAC");
 
-    assert_eq!(Manifest::open(&bytes, &keyroot()).unwrap(), want);
-    assert_eq!(Manifest::parse_unauthenticated(&bytes).unwrap(), want);
-    assert!(Manifest::open(&bytes, &Keyroot([0; 32])).is_err());
+    let unbound = ManifestContents { manifest: want.clone(), binding: None };
+    let any = fixture_binding();
+    assert_eq!(Manifest::open_bound(&bytes, &keyroot(), &any, LegacyManifest::Accept).unwrap(), unbound);
+    assert!(matches!(
+        Manifest::open_bound(&bytes, &keyroot(), &any, LegacyManifest::Refuse),
+        Err(ManifestError::Unbound { .. })
+    ));
+    assert_eq!(Manifest::open_without_binding_check(&bytes, &keyroot()).unwrap(), unbound);
+    assert_eq!(Manifest::parse_unauthenticated(&bytes).unwrap(), unbound);
+    assert!(Manifest::open_bound(&bytes, &Keyroot([0; 32]), &any, LegacyManifest::Accept).is_err());
     assert_eq!(want.image(ImageKind::Disk).unwrap().keyring, Tag::of(&fixture("keyring.bin")));
-    // Manifest sealing is deterministic: today's encoder writes the fixture byte for byte.
-    assert!(want.seal(&keyroot()).unwrap() == bytes);
+    // Legacy sealing is deterministic: today's legacy encoder writes the fixture byte for byte.
+    assert!(want.seal_legacy_unbound(&keyroot()).unwrap() == bytes);
+}
+
+/// Format 2: the same manifest bound to `fixture_binding()`, re-derived from the specification.
+#[test]
+fn bound_manifest_fixture() {
+    let bytes = fixture("manifest_v2.bin");
+    let want = fixture_manifest(&fixture("keyring.bin"));
+    let binding = fixture_binding();
+    assert_eq!(&bytes[..8], b"ISRM\x02\x00\x00\x00", "magic, version 2 (u16 LE), reserved");
+    let body_len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    assert_eq!(&bytes[12..20], &3u64.to_le_bytes(), "version number");
+    assert_eq!(&bytes[20..22], &[11, 13], "user and parcel name lengths");
+    assert_eq!(&bytes[22..46], b"golden-usergolden-parcel");
+    let start = 46;
+    assert_eq!(bytes.len(), start + body_len + 64);
+    assert_eq!(std::str::from_utf8(&bytes[start..start + body_len]).unwrap(), MANIFEST_JSON);
+    let end = start + body_len;
+    assert_eq!(&bytes[end..end + 32], blake3::hash(&bytes[..end]).as_bytes(), "checksum");
+    let mac_key = blake3::derive_key("isr 2026-11 manifest mac v2", &keyroot().0);
+    assert_eq!(&bytes[end + 32..], blake3::keyed_hash(&mac_key, &bytes[..end]).as_bytes(), "MAC");
+
+    let bound = ManifestContents { manifest: want.clone(), binding: Some(binding.clone()) };
+    for legacy in [LegacyManifest::Accept, LegacyManifest::Refuse] {
+        assert_eq!(Manifest::open_bound(&bytes, &keyroot(), &binding, legacy).unwrap(), bound);
+    }
+    assert_eq!(Manifest::parse_unauthenticated(&bytes).unwrap(), bound);
+    assert!(matches!(
+        Manifest::open_bound(&bytes, &Keyroot([0; 32]), &binding, LegacyManifest::Accept),
+        Err(ManifestError::Mac)
+    ));
+    for other in [
+        Binding::new("golden-user", "golden-parcel", 2),
+        Binding::new("golden-user", "golden-parcel", 4),
+        Binding::new("golden-user", "other-parcel", 3),
+        Binding::new("other-user", "golden-parcel", 3),
+    ] {
+        assert!(
+            matches!(
+                Manifest::open_bound(&bytes, &keyroot(), &other, LegacyManifest::Accept),
+                Err(ManifestError::WrongBinding { .. })
+            ),
+            "opened as {other}"
+        );
+    }
+    // Sealing is deterministic: today's encoder writes the fixture byte for byte.
+    assert!(want.seal(&keyroot(), &binding).unwrap() == bytes);
+    // Every flipped byte of the fixture is detected.
+    for i in 0..bytes.len() {
+        let mut bad = bytes.clone();
+        bad[i] ^= 0x01;
+        assert!(
+            Manifest::open_bound(&bad, &keyroot(), &binding, LegacyManifest::Accept).is_err(),
+            "flip at {i} undetected"
+        );
+    }
 }
 
 #[test]
@@ -488,7 +561,10 @@ fn regenerate_fixtures() {
     std::fs::create_dir_all(&dir).unwrap();
     let keyring = fixture_keyring().seal(&keyroot());
     std::fs::write(dir.join("keyring.bin"), &keyring).unwrap();
-    std::fs::write(dir.join("manifest.bin"), fixture_manifest(&keyring).seal(&keyroot()).unwrap()).unwrap();
+    let manifest = fixture_manifest(&keyring);
+    std::fs::write(dir.join("manifest.bin"), manifest.seal_legacy_unbound(&keyroot()).unwrap()).unwrap();
+    std::fs::write(dir.join("manifest_v2.bin"), manifest.seal(&keyroot(), &fixture_binding()).unwrap())
+        .unwrap();
     let s = UserSecrets::derive("golden-user", "golden password", SMALL_KDF).unwrap();
     std::fs::write(dir.join("wrapped_password.bin"), WrappedKeyroot::wrap(&keyroot(), &s.wrap).0).unwrap();
     let sealed = WrappedKeyroot::seal_for_recovery(&keyroot(), &recovery_secret().public_key());

@@ -519,7 +519,25 @@ async fn commit(
         .decode(req.manifest.as_bytes())
         .map_err(|e| bad(format!("manifest is not base64: {e}")))?;
     let parsed = Manifest::parse_unauthenticated(&manifest).map_err(|e| bad(e.to_string()))?;
-    let keyrings: Vec<Tag> = parsed.images().map(|(_, r)| r.keyring).collect();
+    // Only the client can check the MAC; a bound manifest naming another parcel or number is a client bug
+    // (or a replay) that would make the version unopenable, so it is refused here already.
+    if let Some(b) = &parsed.binding {
+        if b.user != user || b.parcel != name {
+            return Err(bad(format!(
+                "the manifest is sealed for parcel {}/{}, not {user}/{name}",
+                b.user, b.parcel
+            )));
+        }
+        if Some(b.version) != req.base_version.checked_add(1) {
+            return Err(bad(format!(
+                "the manifest is sealed for version {}, but a commit on base {} makes version {}",
+                b.version,
+                req.base_version,
+                req.base_version.saturating_add(1)
+            )));
+        }
+    }
+    let keyrings: Vec<Tag> = parsed.manifest.images().map(|(_, r)| r.keyring).collect();
     let v = NewVersion {
         user: user.clone(),
         parcel: name.clone(),

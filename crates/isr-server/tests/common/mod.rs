@@ -363,7 +363,9 @@ pub fn version(seed: u64, n: u64, shared: u64) -> Version {
         created_unix: 1_800_000_000 + seed as i64,
         comment: format!("seed {seed}"),
     }
-    .seal(&keyroot)
+    // Legacy (unbound): the version number it will be committed as is not known here, and the server
+    // accepts unbound manifests.
+    .seal_legacy_unbound(&keyroot)
     .unwrap();
     Version { chunks, keyring, keyring_hash, manifest }
 }
