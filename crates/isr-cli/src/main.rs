@@ -548,7 +548,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Rollback { parcel, version } => {
             let v = c.rollback(&parcel, version).await?;
-            println!("{parcel} version {v} is now identical to version {version}");
+            println!("{parcel} version {v} has the content of version {version}");
         }
         Command::Unlock { parcel, force } => {
             if !force {

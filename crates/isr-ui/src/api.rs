@@ -390,7 +390,7 @@ async fn operation(
             })?;
             st.spawn_job(&name, "rollback", false, move |mut c| async move {
                 let v = c.rollback(&n, version).await?;
-                Ok(format!("{n} version {v} is now identical to version {version}"))
+                Ok(format!("{n} version {v} has the content of version {version}"))
             })
         }
         "resume" => st.start_resume(&name)?,
