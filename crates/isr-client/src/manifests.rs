@@ -119,10 +119,12 @@ fn seen(home: &Home, key: &ParcelKey<'_>) -> Result<Seen, ClientError> {
 /// concurrent `isr` commands of one home do not lose each other's updates.
 fn record(home: &Home, key: &ParcelKey<'_>, version: u64, bound: bool) -> Result<(), ClientError> {
     let lock_path = home.root().join(SEEN_LOCK);
+    use std::os::unix::fs::OpenOptionsExt;
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(|e| ClientError::io(format!("opening {}", lock_path.display()), e))?;
     lock.lock().map_err(|e| ClientError::io(format!("locking {}", lock_path.display()), e))?;

@@ -59,10 +59,12 @@ impl RunGuard {
     /// The guard, or `None` when another process holds it.
     pub fn try_acquire(dir: &Path) -> Result<Option<RunGuard>, ClientError> {
         let path = dir.join("run.lock");
+        use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?;
         Ok(try_flock(&f).then_some(RunGuard { _file: f }))
