@@ -142,6 +142,16 @@ try {
     result.before_typing = await screenStats();
     await shot(`${step}-2-screen`);
     await page.locator('#screen canvas').click();
+    // The shell reads the keyboard once an Enter gives a fresh prompt (a screen that changes): only then type.
+    await waitFor('the guest shell to take keys', async () => {
+      const before = await screenStats();
+      await page.keyboard.press('Enter');
+      await page.waitForTimeout(1500);
+      const after = await screenStats();
+      return before && after && before.cells !== after.cells;
+    });
+    await page.waitForTimeout(1000);
+    result.before_typing = await screenStats();
     await typeLikeAPerson('echo typed-in-the-browser $((6*7)) > /dev/ttyS0; echo answer $((6*7))');
     await page.keyboard.press('Enter');
     result.after_typing = await waitFor('the answer on the screen', async () => {
