@@ -7,7 +7,7 @@ pub use chunk::{ChunkStore, Durability, FsChunkStore, MemChunkStore, StoreError,
 pub mod meta;
 pub mod meta_sqlite;
 
-pub use meta::{MetaError, MetaStore};
+pub use meta::{MetaError, MetaStore, NetworkPolicy};
 pub use meta_sqlite::SqliteMetaStore;
 pub mod chunk_s3;
 pub mod meta_pg;

@@ -130,6 +130,51 @@ pub struct ParcelDetail {
     pub info: ParcelInfo,
     pub wrapped_keyroot: Vec<u8>,
     pub recovery_keyroot: Option<Vec<u8>>,
+    /// IT's network policy for the parcel's VM; `None` = unset (the user chooses).
+    pub network_policy: Option<NetworkPolicy>,
+}
+
+/// The administrator's network policy of a parcel (`isr-server parcel policy USER/P --network none|nat`),
+/// stored as its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkPolicy {
+    /// No working network: the client's VM gets no network back end and its link is down.
+    None,
+    /// User-mode NAT allowed (the user may still choose `--network none`).
+    Nat,
+}
+
+impl NetworkPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkPolicy::None => "none",
+            NetworkPolicy::Nat => "nat",
+        }
+    }
+
+    /// A stored or typed name; anything else is [`MetaError::Invalid`].
+    pub fn parse(s: &str) -> Result<NetworkPolicy, MetaError> {
+        match s {
+            "none" => Ok(NetworkPolicy::None),
+            "nat" => Ok(NetworkPolicy::Nat),
+            other => Err(MetaError::Invalid(format!("network policy {other:?} (expected none or nat)"))),
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored policy column: NULL is unset; an unknown name (a newer server's policy, a hand edit) is refused
+/// rather than read as "unset", which would lift a restriction.
+pub(crate) fn policy_column(stored: Option<String>) -> Result<Option<NetworkPolicy>, MetaError> {
+    stored.as_deref().map(NetworkPolicy::parse).transpose().map_err(|e| match e {
+        MetaError::Invalid(why) => MetaError::Database(format!("stored {why}")),
+        e => e,
+    })
 }
 
 /// A version as listed.
@@ -271,6 +316,13 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn parcel(&self, user: &str, parcel: &str) -> Result<ParcelDetail, MetaError>;
     async fn create_parcel(&self, p: NewParcel) -> Result<(), MetaError>;
     async fn set_wrapped_keyroot(&self, user: &str, parcel: &str, wrapped: &[u8]) -> Result<(), MetaError>;
+    /// Sets (or with `None` clears) the parcel's network policy.
+    async fn set_network_policy(
+        &self,
+        user: &str,
+        parcel: &str,
+        policy: Option<NetworkPolicy>,
+    ) -> Result<(), MetaError>;
     /// Deletes a parcel that has no version (an undone `create`), unless another client (`client_id`
     /// differs) holds its lock. A parcel with versions is refused ([`MetaError::HasVersions`]): its history
     /// goes only with its user.

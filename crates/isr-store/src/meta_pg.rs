@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS parcels (
 ALTER TABLE parcels ADD COLUMN IF NOT EXISTS broken_lock_id TEXT;
 ALTER TABLE parcels ADD COLUMN IF NOT EXISTS broken_by TEXT;
 ALTER TABLE parcels ADD COLUMN IF NOT EXISTS broken_unix BIGINT;
+ALTER TABLE parcels ADD COLUMN IF NOT EXISTS network_policy TEXT;
 CREATE TABLE IF NOT EXISTS keyrings (
     parcel_id BIGINT NOT NULL REFERENCES parcels(id) ON DELETE CASCADE,
     hash BYTEA NOT NULL,
@@ -568,7 +569,7 @@ impl MetaStore for PgMetaStore {
             .client()
             .query_opt(
                 "SELECT p.head, p.created_unix, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since,
-                        p.wrapped_keyroot, p.recovery_keyroot
+                        p.wrapped_keyroot, p.recovery_keyroot, p.network_policy
                  FROM parcels p JOIN users u ON u.id = p.user_id WHERE u.name = $1 AND p.name = $2",
                 &[&user, &parcel],
             )
@@ -584,6 +585,7 @@ impl MetaStore for PgMetaStore {
             },
             wrapped_keyroot: r.get(6),
             recovery_keyroot: r.get(7),
+            network_policy: policy_column(r.get(8))?,
         })
     }
 
@@ -628,6 +630,27 @@ impl MetaStore for PgMetaStore {
                 "UPDATE parcels p SET wrapped_keyroot = $3 FROM users u
                  WHERE u.id = p.user_id AND u.name = $1 AND p.name = $2",
                 &[&user, &parcel, &wrapped],
+            )
+            .await?;
+        if n == 0 {
+            return Err(MetaError::NoSuchParcel(format!("{user}/{parcel}")));
+        }
+        Ok(())
+    }
+
+    async fn set_network_policy(
+        &self,
+        user: &str,
+        parcel: &str,
+        policy: Option<NetworkPolicy>,
+    ) -> Result<(), MetaError> {
+        let mut conn = self.conn().await?;
+        let n = conn
+            .client()
+            .execute(
+                "UPDATE parcels p SET network_policy = $3 FROM users u
+                 WHERE u.id = p.user_id AND u.name = $1 AND p.name = $2",
+                &[&user, &parcel, &policy.map(NetworkPolicy::as_str)],
             )
             .await?;
         if n == 0 {

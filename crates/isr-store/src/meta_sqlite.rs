@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS parcels (
     broken_lock_id TEXT,
     broken_by TEXT,
     broken_unix INTEGER,
+    network_policy TEXT,
     UNIQUE (user_id, name)
 );
 CREATE TABLE IF NOT EXISTS keyrings (
@@ -81,6 +82,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("parcels", "broken_lock_id", "TEXT"),
     ("parcels", "broken_by", "TEXT"),
     ("parcels", "broken_unix", "INTEGER"),
+    ("parcels", "network_policy", "TEXT"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a database lacks, in one write transaction (so two processes opening an old
@@ -567,11 +569,11 @@ impl MetaStore for SqliteMetaStore {
         self.with(move |c| {
             c.query_row(
                 "SELECT p.head, p.created_unix, p.lock_id, p.lock_holder, p.lock_client_id, p.lock_since,
-                        p.wrapped_keyroot, p.recovery_keyroot
+                        p.wrapped_keyroot, p.recovery_keyroot, p.network_policy
                  FROM parcels p JOIN users u ON u.id = p.user_id WHERE u.name = ?1 AND p.name = ?2",
                 params![user, parcel],
                 |r| {
-                    Ok(ParcelDetail {
+                    Ok((ParcelDetail {
                         info: ParcelInfo {
                             user: user.clone(),
                             name: parcel.clone(),
@@ -581,11 +583,16 @@ impl MetaStore for SqliteMetaStore {
                         },
                         wrapped_keyroot: r.get(6)?,
                         recovery_keyroot: r.get(7)?,
-                    })
+                        network_policy: None,
+                    }, r.get::<_, Option<String>>(8)?))
                 },
             )
             .optional()?
             .ok_or_else(|| MetaError::NoSuchParcel(format!("{user}/{parcel}")))
+            .and_then(|(mut detail, policy)| {
+                detail.network_policy = policy_column(policy)?;
+                Ok(detail)
+            })
         })
         .await
     }
@@ -622,6 +629,24 @@ impl MetaStore for SqliteMetaStore {
         self.write(move |tx| {
             let p = parcel_row(tx, &user, &parcel)?;
             tx.execute("UPDATE parcels SET wrapped_keyroot = ?2 WHERE id = ?1", params![p.id, wrapped])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_network_policy(
+        &self,
+        user: &str,
+        parcel: &str,
+        policy: Option<NetworkPolicy>,
+    ) -> Result<(), MetaError> {
+        let (user, parcel) = (user.to_owned(), parcel.to_owned());
+        self.write(move |tx| {
+            let p = parcel_row(tx, &user, &parcel)?;
+            tx.execute(
+                "UPDATE parcels SET network_policy = ?2 WHERE id = ?1",
+                params![p.id, policy.map(NetworkPolicy::as_str)],
+            )?;
             Ok(())
         })
         .await

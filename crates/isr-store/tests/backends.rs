@@ -774,6 +774,55 @@ async fn migrated_store_remembers_breaks(m: &dyn MetaStore) {
     assert_eq!(m.broken_lock("u", "p").await.unwrap(), None);
     m.release_lock("u", "p", force()).await.unwrap();
     assert_broken(m.confirm_lock("u", "p", "old-lock").await, "the administrator", None);
+    // ... and the network policy column: unset, then settable.
+    assert_eq!(m.parcel("u", "p").await.unwrap().network_policy, None);
+    m.set_network_policy("u", "p", Some(NetworkPolicy::None)).await.unwrap();
+    assert_eq!(m.parcel("u", "p").await.unwrap().network_policy, Some(NetworkPolicy::None));
+}
+
+/// The administrator's per-parcel network policy: unset by default, set, changed, cleared, per parcel.
+async fn meta_network_policy(m: &dyn MetaStore) {
+    m.add_user("u", "h", 1).await.unwrap();
+    m.create_parcel(new_parcel("u", "p", lock("c1"))).await.unwrap();
+    m.create_parcel(new_parcel("u", "q", lock("c1"))).await.unwrap();
+    assert_eq!(m.parcel("u", "p").await.unwrap().network_policy, None);
+    m.set_network_policy("u", "p", Some(NetworkPolicy::None)).await.unwrap();
+    assert_eq!(m.parcel("u", "p").await.unwrap().network_policy, Some(NetworkPolicy::None));
+    assert_eq!(m.parcel("u", "q").await.unwrap().network_policy, None, "only the parcel named");
+    m.set_network_policy("u", "p", Some(NetworkPolicy::Nat)).await.unwrap();
+    assert_eq!(m.parcel("u", "p").await.unwrap().network_policy, Some(NetworkPolicy::Nat));
+    m.set_network_policy("u", "p", None).await.unwrap();
+    assert_eq!(m.parcel("u", "p").await.unwrap().network_policy, None);
+    assert!(matches!(
+        m.set_network_policy("u", "nope", Some(NetworkPolicy::None)).await,
+        Err(MetaError::NoSuchParcel(_))
+    ));
+    assert!(matches!(
+        m.set_network_policy("other", "p", Some(NetworkPolicy::None)).await,
+        Err(MetaError::NoSuchParcel(_))
+    ));
+}
+
+#[tokio::test]
+async fn meta_sqlite_network_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    meta_network_policy(&SqliteMetaStore::open(&path).unwrap()).await;
+    // A stored name this version does not know is refused, never read as "unset" (which would lift it).
+    let m = SqliteMetaStore::open(&path).unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE parcels SET network_policy = 'bridged' WHERE name = 'p'", [])
+        .unwrap();
+    match m.parcel("u", "p").await {
+        Err(MetaError::Database(why)) => assert!(why.contains("bridged"), "{why}"),
+        other => panic!("expected a database error naming the policy, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn meta_pg_network_policy() {
+    meta_network_policy(&pg_store().await.0).await;
 }
 
 #[tokio::test]
