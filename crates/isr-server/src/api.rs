@@ -404,6 +404,7 @@ async fn get_parcel(
         "created_unix": p.info.created_unix,
         "lock": lock_json(&p.info.lock),
         "wrapped_keyroot": hex::encode(&p.wrapped_keyroot),
+        "network_policy": p.network_policy.map(|n| n.as_str()),
     }))
     .into_response())
 }

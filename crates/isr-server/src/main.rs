@@ -1,11 +1,11 @@
 //! `isr-server`: the command line (see SPEC.md and docs/api.md).
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use isr_format::RecoveryPublicKey;
 use isr_server::admin::{self, split_target};
 use isr_server::{auth, AppState, Deployment, ServerSettings, Storage, StorageConfig};
-use isr_store::meta::LockRelease;
+use isr_store::meta::{LockRelease, NetworkPolicy};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -118,6 +118,22 @@ enum UserCmd {
 enum ParcelCmd {
     /// List parcels (of one user, or of all).
     List { user: Option<String> },
+    /// IT's network policy of a parcel, enforced by the client at every resume (`none` wins over the
+    /// user's `--network nat`). Without --network: print the current policy.
+    Policy {
+        /// USER/PARCEL
+        target: String,
+        #[arg(long, value_enum)]
+        network: Option<PolicyArg>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PolicyArg {
+    /// No working network for the parcel's VM, whatever the user asks for.
+    None,
+    /// User-mode NAT allowed (the user may still choose none).
+    Nat,
 }
 
 /// A failure with its exit code.
@@ -297,6 +313,23 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                     None => "-".into(),
                 };
                 println!("{:<16} {:<24} {:>6}  {lock}", p.user, p.name, p.head);
+            }
+        }
+        Cmd::Parcel(ParcelCmd::Policy { target, network }) => {
+            let (u, p) = split_target(&target).ok_or_else(|| usage("expected USER/PARCEL"))?;
+            match network {
+                Some(arg) => {
+                    let policy = match arg {
+                        PolicyArg::None => NetworkPolicy::None,
+                        PolicyArg::Nat => NetworkPolicy::Nat,
+                    };
+                    storage.meta.set_network_policy(u, p, Some(policy)).await?;
+                    eprintln!("{target}: network policy {policy} (applies from the next resume)");
+                }
+                None => {
+                    let current = storage.meta.parcel(u, p).await?.network_policy;
+                    println!("{}", current.map_or("unset", NetworkPolicy::as_str));
+                }
             }
         }
         Cmd::Unlock { target } => {

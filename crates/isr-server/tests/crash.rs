@@ -132,6 +132,68 @@ macro_rules! on_every_backend {
 
 on_every_backend!(sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes:
     embedded => Embedded, sqlite_s3 => SqliteS3, pg_fs => PgFs, pg_s3 => PgS3);
+on_every_backend!(network_policy_is_set_by_the_administrator_and_served_to_the_owner:
+    policy_embedded => Embedded, policy_pg_fs => PgFs);
+
+/// `isr-server parcel policy USER/P --network none|nat` stores IT's policy; `GET /api/v1/parcels/P` returns
+/// it (null while unset), only to the parcel's owner; bad targets and values are refused.
+async fn network_policy_is_set_by_the_administrator_and_served_to_the_owner(backend: Backend) {
+    let d = Deployment::new(backend).await;
+    for user in ["alice", "bob"] {
+        let out = d.admin(&["user", "add", user]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let secret = |u: &str| UserSecrets::derive(u, "correct horse", KdfParams::DEFAULT).unwrap().login;
+    let (mut server, url) = d.serve();
+    let mut alice = Api::new(&url);
+    alice.login("alice", &secret("alice")).await;
+    let mut bob = Api::new(&url);
+    bob.login("bob", &secret("bob")).await;
+    alice.create("p", "laptop").await;
+    alice.create("q", "laptop").await;
+    let policy_of = |api: &Api, p: &'static str| {
+        let api = api.clone();
+        async move { api.get(&format!("/api/v1/parcels/{p}")).await.json()["network_policy"].clone() }
+    };
+    assert_eq!(policy_of(&alice, "p").await, serde_json::Value::Null);
+    let show = |target: &str| {
+        let out = d.admin(&["parcel", "policy", target]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(show("alice/p"), "unset");
+
+    let out = d.admin(&["parcel", "policy", "alice/p", "--network", "none"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("network policy none"));
+    assert_eq!(policy_of(&alice, "p").await, "none");
+    assert_eq!(policy_of(&alice, "q").await, serde_json::Value::Null, "only the parcel named");
+    assert_eq!(show("alice/p"), "none");
+    // Another user sees no such parcel, policy or not.
+    assert_eq!(bob.get("/api/v1/parcels/p").await.code(), "no_such_parcel");
+
+    let out = d.admin(&["parcel", "policy", "alice/p", "--network", "nat"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(policy_of(&alice, "p").await, "nat");
+
+    // Refusals: an unknown value or a malformed target is bad usage; a missing parcel names itself. The
+    // stored policy is unchanged by each.
+    for (args, code) in [
+        (vec!["parcel", "policy", "alice/p", "--network", "bridged"], 2),
+        (vec!["parcel", "policy", "alice", "--network", "none"], 2),
+        (vec!["parcel", "policy", "alice/nope", "--network", "none"], 1),
+        (vec!["parcel", "policy", "carol/p", "--network", "none"], 1),
+    ] {
+        let out = d.admin(&args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        if code == 1 {
+            assert!(String::from_utf8_lossy(&out.stderr).contains("no such parcel"), "{args:?}");
+        }
+    }
+    assert_eq!(policy_of(&alice, "p").await, "nat");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
 
 async fn sigkill_mid_checkin_leaves_the_head_and_the_retry_finishes(backend: Backend) {
     let d = Deployment::new(backend).await;
@@ -317,6 +379,7 @@ async fn only_user_add_makes_a_deployment_and_its_files_are_private() {
         &["gc"],
         &["prune", "alice/p", "--keep", "1"],
         &["unlock", "alice/p"],
+        &["parcel", "policy", "alice/p", "--network", "none"],
     ];
     for cmd in commands {
         for storage in
