@@ -16,6 +16,38 @@ pub enum Display {
     Vnc { listen: String },
 }
 
+/// The VM's network. Only the back end and the link: the virtio NIC itself is always part of the machine, so
+/// a memory image saved with one setting resumes with the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Network {
+    /// No working network: the NIC has no back end (its packets go nowhere) and its link is down before the
+    /// guest runs, so the guest sees a NIC without carrier.
+    None,
+    /// User-mode NAT (QEMU's slirp: the guest is 10.0.2.15, the host is reachable as 10.0.2.2).
+    #[default]
+    Nat,
+}
+
+impl Network {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Network::None => "none",
+            Network::Nat => "nat",
+        }
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// QEMU id of the NIC (for QMP `set_link`).
+pub const NIC_ID: &str = "nic0";
+/// The NIC's MAC address: fixed, so the guest sees the same NIC on every client.
+pub const NIC_MAC: &str = "52:54:00:12:34:56";
+
 /// CPU acceleration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
@@ -71,6 +103,8 @@ pub struct VmConfig {
     /// NBD export name, `None` for the default export.
     pub disk_export: Option<String>,
     pub display: Display,
+    /// The NIC's back end and link (the NIC is always present).
+    pub network: Network,
     /// Where the guest's serial console goes (in every display mode). `None`: a GTK virtual console with
     /// `Display::Gtk`, else nowhere.
     pub console_log: Option<PathBuf>,
@@ -104,6 +138,7 @@ impl VmConfig {
             disk_nbd_socket: disk_nbd_socket.into(),
             disk_export: None,
             display: Display::None,
+            network: Network::Nat,
             console_log: None,
             console_socket: None,
             runtime_dir: None,
@@ -196,6 +231,13 @@ impl VmConfig {
         blockdev.push(",reconnect-delay=5");
         a.pair("-blockdev", blockdev);
         a.pair("-device", "virtio-blk-pci,drive=disk0,id=vda,bootindex=1");
+        // network: the NIC is a machine device, present whatever the policy; `romfile=` skips the iPXE ROM
+        let mut nic = format!("virtio-net-pci,id={NIC_ID},mac={NIC_MAC},romfile=");
+        if self.network == Network::Nat {
+            a.pair("-netdev", "user,id=net0");
+            nic.push_str(",netdev=net0");
+        }
+        a.pair("-device", nic);
         let mut qmp = OsString::from("unix:");
         qmp.push(escape_opt(qmp_socket.as_os_str()));
         qmp.push(",server=on,wait=off");
@@ -270,7 +312,14 @@ mod tests {
             value_of(&a, "-blockdev"),
             ["driver=nbd,node-name=disk0,server.type=unix,server.path=/run/isr/disk.sock,reconnect-delay=5"]
         );
-        assert_eq!(value_of(&a, "-device"), ["virtio-blk-pci,drive=disk0,id=vda,bootindex=1"]);
+        assert_eq!(
+            value_of(&a, "-device"),
+            [
+                "virtio-blk-pci,drive=disk0,id=vda,bootindex=1",
+                "virtio-net-pci,id=nic0,mac=52:54:00:12:34:56,romfile=,netdev=net0"
+            ]
+        );
+        assert_eq!(value_of(&a, "-netdev"), ["user,id=net0"]);
         assert_eq!(value_of(&a, "-qmp"), ["unix:/run/isr/qmp.sock,server=on,wait=off"]);
         assert!(value_of(&a, "-incoming").is_empty());
         assert!(value_of(&a, "-cpu").is_empty());
@@ -336,5 +385,23 @@ mod tests {
         c.display = Display::Vnc { listen: "unix:/run/x/vnc.sock".into() };
         let unix = strings(&c.qemu_args(Path::new("/q"), false));
         assert_eq!(value_of(&unix, "-vnc"), ["unix:/run/x/vnc.sock"]);
+    }
+
+    #[test]
+    fn network_none_keeps_the_nic_without_a_back_end() {
+        let mut c = VmConfig::new(256, "/d.sock");
+        assert_eq!(c.network, Network::Nat, "NAT is the default");
+        let nat = strings(&c.qemu_args(Path::new("/q"), false));
+        c.network = Network::None;
+        let none = strings(&c.qemu_args(Path::new("/q"), true));
+        assert_eq!(value_of(&nat, "-netdev"), ["user,id=net0"]);
+        assert!(value_of(&none, "-netdev").is_empty(), "no back end: {none:?}");
+        let nic = |a: &[String]| -> Vec<String> {
+            value_of(a, "-device").into_iter().filter(|d| d.starts_with("virtio-net-pci")).map(String::from).collect()
+        };
+        assert_eq!(nic(&nat), ["virtio-net-pci,id=nic0,mac=52:54:00:12:34:56,romfile=,netdev=net0"]);
+        // the same device (id, MAC, no ROM), just not connected: a memory image resumes under either setting
+        assert_eq!(nic(&none), ["virtio-net-pci,id=nic0,mac=52:54:00:12:34:56,romfile="]);
+        assert!(!none.iter().any(|a| a.contains("net0")), "nothing refers to a back end: {none:?}");
     }
 }

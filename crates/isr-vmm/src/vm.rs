@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
-use crate::config::VmConfig;
+use crate::config::{Network, VmConfig, NIC_ID};
 use crate::error::VmmError;
 use crate::qmp::{QmpClient, QmpError};
 
@@ -249,7 +249,22 @@ impl Vm {
                 return Err(e);
             }
         }
+        // After the memory image is loaded (it carries the link state it was saved with), before the guest
+        // runs: the link is up exactly when the NIC has a back end.
+        if let Err(e) = vm.set_link().await {
+            let _ = vm.poweroff().await;
+            return Err(e);
+        }
         Ok(vm)
+    }
+
+    /// Sets the NIC's link to what [`VmConfig::network`] says.
+    async fn set_link(&mut self) -> Result<(), VmmError> {
+        let up = self.config.network == Network::Nat;
+        match self.qmp.execute("set_link", Some(json!({"name": NIC_ID, "up": up}))).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.died_or(e.into()).await),
+        }
     }
 
     /// Lets the guest of a VM started with [`Vm::start_paused`] run.
