@@ -148,6 +148,24 @@ if [ -e /sys/class/net/eth0 ]; then
 else
     echo "isr-net none"
 fi
+# optional: isr_fetch=URL on the kernel command line makes the guest fetch URL every 2 s and print
+# `isr-fetch carrier=C ok BODY` or `isr-fetch carrier=C failed` (C: eth0's carrier, 1 = link up), so a test
+# sees the network as the guest sees it after every boot and resume.
+for w in $(cat /proc/cmdline); do
+    case "$w" in isr_fetch=*)
+        url="${w#isr_fetch=}"
+        (while true; do
+            carrier="$(cat /sys/class/net/eth0/carrier 2>/dev/null || echo none)"
+            if body="$(wget -q -T 3 -O - "$url" 2>/dev/null)"; then
+                echo "isr-fetch carrier=$carrier ok $body"
+            else
+                echo "isr-fetch carrier=$carrier failed"
+            fi
+            sleep 2
+        done) &
+        ;;
+    esac
+done
 # A small stand-in for qemu-guest-agent on the virtio-serial port org.qemu.guest_agent.0: guest-sync,
 # guest-ping, guest-get-time, guest-set-time, and guest-exec of a page-cache drop.
 agent() {

@@ -74,6 +74,9 @@ enum Command {
         /// Never contact the server (the parcel must be fully hoarded)
         #[arg(long)]
         disconnected: bool,
+        /// The VM's network: user-mode NAT or none; IT's policy `none` (isr-server parcel policy) wins
+        #[arg(long, env = "ISR_NETWORK", default_value = "nat", value_parser = ["none", "nat"])]
+        network: String,
         /// CPU acceleration: auto tries KVM and falls back to TCG
         #[arg(long, env = "ISR_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
         accel: String,
@@ -307,6 +310,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 .map_err(|e| ClientError::io("creating the console's private directory", e))?;
             let resume = isr_client::resume::ResumeOptions {
                 display: isr_vmm::Display::None,
+                network: isr_vmm::Network::Nat,
                 disconnected: false,
                 accel: accel_choice(&accel),
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
@@ -395,9 +399,14 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     None if s.offline.is_some() => println!("lock:    unknown (offline)"),
                     None => println!("lock:    none"),
                 }
+                match (s.network_policy, &s.offline) {
+                    (Some(p), None) => println!("network: IT's policy {}", p.as_str()),
+                    (Some(p), Some(_)) => println!("network: IT's policy {} (as last seen)", p.as_str()),
+                    (None, _) => println!("network: IT's policy unknown (offline, never seen here)"),
+                }
             }
         }
-        Command::Resume { parcel, display, disconnected, accel, vnc, runtime_dir } => {
+        Command::Resume { parcel, display, disconnected, network, accel, vnc, runtime_dir } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
                 "none" => isr_vmm::Display::None,
@@ -407,6 +416,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let accel = accel_choice(&accel);
             let opts = ResumeOptions {
                 display,
+                network: if network == "none" { isr_vmm::Network::None } else { isr_vmm::Network::Nat },
                 disconnected,
                 accel,
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),

@@ -50,6 +50,10 @@ pub struct LocalState {
     /// Set by a VM that was powered off: the next resume boots cold even if the base has a memory image.
     #[serde(default)]
     pub memory_dropped: bool,
+    /// IT's network policy as last seen from the server (at checkout and every connected resume); absent in
+    /// states written before policies existed (a `--disconnected` resume then runs without network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<crate::network::SeenPolicy>,
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! - [`manifests`]: manifests opened bound to parcel and version; the highest version seen of each parcel.
 //! - [`parcel`]: the lifecycle: create, checkout, sync, checkin, discard, hoard, rollback, check, export.
 //! - [`resume`]: the VM (and `isr disk`): resume, suspend, power off.
+//! - [`network`]: IT's network policy and the network a resume gives the VM.
 //! - [`run`]: the run-time records of a running parcel and the cleanup after a run that died.
 
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod home;
 pub mod image;
 pub mod manifests;
+pub mod network;
 pub mod parcel;
 pub mod progress;
 pub mod resume;

@@ -5,6 +5,7 @@ use crate::error::ClientError;
 use crate::home::{now_unix, rfc3339, valid_parcel_name, write_atomic, Home, LocalState, Session};
 use crate::image::{WorkingImage, DEFAULT_MEMORY_CACHE};
 use crate::manifests::{self, Asked, ParcelKey};
+use crate::network::SeenPolicy;
 use crate::progress::{self, Progress};
 use crate::transport::{CommitRefusal, LockInfo, ParcelSummary, Transport, VersionInfo};
 use bytes::Bytes;
@@ -181,6 +182,9 @@ pub struct ParcelStatus {
     pub memory_image: bool,
     /// Bytes of chunks changed here that the server does not have yet (0 when offline: unknown).
     pub pending_upload_bytes: u64,
+    /// IT's network policy: the server's (`unset`, `none`, `nat`); offline, the one last seen here (`null`
+    /// when never seen).
+    pub network_policy: Option<SeenPolicy>,
     /// Set when the server could not be reached: head and lock are then unknown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<String>,
@@ -620,6 +624,7 @@ impl Client {
             lock_id,
             wrapped_keyroot: detail.wrapped_keyroot,
             memory_dropped: false,
+            network_policy: Some(SeenPolicy::from_server(detail.network_policy.as_deref())),
         };
         self.home.save_local_state(&st)?;
         Ok(st)
@@ -1225,10 +1230,10 @@ impl Client {
             Ok(t) => t.parcel(name).await,
             Err(e) => Err(e),
         };
-        let (head, lock, offline) = match server {
-            Ok(d) => (Some(d.head), d.lock, None),
+        let (head, lock, policy, offline) = match server {
+            Ok(d) => (Some(d.head), d.lock, Some(SeenPolicy::from_server(d.network_policy.as_deref())), None),
             Err(e @ ClientError::Unreachable { .. }) if state != LocalStateName::Absent => {
-                (None, None, Some(e.to_string()))
+                (None, None, None, Some(e.to_string()))
             }
             Err(e) => return Err(e),
         };
@@ -1242,6 +1247,7 @@ impl Client {
             lock,
             memory_image: false,
             pending_upload_bytes: 0,
+            network_policy: policy,
             offline,
         };
         if state == LocalStateName::Absent {
@@ -1249,6 +1255,7 @@ impl Client {
         }
         let o = self.open(name)?;
         status.base_version = Some(o.state.base_version);
+        status.network_policy = status.network_policy.or(o.state.network_policy);
         let (cached, dirty, total) = self.local_chunk_counts(&o).await?;
         status.chunks = ChunkCounts { cached, dirty, total };
         status.memory_image = !o.state.memory_dropped

@@ -18,7 +18,8 @@ use crate::run::{
 };
 use futures::StreamExt;
 use isr_format::{ChunkDecoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, Keyring, Tag};
-use isr_vmm::{Accel, Display, Start, Vm, VmConfig, VmmError};
+use crate::network::{effective_network, SeenPolicy};
+use isr_vmm::{Accel, Display, Network, Start, Vm, VmConfig, VmmError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -52,6 +53,8 @@ pub enum AccelChoice {
 #[derive(Debug, Clone)]
 pub struct ResumeOptions {
     pub display: Display,
+    /// The network the user asks for; IT's policy `none` overrides it ([`effective_network`]).
+    pub network: Network,
     pub disconnected: bool,
     pub accel: AccelChoice,
     pub qemu: Option<PathBuf>,
@@ -484,6 +487,24 @@ impl Client {
             self.confirm_lock(name).await?;
         }
         let server = if opts.disconnected { None } else { Some(self.connect().await?) };
+        // IT's network policy: asked at every connected resume (and remembered for --disconnected).
+        let policy = match &server {
+            Some(t) => {
+                let seen = SeenPolicy::from_server(t.parcel(name).await?.network_policy.as_deref());
+                if o.state.network_policy != Some(seen) {
+                    if let Some(mut st) = self.home.local_state(&self.user, name)? {
+                        st.network_policy = Some(seen);
+                        self.home.save_local_state(&st)?;
+                    }
+                }
+                Some(seen)
+            }
+            None => o.state.network_policy,
+        };
+        let (network, note) = effective_network(name, policy, opts.network);
+        if let Some(note) = note {
+            eprintln!("isr: {note}");
+        }
         let cache = ChunkCache::open(&self.home.cache_dir())?;
         let private = PrivateDir::create(private_path.to_owned())?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: connected");
@@ -546,6 +567,7 @@ impl Client {
         config.accel = accel;
         config.qemu = qemu;
         config.display = opts.display.clone();
+        config.network = network;
         config.runtime_dir = Some(private.path().to_owned());
         // The parcel's device model, the same on every client (a memory image needs the devices it was saved
         // with).

@@ -50,6 +50,9 @@ pub struct ParcelDetail {
     pub created_unix: i64,
     pub lock: Option<LockInfo>,
     pub wrapped_keyroot: String,
+    /// IT's network policy (`none` or `nat`), `None` when unset (or from a server without policies).
+    #[serde(default)]
+    pub network_policy: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
