@@ -154,9 +154,16 @@ fi
 for w in $(cat /proc/cmdline); do
     case "$w" in isr_fetch=*)
         url="${w#isr_fetch=}"
+        # busybox nc, not wget (the static busybox's wget crashes in glibc's resolver without /etc files)
+        hostport="${url#http://}"
+        hostport="${hostport%%/*}"
+        path="/${url#http://*/}"
         (while true; do
             carrier="$(cat /sys/class/net/eth0/carrier 2>/dev/null || echo none)"
-            if body="$(wget -q -T 3 -O - "$url" 2>/dev/null)"; then
+            reply="$(printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$path" "$hostport" |
+                nc -w 3 "${hostport%:*}" "${hostport##*:}" 2>/dev/null | tr -d '\r')"
+            body="$(echo "$reply" | sed '1,/^$/d')"
+            if [ "${reply#HTTP/1.* 200}" != "$reply" ] && [ -n "$body" ]; then
                 echo "isr-fetch carrier=$carrier ok $body"
             else
                 echo "isr-fetch carrier=$carrier failed"
