@@ -117,11 +117,15 @@ fn fetches(text: &str) -> Vec<String> {
 
 /// Wait until the guest, from console byte `from` on, printed `n` fetch lines starting with `prefix`.
 fn wait_fetches(console: &Path, from: usize, prefix: &str, n: usize, what: &str) {
-    wait_for(
-        || fetches(&console_after(console, from)).iter().filter(|l| l.starts_with(prefix)).count() >= n,
-        BOOT,
-        what,
-    );
+    let end = std::time::Instant::now() + BOOT;
+    while fetches(&console_after(console, from)).iter().filter(|l| l.starts_with(prefix)).count() < n {
+        if std::time::Instant::now() > end {
+            let text = console_after(console, from);
+            let tail: Vec<&str> = text.lines().filter(|l| !l.contains("isr-counter")).collect();
+            panic!("timed out waiting for {what}; the console since then, without counters: {tail:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Once IT's policy `none` applies (from the first `carrier=0` line on), nothing reaches the host: every

@@ -10,6 +10,7 @@ use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::{valid_parcel_name, write_atomic};
 use crate::image::{ImageDevice, WorkingImage};
+use crate::network::{effective_network, SeenPolicy};
 use crate::parcel::{is_running, work_keyring_path, Client, Opened};
 use crate::run::{
     check_runtime_space, clean_stale, console_log, default_runtime_dir, drop_memory_image,
@@ -18,7 +19,6 @@ use crate::run::{
 };
 use futures::StreamExt;
 use isr_format::{ChunkDecoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, Keyring, Tag};
-use crate::network::{effective_network, SeenPolicy};
 use isr_vmm::{Accel, Display, Network, Start, Vm, VmConfig, VmmError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -573,18 +573,21 @@ impl MetaStore for SqliteMetaStore {
                  FROM parcels p JOIN users u ON u.id = p.user_id WHERE u.name = ?1 AND p.name = ?2",
                 params![user, parcel],
                 |r| {
-                    Ok((ParcelDetail {
-                        info: ParcelInfo {
-                            user: user.clone(),
-                            name: parcel.clone(),
-                            head: r.get::<_, i64>(0)? as u64,
-                            created_unix: r.get(1)?,
-                            lock: lock_from(r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+                    Ok((
+                        ParcelDetail {
+                            info: ParcelInfo {
+                                user: user.clone(),
+                                name: parcel.clone(),
+                                head: r.get::<_, i64>(0)? as u64,
+                                created_unix: r.get(1)?,
+                                lock: lock_from(r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+                            },
+                            wrapped_keyroot: r.get(6)?,
+                            recovery_keyroot: r.get(7)?,
+                            network_policy: None,
                         },
-                        wrapped_keyroot: r.get(6)?,
-                        recovery_keyroot: r.get(7)?,
-                        network_policy: None,
-                    }, r.get::<_, Option<String>>(8)?))
+                        r.get::<_, Option<String>>(8)?,
+                    ))
                 },
             )
             .optional()?
