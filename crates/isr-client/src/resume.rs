@@ -573,6 +573,10 @@ impl Client {
         // with).
         config.vga = vm.devices.has_display();
         config.agent_channel = vm.devices.has_agent_channel();
+        config.nic = vm.devices.has_nic();
+        if !config.nic {
+            eprintln!("isr: {name} was created before VMs had a network card: its VM runs without network");
+        }
         let agent_socket = config.agent_channel.then(|| private.path().join("qga.sock"));
         config.agent_socket = agent_socket.clone();
         // The serial console goes to the log in every display mode; the log is outside the parcel directory,

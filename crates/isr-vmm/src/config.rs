@@ -94,6 +94,8 @@ pub struct VmConfig {
     pub vga: bool,
     /// *machine*: a virtio-serial port named `org.qemu.guest_agent.0` for the QEMU guest agent.
     pub agent_channel: bool,
+    /// *machine*: a virtio NIC (`nic0`); [`VmConfig::network`] says what it reaches.
+    pub nic: bool,
     /// Where the host end of the agent channel listens (a Unix socket); `None`: not connected this run.
     pub agent_socket: Option<PathBuf>,
     /// Direct kernel boot (the kernel, initrd and command line are loaded into RAM: part of the memory image).
@@ -105,7 +107,7 @@ pub struct VmConfig {
     /// NBD export name, `None` for the default export.
     pub disk_export: Option<String>,
     pub display: Display,
-    /// The NIC's back end and link (the NIC is always present).
+    /// The NIC's back end and link (with [`VmConfig::nic`]).
     pub network: Network,
     /// Where the guest's serial console goes (in every display mode). `None`: a GTK virtual console with
     /// `Display::Gtk`, else nowhere.
@@ -133,6 +135,7 @@ impl VmConfig {
             cpu: None,
             vga: false,
             agent_channel: false,
+            nic: false,
             agent_socket: None,
             kernel: None,
             initrd: None,
@@ -235,11 +238,13 @@ impl VmConfig {
         a.pair("-device", "virtio-blk-pci,drive=disk0,id=vda,bootindex=1");
         // network: the NIC is a machine device, present whatever the policy; `romfile=` skips the iPXE ROM
         // (and always the same back end type, so the NIC offers the guest the same features)
-        match self.network {
-            Network::Nat => a.pair("-netdev", "user,id=net0"),
-            Network::None => a.pair("-netdev", "user,id=net0,restrict=on"),
+        if self.nic {
+            match self.network {
+                Network::Nat => a.pair("-netdev", "user,id=net0"),
+                Network::None => a.pair("-netdev", "user,id=net0,restrict=on"),
+            }
+            a.pair("-device", format!("virtio-net-pci,id={NIC_ID},mac={NIC_MAC},romfile=,netdev=net0"));
         }
-        a.pair("-device", format!("virtio-net-pci,id={NIC_ID},mac={NIC_MAC},romfile=,netdev=net0"));
         let mut qmp = OsString::from("unix:");
         qmp.push(escape_opt(qmp_socket.as_os_str()));
         qmp.push(",server=on,wait=off");
@@ -314,14 +319,8 @@ mod tests {
             value_of(&a, "-blockdev"),
             ["driver=nbd,node-name=disk0,server.type=unix,server.path=/run/isr/disk.sock,reconnect-delay=5"]
         );
-        assert_eq!(
-            value_of(&a, "-device"),
-            [
-                "virtio-blk-pci,drive=disk0,id=vda,bootindex=1",
-                "virtio-net-pci,id=nic0,mac=52:54:00:12:34:56,romfile=,netdev=net0"
-            ]
-        );
-        assert_eq!(value_of(&a, "-netdev"), ["user,id=net0"]);
+        assert_eq!(value_of(&a, "-device"), ["virtio-blk-pci,drive=disk0,id=vda,bootindex=1"]);
+        assert!(value_of(&a, "-netdev").is_empty(), "no NIC unless the device model has one");
         assert_eq!(value_of(&a, "-qmp"), ["unix:/run/isr/qmp.sock,server=on,wait=off"]);
         assert!(value_of(&a, "-incoming").is_empty());
         assert!(value_of(&a, "-cpu").is_empty());
@@ -392,6 +391,7 @@ mod tests {
     #[test]
     fn network_none_keeps_the_nic_on_a_restricted_back_end() {
         let mut c = VmConfig::new(256, "/d.sock");
+        c.nic = true;
         assert_eq!(c.network, Network::Nat, "NAT is the default");
         let nat = strings(&c.qemu_args(Path::new("/q"), false));
         c.network = Network::None;

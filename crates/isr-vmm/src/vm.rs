@@ -250,7 +250,7 @@ impl Vm {
             }
         }
         // After the memory image is loaded (it carries the link state it was saved with), before the guest
-        // runs: the link is up exactly when the NIC has a back end.
+        // runs: the link is up exactly with NAT.
         if let Err(e) = vm.set_link().await {
             let _ = vm.poweroff().await;
             return Err(e);
@@ -260,6 +260,9 @@ impl Vm {
 
     /// Sets the NIC's link to what [`VmConfig::network`] says.
     async fn set_link(&mut self) -> Result<(), VmmError> {
+        if !self.config.nic {
+            return Ok(());
+        }
         let up = self.config.network == Network::Nat;
         match self.qmp.execute("set_link", Some(json!({"name": NIC_ID, "up": up}))).await {
             Ok(_) => Ok(()),
