@@ -9,6 +9,7 @@
 //! - [`parcel`]: the lifecycle: create, checkout, sync, checkin, discard, hoard, rollback, check, export.
 //! - [`resume`]: the VM (and `isr disk`): resume, suspend, power off.
 //! - [`network`]: IT's network policy and the network a resume gives the VM.
+//! - [`source`]: where chunks come from: a stack of chunk sources (coalescing, cache, lookaside, server).
 //! - [`run`]: the run-time records of a running parcel and the cleanup after a run that died.
 
 pub mod cache;
@@ -21,6 +22,7 @@ pub mod parcel;
 pub mod progress;
 pub mod resume;
 pub mod run;
+pub mod source;
 pub mod transport;
 
 pub use error::ClientError;
