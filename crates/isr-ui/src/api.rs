@@ -116,8 +116,13 @@ impl Console {
 fn new_client(s: &UiSettings) -> Result<Client, UiError> {
     let home = Home::open(&s.home)?;
     let pw = s.password.clone();
-    let mut c =
-        Client::new(home, s.user.clone(), s.server.clone(), s.ca_pem.clone(), Box::new(move || Ok(pw.clone())));
+    let mut c = Client::new(
+        home,
+        s.user.clone(),
+        s.server.clone(),
+        s.ca_pem.clone(),
+        Box::new(move || Ok(pw.clone())),
+    );
     c.set_lookaside(s.lookaside.clone());
     Ok(c)
 }
