@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512
 
-.PHONY: help deps ui-deps guest fmt-check clippy test bench fuzz demo demo-format
+.PHONY: help deps ui-deps guest fmt-check clippy test bench fuzz demo demo-format pocket
 
 help:
 	@echo "make demo    the whole story: server, parcel from the test guest, resume on client A, suspend, check in,"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench   cargo bench --workspace (codec vs the zstd tool, NBD)"
 	@echo "make fuzz    every fuzz target for FUZZ_SECONDS (default 30) seconds (scripts/fuzz.sh)"
 	@echo "make deps    install the Debian packages: $(DEB_PACKAGES)"
+	@echo "make pocket  Pocket ISR: a statically linked isr in $(POCKET_BIN)"
 
 # Idempotent: asks apt only for what is missing, and refreshes the package lists only then.
 deps: guest ui-deps
@@ -49,9 +50,18 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: deps fmt-check clippy
+# Pocket ISR: `isr` with glibc linked in statically (target x86_64-unknown-linux-gnu, +crt-static; --target keeps
+# build scripts and proc macros dynamic). Runs on a machine with nothing installed but QEMU.
+POCKET_DIR := target/pocket
+POCKET_BIN := $(POCKET_DIR)/x86_64-unknown-linux-gnu/pocket/isr
+pocket:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile pocket --target x86_64-unknown-linux-gnu \
+	  --target-dir $(POCKET_DIR) -p isr-cli --bin isr --features pocket
+	@file $(POCKET_BIN) 2>/dev/null || ls -l $(POCKET_BIN)
+
+test: deps fmt-check clippy pocket
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace
+	ISR_POCKET_BIN=$(CURDIR)/$(POCKET_BIN) $(CARGO) test --workspace
 
 bench: deps
 	$(CARGO) bench --workspace

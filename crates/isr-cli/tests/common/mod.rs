@@ -282,3 +282,26 @@ impl Server {
         copied
     }
 }
+
+/// A child whose stdout is piped and whose stderr is collected as it comes (readable while it runs).
+pub struct Collecting {
+    pub child: Child,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Collecting {
+    pub fn spawn(cmd: &mut Command) -> Collecting {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let pipe = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Collecting { child, stderr }
+    }
+}
