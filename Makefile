@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build, the tests and the demo need (tests skip nothing silently: they need these).
 # QEMU 10 (qemu-system-x86, qemu-utils from bookworm-backports), busybox-static and cpio come from guest/build.sh.
-DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium
+DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium libnbd-bin python3-libnbd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512

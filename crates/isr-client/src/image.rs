@@ -596,6 +596,77 @@ impl WorkingImage {
         Ok(())
     }
 
+    /// Allocation of `len` bytes at `offset` for NBD block status, per chunk: a zero chunk (nothing stored)
+    /// is a hole reading as zeroes, a written chunk still in memory is zero when all its bytes are, the
+    /// rest is data. Never fetches anything.
+    pub fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<isr_nbd::proto::Extent>> {
+        use isr_nbd::proto::{state, Extent};
+        self.check_range(offset, len as u64)?;
+        let cs = self.chunk_size;
+        let st = self.state.lock().expect("image state");
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len as u64;
+        for i in cs.chunks_in_range(ByteOffset(offset), len as u64) {
+            let chunk_end =
+                (cs.offset_of(ChunkIndex(i)).0 + cs.chunk_len(self.len, ChunkIndex(i)) as u64).min(end);
+            let flags = if st.dirty.contains(&i) {
+                let zero = st.resident.get(&i).is_some_and(|r| codec::is_zero(&r.data));
+                if zero {
+                    state::ZERO
+                } else {
+                    0
+                }
+            } else if st.keyring.get(ChunkIndex(i)).is_none() {
+                state::HOLE | state::ZERO
+            } else {
+                0
+            };
+            out.push(Extent { len: (chunk_end - pos) as u32, flags });
+            pos = chunk_end;
+        }
+        Ok(out)
+    }
+
+    /// Bring the chunks of a range into the local cache (NBD_CMD_CACHE), several at a time; returns once
+    /// they are there.
+    pub async fn prefetch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check_range(offset, len)?;
+        let tags: Vec<(Tag, u64)> = {
+            let st = self.state.lock().expect("image state");
+            self.chunk_size
+                .chunks_in_range(ByteOffset(offset), len)
+                .filter(|i| !st.resident.contains_key(i))
+                .filter_map(|i| st.keyring.get(ChunkIndex(i)).map(|(t, _)| (t, 0)))
+                .collect()
+        };
+        let wanted = self.sources.not_cached(&tags).await;
+        self.sources.prefetch(&wanted, PREFETCH_IN_FLIGHT, &|_, _| {}).await.map_err(eio)
+    }
+
+    /// Zero a range only where that needs no decode (NBD fast zero): every chunk it covers only partly must
+    /// be in memory or a zero chunk already; else `Unsupported`, before anything changed.
+    pub async fn write_zeroes_fast(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check_range(offset, len)?;
+        let cs = self.chunk_size;
+        let slow = {
+            let st = self.state.lock().expect("image state");
+            cs.chunks_in_range(ByteOffset(offset), len).any(|i| {
+                let start = cs.offset_of(ChunkIndex(i)).0;
+                let clen = cs.chunk_len(self.len, ChunkIndex(i)) as u64;
+                let whole = offset <= start && start + clen <= offset + len;
+                !whole && !st.resident.contains_key(&i) && st.keyring.get(ChunkIndex(i)).is_some()
+            })
+        };
+        if slow {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "zeroing part of a chunk that is not in memory needs a decode",
+            ));
+        }
+        self.write_zeroes(offset, len).await
+    }
+
     /// Write the working keyring (or remove it when the image equals its base again).
     async fn persist(&self) -> Result<(), ClientError> {
         let keyring = self.keyring();
@@ -613,6 +684,9 @@ impl WorkingImage {
             .map_err(|e| ClientError::Other(format!("keyring task: {e}")))?
     }
 }
+
+/// Chunks fetched at once for an NBD cache request.
+const PREFETCH_IN_FLIGHT: usize = 16;
 
 /// A [`WorkingImage`] exported over NBD.
 #[derive(Debug, Clone)]
@@ -640,5 +714,19 @@ impl isr_nbd::BlockDevice for ImageDevice {
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.0.write_zeroes(offset, len).await
+    }
+    async fn write_zeroes_fast(&self, offset: u64, len: u64, _no_hole: bool) -> std::io::Result<()> {
+        // A zero chunk is never stored: "no hole" has no meaning for an image of chunks.
+        self.0.write_zeroes_fast(offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<isr_nbd::proto::Extent>> {
+        self.0.block_status(offset, len)
+    }
+    async fn cache(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.prefetch(offset, len).await
+    }
+    /// One in-memory state serves every connection, and a flush makes all of it durable.
+    fn multi_conn_consistent(&self) -> bool {
+        true
     }
 }
