@@ -161,8 +161,8 @@ fn values(r: &rusqlite::Row<'_>, columns: usize) -> Result<Values, MetaError> {
 /// pool. Dropped unfinished, its connection is closed, which rolls back.
 pub(crate) struct SqliteTx {
     pool: Pool,
+    /// Out while a step runs; gone if a step's task failed.
     conn: Option<Connection>,
-    open: bool,
 }
 
 impl SqliteTx {
@@ -233,15 +233,13 @@ impl MetaTx for SqliteTx {
         .await
     }
 
-    async fn control(&mut self, sql: &'static str, open_after: bool) -> Result<(), MetaError> {
-        self.open = true;
-        self.step(move |c| Ok(c.execute_batch(sql)?)).await?;
-        self.open = open_after;
-        Ok(())
+    /// SQLite knows by itself whether a transaction is open.
+    async fn control(&mut self, sql: &'static str, _: bool) -> Result<(), MetaError> {
+        self.step(move |c| Ok(c.execute_batch(sql)?)).await
     }
 
     fn is_open(&self) -> bool {
-        self.open
+        self.conn.as_ref().is_some_and(|c| !c.is_autocommit())
     }
 }
 
@@ -251,7 +249,7 @@ impl Backend for SqliteMetaStore {
     const DIALECT: Dialect = Dialect::Sqlite;
 
     async fn connect(&self) -> Result<SqliteTx, MetaError> {
-        Ok(SqliteTx { pool: self.pool.clone(), conn: Some(self.take()?), open: false })
+        Ok(SqliteTx { pool: self.pool.clone(), conn: Some(self.take()?) })
     }
 
     /// Nothing beyond `BEGIN IMMEDIATE`, which excludes every other writer.

@@ -231,16 +231,14 @@ async fn exec_each<B: Backend>(b: &B, stmt: &'static str, args: Vec<Arg>) -> Res
     finish(tx, r).await
 }
 
-/// The first row of a query on its own.
+/// The first row of a query on its own (of those that return at most one).
 async fn first_each<B: Backend, R>(
     b: &B,
     stmt: &'static str,
     args: Vec<Arg>,
-    f: impl FnOnce(&dyn Columns) -> Result<R, MetaError> + Send,
+    f: impl FnMut(&dyn Columns) -> Result<R, MetaError> + Send,
 ) -> Result<Option<R>, MetaError> {
-    let mut tx = begin(b, TxKind::Each).await?;
-    let r = first(&mut tx, stmt, None, args, f).await;
-    finish(tx, r).await
+    Ok(all_each(b, stmt, args, f).await?.into_iter().next())
 }
 
 /// Every row of a query on its own.

@@ -1,8 +1,8 @@
 //! The metadata rules, once for every backend: what a lock request, a release, a delete, a commit, a rollback,
 //! a prune and a gc sweep may do, decided from the rows the backend read inside its transaction. Each
-//! function is a pure decision (rows in, a verdict or the writes to make out); the backends
-//! ([`crate::SqliteMetaStore`], [`crate::PgMetaStore`]) only read those rows, lock them and carry the writes
-//! out, with the statements of [`crate::sql`].
+//! function is a pure decision (rows in, a verdict or the writes to make out); [`crate::meta_tx`] reads those
+//! rows and carries the writes out with the statements of [`crate::sql`], in transactions that each backend
+//! ([`crate::SqliteMetaStore`], [`crate::PgMetaStore`]) begins and locks its own way.
 //!
 //! The order of a commit's checks is part of the contract: lock, base version, keyrings, chunks.
 
@@ -243,12 +243,7 @@ pub(crate) const PURGE_KEYRINGS: GcExclusion = GcExclusion::Exclusive;
 /// A sweep's first step, under [`SWEEP`]: the versions committed since the mark (`current`: every version
 /// now), whose chunks the sweep must spare.
 pub(crate) fn versions_since(mark: &GcMark, current: impl IntoIterator<Item = i64>) -> Vec<i64> {
-    seen_since(&mark.versions_seen, current)
-}
-
-/// [`versions_since`] of the versions a mark saw.
-pub(crate) fn seen_since(seen: &HashSet<i64>, current: impl IntoIterator<Item = i64>) -> Vec<i64> {
-    current.into_iter().filter(|id| !seen.contains(id)).collect()
+    current.into_iter().filter(|id| !mark.versions_seen.contains(id)).collect()
 }
 
 /// A sweep's verdict: the candidates no version committed since the mark references.
