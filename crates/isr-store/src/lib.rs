@@ -6,6 +6,9 @@ pub mod chunk;
 pub use chunk::{ChunkStore, Durability, FsChunkStore, MemChunkStore, StoreError, VerifyingStore};
 pub mod meta;
 pub mod meta_sqlite;
+pub(crate) mod meta_tx;
+pub(crate) mod rules;
+pub(crate) mod sql;
 
 pub use meta::{MetaError, MetaStore, NetworkPolicy};
 pub use meta_sqlite::SqliteMetaStore;

@@ -3,9 +3,10 @@
 //!
 //! Every piece of state that several server processes must agree on (locks, tokens, failed-login counters, the
 //! deployment's settings) lives behind this trait, never in process memory, so several `isr-server serve`
-//! processes can share one database. The embedded backend is [`crate::SqliteMetaStore`]; a PostgreSQL backend
-//! implements the same trait with transactions and row locks (see the notes on [`MetaStore::commit_version`]
-//! and [`MetaStore::gc_sweep`]).
+//! processes can share one database. The embedded backend is [`crate::SqliteMetaStore`], the shared one
+//! [`crate::PgMetaStore`]; both implement the trait through one implementation over a small transaction
+//! interface (`meta_tx.rs`), with the rules in `rules.rs` and the schema and statements in `sql.rs` (see the
+//! notes on [`MetaStore::commit_version`] and [`MetaStore::gc_sweep`] for how each backend locks).
 
 use async_trait::async_trait;
 use bytes::Bytes;

@@ -891,3 +891,47 @@ async fn fs_chunks_and_sqlite_files_are_private() {
     SqliteMetaStore::open(&db).unwrap();
     assert_eq!(mode_of(&db), 0o600);
 }
+
+/// The indexes a store has, by name (not those of primary keys and unique constraints).
+async fn indexes_of_pg(url: &str) -> Vec<String> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema()
+               AND indexname NOT LIKE '%\\_pkey' AND indexname NOT LIKE '%\\_key' ORDER BY indexname",
+            &[],
+        )
+        .await
+        .unwrap();
+    drop(client);
+    driver.await.unwrap().unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+fn indexes_of_sqlite(path: &std::path::Path) -> Vec<String> {
+    let c = rusqlite::Connection::open(path).unwrap();
+    let mut st = c
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_autoindex%'
+             ORDER BY name",
+        )
+        .unwrap();
+    st.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+}
+
+/// One schema: both backends have the same indexes, and an existing database gets a newer one when opened.
+#[tokio::test]
+async fn meta_backends_have_the_same_indexes() {
+    let (_, url) = pg_store().await;
+    let pg = indexes_of_pg(&url).await;
+    assert_eq!(pg, ["tokens_by_expiry", "tokens_by_user", "version_keyrings_by_hash"]);
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("m.db");
+    SqliteMetaStore::open(&fresh).unwrap();
+    assert_eq!(indexes_of_sqlite(&fresh), pg);
+    let old = dir.path().join("old.db");
+    rusqlite::Connection::open(&old).unwrap().execute_batch(OLD_SCHEMA).unwrap();
+    SqliteMetaStore::open(&old).unwrap();
+    assert_eq!(indexes_of_sqlite(&old), pg);
+}

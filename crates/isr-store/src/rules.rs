@@ -1,0 +1,425 @@
+//! The metadata rules, once for every backend: what a lock request, a release, a delete, a commit, a rollback,
+//! a prune and a gc sweep may do, decided from the rows the backend read inside its transaction. Each
+//! function is a pure decision (rows in, a verdict or the writes to make out); [`crate::meta_tx`] reads those
+//! rows and carries the writes out with the statements of [`crate::sql`], in transactions that each backend
+//! ([`crate::SqliteMetaStore`], [`crate::PgMetaStore`]) begins and locks its own way.
+//!
+//! The order of a commit's checks is part of the contract: lock, base version, keyrings, chunks.
+
+use crate::meta::{check_lock, BrokenLock, GcMark, LockInfo, LockRelease, MetaError, VersionSel};
+use isr_format::{KeyringTags, Tag};
+use std::collections::HashSet;
+
+/// A parcel's row as the rules read it (in the transaction that then acts on it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ParcelRow {
+    pub id: i64,
+    pub head: u64,
+    pub lock: Option<LockInfo>,
+    pub broken: Option<BrokenLock>,
+    /// `user/parcel`, for errors.
+    pub name: String,
+}
+
+impl ParcelRow {
+    /// [`check_lock`] against this row.
+    pub(crate) fn check_lock(&self, lock_id: &str) -> Result<(), MetaError> {
+        check_lock(&self.name, lock_id, self.lock.as_ref(), self.broken.as_ref())
+    }
+
+    /// The current lock, if `lock_id` is it (confirmation).
+    pub(crate) fn confirm(self, lock_id: &str) -> Result<LockInfo, MetaError> {
+        self.check_lock(lock_id)?;
+        self.lock.ok_or_else(|| MetaError::LockMismatch(self.name.clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Locks
+
+/// What a lock request does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Acquire {
+    /// The client already holds the parcel: its lock is returned, nothing changes.
+    Held(LockInfo),
+    /// The parcel is free: store this lock.
+    Take(LockInfo),
+}
+
+impl Acquire {
+    pub(crate) fn lock(self) -> LockInfo {
+        match self {
+            Acquire::Held(l) | Acquire::Take(l) => l,
+        }
+    }
+}
+
+/// A lock request of `lock`'s client: idempotent for the holder, refused while another client holds it.
+pub(crate) fn acquire(p: &ParcelRow, lock: LockInfo) -> Result<Acquire, MetaError> {
+    match &p.lock {
+        Some(held) if held.client_id == lock.client_id => Ok(Acquire::Held(held.clone())),
+        Some(held) => Err(MetaError::Locked { parcel: p.name.clone(), lock: held.clone() }),
+        None => Ok(Acquire::Take(lock)),
+    }
+}
+
+/// What a release does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// Nothing to change (a forced release of an unlocked parcel keeps its last break too).
+    Unchanged,
+    /// Clear the lock, first recording this break when it is one.
+    Clear { broken: Option<BrokenLock> },
+}
+
+/// A release by id ([`check_lock`]) or by force (remembered as the parcel's latest break).
+pub(crate) fn release(p: &ParcelRow, how: &LockRelease) -> Result<Release, MetaError> {
+    match how {
+        LockRelease::Id(id) => {
+            p.check_lock(id)?;
+            Ok(Release::Clear { broken: None })
+        }
+        LockRelease::Force { by, now_unix } => Ok(match &p.lock {
+            None => Release::Unchanged,
+            Some(held) => Release::Clear {
+                broken: Some(BrokenLock { lock_id: held.lock_id.clone(), by: by.clone(), unix: *now_unix }),
+            },
+        }),
+    }
+}
+
+/// Undoing a create: only a parcel without versions, and not while another client (`client_id` differs)
+/// holds it.
+pub(crate) fn delete(p: &ParcelRow, client_id: Option<&str>) -> Result<(), MetaError> {
+    if p.head != 0 {
+        return Err(MetaError::HasVersions(p.name.clone()));
+    }
+    match &p.lock {
+        Some(lock) if client_id != Some(lock.client_id.as_str()) => {
+            Err(MetaError::Locked { parcel: p.name.clone(), lock: lock.clone() })
+        }
+        _ => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Commits and rollbacks
+
+/// A commit's first two checks: the caller's lock, then that it builds on the head.
+pub(crate) fn commit_preconditions(p: &ParcelRow, lock_id: &str, base_version: u64) -> Result<(), MetaError> {
+    p.check_lock(lock_id)?;
+    if base_version != p.head {
+        return Err(MetaError::StaleBase { base: base_version, head: p.head });
+    }
+    Ok(())
+}
+
+/// The distinct keyrings a commit names, sorted (the ones to look up, and to reference).
+pub(crate) fn distinct_keyrings(keyrings: &[Tag]) -> Vec<Tag> {
+    let mut out: Vec<Tag> = keyrings.iter().copied().collect::<HashSet<_>>().into_iter().collect();
+    out.sort();
+    out
+}
+
+/// Adds the stored (non-zero) chunk tags of keyring `hash` to `into`.
+pub(crate) fn keyring_tags(hash: Tag, data: &[u8], into: &mut HashSet<Tag>) -> Result<(), MetaError> {
+    let tags = KeyringTags::parse(data).map_err(|e| MetaError::BadKeyring { hash, reason: e.to_string() })?;
+    into.extend(tags.stored_tags().copied());
+    Ok(())
+}
+
+/// The commit's third check and the chunks it must then find: every keyring in `wanted` must have been
+/// uploaded for the parcel (`found`: hash and bytes of those that were); the chunks to look for are those they
+/// name minus `known`, the chunks of the head version (present, since gc never sweeps them). Sorted.
+pub(crate) fn chunks_needed<'a>(
+    wanted: &[Tag],
+    found: impl IntoIterator<Item = (Tag, &'a [u8])>,
+    known: &HashSet<Tag>,
+) -> Result<Vec<Tag>, MetaError> {
+    let mut seen = HashSet::new();
+    let mut named = HashSet::new();
+    for (hash, data) in found {
+        keyring_tags(hash, data, &mut named)?;
+        seen.insert(hash);
+    }
+    let mut missing: Vec<Tag> = wanted.iter().filter(|t| !seen.contains(t)).copied().collect();
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(MetaError::MissingKeyrings(missing));
+    }
+    let mut needed: Vec<Tag> = named.into_iter().filter(|t| !known.contains(t)).collect();
+    needed.sort();
+    Ok(needed)
+}
+
+/// The commit's last check: the chunk store's answer to [`chunks_needed`].
+pub(crate) fn chunks_present(missing: Vec<Tag>) -> Result<(), MetaError> {
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(MetaError::MissingChunks(missing))
+    }
+}
+
+/// The number of the version that a commit or rollback on `head` makes.
+pub(crate) fn next_version(head: u64) -> u64 {
+    head + 1
+}
+
+/// Who may roll back: with a lock id, only its holder ([`check_lock`]); without one, only while unlocked.
+pub(crate) fn rollback_allowed(p: &ParcelRow, lock_id: Option<&str>) -> Result<(), MetaError> {
+    match (lock_id, &p.lock) {
+        (Some(id), _) => p.check_lock(id),
+        (None, Some(lock)) => Err(MetaError::Locked { parcel: p.name.clone(), lock: lock.clone() }),
+        (None, None) => Ok(()),
+    }
+}
+
+/// The version a rollback repeats, which must exist (`found`: what the backend read for it).
+pub(crate) fn rollback_source<T>(p: &ParcelRow, version: u64, found: Option<T>) -> Result<T, MetaError> {
+    found.ok_or_else(|| MetaError::NoSuchVersion { parcel: p.name.clone(), version })
+}
+
+/// The comment of the version a rollback makes.
+pub(crate) fn rollback_comment(version: u64) -> String {
+    format!("rollback to version {version}")
+}
+
+/// The version a read names.
+pub(crate) fn version_number(p: &ParcelRow, which: VersionSel) -> u64 {
+    match which {
+        VersionSel::Head => p.head,
+        VersionSel::Number(n) => n,
+    }
+}
+
+/// A read of a version that does not exist.
+pub(crate) fn no_such_version(p: &ParcelRow, version: u64) -> MetaError {
+    MetaError::NoSuchVersion { parcel: p.name.clone(), version }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Prune
+
+/// A prune must keep at least the head.
+pub(crate) fn prune_keep(keep: u64) -> Result<u64, MetaError> {
+    if keep == 0 {
+        return Err(MetaError::Invalid("--keep must be at least 1 (the head is never pruned)".into()));
+    }
+    Ok(keep)
+}
+
+/// The versions a prune deletes, of a parcel's versions listed newest first: all but the newest `keep`
+/// (which [`prune_keep`] has checked, so the head always stays).
+pub(crate) fn prune_doomed<T>(newest_first: Vec<T>, keep: u64) -> Vec<T> {
+    newest_first.into_iter().skip(usize::try_from(keep).unwrap_or(usize::MAX)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// gc: the commit/sweep exclusion
+
+/// What an operation holds against gc sweeps, from before its checks until it ends. A backend maps it to its
+/// locking: SQLite's `BEGIN IMMEDIATE` serializes every writer (so all of these exclude each other), and
+/// PostgreSQL takes its `gc_lock` row `FOR SHARE` or `FOR UPDATE`, before any parcel row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GcExclusion {
+    /// Commits and rollbacks: they make versions reference chunks (and may run in parallel).
+    Shared,
+    /// Sweep batches and the purge of abandoned keyrings: they delete what no version references, so no
+    /// commit may check or reference anything meanwhile; they read the versions only once they hold it.
+    Exclusive,
+}
+
+/// The exclusion of a commit (its chunk check and insert are one critical section).
+pub(crate) const COMMIT: GcExclusion = GcExclusion::Shared;
+/// The exclusion of a rollback (a new version referencing chunks).
+pub(crate) const ROLLBACK: GcExclusion = GcExclusion::Shared;
+/// The exclusion of a gc sweep batch.
+pub(crate) const SWEEP: GcExclusion = GcExclusion::Exclusive;
+/// The exclusion of the purge of unreferenced keyrings (a commit in flight has checked keyrings it does not
+/// reference yet).
+pub(crate) const PURGE_KEYRINGS: GcExclusion = GcExclusion::Exclusive;
+
+/// A sweep's first step, under [`SWEEP`]: the versions committed since the mark (`current`: every version
+/// now), whose chunks the sweep must spare.
+pub(crate) fn versions_since(mark: &GcMark, current: impl IntoIterator<Item = i64>) -> Vec<i64> {
+    current.into_iter().filter(|id| !mark.versions_seen.contains(id)).collect()
+}
+
+/// A sweep's verdict: the candidates no version committed since the mark references.
+pub(crate) fn sweep_doomed(candidates: Vec<Tag>, referenced_since: &HashSet<Tag>) -> Vec<Tag> {
+    candidates.into_iter().filter(|t| !referenced_since.contains(t)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isr_format::{ChunkIndex, ChunkKey, ChunkSize, ImageLen, Keyring, Keyroot};
+
+    fn lock(client: &str) -> LockInfo {
+        LockInfo {
+            lock_id: format!("id-{client}"),
+            holder: format!("host of {client}"),
+            client_id: client.into(),
+            since_unix: 5,
+        }
+    }
+
+    fn row(head: u64, lock: Option<LockInfo>, broken: Option<BrokenLock>) -> ParcelRow {
+        ParcelRow { id: 7, head, lock, broken, name: "u/p".into() }
+    }
+
+    fn broken(of: &str) -> BrokenLock {
+        BrokenLock { lock_id: format!("id-{of}"), by: "admin".into(), unix: 9 }
+    }
+
+    /// A sealed keyring naming `tags` (and one all-zero chunk, which is never stored).
+    fn keyring(tags: &[Tag]) -> (Tag, Vec<u8>) {
+        let mut k =
+            Keyring::new(ChunkSize::new(4096).unwrap(), ImageLen((tags.len() as u64 + 1) * 4096)).unwrap();
+        for (i, t) in tags.iter().enumerate() {
+            k.set(ChunkIndex(i as u64), Some((*t, ChunkKey([1; 32]))));
+        }
+        let bytes = k.seal(&Keyroot::random());
+        (Tag::of(&bytes), bytes)
+    }
+
+    #[test]
+    fn acquire_is_idempotent_for_the_holder_and_refused_to_others() {
+        let free = row(0, None, None);
+        assert_eq!(acquire(&free, lock("a")).unwrap(), Acquire::Take(lock("a")));
+        let held = row(0, Some(lock("a")), None);
+        let mut again = lock("a");
+        again.lock_id = "a-second-id".into();
+        assert_eq!(acquire(&held, again).unwrap(), Acquire::Held(lock("a")), "the held lock is returned");
+        match acquire(&held, lock("b")) {
+            Err(MetaError::Locked { parcel, lock: l }) => {
+                assert_eq!((parcel.as_str(), l), ("u/p", lock("a")))
+            }
+            other => panic!("lock held by another: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn release_by_id_and_by_force() {
+        let held = row(0, Some(lock("a")), None);
+        assert_eq!(release(&held, &LockRelease::Id("id-a".into())).unwrap(), Release::Clear { broken: None });
+        assert!(matches!(release(&held, &LockRelease::Id("id-b".into())), Err(MetaError::Locked { .. })));
+        let force = LockRelease::Force { by: "laptop".into(), now_unix: 30 };
+        assert_eq!(
+            release(&held, &force).unwrap(),
+            Release::Clear {
+                broken: Some(BrokenLock { lock_id: "id-a".into(), by: "laptop".into(), unix: 30 })
+            }
+        );
+        let free = row(0, None, Some(broken("a")));
+        assert_eq!(release(&free, &force).unwrap(), Release::Unchanged, "the last break is kept");
+        assert!(matches!(release(&free, &LockRelease::Id("x".into())), Err(MetaError::LockMismatch(_))));
+        match release(&free, &LockRelease::Id("id-a".into())) {
+            Err(MetaError::LockBroken { broken: b, current, .. }) => {
+                assert_eq!((b.by.as_str(), current), ("admin", None));
+            }
+            other => panic!("broken lock: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn confirm_is_check_lock() {
+        assert_eq!(row(0, Some(lock("a")), None).confirm("id-a").unwrap(), lock("a"));
+        assert!(matches!(row(0, None, None).confirm("id-a"), Err(MetaError::LockMismatch(_))));
+        let taken = row(0, Some(lock("b")), Some(broken("a")));
+        match taken.confirm("id-a") {
+            Err(MetaError::LockBroken { current, .. }) => assert_eq!(current.as_deref(), Some(&lock("b"))),
+            other => panic!("broken, then taken by b: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn delete_only_without_versions_and_by_the_holder() {
+        assert!(matches!(delete(&row(1, None, None), None), Err(MetaError::HasVersions(_))));
+        assert!(matches!(delete(&row(1, Some(lock("a")), None), Some("a")), Err(MetaError::HasVersions(_))));
+        let held = row(0, Some(lock("a")), None);
+        assert!(matches!(delete(&held, Some("b")), Err(MetaError::Locked { .. })));
+        assert!(matches!(delete(&held, None), Err(MetaError::Locked { .. })));
+        delete(&held, Some("a")).unwrap();
+        delete(&row(0, None, None), None).unwrap();
+    }
+
+    #[test]
+    fn commit_checks_the_lock_before_the_base() {
+        let p = row(2, Some(lock("a")), None);
+        commit_preconditions(&p, "id-a", 2).unwrap();
+        assert!(matches!(commit_preconditions(&p, "id-b", 0), Err(MetaError::Locked { .. })));
+        assert!(matches!(
+            commit_preconditions(&p, "id-a", 1),
+            Err(MetaError::StaleBase { base: 1, head: 2 })
+        ));
+        let broken_then_free = row(2, None, Some(broken("a")));
+        assert!(matches!(
+            commit_preconditions(&broken_then_free, "id-a", 1),
+            Err(MetaError::LockBroken { .. })
+        ));
+    }
+
+    #[test]
+    fn the_tags_a_commit_needs() {
+        let (a, b, c) = (Tag([1; 32]), Tag([2; 32]), Tag([3; 32]));
+        let (k1, d1) = keyring(&[b, a]);
+        let (k2, d2) = keyring(&[c, a]);
+        let wanted = distinct_keyrings(&[k2, k1, k2]);
+        assert_eq!(wanted.len(), 2);
+        let found = [(k1, &d1[..]), (k2, &d2[..])];
+        assert_eq!(chunks_needed(&wanted, found, &HashSet::new()).unwrap(), vec![a, b, c]);
+        // The head's chunks are known to be present.
+        assert_eq!(chunks_needed(&wanted, found, &HashSet::from([a, c])).unwrap(), vec![b]);
+        // Every keyring must have been uploaded; the missing ones are named, sorted.
+        let (x, y) = (Tag([9; 32]), Tag([8; 32]));
+        match chunks_needed(&distinct_keyrings(&[x, k1, y]), [(k1, &d1[..])], &HashSet::new()) {
+            Err(MetaError::MissingKeyrings(m)) => assert_eq!(m, vec![y, x]),
+            other => panic!("missing keyrings: {other:?}"),
+        }
+        match chunks_needed(&[k1], [(k1, &b"not a keyring"[..])], &HashSet::new()) {
+            Err(MetaError::BadKeyring { hash, .. }) => assert_eq!(hash, k1),
+            other => panic!("corrupt keyring: {other:?}"),
+        }
+        chunks_present(vec![]).unwrap();
+        assert!(matches!(chunks_present(vec![a]), Err(MetaError::MissingChunks(m)) if m == vec![a]));
+        assert_eq!(next_version(0), 1);
+    }
+
+    #[test]
+    fn rollback_needs_the_lock_and_a_known_version() {
+        let locked = row(3, Some(lock("a")), None);
+        rollback_allowed(&locked, Some("id-a")).unwrap();
+        assert!(matches!(rollback_allowed(&locked, None), Err(MetaError::Locked { .. })));
+        assert!(matches!(rollback_allowed(&locked, Some("id-b")), Err(MetaError::Locked { .. })));
+        rollback_allowed(&row(3, None, None), None).unwrap();
+        assert_eq!(rollback_source(&locked, 2, Some("v2")).unwrap(), "v2");
+        assert!(matches!(
+            rollback_source::<()>(&locked, 7, None),
+            Err(MetaError::NoSuchVersion { version: 7, ref parcel }) if parcel == "u/p"
+        ));
+        assert_eq!(rollback_comment(2), "rollback to version 2");
+        assert_eq!(version_number(&locked, VersionSel::Head), 3);
+        assert_eq!(version_number(&locked, VersionSel::Number(1)), 1);
+    }
+
+    #[test]
+    fn prune_never_drops_the_head() {
+        assert!(matches!(prune_keep(0), Err(MetaError::Invalid(m)) if m.contains("at least 1")));
+        let newest_first = vec![5, 4, 3, 2, 1];
+        assert_eq!(prune_doomed(newest_first.clone(), prune_keep(1).unwrap()), vec![4, 3, 2, 1]);
+        assert_eq!(prune_doomed(newest_first.clone(), 3), vec![2, 1]);
+        assert_eq!(prune_doomed(newest_first, u64::MAX), Vec::<i32>::new());
+    }
+
+    #[test]
+    fn gc_exclusion_and_sweep() {
+        assert_eq!((COMMIT, ROLLBACK), (GcExclusion::Shared, GcExclusion::Shared));
+        assert_eq!((SWEEP, PURGE_KEYRINGS), (GcExclusion::Exclusive, GcExclusion::Exclusive));
+        let mark = GcMark { referenced: HashSet::new(), versions_seen: HashSet::from([1, 2]) };
+        assert_eq!(versions_since(&mark, [1, 2, 3, 5]), vec![3, 5], "committed after the mark");
+        let (a, b, c) = (Tag([1; 32]), Tag([2; 32]), Tag([3; 32]));
+        assert_eq!(sweep_doomed(vec![a, b, c], &HashSet::from([b])), vec![a, c]);
+    }
+}
