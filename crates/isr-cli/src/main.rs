@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory, Parser, Subcommand};
 use isr_client::parcel::{is_running, Client, CreateOptions};
+use isr_client::transient::TRANSIENT_OUTCOME;
 use isr_client::{home::Home, ClientError};
 use isr_format::ChunkSize;
 use std::path::PathBuf;
@@ -101,6 +102,13 @@ enum Command {
         /// guest RAM [default: /dev/shm, else /tmp]
         #[arg(long, env = "ISR_RUNTIME_DIR", value_name = "DIR")]
         runtime_dir: Option<PathBuf>,
+        /// Run a version without taking the lock and without checking anything in; every change is dropped
+        /// when it ends (works while another client holds the lock)
+        #[arg(long)]
+        transient: bool,
+        /// The version a transient run runs [default: the head]
+        #[arg(long, requires = "transient", value_name = "N")]
+        version: Option<u64>,
     },
     /// Ask a running resume to save memory and stop
     Suspend { parcel: String },
@@ -505,7 +513,17 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
-        Command::Resume { parcel, display, disconnected, network, accel, vnc, runtime_dir } => {
+        Command::Resume {
+            parcel,
+            display,
+            disconnected,
+            network,
+            accel,
+            vnc,
+            runtime_dir,
+            transient,
+            version,
+        } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
                 "none" => isr_vmm::Display::None,
@@ -540,6 +558,16 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     }
                 }
             });
+            if transient {
+                let t = c.resume_transient(&parcel, version, &opts, rx).await?;
+                println!(
+                    "{parcel}: transient run of version {} ended ({}); every change dropped, nothing checked in{}",
+                    t.version,
+                    t.report.outcome,
+                    t.locked_by.map(|h| format!(" (the lock stays with {h})")).unwrap_or_default()
+                );
+                return Ok(());
+            }
             let r = c.resume(&parcel, &opts, rx).await?;
             println!(
                 "{parcel}: {} ({}); prepare {:.2}s, start/restore {:.2}s, stop {:.2}s, memory image {}, {} new memory chunks, {} disk chunks fetched",
@@ -556,6 +584,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Suspend { parcel } => {
             use isr_client::resume::StopRequest;
             match c.stop_running(&parcel, StopRequest::Suspend, std::time::Duration::from_secs(600)).await? {
+                Some(o) if o.outcome == TRANSIENT_OUTCOME => {
+                    println!("stopped the transient run of {parcel}: nothing saved")
+                }
                 Some(_) => println!("suspended {parcel}"),
                 None => return Err(ClientError::Other(format!("{parcel} is not running on this client"))),
             }
@@ -563,6 +594,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Poweroff { parcel } => {
             use isr_client::resume::StopRequest;
             match c.stop_running(&parcel, StopRequest::Poweroff, std::time::Duration::from_secs(120)).await? {
+                Some(o) if o.outcome == TRANSIENT_OUTCOME => {
+                    println!("stopped the transient run of {parcel}: nothing saved")
+                }
                 Some(o) if o.outcome == "powered off" => println!("powered off {parcel}"),
                 Some(o) => println!("{parcel} stopped ({}); the next resume boots cold", o.outcome),
                 None => {

@@ -90,7 +90,7 @@ fn man_pages_for_every_command_render() {
         assert!(text.contains("NAME") && text.contains(name), "{page} renders as:\n{text}");
     }
     let resume = render(&dir.path().join("isr-resume.1"));
-    assert!(resume.contains("--display") && resume.contains("--runtime-dir"), "{resume}");
+    assert!(resume.contains("--transient") && resume.contains("--display"), "{resume}");
 }
 
 #[test]
