@@ -107,7 +107,7 @@ enum Command {
         #[arg(long)]
         transient: bool,
         /// The version a transient run runs [default: the head]
-        #[arg(long, requires = "transient", value_name = "N")]
+        #[arg(long, requires = "transient", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         version: Option<u64>,
     },
     /// Ask a running resume to save memory and stop

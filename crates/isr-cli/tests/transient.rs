@@ -234,6 +234,7 @@ fn a_transient_run_changes_nothing_anywhere() {
 
     // Refused up front, exit 2: --version without --transient, disconnected without that version hoarded here.
     assert_eq!(a.code(&["resume", "vm", "--version", "1"]).0, 2);
+    assert_eq!(a.code(&["resume", "vm", "--transient", "--version", "0", "--display", "none"]).0, 2);
     let (code, err) =
         a.code(&["resume", "vm", "--transient", "--disconnected", "--version", "1", "--display", "none"]);
     assert_eq!(code, 2, "{err}");
