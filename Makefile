@@ -5,7 +5,7 @@ CARGO ?= cargo
 # QEMU 10 (qemu-system-x86, qemu-utils from bookworm-backports), busybox-static and cpio come from guest/build.sh.
 # man-db, zsh, fish and systemd: the packaging test renders the man pages (`man -l`), checks the completion
 # scripts (`bash -n`, `zsh -n`, `fish -n`) and the systemd unit (`systemd-analyze verify`).
-DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium man-db zsh fish systemd
+DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium libnbd-bin python3-libnbd man-db zsh fish systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512
@@ -13,7 +13,7 @@ DEMO_MIB ?= 512
 # Man pages, generated from the command-line definitions (never committed).
 MAN_DIR ?= target/man
 
-.PHONY: help deps ui-deps guest fmt-check clippy test bench fuzz demo demo-format man
+.PHONY: help deps ui-deps guest fmt-check clippy test bench fuzz demo demo-format pocket man
 
 help:
 	@echo "make demo    the whole story: server, parcel from the test guest, resume on client A, suspend, check in,"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench   cargo bench --workspace (codec vs the zstd tool, NBD)"
 	@echo "make fuzz    every fuzz target for FUZZ_SECONDS (default 30) seconds (scripts/fuzz.sh)"
 	@echo "make deps    install the Debian packages: $(DEB_PACKAGES)"
+	@echo "make pocket  Pocket ISR: a statically linked isr in $(POCKET_BIN)"
 
 # Idempotent: asks apt only for what is missing, and refreshes the package lists only then.
 deps: guest ui-deps
@@ -62,8 +63,17 @@ man:
 	target/debug/isr-server man --output $(MAN_DIR)
 	@echo "man pages in $(MAN_DIR): man -l $(MAN_DIR)/isr.1"
 
-test: deps fmt-check clippy man
-	$(CARGO) test --workspace
+# Pocket ISR: `isr` with glibc linked in statically (target x86_64-unknown-linux-gnu, +crt-static; --target keeps
+# build scripts and proc macros dynamic). Runs on a machine with nothing installed but QEMU.
+POCKET_DIR := target/pocket
+POCKET_BIN := $(POCKET_DIR)/x86_64-unknown-linux-gnu/pocket/isr
+pocket:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --profile pocket --target x86_64-unknown-linux-gnu \
+	  --target-dir $(POCKET_DIR) -p isr-cli --bin isr --features pocket
+	@file $(POCKET_BIN) 2>/dev/null || ls -l $(POCKET_BIN)
+
+test: deps fmt-check clippy pocket man
+	ISR_POCKET_BIN=$(CURDIR)/$(POCKET_BIN) $(CARGO) test --workspace
 
 bench: deps
 	$(CARGO) bench --workspace

@@ -9,7 +9,6 @@
 
 mod common;
 use common::*;
-use isr_client::cache::ChunkCache;
 use isr_client::home::Home;
 use isr_client::parcel::Client as Lib;
 use isr_format::ImageKind;
@@ -61,10 +60,10 @@ async fn decode_images(home: &Path, url: &str, mem: &Path, disk: &Path) -> (u32,
         Box::new(|| Ok(PASSWORD.to_owned())),
     );
     let o = lib.open("vm").unwrap();
-    let cache = ChunkCache::open(&Home::open(home).unwrap().cache_dir()).unwrap();
+    let sources = lib.sources(None).unwrap();
     for (kind, path) in [(ImageKind::Memory, mem), (ImageKind::Disk, disk)] {
         let (_, work, _) = lib.keyrings(&o, kind).unwrap().expect("image present");
-        isr_client::resume::write_image_file(&work, &cache, None, path).await.unwrap();
+        isr_client::resume::write_image_file(&work, &sources, path).await.unwrap();
     }
     (o.manifest.vm.memory_mib, o.manifest.vm.cpus)
 }

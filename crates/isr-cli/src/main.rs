@@ -31,6 +31,10 @@ struct Cli {
     /// [default: $XDG_CONFIG_HOME/isr/config.toml, else ~/.config/isr/config.toml]
     #[arg(long, env = "ISR_CONFIG", global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Directories of chunk files (a USB stick, another client's cache) asked before the server; every chunk
+    /// is verified by its tag and a wrong one ignored. Repeat the option, or separate with ':' in the variable
+    #[arg(long, env = "ISR_LOOKASIDE", global = true, value_name = "DIR", value_delimiter = ':')]
+    lookaside: Vec<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -316,6 +320,18 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
+/// Where a run's chunks came from, for its closing line.
+fn fetched_summary(f: &isr_client::source::SourceCounts) -> String {
+    let mut s = format!("{} chunks ({}) from the server", f.remote_chunks, mib(f.remote_bytes));
+    if f.lookaside_chunks > 0 || f.lookaside_rejected > 0 {
+        s.push_str(&format!(", {} ({}) from lookaside", f.lookaside_chunks, mib(f.lookaside_bytes)));
+    }
+    if f.lookaside_rejected > 0 {
+        s.push_str(&format!(", {} lookaside files failed their tag (ignored)", f.lookaside_rejected));
+    }
+    s
+}
+
 async fn run(cli: Cli) -> Result<(), ClientError> {
     if let Command::Completions { shell } = &cli.command {
         return completions(Cli::command(), shell);
@@ -334,6 +350,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
     };
     let mut c = Client::new(home, user, cli.server.clone(), ca_pem.clone(), Box::new(password));
     c.set_progress(std::sync::Arc::new(progress::Terminal));
+    c.set_lookaside(cli.lookaside.clone());
     match cli.command {
         Command::Auth => {
             c.login().await?;
@@ -422,6 +439,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 user: c.user.clone(),
                 server: cli.server.clone(),
                 ca_pem: ca_pem.clone(),
+                lookaside: cli.lookaside.clone(),
                 password,
                 runtime_dir: runtime.path().to_owned(),
                 resume,
@@ -570,7 +588,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             let r = c.resume(&parcel, &opts, rx).await?;
             println!(
-                "{parcel}: {} ({}); prepare {:.2}s, start/restore {:.2}s, stop {:.2}s, memory image {}, {} new memory chunks, {} disk chunks fetched",
+                "{parcel}: {} ({}); prepare {:.2}s, start/restore {:.2}s, stop {:.2}s, memory image {}, {} new memory chunks, fetched {}",
                 r.outcome,
                 r.accel,
                 r.prepare.as_secs_f64(),
@@ -578,7 +596,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 r.suspend.as_secs_f64(),
                 mib(r.memory_image_bytes),
                 r.memory_chunks_stored,
-                r.fetched_chunks
+                fetched_summary(&r.fetched)
             );
         }
         Command::Suspend { parcel } => {
@@ -648,7 +666,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 nbd.display()
             );
             let fetched = export.serve(listener, &nbd, shutdown_signal()).await?;
-            eprintln!("stopped; {fetched} chunks fetched");
+            eprintln!("stopped; fetched {}", fetched_summary(&fetched));
         }
         Command::Sync { parcel, message } => match c.sync(&parcel, &message).await? {
             Some((v, t)) => {

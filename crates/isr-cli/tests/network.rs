@@ -72,18 +72,7 @@ impl Resume {
     fn start(c: &Client, parcel: &str, extra: &[&str]) -> Resume {
         let mut args = vec!["resume", parcel, "--display", "none"];
         args.extend_from_slice(extra);
-        let mut child = c.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let pipe = child.stderr.take().unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
+        let Collecting { child, stderr } = Collecting::spawn(&mut c.cmd(&args));
         Resume { child, stderr }
     }
 
@@ -148,24 +137,8 @@ fn nat_reaches_the_host_and_it_policy_none_cuts_the_network_at_every_resume() {
     let a = Client::new(&server, "alice");
     let scratch = tempfile::tempdir().unwrap();
     let host = HostServer::start();
-    let out = guest();
-    let disk = scratch.path().join("disk.img");
-    std::fs::copy(out.join("disk.img"), &disk).unwrap();
     let append = format!("{APPEND} isr_fetch=http://10.0.2.2:{}/", host.port);
-    a.ok(&[
-        "create",
-        "vm",
-        "--disk",
-        disk.to_str().unwrap(),
-        "--memory",
-        "256",
-        "--kernel",
-        out.join("vmlinuz").to_str().unwrap(),
-        "--initrd",
-        out.join("initrd.img").to_str().unwrap(),
-        "--append",
-        &append,
-    ]);
+    create_guest_parcel_appending(&a, "vm", 256, scratch.path(), &append);
     let console = console_of(&a, "vm");
     assert_eq!(a.stat("vm")["network_policy"], "unset");
 

@@ -30,24 +30,9 @@ struct Resume {
 
 impl Resume {
     fn start(c: &Client, parcel: &str, runtime: &Path) -> Resume {
-        let mut child = c
-            .cmd(&["resume", parcel, "--display", "none"])
-            .env("ISR_RUNTIME_DIR", runtime)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let pipe = child.stderr.take().unwrap();
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
+        let Collecting { child, stderr } = Collecting::spawn(
+            c.cmd(&["resume", parcel, "--display", "none"]).env("ISR_RUNTIME_DIR", runtime),
+        );
         Resume { child, stderr }
     }
 

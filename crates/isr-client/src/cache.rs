@@ -1,5 +1,5 @@
 //! The local chunk cache: encrypted chunks as fetched, named by tag, shared by every parcel of the client.
-//! Nothing in it is plaintext; a chunk is only usable with its key from a keyring sealed under a keyroot.
+//! Nothing in it is plaintext; chunks get here through [`crate::source`]'s stack; a chunk is only usable with its key from a keyring sealed under a keyroot.
 //!
 //! A transient run (`isr resume --transient`) adds an *overlay*: a store of its own, in its private
 //! directory, that takes every chunk the run makes (the guest's writes) and is searched before the shared
@@ -7,7 +7,6 @@
 //! run made outlives it, because the overlay goes with the private directory.
 
 use crate::error::ClientError;
-use crate::transport::Transport;
 use bytes::Bytes;
 use isr_format::Tag;
 use isr_store::{ChunkStore, Durability, FsChunkStore};
@@ -113,24 +112,9 @@ impl ChunkCache {
         }
     }
 
-    /// Which of `tags` are not in the cache (blocking: one `stat` each).
-    pub fn missing_blocking(&self, tags: &[Tag]) -> Vec<Tag> {
-        tags.iter().filter(|t| !self.path_of(t).exists()).copied().collect()
-    }
-
-    /// A cached chunk failed verification: drop it and fetch a good copy (verified) from the server; without
-    /// a server the failure stands (never wrong data).
-    pub async fn refetch(
-        &self,
-        tag: &Tag,
-        server: Option<&Transport>,
-        failure: ClientError,
-    ) -> Result<Bytes, ClientError> {
-        let Some(server) = server else { return Err(failure) };
-        self.evict(tag)?;
-        let b = server.get_chunk(tag).await?;
-        self.put_fetched(tag, b.clone()).await?;
-        Ok(b)
+    /// Whether `tag` is cached (in the overlay or the shared cache; blocking: one or two `stat`s).
+    pub fn contains_blocking(&self, tag: &Tag) -> bool {
+        self.path_of(tag).exists()
     }
 
     /// Drop a cached chunk (one that failed verification), so that it is fetched again.
@@ -144,21 +128,5 @@ impl ChunkCache {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(ClientError::io(format!("removing {}", path.display()), e)),
         }
-    }
-
-    /// The chunk from the cache, or fetched from the server (verified) and cached. A cached copy is not
-    /// verified here (decoding verifies it); a caller whose decode of it fails calls [`ChunkCache::refetch`].
-    pub async fn get_or_fetch(&self, tag: &Tag, server: Option<&Transport>) -> Result<Bytes, ClientError> {
-        if let Some(b) = self.get(tag).await? {
-            return Ok(b);
-        }
-        let server = server.ok_or_else(|| {
-            ClientError::Other(format!(
-                "chunk {tag} is not in the local cache and the client is disconnected"
-            ))
-        })?;
-        let b = server.get_chunk(tag).await?;
-        self.put_fetched(tag, b.clone()).await?;
-        Ok(b)
     }
 }

@@ -60,6 +60,35 @@ impl ClientError {
         ClientError::Io { context: context.into(), source }
     }
 
+    /// Worth trying again after a pause: the server could not be reached or failed on its side. Anything
+    /// else (a refusal, data failing its check) gives the same answer again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. } | ClientError::Server(_))
+    }
+
+    /// The same error for another waiter on one shared operation (same kind, same exit code, same message).
+    pub fn shared(e: &ClientError) -> Self {
+        match e {
+            ClientError::Usage(m) => ClientError::Usage(m.clone()),
+            ClientError::Locked(m) => ClientError::Locked(m.clone()),
+            ClientError::LockLost(l) => ClientError::LockLost(l.clone()),
+            ClientError::Auth(m) => ClientError::Auth(m.clone()),
+            ClientError::Integrity(m) => ClientError::Integrity(m.clone()),
+            ClientError::Unreachable { url, detail } => {
+                ClientError::Unreachable { url: url.clone(), detail: detail.clone() }
+            }
+            ClientError::Server(m) => ClientError::Server(m.clone()),
+            ClientError::NotFound(m) => ClientError::NotFound(m.clone()),
+            ClientError::Exists(m) => ClientError::Exists(m.clone()),
+            ClientError::StaleBase(m) => ClientError::StaleBase(m.clone()),
+            ClientError::Io { context, source } => ClientError::Io {
+                context: context.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            ClientError::Other(m) => ClientError::Other(m.clone()),
+        }
+    }
+
     pub fn chunk(tag: &Tag, e: ChunkError) -> Self {
         ClientError::Integrity(format!("chunk {tag}: {e}"))
     }

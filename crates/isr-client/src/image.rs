@@ -9,9 +9,8 @@
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::write_atomic;
-use crate::transport::Transport;
+use crate::source::{ChunkSources, SourceStats};
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
 use isr_format::codec;
 use isr_format::{
@@ -101,58 +100,6 @@ fn decode_cached_into(
     })
 }
 
-type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, Arc<ClientError>>>>;
-
-/// Fetches chunks from the server into the cache, each tag once however many readers and read-aheads want it.
-struct Fetcher {
-    cache: ChunkCache,
-    server: Option<Transport>,
-    stats: Arc<ImageStats>,
-    inflight: Mutex<HashMap<Tag, SharedFetch>>,
-}
-
-impl Fetcher {
-    fn fetch(self: &Arc<Self>, tag: Tag) -> SharedFetch {
-        let mut inflight = self.inflight.lock().expect("fetch map");
-        if let Some(f) = inflight.get(&tag) {
-            return f.clone();
-        }
-        let me = self.clone();
-        let fut = async move {
-            let r = me.fetch_now(&tag).await.map_err(Arc::new);
-            me.inflight.lock().expect("fetch map").remove(&tag);
-            r
-        }
-        .boxed()
-        .shared();
-        inflight.insert(tag, fut.clone());
-        // Runs to the end even when every reader gave up on it (read-ahead has no reader yet).
-        tokio::spawn(fut.clone());
-        fut
-    }
-
-    fn is_fetching(&self, tag: &Tag) -> bool {
-        self.inflight.lock().expect("fetch map").contains_key(tag)
-    }
-
-    async fn fetch_now(&self, tag: &Tag) -> Result<Bytes, ClientError> {
-        // It may have landed between the caller's cache miss and now.
-        if let Some(b) = self.cache.get(tag).await? {
-            return Ok(b);
-        }
-        let server = self.server.as_ref().ok_or_else(|| {
-            ClientError::Other(format!(
-                "chunk {tag} is not in the local cache and the client is disconnected"
-            ))
-        })?;
-        let b = server.get_chunk(tag).await?;
-        self.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
-        self.stats.fetched_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
-        self.cache.put_fetched(tag, b.clone()).await?;
-        Ok(b)
-    }
-}
-
 struct Resident {
     data: Vec<u8>,
     last_use: u64,
@@ -170,8 +117,8 @@ struct State {
 /// Counters for `stat`, the dirtometer and tests.
 #[derive(Debug, Default)]
 pub struct ImageStats {
-    pub fetched_chunks: AtomicU64,
-    pub fetched_bytes: AtomicU64,
+    /// Where fetched chunks came from (shared with every user of the same source stack).
+    pub sources: Arc<SourceStats>,
     pub flushes: AtomicU64,
 }
 
@@ -182,11 +129,10 @@ pub struct WorkingImage {
     base_tags: Vec<Tag>,
     work_path: PathBuf,
     cache: ChunkCache,
-    server: Option<Transport>,
+    sources: Arc<ChunkSources>,
     secret: ConvergenceSecret,
     state: Mutex<State>,
     stripes: Vec<tokio::sync::Mutex<()>>,
-    fetcher: Arc<Fetcher>,
     /// Read-ahead has considered chunks up to here (exclusive), so it does not re-check them per request.
     ahead_mark: AtomicU64,
     memory_cache: usize,
@@ -212,18 +158,12 @@ impl WorkingImage {
         base_tags: Vec<Tag>,
         keyroot: Keyroot,
         work_path: PathBuf,
-        cache: ChunkCache,
-        server: Option<Transport>,
+        sources: Arc<ChunkSources>,
         secret: ConvergenceSecret,
         memory_cache: usize,
     ) -> WorkingImage {
-        let stats = Arc::new(ImageStats::default());
-        let fetcher = Arc::new(Fetcher {
-            cache: cache.clone(),
-            server: server.clone(),
-            stats: stats.clone(),
-            inflight: Mutex::new(HashMap::new()),
-        });
+        let stats = Arc::new(ImageStats { sources: sources.stats.clone(), ..Default::default() });
+        let cache = sources.cache().clone();
         WorkingImage {
             chunk_size: keyring.chunk_size(),
             len: keyring.image_len(),
@@ -231,7 +171,7 @@ impl WorkingImage {
             base_tags,
             work_path,
             cache,
-            server,
+            sources,
             secret,
             state: Mutex::new(State {
                 keyring,
@@ -242,7 +182,6 @@ impl WorkingImage {
                 last_read: None,
             }),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            fetcher,
             ahead_mark: AtomicU64::new(0),
             memory_cache,
             stats,
@@ -309,8 +248,8 @@ impl WorkingImage {
             Ok(None) => {}
             Err(e) => self.drop_bad_cached(&tag, e)?,
         }
-        // From the server (joining a read-ahead fetch of the same chunk if one is under way).
-        let stored = self.fetcher.fetch(tag).await.map_err(|e| ClientError::Other(e.to_string()))?;
+        // From a lookaside directory or the server (joining a read-ahead fetch of the chunk if one is under way).
+        let stored = self.sources.get(&tag).await?;
         tokio::task::spawn_blocking(move || {
             DECODER
                 .with(|d| d.borrow_mut().decode(&tag, &key, &stored, clen))
@@ -321,42 +260,41 @@ impl WorkingImage {
         .map(Some)
     }
 
-    /// A cached chunk failed verification: when connected, drop it so that the read fetches a good copy
-    /// from the server (verified); disconnected, the read fails (never wrong data).
+    /// A cached chunk failed verification: when another source could have a good copy (the server, a lookaside
+    /// directory), drop it so that the read fetches one (verified); else the read fails (never wrong data).
     fn drop_bad_cached(&self, tag: &Tag, e: ClientError) -> Result<(), ClientError> {
         match e {
-            ClientError::Integrity(_) if self.server.is_some() => self.cache.evict(tag),
+            ClientError::Integrity(_) if self.sources.has_sources_below_cache() => self.cache.evict(tag),
             other => Err(other),
         }
     }
 
     /// Fetch the next chunks into the cache (encrypted) when reads are sequential.
     fn read_ahead(&self, from: u64) {
-        if self.server.is_none() {
+        if !self.sources.has_sources_below_cache() {
             return;
         }
         let mark = self.ahead_mark.load(Ordering::Relaxed);
         let start = if (from..from + READ_AHEAD).contains(&mark) { mark } else { from };
-        let tags: Vec<Tag> = {
+        let tags: Vec<(Tag, u64)> = {
             let st = self.state.lock().expect("image state");
             let end = (from + READ_AHEAD).min(st.keyring.chunk_count());
             self.ahead_mark.store(end.max(start), Ordering::Relaxed);
             (start..end)
                 .filter(|i| !st.resident.contains_key(i))
                 .filter_map(|i| st.keyring.get(ChunkIndex(i)).map(|(t, _)| t))
-                .filter(|t| !self.fetcher.is_fetching(t))
+                .filter(|t| !self.sources.is_fetching(t))
+                .map(|t| (t, 0))
                 .collect()
         };
         if tags.is_empty() {
             return;
         }
-        let fetcher = self.fetcher.clone();
+        let sources = self.sources.clone();
         tokio::spawn(async move {
-            let cache = fetcher.cache.clone();
-            let missing =
-                tokio::task::spawn_blocking(move || cache.missing_blocking(&tags)).await.unwrap_or_default();
-            for tag in missing {
-                drop(fetcher.fetch(tag));
+            // Started here, each runs to its end on its own (the coalescing layer spawns it).
+            for (tag, _) in sources.not_cached(&tags).await {
+                sources.start_fetch(tag);
             }
         });
     }
@@ -448,8 +386,8 @@ impl WorkingImage {
                 }
             }
         }
-        // From the server (joining a read-ahead fetch of the same chunk if one is under way).
-        let stored = match self.fetcher.fetch(tag).await {
+        // From a lookaside directory or the server (joining a read-ahead fetch of the chunk if one is under way).
+        let stored = match self.sources.get(&tag).await {
             Ok(b) => b,
             Err(e) => return (piece, Err(eio(e))),
         };
@@ -658,6 +596,77 @@ impl WorkingImage {
         Ok(())
     }
 
+    /// Allocation of `len` bytes at `offset` for NBD block status, per chunk: a zero chunk (nothing stored)
+    /// is a hole reading as zeroes, a written chunk still in memory is zero when all its bytes are, the
+    /// rest is data. Never fetches anything.
+    pub fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<isr_nbd::proto::Extent>> {
+        use isr_nbd::proto::{state, Extent};
+        self.check_range(offset, len as u64)?;
+        let cs = self.chunk_size;
+        let st = self.state.lock().expect("image state");
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let end = offset + len as u64;
+        for i in cs.chunks_in_range(ByteOffset(offset), len as u64) {
+            let chunk_end =
+                (cs.offset_of(ChunkIndex(i)).0 + cs.chunk_len(self.len, ChunkIndex(i)) as u64).min(end);
+            let flags = if st.dirty.contains(&i) {
+                let zero = st.resident.get(&i).is_some_and(|r| codec::is_zero(&r.data));
+                if zero {
+                    state::ZERO
+                } else {
+                    0
+                }
+            } else if st.keyring.get(ChunkIndex(i)).is_none() {
+                state::HOLE | state::ZERO
+            } else {
+                0
+            };
+            out.push(Extent { len: (chunk_end - pos) as u32, flags });
+            pos = chunk_end;
+        }
+        Ok(out)
+    }
+
+    /// Bring the chunks of a range into the local cache (NBD_CMD_CACHE), several at a time; returns once
+    /// they are there.
+    pub async fn prefetch(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check_range(offset, len)?;
+        let tags: Vec<(Tag, u64)> = {
+            let st = self.state.lock().expect("image state");
+            self.chunk_size
+                .chunks_in_range(ByteOffset(offset), len)
+                .filter(|i| !st.resident.contains_key(i))
+                .filter_map(|i| st.keyring.get(ChunkIndex(i)).map(|(t, _)| (t, 0)))
+                .collect()
+        };
+        let wanted = self.sources.not_cached(&tags).await;
+        self.sources.prefetch(&wanted, PREFETCH_IN_FLIGHT, &|_, _| {}).await.map_err(eio)
+    }
+
+    /// Zero a range only where that needs no decode (NBD fast zero): every chunk it covers only partly must
+    /// be in memory or a zero chunk already; else `Unsupported`, before anything changed.
+    pub async fn write_zeroes_fast(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.check_range(offset, len)?;
+        let cs = self.chunk_size;
+        let slow = {
+            let st = self.state.lock().expect("image state");
+            cs.chunks_in_range(ByteOffset(offset), len).any(|i| {
+                let start = cs.offset_of(ChunkIndex(i)).0;
+                let clen = cs.chunk_len(self.len, ChunkIndex(i)) as u64;
+                let whole = offset <= start && start + clen <= offset + len;
+                !whole && !st.resident.contains_key(&i) && st.keyring.get(ChunkIndex(i)).is_some()
+            })
+        };
+        if slow {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "zeroing part of a chunk that is not in memory needs a decode",
+            ));
+        }
+        self.write_zeroes(offset, len).await
+    }
+
     /// Write the working keyring (or remove it when the image equals its base again).
     async fn persist(&self) -> Result<(), ClientError> {
         let keyring = self.keyring();
@@ -675,6 +684,9 @@ impl WorkingImage {
             .map_err(|e| ClientError::Other(format!("keyring task: {e}")))?
     }
 }
+
+/// Chunks fetched at once for an NBD cache request.
+const PREFETCH_IN_FLIGHT: usize = 16;
 
 /// A [`WorkingImage`] exported over NBD.
 #[derive(Debug, Clone)]
@@ -702,5 +714,19 @@ impl isr_nbd::BlockDevice for ImageDevice {
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.0.write_zeroes(offset, len).await
+    }
+    async fn write_zeroes_fast(&self, offset: u64, len: u64, _no_hole: bool) -> std::io::Result<()> {
+        // A zero chunk is never stored: "no hole" has no meaning for an image of chunks.
+        self.0.write_zeroes_fast(offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<isr_nbd::proto::Extent>> {
+        self.0.block_status(offset, len)
+    }
+    async fn cache(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.0.prefetch(offset, len).await
+    }
+    /// One in-memory state serves every connection, and a flush makes all of it durable.
+    fn multi_conn_consistent(&self) -> bool {
+        true
     }
 }

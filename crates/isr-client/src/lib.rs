@@ -10,6 +10,7 @@
 //! - [`resume`]: the VM (and `isr disk`): resume, suspend, power off.
 //! - [`transient`]: `resume --transient`: a version run without lock or check-in, every change dropped.
 //! - [`network`]: IT's network policy and the network a resume gives the VM.
+//! - [`source`]: where chunks come from: a stack of chunk sources (coalescing, cache, lookaside, server).
 //! - [`run`]: the run-time records of a running parcel and the cleanup after a run that died.
 
 pub mod cache;
@@ -22,6 +23,7 @@ pub mod parcel;
 pub mod progress;
 pub mod resume;
 pub mod run;
+pub mod source;
 pub mod transient;
 pub mod transport;
 

@@ -7,6 +7,7 @@ use crate::image::{WorkingImage, DEFAULT_MEMORY_CACHE};
 use crate::manifests::{self, Asked, ParcelKey};
 use crate::network::SeenPolicy;
 use crate::progress::{self, Progress};
+use crate::source::ChunkSources;
 use crate::transport::{CommitRefusal, LockInfo, ParcelSummary, Transport, VersionInfo};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -19,7 +20,7 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const UPLOADS_IN_FLIGHT: usize = 8;
 const FETCHES_IN_FLIGHT: usize = 16;
@@ -38,6 +39,8 @@ pub struct Client {
     transport: Option<Transport>,
     session: Option<Session>,
     progress: Arc<dyn Progress>,
+    /// Directories of chunk files asked before the server (`--lookaside`).
+    lookaside: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Client {
@@ -250,7 +253,32 @@ impl Client {
             transport: None,
             session: None,
             progress: progress::quiet(),
+            lookaside: Vec::new(),
         }
+    }
+
+    /// Ask these directories of chunk files (a USB stick, a peer's cache) for chunks before the server.
+    pub fn set_lookaside(&mut self, dirs: Vec<PathBuf>) {
+        self.lookaside = dirs;
+    }
+
+    /// The chunk source stack of this client: cache, lookaside directories, and the server when given.
+    pub fn sources(&self, server: Option<Transport>) -> Result<Arc<ChunkSources>, ClientError> {
+        Ok(Arc::new(ChunkSources::new(self.cache()?, self.lookaside.clone(), server)))
+    }
+
+    /// The chunk sources for an opened parcel: for a transient run's working copy, over a cache with its
+    /// overlay ([`Opened::overlay`]), which takes every chunk its images make.
+    pub fn sources_for(
+        &self,
+        o: &Opened,
+        server: Option<Transport>,
+    ) -> Result<Arc<ChunkSources>, ClientError> {
+        let cache = match &o.overlay {
+            Some(overlay) => ChunkCache::with_overlay(&self.home.cache_dir(), overlay)?,
+            None => self.cache()?,
+        };
+        Ok(Arc::new(ChunkSources::new(cache, self.lookaside.clone(), server)))
     }
 
     /// Use the password-derived secrets another client of the same user derived already (deriving them is
@@ -624,7 +652,7 @@ impl Client {
         let fetched = manifests::fetch(t, &self.home, key, Asked::from_option(version, detail.head)).await?;
         let (v, manifest, manifest_bytes) = (fetched.version, fetched.manifest, fetched.bytes);
         let _ = std::fs::remove_dir_all(dir);
-        let cache = self.cache()?;
+        let sources = self.sources(Some(t.clone()))?;
         for (kind, r) in manifest.images() {
             let bytes = t.keyring(name, &r.keyring).await?;
             let ring = Keyring::open(&bytes, &keyroot)?;
@@ -633,8 +661,7 @@ impl Client {
                 // Memory, kernel and initrd are needed whole to start the VM.
                 fetch_missing(
                     self.progress.as_ref(),
-                    t,
-                    &cache,
+                    &sources,
                     &image_chunks(&ring).collect::<Vec<_>>(),
                     kind.name(),
                 )
@@ -728,20 +755,26 @@ impl Client {
         disconnected: bool,
     ) -> Result<Arc<WorkingImage>, ClientError> {
         let server = if disconnected { None } else { Some(self.connect().await?) };
+        let sources = self.sources_for(o, server)?;
+        self.working_image_from(o, kind, sources)
+    }
+
+    /// A read-write view of one image of an opened parcel whose chunks come from `sources`.
+    pub fn working_image_from(
+        &self,
+        o: &Opened,
+        kind: ImageKind,
+        sources: Arc<ChunkSources>,
+    ) -> Result<Arc<WorkingImage>, ClientError> {
         let (base, work, _) = self
             .keyrings(o, kind)?
             .ok_or_else(|| ClientError::Other(format!("the parcel has no {} image", kind.name())))?;
-        let cache = match &o.overlay {
-            Some(overlay) => ChunkCache::with_overlay(&self.home.cache_dir(), overlay)?,
-            None => self.cache()?,
-        };
         Ok(Arc::new(WorkingImage::new(
             work,
             base.tags().to_vec(),
             o.keyroot.clone(),
             work_keyring_path(&o.dir, kind),
-            cache,
-            server,
+            sources,
             self.convergence_secret()?,
             DEFAULT_MEMORY_CACHE,
         )))
@@ -1034,7 +1067,6 @@ impl Client {
         }
         let o = self.open(name)?;
         let t = self.connect().await?;
-        let cache = self.cache()?;
         let mut chunks = Vec::new();
         for kind in ImageKind::ALL {
             if let Some((base, work, _)) = self.keyrings(&o, kind)? {
@@ -1042,24 +1074,23 @@ impl Client {
                 chunks.extend(image_chunks(&work));
             }
         }
-        fetch_missing(self.progress.as_ref(), &t, &cache, &chunks, "hoard").await
+        let sources = self.sources(Some(t))?;
+        fetch_missing(self.progress.as_ref(), &sources, &chunks, "hoard").await
     }
 
     /// How many distinct stored chunks of a checked-out parcel are not in the cache.
     pub async fn missing_locally(&mut self, o: &Opened) -> Result<u64, ClientError> {
-        let cache = self.cache()?;
-        let mut seen = HashSet::new();
-        let mut n = 0;
+        let mut tags = Vec::new();
         for kind in ImageKind::ALL {
             if let Some((_, work, _)) = self.keyrings(o, kind)? {
-                for tag in work.tags() {
-                    if !tag.is_zero() && seen.insert(*tag) && !cache.contains(tag).await? {
-                        n += 1;
-                    }
-                }
+                tags.extend_from_slice(work.tags());
             }
         }
-        Ok(n)
+        let sources = self.sources(None)?;
+        let n = tokio::task::spawn_blocking(move || sources.missing_locally_blocking(&tags))
+            .await
+            .map_err(|e| ClientError::Other(format!("counting chunks: {e}")))?;
+        Ok(n as u64)
     }
 
     // ---- rollback / unlock ------------------------------------------------------------------------
@@ -1373,11 +1404,18 @@ impl Client {
 
     /// Validate the local cache of a checked-out parcel: every chunk written here is cached, and (`full`)
     /// every cached chunk decodes with its key. With `repair`, every cached chunk is verified at least by its
-    /// tag, and one that fails (or is missing) is fetched again from the server, verified.
+    /// tag, and one that fails (or is missing) is fetched again (verified) from a lookaside directory or the
+    /// server.
     pub async fn check(&mut self, name: &str, full: bool, repair: bool) -> Result<CheckReport, ClientError> {
         let o = self.open(name)?;
         let cache = self.cache()?;
-        let server = if repair { Some(self.connect().await?) } else { None };
+        let sources = match repair {
+            true => {
+                let t = self.connect().await?;
+                Some(self.sources(Some(t))?)
+            }
+            false => None,
+        };
         let mut report = CheckReport::default();
         let mut decoder = ChunkDecoder::new();
         let mut checked = HashSet::new();
@@ -1408,23 +1446,23 @@ impl Client {
                     }
                 };
                 let Some(problem) = problem else { continue };
-                let Some(t) = &server else {
+                let Some(sources) = &sources else {
                     report.problems.push(problem);
                     continue;
                 };
                 cache.evict(&tag)?;
-                match t.get_chunk(&tag).await {
-                    Ok(stored) => {
+                match sources.get_uncached(&tag).await? {
+                    Some(stored) => {
                         decoder
                             .decode(&tag, key, &stored, work.chunk_len(idx))
                             .map_err(|e| ClientError::chunk(&tag, e))?;
                         cache.put_fetched(&tag, stored).await?;
                         report.repaired.push(problem);
                     }
-                    Err(ClientError::NotFound(_)) => report.problems.push(format!(
-                        "{problem}; the server has no copy either (written here and never uploaded)"
+                    None => report.problems.push(format!(
+                        "{problem}; neither the server nor a lookaside directory has a copy (written here and never \
+                         uploaded)"
                     )),
-                    Err(e) => return Err(e),
                 }
             }
         }
@@ -1447,7 +1485,8 @@ impl Client {
         let manifest =
             manifests::fetch(&t, &self.home, key, Asked::from_option(version, detail.head)).await?.manifest;
         let ring = Keyring::open(&t.keyring(name, &manifest.disk.keyring).await?, &keyroot)?;
-        let cache = self.cache()?;
+        let sources = self.sources(Some(t.clone()))?;
+        let cache = sources.cache().clone();
         let tmp = output.with_extension("isr-partial");
         let file = std::fs::File::create(&tmp)
             .map_err(|e| ClientError::io(format!("creating {}", tmp.display()), e))?;
@@ -1457,12 +1496,13 @@ impl Client {
         let ring = Arc::new(ring);
         let results = futures::stream::iter(0..ring.chunk_count())
             .map(|i| {
-                let (t, cache, ring, file) = (t.clone(), cache.clone(), ring.clone(), file.clone());
+                let (sources, cache, ring, file) =
+                    (sources.clone(), cache.clone(), ring.clone(), file.clone());
                 async move {
                     let idx = ChunkIndex(i);
                     let Some((tag, key)) = ring.get(idx).map(|(t, k)| (t, k.clone())) else { return Ok(0) };
                     let was_cached = cache.contains(&tag).await?;
-                    let stored = cache.get_or_fetch(&tag, Some(&t)).await?;
+                    let stored = sources.get(&tag).await?;
                     let len = ring.chunk_len(idx);
                     let offset = ring.chunk_size().offset_of(idx).0;
                     let decode_write =
@@ -1481,9 +1521,9 @@ impl Client {
                         .await
                         .map_err(|e| ClientError::Other(format!("export task: {e}")))?;
                     match first {
-                        // A corrupt cached copy: a good one from the server instead.
+                        // A corrupt cached copy: a good one from a lookaside directory or the server instead.
                         Err(e @ ClientError::Integrity(_)) if was_cached => {
-                            let good = cache.refetch(&tag, Some(&t), e).await?;
+                            let good = sources.refetch(&tag, e).await?;
                             decode_write(good, key, file)
                                 .await
                                 .map_err(|e| ClientError::Other(format!("export task: {e}")))?
@@ -1818,38 +1858,25 @@ async fn commit_with_retry(
     Err(ClientError::Server("the server kept refusing the commit for missing chunks".into()))
 }
 
-/// Fetch every distinct stored chunk of `tags` that the cache lacks, several in flight.
+/// Fetch into the cache every distinct stored chunk of `chunks` that it lacks (from a lookaside directory or
+/// the server), several in flight.
 async fn fetch_missing(
     progress: &dyn Progress,
-    t: &Transport,
-    cache: &ChunkCache,
+    sources: &ChunkSources,
     chunks: &[(Tag, u64)],
     what: &str,
 ) -> Result<Transfer, ClientError> {
-    let mut wanted = Vec::new();
-    let mut seen = HashSet::new();
-    for (tag, len) in chunks {
-        if !tag.is_zero() && seen.insert(*tag) && !cache.contains(tag).await? {
-            wanted.push((*tag, *len));
-        }
-    }
+    let wanted = sources.not_cached(chunks).await;
     // Progress in image bytes (what the chunks decode to): the stored sizes are known only once fetched.
     let bar = progress.task(what, wanted.iter().map(|(_, n)| n).sum());
-    let results = futures::stream::iter(wanted)
-        .map(|(tag, len)| async move {
-            let b = t.get_chunk(&tag).await?;
-            let n = b.len() as u64;
-            cache.put_fetched(&tag, b).await?;
-            Ok::<(u64, u64), ClientError>((n, len))
+    let transfer = Mutex::new(Transfer::default());
+    sources
+        .prefetch(&wanted, FETCHES_IN_FLIGHT, &|stored, plain| {
+            let mut t = transfer.lock().expect("transfer");
+            t.bytes += stored;
+            t.chunks += 1;
+            bar.advance(plain);
         })
-        .buffer_unordered(FETCHES_IN_FLIGHT);
-    futures::pin_mut!(results);
-    let mut transfer = Transfer::default();
-    while let Some(r) = results.next().await {
-        let (stored, plain) = r?;
-        transfer.bytes += stored;
-        transfer.chunks += 1;
-        bar.advance(plain);
-    }
-    Ok(transfer)
+        .await?;
+    Ok(transfer.into_inner().expect("transfer"))
 }

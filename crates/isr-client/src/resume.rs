@@ -17,6 +17,7 @@ use crate::run::{
     memory_image_would_resume, private_dir_path, read_outcome, read_record, PrivateDir, Run, RunKind,
     RunOutcome,
 };
+use crate::source::{ChunkSources, SourceCounts};
 use futures::StreamExt;
 use isr_format::{ChunkDecoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, Keyring, Tag};
 use isr_vmm::{Accel, Display, Network, Start, Vm, VmConfig, VmmError};
@@ -74,17 +75,17 @@ pub struct ResumeReport {
     pub suspend: Duration,
     pub memory_image_bytes: u64,
     pub memory_chunks_stored: u64,
-    pub fetched_chunks: u64,
+    /// Chunks fetched during the run (memory and disk), by source.
+    pub fetched: SourceCounts,
 }
 
 /// Decode an image into a sparse file (zero chunks stay holes).
 pub async fn write_image_file(
     ring: &Keyring,
-    cache: &ChunkCache,
-    server: Option<&crate::transport::Transport>,
+    sources: &ChunkSources,
     path: &Path,
 ) -> Result<(), ClientError> {
-    write_image_files(&[(ring, path)], cache, server).await
+    write_image_files(&[(ring, path)], sources).await
 }
 
 /// Chunks fetched from the server at once while decoding images to files.
@@ -109,8 +110,8 @@ struct Decoding {
     next: std::sync::atomic::AtomicUsize,
     failed: std::sync::atomic::AtomicBool,
     cache: ChunkCache,
-    /// A server is at hand to fetch a good copy of a corrupt cached chunk.
-    connected: bool,
+    /// A source below the cache (server, lookaside) is at hand for a good copy of a corrupt cached chunk.
+    can_refetch: bool,
 }
 
 impl Decoding {
@@ -172,8 +173,8 @@ impl Decoding {
             };
             let r = match self.cache.read_blocking(&tag) {
                 Ok(Some(stored)) => match self.decode_write(&mut decoder, &mut buf, (img, i), &stored) {
-                    // A corrupt cached copy: dropped and fetched again (verified) when connected.
-                    Err(ClientError::Integrity(_)) if self.connected => self.cache.evict(&tag).map(|()| {
+                    // A corrupt cached copy: dropped and fetched again (verified) when another source may have it.
+                    Err(ClientError::Integrity(_)) if self.can_refetch => self.cache.evict(&tag).map(|()| {
                         let _ = missing.send((img, i));
                     }),
                     other => other,
@@ -201,8 +202,7 @@ const PAGE: usize = 4096;
 /// buffer; chunks missing from the cache are fetched meanwhile (verified, cached) and decoded as they arrive.
 pub async fn write_image_files(
     images: &[(&Keyring, &Path)],
-    cache: &ChunkCache,
-    server: Option<&crate::transport::Transport>,
+    sources: &ChunkSources,
 ) -> Result<(), ClientError> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let mut out = Vec::with_capacity(images.len());
@@ -220,8 +220,8 @@ pub async fn write_image_files(
         work,
         next: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
-        cache: cache.clone(),
-        connected: server.is_some(),
+        cache: sources.cache().clone(),
+        can_refetch: sources.has_sources_below_cache(),
     });
     let (missing_tx, mut missing_rx) = tokio::sync::mpsc::unbounded_channel();
     let decoders: Vec<_> = (0..threads)
@@ -241,7 +241,7 @@ pub async fn write_image_files(
                     return Ok(());
                 };
                 let r = async {
-                    let stored = cache.get_or_fetch(&tag, server).await?;
+                    let stored = sources.get(&tag).await?;
                     let s = shared.clone();
                     tokio::task::spawn_blocking(move || {
                         DECODER
@@ -379,13 +379,14 @@ impl DiskExport {
             .map_err(|e| ClientError::io(format!("binding {}", path.display()), e))
     }
 
-    /// Serve until `shutdown`, flush what was written, and release the parcel. Returns the chunks fetched.
+    /// Serve until `shutdown`, flush what was written, and release the parcel. Returns where the chunks
+    /// fetched came from.
     pub async fn serve(
         self,
         listener: tokio::net::UnixListener,
         socket: &Path,
         shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<u64, ClientError> {
+    ) -> Result<SourceCounts, ClientError> {
         let options = isr_nbd::ServeOptions { read_only: self.read_only, ..Default::default() };
         let device = Arc::new(ImageDevice(self.image.clone()));
         let served = isr_nbd::serve_with_options(listener, device, options, shutdown).await;
@@ -400,7 +401,7 @@ impl DiskExport {
         flushed?;
         served.map_err(|e| ClientError::Other(format!("NBD server: {e}")))?;
         finished?;
-        Ok(self.image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed))
+        Ok(self.image.stats.sources.snapshot())
     }
 }
 
@@ -531,7 +532,8 @@ impl Client {
         if let Some(note) = note {
             eprintln!("isr: {note}");
         }
-        let cache = ChunkCache::open(&self.home.cache_dir())?;
+        let sources = self.sources_for(o, server.clone())?;
+        let cache = sources.cache().clone();
         let private = PrivateDir::create(private_path.to_owned())?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: connected");
 
@@ -556,11 +558,11 @@ impl Client {
         if let Some(ring) = &memory {
             outputs.push((ring, &mem_path));
         }
-        write_image_files(&outputs, &cache, server.as_ref()).await?;
+        write_image_files(&outputs, &sources).await?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: images decoded");
 
         // The disk over NBD from this process.
-        let image = self.working_image(o, ImageKind::Disk, opts.disconnected).await?;
+        let image = self.working_image_from(o, ImageKind::Disk, sources.clone())?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: working disk image opened");
         let sock = private.path().join("disk.sock");
         let listener = tokio::net::UnixListener::bind(&sock)
@@ -736,7 +738,7 @@ impl Client {
             suspend: Duration::ZERO,
             memory_image_bytes: 0,
             memory_chunks_stored: 0,
-            fetched_chunks: image.stats.fetched_chunks.load(std::sync::atomic::Ordering::Relaxed),
+            fetched: image.stats.sources.snapshot(),
         };
         let ended = match (ended, flushed) {
             (Ok(e), Ok(())) => e,

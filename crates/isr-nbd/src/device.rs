@@ -46,6 +46,33 @@ pub trait BlockDevice: Send + Sync + 'static {
         self.write_zeroes(offset, len).await
     }
 
+    /// Zero a range only if that is cheaper than writing zeroes (`NBD_CMD_FLAG_FAST_ZERO`); otherwise fail
+    /// with `ErrorKind::Unsupported` (sent as `ENOTSUP`) before changing anything, so that the client
+    /// writes the zeroes itself. `no_hole` as for [`write_zeroes_no_hole`](Self::write_zeroes_no_hole).
+    /// Default: never fast.
+    async fn write_zeroes_fast(&self, _offset: u64, _len: u64, _no_hole: bool) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "fast zero not supported by this device"))
+    }
+
+    /// Allocation of `len` bytes at `offset` for the `base:allocation` metadata context: extents in order
+    /// from `offset`, covering at least its first byte (the server merges, clips and limits them). Default:
+    /// all data.
+    async fn block_status(&self, _offset: u64, len: u32) -> io::Result<Vec<crate::proto::Extent>> {
+        Ok(vec![crate::proto::Extent { len, flags: 0 }])
+    }
+
+    /// Bring a range into whatever the device keeps locally (`NBD_CMD_CACHE`), replying once it is there.
+    /// Default: nothing to do (the data is local).
+    async fn cache(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// True when a flush on one connection makes the writes completed on every connection durable, and
+    /// every connection reads what any other wrote (`NBD_FLAG_CAN_MULTI_CONN`). Default: false.
+    fn multi_conn_consistent(&self) -> bool {
+        false
+    }
+
     /// Owned-buffer read: fill all of `buf` from `offset` and hand it back.
     async fn read_owned(&self, offset: u64, mut buf: Vec<u8>) -> (Vec<u8>, io::Result<()>) {
         let r = self.read(offset, &mut buf).await;

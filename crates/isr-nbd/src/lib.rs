@@ -14,10 +14,13 @@
 //!
 //! Supported: `NBD_OPT_EXPORT_NAME`, `GO`, `INFO` (replying `NBD_INFO_EXPORT`,
 //! `NBD_INFO_BLOCK_SIZE` and on request `NBD_INFO_NAME`), `ABORT`, `LIST`,
-//! `STRUCTURED_REPLY`; every other option gets `NBD_REP_ERR_UNSUP` (no TLS,
-//! no metadata contexts, no extended headers). Commands: `READ`, `WRITE`,
-//! `DISC`, `FLUSH`, `TRIM`, `WRITE_ZEROES` with `FUA` and `NO_HOLE`; others get
-//! `EINVAL`. `CAN_MULTI_CONN` is not advertised.
+//! `STRUCTURED_REPLY`, `LIST_META_CONTEXT` and `SET_META_CONTEXT` (the one
+//! context `base:allocation`); every other option gets `NBD_REP_ERR_UNSUP`
+//! (no TLS, no extended headers). Commands: `READ`, `WRITE`, `DISC`, `FLUSH`,
+//! `TRIM`, `WRITE_ZEROES` with `FUA`, `NO_HOLE` and `FAST_ZERO`, `CACHE`,
+//! `BLOCK_STATUS` (with `REQ_ONE`); others get `EINVAL`. `CAN_MULTI_CONN` is
+//! advertised for a read-only export or a device that says every connection
+//! sees one consistent state ([`BlockDevice::multi_conn_consistent`]).
 //!
 //! Requests on one connection run concurrently (64 by default); replies go
 //! out in completion order through a single writer that batches them with

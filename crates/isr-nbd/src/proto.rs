@@ -60,9 +60,26 @@ pub mod tflags {
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
     /// Server supports `NBD_CMD_FLAG_DF`.
     pub const SEND_DF: u16 = 1 << 7;
-    /// Multiple connections are consistent (not advertised here).
+    /// Multiple connections are consistent: a flush on one covers writes completed on all.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// Server supports `NBD_CMD_CACHE`.
+    pub const SEND_CACHE: u16 = 1 << 10;
+    /// Server supports `NBD_CMD_FLAG_FAST_ZERO`.
+    pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
+
+/// Block status flags of the `base:allocation` metadata context.
+pub mod state {
+    /// The extent is not allocated (reads as zero or as unspecified, see `ZERO`).
+    pub const HOLE: u32 = 1 << 0;
+    /// The extent reads as zeroes.
+    pub const ZERO: u32 = 1 << 1;
+}
+
+/// The one metadata context this server knows, and the id it gives it.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Context id of [`BASE_ALLOCATION`] in `NBD_REP_META_CONTEXT` and block status replies.
+pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Command flag bits.
 pub mod cflags {
@@ -340,9 +357,25 @@ pub enum ClientOption {
     Info(InfoRequest),
     /// `NBD_OPT_GO`.
     Go(InfoRequest),
+    /// `NBD_OPT_LIST_META_CONTEXT`.
+    ListMetaContext(MetaContextRequest),
+    /// `NBD_OPT_SET_META_CONTEXT`.
+    SetMetaContext(MetaContextRequest),
     /// Any option this server does not implement (answer `NBD_REP_ERR_UNSUP`).
     Unsupported(u32),
 }
+
+/// Data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    /// Export the contexts are for.
+    pub export: String,
+    /// Queries (`namespace:` or `namespace:leaf`); empty asks for every context (LIST only).
+    pub queries: Vec<String>,
+}
+
+/// At most this many queries in one meta context option.
+pub const MAX_META_QUERIES: usize = 128;
 
 /// A known option whose data is malformed; answer `NBD_REP_ERR_INVALID`
 /// (or, for `NBD_OPT_EXPORT_NAME`, close the connection).
@@ -366,6 +399,61 @@ fn decode_string(option: u32, b: &[u8]) -> Result<String, InvalidOption> {
         return Err(InvalidOption { option, reason: "string contains NUL" });
     }
     String::from_utf8(b.to_vec()).map_err(|_| InvalidOption { option, reason: "string is not UTF-8" })
+}
+
+fn decode_meta_context_request(option: u32, d: &[u8]) -> Result<MetaContextRequest, InvalidOption> {
+    let bad = |reason| InvalidOption { option, reason };
+    let mut rest = d;
+    let take_string = |rest: &mut &[u8]| -> Result<String, InvalidOption> {
+        if rest.len() < 4 {
+            return Err(bad("truncated string length"));
+        }
+        let n = be32(rest) as usize;
+        if rest.len() - 4 < n {
+            return Err(bad("string length exceeds option length"));
+        }
+        let s = decode_string(option, &rest[4..4 + n])?;
+        *rest = &rest[4 + n..];
+        Ok(s)
+    };
+    let export = take_string(&mut rest)?;
+    if rest.len() < 4 {
+        return Err(bad("truncated query count"));
+    }
+    let count = be32(rest) as usize;
+    rest = &rest[4..];
+    if count > MAX_META_QUERIES {
+        return Err(bad("too many queries"));
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(take_string(&mut rest)?);
+    }
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes after the queries"));
+    }
+    Ok(MetaContextRequest { export, queries })
+}
+
+/// Client: encode the data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+pub fn encode_meta_context_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = Vec::new();
+    d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+/// Data of `NBD_REP_META_CONTEXT`: the context's id and name.
+pub fn rep_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + name.len());
+    b.extend_from_slice(&id.to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b
 }
 
 fn decode_info_request(option: u32, d: &[u8]) -> Result<InfoRequest, InvalidOption> {
@@ -408,6 +496,12 @@ impl ClientOption {
             opt::STRUCTURED_REPLY => empty(ClientOption::StructuredReply),
             opt::INFO => Ok(ClientOption::Info(decode_info_request(option, d)?)),
             opt::GO => Ok(ClientOption::Go(decode_info_request(option, d)?)),
+            opt::LIST_META_CONTEXT => {
+                Ok(ClientOption::ListMetaContext(decode_meta_context_request(option, d)?))
+            }
+            opt::SET_META_CONTEXT => {
+                Ok(ClientOption::SetMetaContext(decode_meta_context_request(option, d)?))
+            }
             other => Ok(ClientOption::Unsupported(other)),
         }
     }
@@ -546,6 +640,10 @@ pub enum Command {
     Trim,
     /// `NBD_CMD_WRITE_ZEROES`.
     WriteZeroes,
+    /// `NBD_CMD_CACHE`.
+    Cache,
+    /// `NBD_CMD_BLOCK_STATUS`.
+    BlockStatus,
     /// Anything else (answered with `EINVAL`).
     Unknown(u16),
 }
@@ -560,6 +658,8 @@ impl Command {
             cmd::FLUSH => Command::Flush,
             cmd::TRIM => Command::Trim,
             cmd::WRITE_ZEROES => Command::WriteZeroes,
+            cmd::CACHE => Command::Cache,
+            cmd::BLOCK_STATUS => Command::BlockStatus,
             other => Command::Unknown(other),
         }
     }
@@ -572,6 +672,8 @@ impl Command {
             Command::Flush => cmd::FLUSH,
             Command::Trim => cmd::TRIM,
             Command::WriteZeroes => cmd::WRITE_ZEROES,
+            Command::Cache => cmd::CACHE,
+            Command::BlockStatus => cmd::BLOCK_STATUS,
             Command::Unknown(c) => c,
         }
     }
@@ -692,6 +794,41 @@ pub fn encode_offset_data_header(handle: u64, offset: u64, data_len: u32) -> [u8
 /// Server: final `NONE` chunk.
 pub fn encode_structured_none(handle: u64) -> [u8; STRUCTURED_HEADER_LEN] {
     encode_structured_header(reply::FLAG_DONE, reply::TYPE_NONE, handle, 0)
+}
+
+/// One extent of a block status reply: `len` bytes with `state::*` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes (never 0 on the wire).
+    pub len: u32,
+    /// `state::*` bits.
+    pub flags: u32,
+}
+
+/// Server: append a final `BLOCK_STATUS` chunk for `context` with `extents`.
+pub fn encode_block_status(out: &mut Vec<u8>, handle: u64, context: u32, extents: &[Extent]) {
+    out.extend_from_slice(&encode_structured_header(
+        reply::FLAG_DONE,
+        reply::TYPE_BLOCK_STATUS,
+        handle,
+        4 + 8 * extents.len() as u32,
+    ));
+    out.extend_from_slice(&context.to_be_bytes());
+    for e in extents {
+        out.extend_from_slice(&e.len.to_be_bytes());
+        out.extend_from_slice(&e.flags.to_be_bytes());
+    }
+}
+
+/// Client: a `BLOCK_STATUS` chunk payload as (context id, extents); `None` when malformed.
+pub fn parse_block_status_payload(payload: &[u8]) -> Option<(u32, Vec<Extent>)> {
+    if payload.len() < 4 || !(payload.len() - 4).is_multiple_of(8) {
+        return None;
+    }
+    let context = be32(payload);
+    let extents =
+        payload[4..].chunks_exact(8).map(|e| Extent { len: be32(e), flags: be32(&e[4..]) }).collect();
+    Some((context, extents))
 }
 
 /// Server: append a final `ERROR` chunk with a human readable message.
@@ -881,7 +1018,15 @@ mod tests {
             decode(opt::GO, &encode_info_request("", &[])).unwrap(),
             ClientOption::Go(InfoRequest { name: String::new(), requests: vec![] })
         );
-        for code in [opt::STARTTLS, opt::SET_META_CONTEXT, opt::EXTENDED_HEADERS, 0, u32::MAX] {
+        let meta = encode_meta_context_request("", &["base:allocation", "qemu:dirty-bitmap:x"]);
+        let want = MetaContextRequest {
+            export: String::new(),
+            queries: vec!["base:allocation".into(), "qemu:dirty-bitmap:x".into()],
+        };
+        assert_eq!(decode(opt::SET_META_CONTEXT, &meta).unwrap(), ClientOption::SetMetaContext(want.clone()));
+        assert_eq!(decode(opt::LIST_META_CONTEXT, &meta).unwrap(), ClientOption::ListMetaContext(want));
+        assert!(decode(opt::SET_META_CONTEXT, b"whatever").is_err(), "malformed meta context data");
+        for code in [opt::STARTTLS, opt::EXTENDED_HEADERS, 0, u32::MAX] {
             assert_eq!(decode(code, b"whatever").unwrap(), ClientOption::Unsupported(code));
         }
     }
@@ -963,8 +1108,8 @@ mod tests {
             (cmd::FLUSH, Command::Flush, 0),
             (cmd::TRIM, Command::Trim, 0),
             (cmd::WRITE_ZEROES, Command::WriteZeroes, 0),
-            (cmd::CACHE, Command::Unknown(cmd::CACHE), 0),
-            (cmd::BLOCK_STATUS, Command::Unknown(cmd::BLOCK_STATUS), 0),
+            (cmd::CACHE, Command::Cache, 0),
+            (cmd::BLOCK_STATUS, Command::BlockStatus, 0),
             (0xffff, Command::Unknown(0xffff), 0),
         ];
         for (code, command, payload) in cases {
@@ -1075,6 +1220,49 @@ mod tests {
                 prop_assert!(n <= buf.len());
             }
             let _ = parse_error_payload(&buf);
+            if let Some((_, extents)) = parse_block_status_payload(&buf) {
+                prop_assert_eq!(4 + 8 * extents.len(), buf.len());
+            }
+        }
+
+        #[test]
+        fn meta_context_request_roundtrip(
+            export in "[a-z0-9/._-]{0,20}",
+            queries in proptest::collection::vec("[a-z]{1,8}:[a-z_]{0,12}", 0..6),
+            opt_code in prop_oneof![Just(opt::LIST_META_CONTEXT), Just(opt::SET_META_CONTEXT)],
+        ) {
+            let q: Vec<&str> = queries.iter().map(String::as_str).collect();
+            let data = encode_meta_context_request(&export, &q);
+            let want = MetaContextRequest { export: export.clone(), queries: queries.clone() };
+            let decoded = ClientOption::decode(&RawOption { code: opt_code, data: &data }).unwrap();
+            match decoded {
+                ClientOption::ListMetaContext(r) | ClientOption::SetMetaContext(r) => prop_assert_eq!(r, want),
+                other => prop_assert!(false, "decoded as {:?}", other),
+            }
+            // Every strict prefix is malformed (a length or a string is cut), never a different request.
+            for i in 0..data.len() {
+                let cut = ClientOption::decode(&RawOption { code: opt_code, data: &data[..i] });
+                prop_assert!(cut.is_err(), "prefix {} decoded: {:?}", i, cut);
+            }
+        }
+
+        #[test]
+        fn block_status_roundtrip(handle: u64, context: u32, raw in proptest::collection::vec((1u32.., 0u32..4), 0..20)) {
+            let extents: Vec<Extent> = raw.iter().map(|&(len, flags)| Extent { len, flags }).collect();
+            let mut out = Vec::new();
+            encode_block_status(&mut out, handle, context, &extents);
+            let (reply, n) = parse_reply(&out, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(n, out.len());
+            for i in 0..out.len() {
+                prop_assert!(parse_reply(&out[..i], 1 << 20).unwrap().is_none());
+            }
+            match reply {
+                ReplyHeader::Structured { flags, ty, handle: h, payload } => {
+                    prop_assert_eq!((flags, ty, h), (reply::FLAG_DONE, reply::TYPE_BLOCK_STATUS, handle));
+                    prop_assert_eq!(parse_block_status_payload(payload), Some((context, extents)));
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
         }
 
         #[test]

@@ -169,12 +169,24 @@ async fn fill<R: AsyncRead + Unpin>(
 
 // ---------------------------------------------------------------- handshake
 
-fn transmission_flags(read_only: bool, structured: bool) -> u16 {
-    let mut f = tflags::HAS_FLAGS | tflags::SEND_FLUSH;
-    if read_only {
+/// What the export offers, for the transmission flags.
+#[derive(Debug, Clone, Copy)]
+struct Offer {
+    read_only: bool,
+    /// The device keeps every connection consistent (`CAN_MULTI_CONN`).
+    multi_conn: bool,
+}
+
+fn transmission_flags(offer: Offer, structured: bool) -> u16 {
+    let mut f = tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_CACHE;
+    if offer.read_only {
         f |= tflags::READ_ONLY;
     } else {
-        f |= tflags::SEND_FUA | tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES;
+        f |= tflags::SEND_FUA | tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES | tflags::SEND_FAST_ZERO;
+    }
+    // Read-only: nothing to be inconsistent about.
+    if offer.read_only || offer.multi_conn {
+        f |= tflags::CAN_MULTI_CONN;
     }
     if structured {
         f |= tflags::SEND_DF;
@@ -182,15 +194,29 @@ fn transmission_flags(read_only: bool, structured: bool) -> u16 {
     f
 }
 
-/// Run the handshake. `Ok(Some(structured))` means: enter transmission.
+/// What the handshake settled.
+#[derive(Debug, Clone, Copy, Default)]
+struct Negotiated {
+    structured: bool,
+    /// `base:allocation` was selected with `NBD_OPT_SET_META_CONTEXT`.
+    block_status: bool,
+}
+
+/// The contexts of ours that a meta context query names: `base:` or `base:allocation`.
+fn query_matches(query: &str, list: bool) -> bool {
+    query == proto::BASE_ALLOCATION || (list && query == "base:")
+}
+
+/// Run the handshake. `Ok(Some(_))` means: enter transmission.
 async fn handshake<R, W>(
     rd: &mut R,
     buf: &mut BytesMut,
     wr: &mut W,
     size: u64,
+    offer: Offer,
     opts: &ServeOptions,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Option<bool>, NbdError>
+) -> Result<Option<Negotiated>, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -212,6 +238,7 @@ where
     };
     let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
+    let mut block_status = false;
 
     for _ in 0..opts.max_options {
         let (code, decoded, n) = loop {
@@ -238,11 +265,11 @@ where
         };
         match option {
             ClientOption::ExportName(_name) => {
-                let flags = transmission_flags(opts.read_only, structured);
+                let flags = transmission_flags(offer, structured);
                 proto::encode_export_name_reply(&mut out, size, flags, no_zeroes);
                 wr.write_all(&out).await?;
                 wr.flush().await?;
-                return Ok(Some(structured));
+                return Ok(Some(Negotiated { structured, block_status }));
             }
             ClientOption::Abort => {
                 proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
@@ -273,8 +300,42 @@ where
                     proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
                 }
             }
+            ClientOption::ListMetaContext(req) => {
+                // Every context when nothing is asked for, else those the queries name (ids are 0 in a list).
+                if req.queries.is_empty() || req.queries.iter().any(|q| query_matches(q, true)) {
+                    proto::encode_option_reply(
+                        &mut out,
+                        code,
+                        rep::META_CONTEXT,
+                        &proto::rep_meta_context(0, proto::BASE_ALLOCATION),
+                    );
+                }
+                proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
+            }
+            ClientOption::SetMetaContext(req) => {
+                if !structured {
+                    proto::encode_option_reply(
+                        &mut out,
+                        code,
+                        rep::ERR_INVALID,
+                        b"metadata contexts need structured replies",
+                    );
+                } else {
+                    // A new selection replaces the previous one.
+                    block_status = req.queries.iter().any(|q| query_matches(q, false));
+                    if block_status {
+                        proto::encode_option_reply(
+                            &mut out,
+                            code,
+                            rep::META_CONTEXT,
+                            &proto::rep_meta_context(proto::BASE_ALLOCATION_ID, proto::BASE_ALLOCATION),
+                        );
+                    }
+                    proto::encode_option_reply(&mut out, code, rep::ACK, &[]);
+                }
+            }
             ClientOption::Info(req) | ClientOption::Go(req) => {
-                let flags = transmission_flags(opts.read_only, structured);
+                let flags = transmission_flags(offer, structured);
                 proto::encode_option_reply(&mut out, code, rep::INFO, &proto::info_export(size, flags));
                 proto::encode_option_reply(
                     &mut out,
@@ -294,7 +355,7 @@ where
                 if code == opt::GO {
                     wr.write_all(&out).await?;
                     wr.flush().await?;
-                    return Ok(Some(structured));
+                    return Ok(Some(Negotiated { structured, block_status }));
                 }
             }
             ClientOption::Unsupported(_) => {
@@ -511,6 +572,7 @@ impl WriteTracker {
 struct Conn {
     dev: Arc<dyn BlockDevice>,
     structured: bool,
+    block_status: bool,
     pool: Arc<BufPool>,
     writes: Arc<WriteTracker>,
     sink: ReplySink,
@@ -518,7 +580,7 @@ struct Conn {
 
 impl Conn {
     fn error_reply(&self, req: &Request, error: u32, msg: &str) -> Outgoing {
-        if self.structured && req.command == Command::Read {
+        if self.structured && matches!(req.command, Command::Read | Command::BlockStatus) {
             let mut v = Vec::with_capacity(32 + msg.len());
             proto::encode_structured_error(&mut v, req.handle, error, msg);
             Outgoing::new(&[], Body::Owned(v))
@@ -583,6 +645,11 @@ impl Conn {
                 let r = self.dev.trim(req.offset, req.len as u64).await;
                 self.finish_write(&req, r).await
             }
+            Command::WriteZeroes if req.flags & cflags::FAST_ZERO != 0 => {
+                let no_hole = req.flags & cflags::NO_HOLE != 0;
+                let r = self.dev.write_zeroes_fast(req.offset, req.len as u64, no_hole).await;
+                self.finish_write(&req, r).await
+            }
             Command::WriteZeroes => {
                 let r = if req.flags & cflags::NO_HOLE != 0 {
                     self.dev.write_zeroes_no_hole(req.offset, req.len as u64).await
@@ -598,6 +665,26 @@ impl Conn {
                     Err(e) => self.io_error_reply(&req, &e),
                 }
             }
+            Command::Cache => match self.dev.cache(req.offset, req.len as u64).await {
+                Ok(()) => self.ok_reply(&req),
+                Err(e) => self.io_error_reply(&req, &e),
+            },
+            Command::BlockStatus if !self.block_status => {
+                self.error_reply(&req, errno::EINVAL, "no metadata context was negotiated")
+            }
+            Command::BlockStatus => match self.dev.block_status(req.offset, req.len).await {
+                Ok(extents) => {
+                    let extents = normalize_extents(extents, req.len, req.flags & cflags::REQ_ONE != 0);
+                    if extents.is_empty() {
+                        self.error_reply(&req, errno::EIO, "device returned no extent")
+                    } else {
+                        let mut v = Vec::with_capacity(24 + 8 * extents.len());
+                        proto::encode_block_status(&mut v, req.handle, proto::BASE_ALLOCATION_ID, &extents);
+                        Outgoing::new(&[], Body::Owned(v))
+                    }
+                }
+                Err(e) => self.io_error_reply(&req, &e),
+            },
             Command::Disc | Command::Unknown(_) => {
                 self.error_reply(&req, errno::EINVAL, "unexpected command")
             }
@@ -614,12 +701,48 @@ impl Conn {
     }
 }
 
+/// At most this many extents in one block status reply.
+const MAX_EXTENTS: usize = 1 << 16;
+
+/// Block status extents as they go on the wire: no empty ones, adjacent ones with the same flags merged,
+/// none past `len` (the request's length), at most [`MAX_EXTENTS`] (one with `req_one`).
+fn normalize_extents(extents: Vec<proto::Extent>, len: u32, req_one: bool) -> Vec<proto::Extent> {
+    let mut out: Vec<proto::Extent> = Vec::new();
+    let mut left = len;
+    for e in extents {
+        let n = e.len.min(left);
+        if n == 0 {
+            continue;
+        }
+        left -= n;
+        let full = out.len() >= MAX_EXTENTS;
+        match out.last_mut() {
+            Some(last) if last.flags == e.flags => last.len += n,
+            _ if full => break,
+            _ => out.push(proto::Extent { len: n, flags: e.flags }),
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
 /// Validate a request against the export; `Some((errno, message))` to reject.
 fn validate(req: &Request, size: u64, read_only: bool, max_request: u32) -> Option<(u32, &'static str)> {
     match req.command {
         Command::Unknown(_) => return Some((errno::EINVAL, "unsupported command")),
         Command::Disc | Command::Flush => return None,
         _ => {}
+    }
+    if req.flags & cflags::FAST_ZERO != 0 && req.command != Command::WriteZeroes {
+        return Some((errno::EINVAL, "fast zero applies to write zeroes only"));
+    }
+    if req.command == Command::BlockStatus && req.len == 0 {
+        return Some((errno::EINVAL, "block status of an empty range"));
     }
     if read_only && req.command.is_write() {
         return Some((errno::EPERM, "export is read-only"));
@@ -650,15 +773,17 @@ where
 {
     let size = device.size();
     let mut buf = BytesMut::with_capacity(128 << 10);
-    let structured = match handshake(&mut rd, &mut buf, &mut wr, size, &opts, &mut stop).await? {
-        Some(s) => s,
+    let offer = Offer { read_only: opts.read_only, multi_conn: device.multi_conn_consistent() };
+    let negotiated = match handshake(&mut rd, &mut buf, &mut wr, size, offer, &opts, &mut stop).await? {
+        Some(n) => n,
         None => return Ok(()),
     };
-    debug!(structured, size, "nbd transmission phase");
+    let Negotiated { structured, block_status } = negotiated;
+    debug!(structured, block_status, size, "nbd transmission phase");
 
     let pool = Arc::new(BufPool::default());
     let sink = ReplySink::new(Box::pin(wr), pool.clone());
-    let conn = Arc::new(Conn { dev: device, structured, pool, writes: Arc::default(), sink });
+    let conn = Arc::new(Conn { dev: device, structured, block_status, pool, writes: Arc::default(), sink });
 
     let max_in_flight = opts.max_in_flight.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let slots = Arc::new(Semaphore::new(max_in_flight));

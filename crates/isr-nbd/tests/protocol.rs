@@ -188,9 +188,21 @@ async fn option_haggling() {
     c.option(opt::LIST, b"junk").await;
     assert_eq!(c.opt_reply().await.1, rep::ERR_INVALID);
 
-    for unsupported in
-        [opt::STARTTLS, opt::SET_META_CONTEXT, opt::LIST_META_CONTEXT, opt::EXTENDED_HEADERS, 4242]
-    {
+    // Metadata contexts: listed without structured replies, selected only with them.
+    c.option(opt::LIST_META_CONTEXT, &proto::encode_meta_context_request("disk", &[])).await;
+    assert_eq!(
+        c.opt_reply().await,
+        (opt::LIST_META_CONTEXT, rep::META_CONTEXT, proto::rep_meta_context(0, "base:allocation"))
+    );
+    assert_eq!(c.opt_reply().await, (opt::LIST_META_CONTEXT, rep::ACK, vec![]));
+    c.option(opt::LIST_META_CONTEXT, &proto::encode_meta_context_request("disk", &["qemu:x"])).await;
+    assert_eq!(c.opt_reply().await, (opt::LIST_META_CONTEXT, rep::ACK, vec![]), "no context of ours");
+    c.option(opt::SET_META_CONTEXT, &proto::encode_meta_context_request("disk", &["base:allocation"])).await;
+    assert_eq!(c.opt_reply().await.1, rep::ERR_INVALID, "SET before structured replies");
+    c.option(opt::SET_META_CONTEXT, b"junk").await;
+    assert_eq!(c.opt_reply().await.1, rep::ERR_INVALID);
+
+    for unsupported in [opt::STARTTLS, opt::EXTENDED_HEADERS, 4242] {
         c.option(unsupported, &[0, 0, 0, 0]).await;
         assert_eq!(c.opt_reply().await, (unsupported, rep::ERR_UNSUP, vec![]));
     }
@@ -210,8 +222,10 @@ async fn option_haggling() {
         | tflags::SEND_FLUSH
         | tflags::SEND_FUA
         | tflags::SEND_TRIM
-        | tflags::SEND_WRITE_ZEROES;
-    assert!(got.contains(&proto::info_export(1 << 20, flags).to_vec()));
+        | tflags::SEND_WRITE_ZEROES
+        | tflags::SEND_CACHE
+        | tflags::SEND_FAST_ZERO;
+    assert!(got.contains(&proto::info_export(1 << 20, flags).to_vec()), "no multi-conn for a MemDevice");
     assert!(got.contains(&proto::info_block_size(1, 4096, 32 << 20).to_vec()));
     assert!(got.contains(&proto::info_name("disk")));
 
@@ -656,4 +670,163 @@ async fn serve_over_unix_socket_and_shutdown() {
     a.expect_eof().await;
     b.expect_eof().await;
     tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+}
+
+/// A device whose zero pages are holes, whose aligned zeroing is fast, and that keeps every connection
+/// consistent.
+struct SparseDevice {
+    mem: MemDevice,
+    cached: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+const PAGE: u64 = 4096;
+
+#[async_trait::async_trait]
+impl BlockDevice for SparseDevice {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.mem.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.mem.write(offset, data).await
+    }
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.mem.write_zeroes(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.mem.write_zeroes(offset, len).await
+    }
+    async fn write_zeroes_fast(&self, offset: u64, len: u64, _no_hole: bool) -> io::Result<()> {
+        if !offset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "only whole pages are fast"));
+        }
+        self.mem.write_zeroes(offset, len).await
+    }
+    async fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<proto::Extent>> {
+        // One extent per page (the server merges them); the first may start mid-page.
+        let mut out = Vec::new();
+        let (mut pos, end) = (offset, offset + len as u64);
+        while pos < end {
+            let page_end = ((pos / PAGE + 1) * PAGE).min(self.size());
+            let page = self.mem.slice((pos / PAGE * PAGE) as usize, (page_end - pos / PAGE * PAGE) as usize);
+            let zero = page.iter().all(|&b| b == 0);
+            let flags = if zero { proto::state::HOLE | proto::state::ZERO } else { 0 };
+            out.push(proto::Extent { len: (page_end - pos) as u32, flags });
+            pos = page_end;
+        }
+        Ok(out)
+    }
+    async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.cached.lock().unwrap().push((offset, len));
+        Ok(())
+    }
+    fn multi_conn_consistent(&self) -> bool {
+        true
+    }
+}
+
+fn extents(rep: Rep, handle: u64) -> Vec<(u32, u32)> {
+    match rep {
+        Rep::Chunk { flags, ty, handle: h, payload } if ty == reply::TYPE_BLOCK_STATUS => {
+            assert_eq!((flags, h), (reply::FLAG_DONE, handle));
+            let (ctx, e) = proto::parse_block_status_payload(&payload).expect("well-formed block status");
+            assert_eq!(ctx, proto::BASE_ALLOCATION_ID);
+            e.into_iter().map(|e| (e.len, e.flags)).collect()
+        }
+        other => panic!("not a block status reply: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn block_status_cache_fast_zero_and_multi_conn() {
+    // 64 KiB: data in pages 0 and 5, holes elsewhere.
+    let mut data = vec![0u8; 16 * PAGE as usize];
+    data[..100].fill(1);
+    data[5 * PAGE as usize + 7] = 9;
+    let dev = Arc::new(SparseDevice { mem: MemDevice::from_vec(data), cached: Default::default() });
+    let (mut c, task) = start(dev.clone(), ServeOptions::default());
+    let hf = c.greeting().await;
+    assert_eq!(hf, proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES);
+    let mut out = Vec::new();
+    proto::encode_client_flags(&mut out, proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES);
+    c.send(&out).await;
+    c.option(opt::STRUCTURED_REPLY, &[]).await;
+    assert_eq!(c.opt_reply().await.1, rep::ACK);
+    c.structured = true;
+    // Select base:allocation (queries for contexts we lack are ignored).
+    c.option(
+        opt::SET_META_CONTEXT,
+        &proto::encode_meta_context_request("", &["qemu:dirty-bitmap:b", "base:allocation"]),
+    )
+    .await;
+    assert_eq!(
+        c.opt_reply().await,
+        (opt::SET_META_CONTEXT, rep::META_CONTEXT, proto::rep_meta_context(1, "base:allocation"))
+    );
+    assert_eq!(c.opt_reply().await.1, rep::ACK);
+    c.option(opt::GO, &proto::encode_info_request("", &[])).await;
+    let mut flags = 0;
+    loop {
+        let (_, t, d) = c.opt_reply().await;
+        if t == rep::ACK {
+            break;
+        }
+        if d[..2] == info::EXPORT.to_be_bytes() {
+            flags = u16::from_be_bytes([d[10], d[11]]);
+        }
+    }
+    for f in [tflags::CAN_MULTI_CONN, tflags::SEND_CACHE, tflags::SEND_FAST_ZERO] {
+        assert_ne!(flags & f, 0, "flag {f:#x} not advertised in {flags:#x}");
+    }
+
+    let (hole, data) = (proto::state::HOLE | proto::state::ZERO, 0);
+    let p = PAGE as u32;
+    c.request(Command::BlockStatus, 0, 1, 0, 16 * p, &[]).await;
+    assert_eq!(extents(c.reply().await, 1), [(p, data), (4 * p, hole), (p, data), (10 * p, hole)]);
+    // From the middle of a page, clipped to the request, and with REQ_ONE a single extent.
+    c.request(Command::BlockStatus, 0, 2, 200, 2 * p, &[]).await;
+    assert_eq!(extents(c.reply().await, 2), [(p - 200, data), (p + 200, hole)]);
+    c.request(Command::BlockStatus, cflags::REQ_ONE, 3, 0, 16 * p, &[]).await;
+    assert_eq!(extents(c.reply().await, 3), [(p, data)]);
+    // Out of range or empty: EINVAL as a structured error.
+    c.request(Command::BlockStatus, 0, 4, 15 * PAGE, 2 * p, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+    c.request(Command::BlockStatus, 0, 5, 0, 0, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+
+    // Cache reaches the device.
+    c.request(Command::Cache, 0, 6, PAGE, 3 * p, &[]).await;
+    assert_eq!(c.reply().await.error(), 0);
+    assert_eq!(*dev.cached.lock().unwrap(), [(PAGE, 3 * PAGE)]);
+
+    // Fast zero: done when the device can, ENOTSUP (and nothing changed) when it cannot, EINVAL elsewhere.
+    c.request(Command::WriteZeroes, cflags::FAST_ZERO, 7, 5 * PAGE, p, &[]).await;
+    assert_eq!(c.reply().await.error(), 0);
+    c.request(Command::BlockStatus, 0, 8, 0, 16 * p, &[]).await;
+    assert_eq!(extents(c.reply().await, 8), [(p, data), (15 * p, hole)]);
+    c.request(Command::WriteZeroes, cflags::FAST_ZERO, 9, 10, 50, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::ENOTSUP);
+    assert_eq!(dev.mem.slice(0, 100), vec![1u8; 100], "a refused fast zero changed data");
+    c.request(Command::Read, cflags::FAST_ZERO, 10, 0, 10, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+
+    c.request(Command::Disc, 0, 11, 0, 0, &[]).await;
+    c.expect_eof().await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn block_status_needs_a_negotiated_context() {
+    let (mut c, task) = start(mem(65536, 0), ServeOptions::default());
+    c.connect(true).await;
+    c.request(Command::BlockStatus, 0, 1, 0, 4096, &[]).await;
+    assert_eq!(c.reply().await.error(), errno::EINVAL);
+    c.request(Command::Disc, 0, 2, 0, 0, &[]).await;
+    c.expect_eof().await;
+    task.await.unwrap().unwrap();
 }

@@ -116,13 +116,15 @@ impl Console {
 fn new_client(s: &UiSettings) -> Result<Client, UiError> {
     let home = Home::open(&s.home)?;
     let pw = s.password.clone();
-    Ok(Client::new(
+    let mut c = Client::new(
         home,
         s.user.clone(),
         s.server.clone(),
         s.ca_pem.clone(),
         Box::new(move || Ok(pw.clone())),
-    ))
+    );
+    c.set_lookaside(s.lookaside.clone());
+    Ok(c)
 }
 
 pub fn router(state: Console) -> Router {

@@ -36,6 +36,8 @@ pub struct UiSettings {
     pub user: String,
     pub server: Option<String>,
     pub ca_pem: Option<Vec<u8>>,
+    /// Directories of chunk files asked before the server (`--lookaside`).
+    pub lookaside: Vec<PathBuf>,
     /// The user's password, asked once when the console starts; kept in this process only.
     pub password: String,
     /// Private directory (0700) for the VNC sockets of the VMs the console runs.

@@ -18,6 +18,17 @@ pub fn guest() -> PathBuf {
 
 /// Create `parcel` from the test guest (direct kernel boot) with `memory_mib` of RAM.
 pub fn create_guest_parcel(c: &Client, parcel: &str, memory_mib: u32, scratch: &Path) {
+    create_guest_parcel_appending(c, parcel, memory_mib, scratch, APPEND)
+}
+
+/// [`create_guest_parcel`] with another kernel command line (e.g. [`APPEND`] and a test's parameters).
+pub fn create_guest_parcel_appending(
+    c: &Client,
+    parcel: &str,
+    memory_mib: u32,
+    scratch: &Path,
+    append: &str,
+) {
     let out = guest();
     let disk = scratch.join(format!("{parcel}-disk.img"));
     std::fs::copy(out.join("disk.img"), &disk).unwrap();
@@ -33,7 +44,7 @@ pub fn create_guest_parcel(c: &Client, parcel: &str, memory_mib: u32, scratch: &
         "--initrd",
         out.join("initrd.img").to_str().unwrap(),
         "--append",
-        APPEND,
+        append,
     ]);
 }
 

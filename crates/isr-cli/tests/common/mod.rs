@@ -249,3 +249,59 @@ pub fn sent_chunks(output: &str) -> u64 {
     let after = output.split("sent ").nth(1).unwrap_or_else(|| panic!("no 'sent' in {output:?}"));
     after.split_whitespace().next().unwrap().parse().unwrap()
 }
+
+impl Server {
+    /// Chunk requests the server answered with 200 so far (GETs and PUTs share the route; callers count
+    /// around phases that upload nothing).
+    pub fn chunk_requests(&self) -> u64 {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|l| {
+                l.starts_with("isr_http_requests_total{route=\"/api/v1/chunks/{tag}\",status=\"200\"}")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// A directory of chunk files in the server store's layout holding every chunk the server has: what a
+    /// USB stick or another client's cache would hold.
+    pub fn copy_chunks_to(&self, dir: &Path) -> Vec<PathBuf> {
+        let mut copied = Vec::new();
+        for f in self.chunk_files() {
+            let name = f.file_name().unwrap().to_owned();
+            let sub = dir.join(f.parent().unwrap().file_name().unwrap());
+            std::fs::create_dir_all(&sub).unwrap();
+            std::fs::copy(&f, sub.join(&name)).unwrap();
+            copied.push(sub.join(name));
+        }
+        copied
+    }
+}
+
+/// A child whose stdout is piped and whose stderr is collected as it comes (readable while it runs).
+pub struct Collecting {
+    pub child: Child,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Collecting {
+    pub fn spawn(cmd: &mut Command) -> Collecting {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let pipe = child.stderr.take().unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Collecting { child, stderr }
+    }
+}
