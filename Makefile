@@ -3,18 +3,24 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build, the tests and the demo need (tests skip nothing silently: they need these).
 # QEMU 10 (qemu-system-x86, qemu-utils from bookworm-backports), busybox-static and cpio come from guest/build.sh.
-DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium libnbd-bin python3-libnbd
+# man-db, zsh, fish and systemd: the packaging test renders the man pages (`man -l`), checks the completion
+# scripts (`bash -n`, `zsh -n`, `fish -n`) and the systemd unit (`systemd-analyze verify`).
+DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium libnbd-bin python3-libnbd man-db zsh fish systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512
 
-.PHONY: help deps ui-deps guest fmt-check clippy test bench fuzz demo demo-format pocket
+# Man pages, generated from the command-line definitions (never committed).
+MAN_DIR ?= target/man
+
+.PHONY: help deps ui-deps guest fmt-check clippy test bench fuzz demo demo-format pocket man
 
 help:
 	@echo "make demo    the whole story: server, parcel from the test guest, resume on client A, suspend, check in,"
 	@echo "             resume on client B where it stopped (release build, TCG)"
 	@echo "make demo-format  build a parcel from a generated $(DEMO_MIB) MiB image into a local store, read back, verify"
 	@echo "make test    deps, then rustfmt check, clippy -D warnings, cargo test --workspace (what CI runs)"
+	@echo "make man     man pages of isr and isr-server (one per subcommand) into $(MAN_DIR)"
 	@echo "make bench   cargo bench --workspace (codec vs the zstd tool, NBD)"
 	@echo "make fuzz    every fuzz target for FUZZ_SECONDS (default 30) seconds (scripts/fuzz.sh)"
 	@echo "make deps    install the Debian packages: $(DEB_PACKAGES)"
@@ -50,6 +56,13 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+man:
+	$(CARGO) build --workspace --bins
+	rm -rf $(MAN_DIR) && mkdir -p $(MAN_DIR)
+	target/debug/isr man --output $(MAN_DIR)
+	target/debug/isr-server man --output $(MAN_DIR)
+	@echo "man pages in $(MAN_DIR): man -l $(MAN_DIR)/isr.1"
+
 # Pocket ISR: `isr` with glibc linked in statically (target x86_64-unknown-linux-gnu, +crt-static; --target keeps
 # build scripts and proc macros dynamic). Runs on a machine with nothing installed but QEMU.
 POCKET_DIR := target/pocket
@@ -59,8 +72,7 @@ pocket:
 	  --target-dir $(POCKET_DIR) -p isr-cli --bin isr --features pocket
 	@file $(POCKET_BIN) 2>/dev/null || ls -l $(POCKET_BIN)
 
-test: deps fmt-check clippy pocket
-	$(CARGO) build --workspace --bins
+test: deps fmt-check clippy pocket man
 	ISR_POCKET_BIN=$(CURDIR)/$(POCKET_BIN) $(CARGO) test --workspace
 
 bench: deps

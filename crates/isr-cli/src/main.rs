@@ -1,12 +1,14 @@
 //! `isr`: the Internet Suspend/Resume client. Thin: parses the command line and calls `isr-client`.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use isr_client::parcel::{is_running, Client, CreateOptions};
+use isr_client::transient::TRANSIENT_OUTCOME;
 use isr_client::{home::Home, ClientError};
 use isr_format::ChunkSize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod config;
 mod console;
 mod progress;
 
@@ -25,6 +27,10 @@ struct Cli {
     /// Extra CA certificate (PEM) to trust, for a server with a self-signed certificate
     #[arg(long, env = "ISR_CA_CERT", global = true)]
     ca_cert: Option<PathBuf>,
+    /// Configuration file (TOML) with defaults for the options that have an ISR_* variable
+    /// [default: $XDG_CONFIG_HOME/isr/config.toml, else ~/.config/isr/config.toml]
+    #[arg(long, env = "ISR_CONFIG", global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Directories of chunk files (a USB stick, another client's cache) asked before the server; every chunk
     /// is verified by its tag and a wrong one ignored. Repeat the option, or separate with ':' in the variable
     #[arg(long, env = "ISR_LOOKASIDE", global = true, value_name = "DIR", value_delimiter = ':')]
@@ -59,11 +65,20 @@ enum Command {
     },
     /// List parcels: head version, lock holder and since when, local state
     Ls {
+        /// One line per parcel with its head, local state and lock
         #[arg(short = 'l')]
         long: bool,
+        /// One JSON object: {"parcels": [...], "offline": ...}
+        #[arg(long)]
+        json: bool,
     },
     /// List the versions of a parcel
-    Versions { parcel: String },
+    Versions {
+        parcel: String,
+        /// One JSON object: {"parcel": ..., "versions": [...]}
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a parcel's state
     Stat {
         parcel: String,
@@ -73,7 +88,7 @@ enum Command {
     /// Run the parcel's VM (checking it out first when needed) until it is suspended or shut down
     Resume {
         parcel: String,
-        #[arg(long, default_value = "gtk", value_parser = ["none", "gtk", "vnc"])]
+        #[arg(long, env = "ISR_DISPLAY", default_value = "gtk", value_parser = ["none", "gtk", "vnc"])]
         display: String,
         /// Never contact the server (the parcel must be fully hoarded)
         #[arg(long)]
@@ -91,6 +106,13 @@ enum Command {
         /// guest RAM [default: /dev/shm, else /tmp]
         #[arg(long, env = "ISR_RUNTIME_DIR", value_name = "DIR")]
         runtime_dir: Option<PathBuf>,
+        /// Run a version without taking the lock and without checking anything in; every change is dropped
+        /// when it ends (works while another client holds the lock)
+        #[arg(long)]
+        transient: bool,
+        /// The version a transient run runs [default: the head]
+        #[arg(long, requires = "transient", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        version: Option<u64>,
     },
     /// Ask a running resume to save memory and stop
     Suspend { parcel: String },
@@ -186,6 +208,62 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Print the shell completion script for bash, zsh or fish
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+}
+
+/// `isr man --output DIR` (for `make man`): writes the man pages. Not part of [`Cli`], so that neither the
+/// completions nor the man pages list it.
+fn man_main(args: &[std::ffi::OsString]) -> ExitCode {
+    let cmd = clap::Command::new("isr man")
+        .no_binary_name(true)
+        .about("Write the man pages of isr (isr.1, isr-SUBCOMMAND.1) into DIR")
+        .arg(
+            clap::Arg::new("output")
+                .long("output")
+                .value_name("DIR")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf)),
+        );
+    let m = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let dir = m.get_one::<PathBuf>("output").expect("required");
+    match man_pages(Cli::command(), dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isr: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// Print the completion script of `cmd` for `shell` (bash, zsh or fish) on stdout.
+fn completions(mut cmd: clap::Command, shell: &str) -> Result<(), ClientError> {
+    use clap_complete::Shell;
+    let shell = match shell {
+        "bash" => Shell::Bash,
+        "zsh" => Shell::Zsh,
+        "fish" => Shell::Fish,
+        other => return Err(ClientError::Usage(format!("no completions for the shell {other:?}"))),
+    };
+    let name = cmd.get_name().to_owned();
+    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
+    Ok(())
+}
+
+/// Write one man page per command and subcommand of `cmd` into `dir`.
+fn man_pages(cmd: clap::Command, dir: &std::path::Path) -> Result<(), ClientError> {
+    let io = |e: std::io::Error| ClientError::io(format!("writing man pages into {}", dir.display()), e);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    clap_mangen::generate_to(cmd, dir).map_err(io)
 }
 
 fn password() -> Result<String, ClientError> {
@@ -255,6 +333,9 @@ fn fetched_summary(f: &isr_client::source::SourceCounts) -> String {
 }
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
+    if let Command::Completions { shell } = &cli.command {
+        return completions(Cli::command(), shell);
+    }
     let home = Home::open(cli.home.clone().unwrap_or_else(default_home))?;
     let user = cli
         .user
@@ -297,10 +378,30 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 t.image_bytes as f64 / 1e6 / secs.max(1e-9)
             );
         }
-        Command::Ls { long } => {
+        Command::Ls { long, json } => {
             let listing = c.list().await?;
             if let Some(why) = &listing.offline {
                 eprintln!("isr: offline ({why}): showing the parcels checked out here, as last known");
+            }
+            if json {
+                let parcels: Vec<_> = listing
+                    .parcels
+                    .iter()
+                    .map(|(p, state)| {
+                        serde_json::json!({
+                            "name": p.name,
+                            "head": p.head,
+                            "created_unix": p.created_unix,
+                            "lock": p.lock,
+                            "state": state,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({ "parcels": parcels, "offline": listing.offline }));
+                return Ok(());
+            }
+            if long {
+                println!("{:<24} {:<10} {:<12} LOCK", "PARCEL", "HEAD", "STATE");
             }
             for (p, state) in listing.parcels {
                 if long {
@@ -308,7 +409,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                         .lock
                         .map(|l| format!("locked by {} since {}", l.holder, when(l.since_unix)))
                         .unwrap_or_else(|| "unlocked".into());
-                    println!("{:<24} head {:<5} {:<12} {}", p.name, p.head, state, lock);
+                    println!("{:<24} {:<10} {:<12} {}", p.name, p.head, state, lock);
                 } else {
                     println!("{}", p.name);
                 }
@@ -382,10 +483,16 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             );
         }
-        Command::Versions { parcel } => {
-            for v in c.versions(&parcel).await? {
+        Command::Versions { parcel, json } => {
+            let versions = c.versions(&parcel).await?;
+            if json {
+                println!("{}", serde_json::json!({ "parcel": parcel, "versions": versions }));
+                return Ok(());
+            }
+            println!("{:<7} {:<12} {:<30} {:>12}  COMMENT", "VERSION", "CREATED", "CLIENT", "UPLOADED");
+            for v in versions {
                 println!(
-                    "{:<5} {:<12} {:<30} {:>12}  {}",
+                    "{:<7} {:<12} {:<30} {:>12}  {}",
                     v.version,
                     when(v.created_unix),
                     v.client,
@@ -424,7 +531,17 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
-        Command::Resume { parcel, display, disconnected, network, accel, vnc, runtime_dir } => {
+        Command::Resume {
+            parcel,
+            display,
+            disconnected,
+            network,
+            accel,
+            vnc,
+            runtime_dir,
+            transient,
+            version,
+        } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
                 "none" => isr_vmm::Display::None,
@@ -459,6 +576,16 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                     }
                 }
             });
+            if transient {
+                let t = c.resume_transient(&parcel, version, &opts, rx).await?;
+                println!(
+                    "{parcel}: transient run of version {} ended ({}); every change dropped, nothing checked in{}",
+                    t.version,
+                    t.report.outcome,
+                    t.locked_by.map(|h| format!(" (the lock stays with {h})")).unwrap_or_default()
+                );
+                return Ok(());
+            }
             let r = c.resume(&parcel, &opts, rx).await?;
             println!(
                 "{parcel}: {} ({}); prepare {:.2}s, start/restore {:.2}s, stop {:.2}s, memory image {}, {} new memory chunks, fetched {}",
@@ -475,6 +602,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Suspend { parcel } => {
             use isr_client::resume::StopRequest;
             match c.stop_running(&parcel, StopRequest::Suspend, std::time::Duration::from_secs(600)).await? {
+                Some(o) if o.outcome == TRANSIENT_OUTCOME => {
+                    println!("stopped the transient run of {parcel}: nothing saved")
+                }
                 Some(_) => println!("suspended {parcel}"),
                 None => return Err(ClientError::Other(format!("{parcel} is not running on this client"))),
             }
@@ -482,6 +612,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Poweroff { parcel } => {
             use isr_client::resume::StopRequest;
             match c.stop_running(&parcel, StopRequest::Poweroff, std::time::Duration::from_secs(120)).await? {
+                Some(o) if o.outcome == TRANSIENT_OUTCOME => {
+                    println!("stopped the transient run of {parcel}: nothing saved")
+                }
                 Some(o) if o.outcome == "powered off" => println!("powered off {parcel}"),
                 Some(o) => println!("{parcel} stopped ({}); the next resume boots cold", o.outcome),
                 None => {
@@ -616,6 +749,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let n = c.export(&parcel, version, &output).await?;
             println!("exported {} to {}", mib(n), output.display());
         }
+        // Handled before the home is opened.
+        Command::Completions { .. } => {}
     }
     Ok(())
 }
@@ -630,6 +765,15 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "man") {
+        return man_main(&args[2..]);
+    }
+    // The configuration file fills in the ISR_* variables that are not set, before anything reads them.
+    if let Err(e) = config::apply(&Cli::command()) {
+        eprintln!("isr: {e}");
+        return ExitCode::from(e.exit_code() as u8);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -134,7 +134,7 @@ fn failed_creates_leave_nothing_and_names_never_become_other_requests() {
     }
     let ls = a.ok(&["ls"]);
     assert!(ls.lines().any(|l| l == "victim") && ls.lines().any(|l| l == "lock"), "{ls}");
-    assert_eq!(a.ok(&["versions", "victim"]).lines().count(), 1);
+    assert_eq!(a.ok(&["versions", "victim"]).lines().count(), 1 + 1, "a header and one version");
 
     for url in ["http://127.0.0.1:99999", "http://[::1", "ftp://127.0.0.1/"] {
         let (code, err) = a.code(&["--server", url, "ls"]);

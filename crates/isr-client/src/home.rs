@@ -11,6 +11,8 @@
 //!     keyrings/base-KIND               sealed keyrings of the base version
 //!     keyrings/work-KIND               sealed working keyrings: present only when KIND was modified
 //!     run.lock                         held (flock) while a disk export or VM runs
+//! HOME/transient/USER/PARCEL/        the run records of a transient run (`resume --transient`): run.lock,
+//!                                    run.json, run-outcome.json; its working area is in its private directory
 //! ```
 //! Every file is replaced by write-to-temp, fsync, rename, fsync of the directory.
 
@@ -194,6 +196,12 @@ impl Home {
 
     pub fn parcel_dir(&self, user: &str, parcel: &str) -> PathBuf {
         self.root.join("parcels").join(user).join(parcel)
+    }
+
+    /// Where a transient run of the parcel keeps its run records (never its data: that is in the run's
+    /// private directory under the runtime directory).
+    pub fn transient_dir(&self, user: &str, parcel: &str) -> PathBuf {
+        self.root.join("transient").join(user).join(parcel)
     }
 
     pub fn local_state(&self, user: &str, parcel: &str) -> Result<Option<LocalState>, ClientError> {

@@ -8,6 +8,7 @@
 //! - [`manifests`]: manifests opened bound to parcel and version; the highest version seen of each parcel.
 //! - [`parcel`]: the lifecycle: create, checkout, sync, checkin, discard, hoard, rollback, check, export.
 //! - [`resume`]: the VM (and `isr disk`): resume, suspend, power off.
+//! - [`transient`]: `resume --transient`: a version run without lock or check-in, every change dropped.
 //! - [`network`]: IT's network policy and the network a resume gives the VM.
 //! - [`source`]: where chunks come from: a stack of chunk sources (coalescing, cache, lookaside, server).
 //! - [`run`]: the run-time records of a running parcel and the cleanup after a run that died.
@@ -23,6 +24,7 @@ pub mod progress;
 pub mod resume;
 pub mod run;
 pub mod source;
+pub mod transient;
 pub mod transport;
 
 pub use error::ClientError;

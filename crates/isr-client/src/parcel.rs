@@ -208,9 +208,20 @@ pub struct Opened {
     pub keyroot: Keyroot,
     pub manifest: Manifest,
     pub manifest_bytes: Vec<u8>,
+    /// Set for a transient run's working copy of a version (`dir` is then in the run's private directory):
+    /// the chunks its images make go to this overlay store instead of the shared cache, and nothing of it is
+    /// ever committed ([`crate::transient`]).
+    pub overlay: Option<PathBuf>,
 }
 
-fn base_keyring_path(dir: &Path, kind: ImageKind) -> PathBuf {
+impl Opened {
+    /// Whether this is a transient run's working copy ([`Opened::overlay`]).
+    pub fn is_transient(&self) -> bool {
+        self.overlay.is_some()
+    }
+}
+
+pub(crate) fn base_keyring_path(dir: &Path, kind: ImageKind) -> PathBuf {
     dir.join("keyrings").join(format!("base-{}", kind.name()))
 }
 
@@ -254,6 +265,20 @@ impl Client {
     /// The chunk source stack of this client: cache, lookaside directories, and the server when given.
     pub fn sources(&self, server: Option<Transport>) -> Result<Arc<ChunkSources>, ClientError> {
         Ok(Arc::new(ChunkSources::new(self.cache()?, self.lookaside.clone(), server)))
+    }
+
+    /// The chunk sources for an opened parcel: for a transient run's working copy, over a cache with its
+    /// overlay ([`Opened::overlay`]), which takes every chunk its images make.
+    pub fn sources_for(
+        &self,
+        o: &Opened,
+        server: Option<Transport>,
+    ) -> Result<Arc<ChunkSources>, ClientError> {
+        let cache = match &o.overlay {
+            Some(overlay) => ChunkCache::with_overlay(&self.home.cache_dir(), overlay)?,
+            None => self.cache()?,
+        };
+        Ok(Arc::new(ChunkSources::new(cache, self.lookaside.clone(), server)))
     }
 
     /// Use the password-derived secrets another client of the same user derived already (deriving them is
@@ -598,6 +623,23 @@ impl Client {
         version: Option<u64>,
         lock_id: String,
     ) -> Result<LocalState, ClientError> {
+        let dir = self.home.parcel_dir(&self.user, name);
+        let st = self.fetch_version_into(t, name, version, lock_id, &dir).await?;
+        self.home.save_local_state(&st)?;
+        Ok(st)
+    }
+
+    /// Fetch a version (default: the head) into `dir` as a checked-out parcel's files (manifest, base
+    /// keyrings; the chunks of the memory image, kernel and initrd into the cache) and return its local state,
+    /// not yet saved. `dir` is replaced.
+    pub(crate) async fn fetch_version_into(
+        &mut self,
+        t: &Transport,
+        name: &str,
+        version: Option<u64>,
+        lock_id: String,
+        dir: &Path,
+    ) -> Result<LocalState, ClientError> {
         let detail = t.parcel(name).await?;
         if detail.head == 0 {
             return Err(ClientError::Other(format!(
@@ -609,13 +651,12 @@ impl Client {
         let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
         let fetched = manifests::fetch(t, &self.home, key, Asked::from_option(version, detail.head)).await?;
         let (v, manifest, manifest_bytes) = (fetched.version, fetched.manifest, fetched.bytes);
-        let dir = self.home.parcel_dir(&self.user, name);
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
         let sources = self.sources(Some(t.clone()))?;
         for (kind, r) in manifest.images() {
             let bytes = t.keyring(name, &r.keyring).await?;
             let ring = Keyring::open(&bytes, &keyroot)?;
-            write_atomic(&base_keyring_path(&dir, kind), &bytes)?;
+            write_atomic(&base_keyring_path(dir, kind), &bytes)?;
             if kind != ImageKind::Disk {
                 // Memory, kernel and initrd are needed whole to start the VM.
                 fetch_missing(
@@ -639,24 +680,41 @@ impl Client {
             memory_dropped: false,
             network_policy: Some(SeenPolicy::from_server(detail.network_policy.as_deref())),
         };
-        self.home.save_local_state(&st)?;
         Ok(st)
     }
 
     /// Open a checked-out parcel: unwrap the keyroot and authenticate manifest and keyrings.
     pub fn open(&mut self, name: &str) -> Result<Opened, ClientError> {
         valid_parcel_name(name)?;
-        crate::run::clean_stale(&self.home.parcel_dir(&self.user, name))?;
+        self.clean_stale_runs(name)?;
         let state = self.home.local_state(&self.user, name)?.ok_or_else(|| {
             ClientError::Usage(format!("{name} is not checked out on this client: run `isr checkout {name}`"))
         })?;
+        let dir = self.home.parcel_dir(&self.user, name);
+        self.open_at(name, state, dir, None)
+    }
+
+    /// Open the parcel files in `dir` (state `state`): unwrap the keyroot, authenticate the manifest.
+    pub(crate) fn open_at(
+        &mut self,
+        name: &str,
+        state: LocalState,
+        dir: PathBuf,
+        overlay: Option<PathBuf>,
+    ) -> Result<Opened, ClientError> {
         let wrap = self.secrets()?.wrap.clone();
         let keyroot = unwrap_keyroot(&state.wrapped_keyroot, &wrap, "the local state")?;
-        let dir = self.home.parcel_dir(&self.user, name);
         let manifest_bytes = read_file(&dir.join("base.manifest"))?;
         let key = ParcelKey { user: &self.user, parcel: name, keyroot: &keyroot };
         let manifest = manifests::open_local(&self.home, key, state.base_version, &manifest_bytes)?;
-        Ok(Opened { state, dir, keyroot, manifest, manifest_bytes })
+        Ok(Opened { state, dir, keyroot, manifest, manifest_bytes, overlay })
+    }
+
+    /// Clean up after dead runs of `name` on this client, a checked-out parcel's and a transient one's
+    /// ([`crate::run::clean_stale`]).
+    pub fn clean_stale_runs(&self, name: &str) -> Result<(), ClientError> {
+        crate::run::clean_stale(&self.home.parcel_dir(&self.user, name))?;
+        crate::run::clean_stale(&self.home.transient_dir(&self.user, name))
     }
 
     /// The base and working keyrings of one image of an opened parcel.
@@ -697,7 +755,7 @@ impl Client {
         disconnected: bool,
     ) -> Result<Arc<WorkingImage>, ClientError> {
         let server = if disconnected { None } else { Some(self.connect().await?) };
-        let sources = self.sources(server)?;
+        let sources = self.sources_for(o, server)?;
         self.working_image_from(o, kind, sources)
     }
 
@@ -1246,6 +1304,7 @@ impl Client {
     /// The state of a parcel; without the server, what this client knows (`offline` says why).
     pub async fn stat(&mut self, name: &str) -> Result<ParcelStatus, ClientError> {
         valid_parcel_name(name)?;
+        self.clean_stale_runs(name)?;
         let state = self.local_state_name(name)?;
         let server = match self.connect().await {
             Ok(t) => t.parcel(name).await,

@@ -335,6 +335,21 @@ fn is_resume_of(pid: u32, parcel: &str) -> bool {
     args.contains(&b"resume".as_slice()) && args.contains(&parcel.as_bytes())
 }
 
+/// Refuse `--display gtk` without a desktop session, before any lock is taken or anything starts.
+pub(crate) fn check_display(display: &Display) -> Result<(), ClientError> {
+    if *display == Display::Gtk
+        && std::env::var_os("DISPLAY").is_none()
+        && std::env::var_os("WAYLAND_DISPLAY").is_none()
+    {
+        return Err(ClientError::Usage(
+            "--display gtk needs a desktop session (no DISPLAY or WAYLAND_DISPLAY here): use --display vnc \
+             (then a VNC viewer or `isr ui`) or --display none (then `isr console`)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// `isr disk` options.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiskOptions {
@@ -403,19 +418,18 @@ impl Client {
     ) -> Result<ResumeReport, ClientError> {
         let t0 = Instant::now();
         valid_parcel_name(name)?;
-        if opts.display == Display::Gtk
-            && std::env::var_os("DISPLAY").is_none()
-            && std::env::var_os("WAYLAND_DISPLAY").is_none()
-        {
-            // Refused before any lock is taken or anything starts.
-            return Err(ClientError::Usage(
-                "--display gtk needs a desktop session (no DISPLAY or WAYLAND_DISPLAY here): use --display vnc \
-                 (then a VNC viewer or `isr ui`) or --display none (then `isr console`)"
-                    .into(),
-            ));
-        }
+        check_display(&opts.display)?;
         // Before anything else: what a dead earlier run left (its QEMU, its plaintext) goes.
-        clean_stale(&self.home.parcel_dir(&self.user, name))?;
+        self.clean_stale_runs(name)?;
+        let transient = self.home.transient_dir(&self.user, name);
+        let transient_running = || {
+            ClientError::Other(format!(
+                "a transient run of {name} is running on this client: stop it first (`isr poweroff {name}`)"
+            ))
+        };
+        if is_running(&transient) {
+            return Err(transient_running());
+        }
         if self.home.local_state(&self.user, name)?.is_none() {
             if opts.disconnected {
                 return Err(ClientError::Other(format!(
@@ -429,6 +443,13 @@ impl Client {
         let runtime_dir = opts.runtime_dir.clone().unwrap_or_else(default_runtime_dir);
         let private_path = private_dir_path(&runtime_dir, name);
         let mut run = Run::start(&o.dir, RunKind::Resume, Some(private_path.clone()))?;
+        // At most one VM of a parcel on a client: not beside a transient run of it (which checks the other way
+        // round after taking its own run lock, so two starting at once never both run).
+        if is_running(&transient) {
+            let e = transient_running();
+            run.finish("failed", false, Some(e.to_string()))?;
+            return Err(e);
+        }
         let result = self.run_vm(name, &o, opts, &mut stop, &runtime_dir, &private_path, &mut run, t0).await;
         // The private directory is gone on every path (its guard removes it); make sure and say so if not.
         let removed = match std::fs::remove_dir_all(&private_path) {
@@ -450,8 +471,11 @@ impl Client {
         Ok(report)
     }
 
+    /// Start the VM of an opened parcel and run it until it stops; with a transient run's working copy
+    /// ([`Opened::is_transient`]) no lock is confirmed, nothing of the parcel's local state changes, a
+    /// suspend request powers the VM off (nothing is saved) and the console log is in the private directory.
     #[allow(clippy::too_many_arguments)]
-    async fn run_vm(
+    pub(crate) async fn run_vm(
         &mut self,
         name: &str,
         o: &Opened,
@@ -480,11 +504,13 @@ impl Client {
                     "{missing} chunks of {name} are not in the local cache: run `isr hoard {name}` before resuming disconnected"
                 )));
             }
-            eprintln!(
-                "isr: --disconnected: the lock of {name} is not confirmed with the server; nothing can be checked in \
-                 until a connected command (e.g. `isr sync {name}`) confirms it"
-            );
-        } else {
+            if !o.is_transient() {
+                eprintln!(
+                    "isr: --disconnected: the lock of {name} is not confirmed with the server; nothing can be checked \
+                     in until a connected command (e.g. `isr sync {name}`) confirms it"
+                );
+            }
+        } else if !o.is_transient() {
             self.confirm_lock(name).await?;
         }
         let server = if opts.disconnected { None } else { Some(self.connect().await?) };
@@ -492,7 +518,7 @@ impl Client {
         let policy = match &server {
             Some(t) => {
                 let seen = SeenPolicy::from_server(t.parcel(name).await?.network_policy.as_deref());
-                if o.state.network_policy != Some(seen) {
+                if o.state.network_policy != Some(seen) && !o.is_transient() {
                     if let Some(mut st) = self.home.local_state(&self.user, name)? {
                         st.network_policy = Some(seen);
                         self.home.save_local_state(&st)?;
@@ -506,7 +532,7 @@ impl Client {
         if let Some(note) = note {
             eprintln!("isr: {note}");
         }
-        let sources = self.sources(server.clone())?;
+        let sources = self.sources_for(o, server.clone())?;
         let cache = sources.cache().clone();
         let private = PrivateDir::create(private_path.to_owned())?;
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: connected");
@@ -583,7 +609,12 @@ impl Client {
         config.agent_socket = agent_socket.clone();
         // The serial console goes to the log in every display mode; the log is outside the parcel directory,
         // so it survives a checkin.
-        let console = console_log(self.home.root(), &self.user, name)?;
+        let console = if o.is_transient() {
+            // Guest output is plaintext too: a transient run's goes with its private directory.
+            private.path().join("console.log")
+        } else {
+            console_log(self.home.root(), &self.user, name)?
+        };
         config.console_log = Some(console.clone());
         config.console_socket = Some(private.path().join(CONSOLE_SOCKET));
         eprintln!("isr: console of {name}: {}", console.display());
@@ -663,7 +694,7 @@ impl Client {
         }
         let t_suspend = Instant::now();
         let ended = match request {
-            Ok(StopRequest::Suspend) => {
+            Ok(StopRequest::Suspend) if !o.is_transient() => {
                 // `ISR_GUEST_PAGE_CACHE=keep` leaves it (the peer of the page-cache benchmark).
                 let keep = std::env::var("ISR_GUEST_PAGE_CACHE").is_ok_and(|v| v == "keep");
                 if let Some(sock) = agent_socket.as_ref().filter(|_| !keep) {
@@ -685,7 +716,10 @@ impl Client {
                 eprintln!("isr: saving the memory of {name}");
                 vm.suspend(&mem_path).await.map(Ended::Suspended).map_err(vmm_error)
             }
-            Ok(StopRequest::Poweroff) => vm.poweroff().await.map(|_| Ended::PoweredOff).map_err(vmm_error),
+            // A transient run saves nothing: a suspend request stops it like a power-off.
+            Ok(StopRequest::Poweroff | StopRequest::Suspend) => {
+                vm.poweroff().await.map(|_| Ended::PoweredOff).map_err(vmm_error)
+            }
             Err(exit) => exit.map(Ended::Exited).map_err(vmm_error),
         };
         // QEMU is gone on every path: after a failed save it still runs (isr-vmm resumed the guest).
@@ -804,7 +838,11 @@ impl Client {
         timeout: Duration,
     ) -> Result<Option<RunOutcome>, ClientError> {
         valid_parcel_name(name)?;
-        let dir = self.home.parcel_dir(&self.user, name);
+        let mut dir = self.home.parcel_dir(&self.user, name);
+        let transient = self.home.transient_dir(&self.user, name);
+        if !is_running(&dir) && is_running(&transient) {
+            dir = transient;
+        }
         let deadline = Instant::now() + timeout;
         // A run that has just taken run.lock writes its record right after.
         let rec = loop {
@@ -855,7 +893,11 @@ impl Client {
         let outcome = read_outcome(&dir)?.filter(|o| o.run_id == rec.run_id);
         // A run that died leaves its private directory (and maybe QEMU): nothing of it may stay.
         clean_stale(&dir)?;
-        let next = next_resume_note(&dir);
+        let next = if rec.kind == RunKind::Transient {
+            "nothing of the transient run is kept"
+        } else {
+            next_resume_note(&dir)
+        };
         let asked = match how {
             StopRequest::Suspend => "suspending",
             StopRequest::Poweroff => "powering off",
@@ -872,6 +914,8 @@ impl Client {
                 o.error.as_deref().unwrap_or("unknown error"),
                 if o.memory_image_stored { "its memory image was stored" } else { next }
             ))),
+            // A transient run is stopped by either request, and saves nothing.
+            Some(o) if rec.kind == RunKind::Transient => Ok(Some(o)),
             Some(o) if how == StopRequest::Suspend && !o.memory_image_stored => Err(ClientError::Other(format!(
                 "{name} stopped without saving its memory ({}); {next}",
                 o.outcome
@@ -892,7 +936,7 @@ impl Client {
         if opts.read_only && opts.force {
             return Err(ClientError::Usage("--read-only and --force exclude each other".into()));
         }
-        clean_stale(&self.home.parcel_dir(&self.user, name))?;
+        self.clean_stale_runs(name)?;
         if self.home.local_state(&self.user, name)?.is_none() {
             if opts.disconnected {
                 return Err(ClientError::Other(format!(

@@ -10,6 +10,8 @@
 //! RUNTIME_DIR/isr-PARCEL-ID/   the private directory (0700) of a resume: kernel, initrd, memory image in
 //!                              plaintext, QEMU's sockets; removed when the resume ends
 //! HOME/logs/USER/PARCEL/console.log   the guest's serial console (kept across checkin)
+//! HOME/transient/USER/PARCEL/  run.lock, run.json and run-outcome.json of a transient run
+//!                              (`crate::transient`), whose private directory holds its whole working area
 //! ```
 //!
 //! A record without a holder of `run.lock` is stale: its isr died. Every command that opens the parcel
@@ -77,6 +79,9 @@ impl RunGuard {
 pub enum RunKind {
     Resume,
     Disk,
+    /// `isr resume --transient`: a version run without lock or check-in; its records are in
+    /// `Home::transient_dir`, everything else in its private directory.
+    Transient,
 }
 
 impl RunKind {
@@ -84,6 +89,7 @@ impl RunKind {
         match self {
             RunKind::Resume => "isr resume",
             RunKind::Disk => "isr disk",
+            RunKind::Transient => "isr resume --transient",
         }
     }
 }
@@ -182,6 +188,10 @@ impl Run {
     /// image from the parcel's state. From here on, however this run ends, the next resume boots cold unless
     /// this run stores a new memory image.
     pub fn consume_memory_image(&mut self) -> Result<(), ClientError> {
+        if self.record.kind == RunKind::Transient {
+            // It runs a copy of a version's memory image: nothing of the parcel's is consumed.
+            return Ok(());
+        }
         self.record.memory_consumed = true;
         write_json(&self.dir.join(RECORD), &self.record)?;
         drop_memory_image(&self.dir)
@@ -550,6 +560,30 @@ mod tests {
         assert!(read_record(&dir).unwrap().is_none());
         assert!(!memory_keyring(&dir, "work").exists());
         assert!(!memory_image_would_resume(&dir).unwrap());
+    }
+
+    #[test]
+    fn a_dead_transient_run_is_cleaned_and_consumes_nothing() {
+        // The records of a transient run live in a directory without a parcel's state.
+        let records = tempfile::tempdir().unwrap();
+        let runtime = tempfile::tempdir().unwrap();
+        let area = private_dir_path(runtime.path(), "p");
+        {
+            let mut run = Run::start(records.path(), RunKind::Transient, Some(area.clone())).unwrap();
+            let p = PrivateDir::create(area.clone()).unwrap();
+            std::fs::create_dir_all(p.path().join("overlay/ab")).unwrap();
+            std::fs::write(p.path().join("overlay/ab/chunk"), b"made by the guest").unwrap();
+            // Nothing of a parcel is consumed (there is no state.json to change).
+            run.consume_memory_image().unwrap();
+            assert!(!run.record().memory_consumed);
+            std::mem::forget(p);
+            std::mem::forget(run);
+        }
+        std::fs::remove_file(records.path().join("run.lock")).unwrap();
+        clean_stale(records.path()).unwrap();
+        assert!(!area.exists(), "the transient run's working area is left");
+        assert!(read_record(records.path()).unwrap().is_none());
+        assert!(!records.path().join("state.json").exists());
     }
 
     #[test]

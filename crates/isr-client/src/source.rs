@@ -397,7 +397,7 @@ impl ChunkSources {
             chunks
                 .into_iter()
                 .filter(|(t, _)| !t.is_zero() && seen.insert(*t))
-                .filter(|(t, _)| !cache.store().path_of(t).exists())
+                .filter(|(t, _)| !cache.contains_blocking(t))
                 .collect()
         })
         .await
@@ -410,7 +410,7 @@ impl ChunkSources {
         let mut seen = std::collections::HashSet::new();
         tags.iter()
             .filter(|t| !t.is_zero() && seen.insert(**t))
-            .filter(|t| !self.cache.store().path_of(t).exists() && !self.lookaside.has_file(t))
+            .filter(|t| !self.cache.contains_blocking(t) && !self.lookaside.has_file(t))
             .count()
     }
 }

@@ -81,6 +81,43 @@ enum Cmd {
     /// TLS certificates.
     #[command(subcommand)]
     Tls(TlsCmd),
+    /// Print the shell completion script for bash, zsh or fish.
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+}
+
+/// `isr-server man --output DIR` (for `make man`): writes the man pages. Not part of [`Cli`], so that neither
+/// the completions nor the man pages list it.
+fn man_main(args: &[std::ffi::OsString]) -> ExitCode {
+    use clap::CommandFactory;
+    let cmd = clap::Command::new("isr-server man")
+        .no_binary_name(true)
+        .about("Write the man pages of isr-server (isr-server.1, isr-server-SUBCOMMAND.1) into DIR")
+        .arg(
+            clap::Arg::new("output")
+                .long("output")
+                .value_name("DIR")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf)),
+        );
+    let m = match cmd.try_get_matches_from(args) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let dir = m.get_one::<PathBuf>("output").expect("required");
+    let written = std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isr-server: error: writing man pages into {}: {e}", dir.display());
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,6 +249,17 @@ async fn shutdown_signal() {
 const ADMIN_BREAKER: &str = "the administrator (isr-server unlock)";
 
 async fn run(cli: Cli) -> Result<(), Exit> {
+    use clap::CommandFactory;
+    if let Cmd::Completions { shell } = &cli.cmd {
+        let shell = match shell.as_str() {
+            "bash" => clap_complete::Shell::Bash,
+            "zsh" => clap_complete::Shell::Zsh,
+            "fish" => clap_complete::Shell::Fish,
+            other => return Err(usage(format!("no completions for the shell {other:?}"))),
+        };
+        clap_complete::generate(shell, &mut Cli::command(), "isr-server", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Cmd::Tls(TlsCmd::Init { output, names }) = &cli.cmd {
         let files = isr_server::tls::init(output, names)?;
         eprintln!(
@@ -226,7 +274,8 @@ async fn run(cli: Cli) -> Result<(), Exit> {
         return Ok(());
     }
     let file = match &cli.storage.config {
-        Some(p) => read_config(p)?,
+        // A configuration file that cannot be used is bad usage, like a bad option.
+        Some(p) => read_config(p).map_err(|e| Exit(2, e))?,
         None => HashMap::new(),
     };
     let cfg = StorageConfig {
@@ -363,8 +412,8 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                 r.stored, r.referenced, r.deleted, r.bytes_freed, r.spared_young, r.keyrings_purged
             );
         }
-        // Needs no storage: handled above.
-        Cmd::Tls(_) => {}
+        // Need no storage: handled above.
+        Cmd::Tls(_) | Cmd::Completions { .. } => {}
         Cmd::Check { full } => {
             let r = admin::check(&storage, full).await?;
             for p in &r.problems {
@@ -394,6 +443,10 @@ async fn run(cli: Cli) -> Result<(), Exit> {
 
 fn main() -> ExitCode {
     use std::io::IsTerminal;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "man") {
+        return man_main(&args[2..]);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
