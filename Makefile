@@ -3,7 +3,10 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Debian packages the build, the tests and the demo need (tests skip nothing silently: they need these).
 # QEMU 10 (qemu-system-x86, qemu-utils from bookworm-backports), busybox-static and cpio come from guest/build.sh.
-DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium
+# libvirt (the `--vmm libvirt` driver and its test): the system daemon with its users and configuration
+# (libvirt-daemon-system), the QEMU driver, and virsh.
+DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium \
+	libvirt-daemon-system libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512
@@ -29,6 +32,13 @@ deps: guest ui-deps
 	  echo "deps: installing$$missing"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@# What udev does on a Debian machine, for a machine without it: /dev/kvm for group kvm. A root-only
+	@# /dev/kvm makes libvirtd (whose QEMU user is in group kvm) probe QEMU again at every look-up, so that
+	@# creating a domain takes minutes. The daemon itself is started by `isr resume --vmm libvirt`.
+	@if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$$(stat -c %G /dev/kvm)" != kvm ]; then \
+	  echo "deps: /dev/kvm to group kvm, mode 0660 (as udev would)"; \
+	  $(SUDO) chgrp kvm /dev/kvm && $(SUDO) chmod 0660 /dev/kvm; \
 	fi
 
 # The web console's npm packages (noVNC, embedded into `isr` at build time; playwright-core for its browser

@@ -19,7 +19,7 @@ use crate::run::{
 };
 use futures::StreamExt;
 use isr_format::{ChunkDecoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, Keyring, Tag};
-use isr_vmm::{Accel, Display, Network, Start, Vm, VmConfig, VmmError};
+use isr_vmm::{Accel, Display, Network, Start, Vm, VmConfig, VmmDriver, VmmError, VmmKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,6 +60,8 @@ pub struct ResumeOptions {
     pub qemu: Option<PathBuf>,
     /// Where the private directory for plaintext goes (default: [`default_runtime_dir`]).
     pub runtime_dir: Option<PathBuf>,
+    /// Who runs QEMU: isr itself or libvirt (the machine and the memory image are the same under both).
+    pub vmm: VmmKind,
 }
 
 /// How a resume ended, with timings for the user.
@@ -413,6 +415,20 @@ impl Client {
                     .into(),
             ));
         }
+        let driver = opts.vmm.driver();
+        if opts.vmm == VmmKind::Libvirt && opts.display == Display::Gtk {
+            return Err(ClientError::Usage(
+                "--vmm libvirt has no GTK window: use --display vnc (then a VNC viewer or `isr ui`) or --display none \
+                 (then `isr console`)"
+                    .into(),
+            ));
+        }
+        // The driver's daemon (libvirt) answers, or is started, before any lock is taken.
+        match driver.prepare().await {
+            Ok(Some(note)) => eprintln!("isr: {note}"),
+            Ok(None) => {}
+            Err(e) => return Err(vmm_error(e)),
+        }
         // Before anything else: what a dead earlier run left (its QEMU, its plaintext) goes.
         clean_stale(&self.home.parcel_dir(&self.user, name))?;
         if self.home.local_state(&self.user, name)?.is_none() {
@@ -428,7 +444,9 @@ impl Client {
         let runtime_dir = opts.runtime_dir.clone().unwrap_or_else(default_runtime_dir);
         let private_path = private_dir_path(&runtime_dir, name);
         let mut run = Run::start(&o.dir, RunKind::Resume, Some(private_path.clone()))?;
-        let result = self.run_vm(name, &o, opts, &mut stop, &runtime_dir, &private_path, &mut run, t0).await;
+        let result = self
+            .run_vm(name, &o, opts, driver.as_ref(), &mut stop, &runtime_dir, &private_path, &mut run, t0)
+            .await;
         // The private directory is gone on every path (its guard removes it); make sure and say so if not.
         let removed = match std::fs::remove_dir_all(&private_path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ClientError::io(
@@ -455,6 +473,7 @@ impl Client {
         name: &str,
         o: &Opened,
         opts: &ResumeOptions,
+        driver: &dyn VmmDriver,
         stop: &mut tokio::sync::mpsc::Receiver<StopRequest>,
         runtime_dir: &Path,
         private_path: &Path,
@@ -560,6 +579,15 @@ impl Client {
             }
         };
         let mut config = VmConfig::new(vm.memory_mib, &sock);
+        config.name = Some(format!("isr-{}-{name}", self.user));
+        if memory.is_some() {
+            // The machine type the image was saved from (a concrete `pc-i440fx-X.Y`, the same under either
+            // driver), so that it also loads into a newer QEMU whose `pc` means a newer machine.
+            if let Some(machine) = isr_vmm::inspect_memory_image(&mem_path).ok().and_then(|i| i.machine_type)
+            {
+                config.machine = machine;
+            }
+        }
         config.cpus = vm.cpus;
         config.kernel = files.get(&ImageKind::Kernel).cloned();
         config.initrd = files.get(&ImageKind::Initrd).cloned();
@@ -593,11 +621,18 @@ impl Client {
         // move the start into `spawn_blocking`, whose threads end when idle.
         let t_restore = Instant::now();
         let started = if memory.is_some() {
-            match Vm::start_paused(config, Start::Incoming { memory_image_path: mem_path.clone() }).await {
+            match Vm::start_paused_with(
+                driver,
+                config,
+                Start::Incoming { memory_image_path: mem_path.clone() },
+            )
+            .await
+            {
                 Ok(mut vm) => {
                     // Before the guest runs: from here on the saved image no longer matches the disk, however
                     // this run ends, unless it stores a new one.
-                    let consumed = run.set_qemu_pid(vm.pid()).and_then(|()| run.consume_memory_image());
+                    let consumed =
+                        run.set_vm(vm.pid(), vm.domain()).and_then(|()| run.consume_memory_image());
                     match consumed {
                         Ok(()) => vm.cont().await.map(|()| vm).map_err(vmm_error),
                         Err(e) => {
@@ -609,8 +644,8 @@ impl Client {
                 Err(e) => Err(vmm_error(e)),
             }
         } else {
-            match Vm::start(config, Start::Cold).await {
-                Ok(vm) => run.set_qemu_pid(vm.pid()).map(|()| vm),
+            match Vm::start_with(driver, config, Start::Cold).await {
+                Ok(vm) => run.set_vm(vm.pid(), vm.domain()).map(|()| vm),
                 Err(e) => Err(vmm_error(e)),
             }
         };

@@ -29,6 +29,8 @@ const OUTCOME: &str = "run-outcome.json";
 const LEGACY_PID: &str = "run.pid";
 /// In the `-name` argument of every QEMU that isr starts (`isr_vmm::VmConfig::qemu_args`).
 const QEMU_NAME_MARK: &[u8] = b"process=isr-qemu";
+/// In the `-name` argument of the QEMU of every libvirt domain isr creates (`-name guest=isr-USER-PARCEL-PID`).
+const LIBVIRT_NAME_MARK: &[u8] = b"guest=isr-";
 
 /// Whether a disk export or VM of the parcel is running (it holds `run.lock`).
 pub fn is_running(dir: &Path) -> bool {
@@ -101,6 +103,16 @@ pub struct RunRecord {
     /// The run resumed the saved memory image: the image no longer matches the disk.
     #[serde(default)]
     pub memory_consumed: bool,
+    /// The libvirt domain running the VM (`isr resume --vmm libvirt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_domain: Option<LibvirtDomain>,
+}
+
+/// A libvirt domain as `run.json` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtDomain {
+    pub uri: String,
+    pub name: String,
 }
 
 /// How a run ended (`run-outcome.json`), for `isr suspend` and `isr poweroff` to report.
@@ -164,6 +176,7 @@ impl Run {
             private_dir,
             started_unix: now_unix(),
             memory_consumed: false,
+            libvirt_domain: None,
         };
         write_json(&dir.join(RECORD), &record)?;
         Ok(Run { dir: dir.to_owned(), record, _guard: guard })
@@ -173,8 +186,14 @@ impl Run {
         &self.record
     }
 
-    pub fn set_qemu_pid(&mut self, pid: Option<u32>) -> Result<(), ClientError> {
+    /// Record the VM's QEMU and, under libvirt, its domain (the cleanup after a crash destroys it).
+    pub fn set_vm(
+        &mut self,
+        pid: Option<u32>,
+        domain: Option<isr_vmm::DomainRef>,
+    ) -> Result<(), ClientError> {
         self.record.qemu_pid = pid;
+        self.record.libvirt_domain = domain.map(|d| LibvirtDomain { uri: d.uri, name: d.name });
         write_json(&self.dir.join(RECORD), &self.record)
     }
 
@@ -281,6 +300,13 @@ fn clean_locked(dir: &Path) -> Result<Option<String>, ClientError> {
     let parcel = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let ended = read_outcome(dir)?.is_some_and(|o| o.run_id == rec.run_id);
     let mut done = Vec::new();
+    if let Some(d) = &rec.libvirt_domain {
+        // Normally gone with its isr already (autodestroy); a daemon that missed it is told again.
+        let domain = isr_vmm::DomainRef { uri: d.uri.clone(), name: d.name.clone() };
+        if let Ok(true) = isr_vmm::libvirt::destroy_domain_blocking(&domain, Path::new("virsh")) {
+            done.push(format!("destroyed its {domain}"));
+        }
+    }
     if let Some(private) = &rec.private_dir {
         for pid in processes_naming(private) {
             kill_and_wait(pid);
@@ -325,8 +351,8 @@ fn clean_locked(dir: &Path) -> Result<Option<String>, ClientError> {
     Ok(Some(msg))
 }
 
-/// QEMUs (isr names them `process=isr-qemu`) whose command line names `path`: those of the run whose private
-/// directory it is. Zombies have no command line and are not listed.
+/// QEMUs (isr names them `process=isr-qemu`, libvirt's `guest=isr-...`) whose command line names `path`: those
+/// of the run whose private directory it is. Zombies have no command line and are not listed.
 fn processes_naming(path: &Path) -> Vec<u32> {
     use std::os::unix::ffi::OsStrExt;
     let needle = path.as_os_str().as_bytes();
@@ -340,7 +366,9 @@ fn processes_naming(path: &Path) -> Vec<u32> {
             continue;
         }
         if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
-            if contains(&cmdline, needle) && contains(&cmdline, QEMU_NAME_MARK) {
+            if contains(&cmdline, needle)
+                && (contains(&cmdline, QEMU_NAME_MARK) || contains(&cmdline, LIBVIRT_NAME_MARK))
+            {
                 pids.push(pid);
             }
         }
