@@ -27,10 +27,9 @@ const RECORD: &str = "run.json";
 const OUTCOME: &str = "run-outcome.json";
 /// Written by resumes before this module existed (`isr suspend` found the pid there).
 const LEGACY_PID: &str = "run.pid";
-/// In the `-name` argument of every QEMU that isr starts (`isr_vmm::VmConfig::qemu_args`).
+/// In the `-name` argument of every QEMU that isr starts (`isr_vmm::VmConfig::qemu_args`; under libvirt an
+/// extra `-name` in the domain's `<qemu:commandline>`).
 const QEMU_NAME_MARK: &[u8] = b"process=isr-qemu";
-/// In the `-name` argument of the QEMU of every libvirt domain isr creates (`-name guest=isr-USER-PARCEL-PID`).
-const LIBVIRT_NAME_MARK: &[u8] = b"guest=isr-";
 
 /// Whether a disk export or VM of the parcel is running (it holds `run.lock`).
 pub fn is_running(dir: &Path) -> bool {
@@ -351,8 +350,8 @@ fn clean_locked(dir: &Path) -> Result<Option<String>, ClientError> {
     Ok(Some(msg))
 }
 
-/// QEMUs (isr names them `process=isr-qemu`, libvirt's `guest=isr-...`) whose command line names `path`: those
-/// of the run whose private directory it is. Zombies have no command line and are not listed.
+/// QEMUs (isr names them `process=isr-qemu`) whose command line names `path`: those of the run whose private
+/// directory it is. Zombies have no command line and are not listed.
 fn processes_naming(path: &Path) -> Vec<u32> {
     use std::os::unix::ffi::OsStrExt;
     let needle = path.as_os_str().as_bytes();
@@ -366,9 +365,7 @@ fn processes_naming(path: &Path) -> Vec<u32> {
             continue;
         }
         if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
-            if contains(&cmdline, needle)
-                && (contains(&cmdline, QEMU_NAME_MARK) || contains(&cmdline, LIBVIRT_NAME_MARK))
-            {
+            if contains(&cmdline, needle) && contains(&cmdline, QEMU_NAME_MARK) {
                 pids.push(pid);
             }
         }

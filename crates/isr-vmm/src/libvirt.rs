@@ -829,7 +829,9 @@ pub fn domain_xml(config: &VmConfig, s: &DomainSettings<'_>) -> Result<String, V
     let mut qmp = String::from("unix:");
     qmp.push_str(&path_str(s.qmp_socket)?.replace(',', ",,"));
     qmp.push_str(",server=on,wait=off");
-    let mut args = vec!["-qmp".to_owned(), qmp];
+    // QEMU-direct's process name too (`-name` options merge): `ps` shows it as isr-qemu, and the stale-run
+    // cleanup finds it by the same mark
+    let mut args = vec!["-name".to_owned(), "process=isr-qemu".to_owned(), "-qmp".to_owned(), qmp];
     if s.incoming {
         args.extend(["-incoming".to_owned(), "defer".to_owned()]);
     }
@@ -933,6 +935,7 @@ mod tests {
             "no MAC driver on this daemon: nothing to switch off"
         );
         // isr's QMP monitor; a cold start does not wait for a memory image
+        assert!(xml.contains("<qemu:arg value='-name'/>\n    <qemu:arg value='process=isr-qemu'/>"));
         assert!(xml.contains("<qemu:arg value='-qmp'/>"));
         assert!(xml.contains("<qemu:arg value='unix:/dev/shm/isr-vm-1/qmp.sock,server=on,wait=off'/>"));
         assert!(!xml.contains("-incoming"));
