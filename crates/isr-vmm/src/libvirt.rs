@@ -754,21 +754,6 @@ pub fn domain_xml(config: &VmConfig, s: &DomainSettings<'_>) -> Result<String, V
             let _ = writeln!(w, "    <serial type='null'><target port='0'/></serial>");
         }
     }
-    if config.agent_channel {
-        let target = "<target type='virtio' name='org.qemu.guest_agent.0'/>";
-        match &config.agent_socket {
-            Some(sock) => {
-                let _ = writeln!(
-                    w,
-                    "    <channel type='unix'><source mode='bind' path='{}'/>{target}</channel>",
-                    path_str(sock)?
-                );
-            }
-            None => {
-                let _ = writeln!(w, "    <channel type='null'>{target}</channel>");
-            }
-        }
-    }
     if config.vga {
         let _ =
             writeln!(w, "    <input type='tablet' bus='usb'><address type='usb' bus='0' port='1'/></input>");
@@ -832,6 +817,25 @@ pub fn domain_xml(config: &VmConfig, s: &DomainSettings<'_>) -> Result<String, V
     // QEMU-direct's process name too (`-name` options merge): `ps` shows it as isr-qemu, and the stale-run
     // cleanup finds it by the same mark
     let mut args = vec!["-name".to_owned(), "process=isr-qemu".to_owned(), "-qmp".to_owned(), qmp];
+    if config.agent_channel {
+        // The guest agent's port, as QEMU-direct's, on the controller above, outside libvirt's view: a
+        // `<channel>` named org.qemu.guest_agent.0 would be libvirt's own agent connection, and the socket
+        // admits one client at a time (isr's GuestAgent).
+        let chardev = match &config.agent_socket {
+            Some(sock) => {
+                format!("socket,id=qga0,server=on,wait=off,path={}", path_str(sock)?.replace(',', ",,"))
+            }
+            None => "null,id=qga0".to_owned(),
+        };
+        args.extend([
+            "-chardev".to_owned(),
+            chardev,
+            "-device".to_owned(),
+            // JSON like libvirt's own -device options: QEMU creates the key=value ones before all JSON ones,
+            // and so before the controller
+            esc(r#"{"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,"chardev":"qga0","name":"org.qemu.guest_agent.0"}"#),
+        ]);
+    }
     if s.incoming {
         args.extend(["-incoming".to_owned(), "defer".to_owned()]);
     }
@@ -922,8 +926,14 @@ mod tests {
             "<source mode='bind' path='/dev/shm/isr-vm-1/console.sock'/>\
              <log file='/home/a/.isr/logs/alice/vm/console.log' append='on'/><target port='0'/>"
         ));
-        assert!(line(&xml, "<channel").contains("path='/dev/shm/isr-vm-1/qga.sock'"));
-        assert!(line(&xml, "<channel").contains("name='org.qemu.guest_agent.0'"));
+        assert!(!xml.contains("<channel"), "libvirt would hold the agent channel itself");
+        assert!(xml.contains(
+            "<qemu:arg value='socket,id=qga0,server=on,wait=off,path=/dev/shm/isr-vm-1/qga.sock'/>"
+        ));
+        assert!(xml.contains(
+            "<qemu:arg value='{&quot;driver&quot;:&quot;virtserialport&quot;,&quot;bus&quot;:&quot;virtio-serial0.0&quot;,\
+             &quot;nr&quot;:1,&quot;chardev&quot;:&quot;qga0&quot;,&quot;name&quot;:&quot;org.qemu.guest_agent.0&quot;}'/>"
+        ));
         // headless: no graphics
         assert!(!xml.contains("<graphics"));
         // QEMU runs as isr's user, nothing relabelled
@@ -984,7 +994,7 @@ mod tests {
         assert!(xml.contains("<controller type='usb' index='0' model='none'/>"));
         assert!(xml.contains("<video><model type='none'/></video>"));
         assert!(xml.contains("<serial type='null'><target port='0'/></serial>"));
-        for absent in ["<interface", "<channel", "<input", "virtio-serial", "<kernel>", "<graphics"] {
+        for absent in ["<interface", "<channel", "<input", "virtio-serial", "<kernel>", "<graphics", "qga0"] {
             assert!(!xml.contains(absent), "{absent} in\n{xml}");
         }
         assert!(xml.contains("machine='pc'"));
