@@ -5,7 +5,10 @@ CARGO ?= cargo
 # QEMU 10 (qemu-system-x86, qemu-utils from bookworm-backports), busybox-static and cpio come from guest/build.sh.
 # man-db, zsh, fish and systemd: the packaging test renders the man pages (`man -l`), checks the completion
 # scripts (`bash -n`, `zsh -n`, `fish -n`) and the systemd unit (`systemd-analyze verify`).
-DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium libnbd-bin python3-libnbd man-db zsh fish systemd
+# libvirt (the `--vmm libvirt` driver and its test): the system daemon with its users and configuration
+# (libvirt-daemon-system), the QEMU driver, and virsh. libnbd-bin, python3-libnbd: nbdcopy and nbdsh (NBD tests).
+DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium libnbd-bin python3-libnbd \
+	man-db zsh fish systemd libvirt-daemon-system libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512
@@ -36,6 +39,13 @@ deps: guest ui-deps
 	  echo "deps: installing$$missing"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@# What udev does on a Debian machine, for a machine without it: /dev/kvm for group kvm. A root-only
+	@# /dev/kvm makes libvirtd (whose QEMU user is in group kvm) probe QEMU again at every look-up, so that
+	@# creating a domain takes minutes. The daemon itself is started by `isr resume --vmm libvirt`.
+	@if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$$(stat -c %G /dev/kvm)" != kvm ]; then \
+	  echo "deps: /dev/kvm to group kvm, mode 0660 (as udev would)"; \
+	  $(SUDO) chgrp kvm /dev/kvm && $(SUDO) chmod 0660 /dev/kvm; \
 	fi
 
 # The web console's npm packages (noVNC, embedded into `isr` at build time; playwright-core for its browser

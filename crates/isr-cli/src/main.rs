@@ -113,6 +113,10 @@ enum Command {
         /// The version a transient run runs [default: the head]
         #[arg(long, requires = "transient", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
         version: Option<u64>,
+        /// Who runs QEMU: isr itself, or libvirt (qemu:///system, through virsh; a daemon is started when none
+        /// answers). A parcel suspended under one resumes under the other
+        #[arg(long, env = "ISR_VMM", default_value = "qemu", value_parser = ["qemu", "libvirt"])]
+        vmm: String,
     },
     /// Ask a running resume to save memory and stop
     Suspend { parcel: String },
@@ -173,6 +177,9 @@ enum Command {
         /// CPU acceleration of the VMs it resumes
         #[arg(long, env = "ISR_ACCEL", default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
         accel: String,
+        /// Who runs the QEMU of the VMs it resumes (as `isr resume --vmm`)
+        #[arg(long, env = "ISR_VMM", default_value = "qemu", value_parser = ["qemu", "libvirt"])]
+        vmm: String,
     },
     /// The running VM's serial console on this terminal, interactive (Ctrl-] detaches)
     Console { parcel: String },
@@ -272,6 +279,11 @@ fn password() -> Result<String, ClientError> {
     }
     rpassword::prompt_password("isr password: ")
         .map_err(|e| ClientError::Auth(format!("no password: set ISR_PASSWORD or run on a terminal ({e})")))
+}
+
+fn vmm_kind(vmm: &str) -> isr_vmm::VmmKind {
+    // clap's value_parser allows only the known names
+    vmm.parse().unwrap_or_default()
 }
 
 fn accel_choice(accel: &str) -> isr_client::resume::AccelChoice {
@@ -415,7 +427,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 }
             }
         }
-        Command::Ui { listen, no_open, accel } => {
+        Command::Ui { listen, no_open, accel, vmm } => {
             if !listen.ip().is_loopback() {
                 return Err(ClientError::Usage(format!(
                     "the web console listens on loopback only, not on {listen}"
@@ -433,6 +445,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 accel: accel_choice(&accel),
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
                 runtime_dir: std::env::var_os("ISR_RUNTIME_DIR").map(PathBuf::from),
+                vmm: vmm_kind(&vmm),
             };
             let settings = isr_ui::UiSettings {
                 home: c.home.root().to_owned(),
@@ -541,6 +554,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             runtime_dir,
             transient,
             version,
+            vmm,
         } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
@@ -556,6 +570,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 accel,
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
                 runtime_dir,
+                vmm: vmm_kind(&vmm),
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             // Handlers installed before the resume starts (and writes the record `isr suspend` reads): a

@@ -20,7 +20,7 @@ use crate::run::{
 use crate::source::{ChunkSources, SourceCounts};
 use futures::StreamExt;
 use isr_format::{ChunkDecoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, Keyring, Tag};
-use isr_vmm::{Accel, Display, Network, Start, Vm, VmConfig, VmmError};
+use isr_vmm::{Accel, Display, Network, Start, Vm, VmConfig, VmmDriver, VmmError, VmmKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +61,8 @@ pub struct ResumeOptions {
     pub qemu: Option<PathBuf>,
     /// Where the private directory for plaintext goes (default: [`default_runtime_dir`]).
     pub runtime_dir: Option<PathBuf>,
+    /// Who runs QEMU: isr itself or libvirt (the machine and the memory image are the same under both).
+    pub vmm: VmmKind,
 }
 
 /// How a resume ended, with timings for the user.
@@ -335,6 +337,26 @@ fn is_resume_of(pid: u32, parcel: &str) -> bool {
     args.contains(&b"resume".as_slice()) && args.contains(&parcel.as_bytes())
 }
 
+/// Everything checked before a run takes any lock or starts anything: the display (GTK needs a desktop, and
+/// QEMU-direct), and the VMM driver's daemon (libvirt), started when none answers. Returns the driver.
+pub(crate) async fn prepare_vm_start(opts: &ResumeOptions) -> Result<Box<dyn VmmDriver>, ClientError> {
+    check_display(&opts.display)?;
+    if opts.vmm == VmmKind::Libvirt && opts.display == Display::Gtk {
+        return Err(ClientError::Usage(
+            "--vmm libvirt has no GTK window: use --display vnc (then a VNC viewer or `isr ui`) or --display none \
+             (then `isr console`)"
+                .into(),
+        ));
+    }
+    let driver = opts.vmm.driver();
+    match driver.prepare().await {
+        Ok(Some(note)) => eprintln!("isr: {note}"),
+        Ok(None) => {}
+        Err(e) => return Err(vmm_error(e)),
+    }
+    Ok(driver)
+}
+
 /// Refuse `--display gtk` without a desktop session, before any lock is taken or anything starts.
 pub(crate) fn check_display(display: &Display) -> Result<(), ClientError> {
     if *display == Display::Gtk
@@ -418,7 +440,7 @@ impl Client {
     ) -> Result<ResumeReport, ClientError> {
         let t0 = Instant::now();
         valid_parcel_name(name)?;
-        check_display(&opts.display)?;
+        let driver = prepare_vm_start(opts).await?;
         // Before anything else: what a dead earlier run left (its QEMU, its plaintext) goes.
         self.clean_stale_runs(name)?;
         let transient = self.home.transient_dir(&self.user, name);
@@ -450,7 +472,9 @@ impl Client {
             run.finish("failed", false, Some(e.to_string()))?;
             return Err(e);
         }
-        let result = self.run_vm(name, &o, opts, &mut stop, &runtime_dir, &private_path, &mut run, t0).await;
+        let result = self
+            .run_vm(name, &o, opts, driver.as_ref(), &mut stop, &runtime_dir, &private_path, &mut run, t0)
+            .await;
         // The private directory is gone on every path (its guard removes it); make sure and say so if not.
         let removed = match std::fs::remove_dir_all(&private_path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ClientError::io(
@@ -480,6 +504,7 @@ impl Client {
         name: &str,
         o: &Opened,
         opts: &ResumeOptions,
+        driver: &dyn VmmDriver,
         stop: &mut tokio::sync::mpsc::Receiver<StopRequest>,
         runtime_dir: &Path,
         private_path: &Path,
@@ -588,6 +613,15 @@ impl Client {
             }
         };
         let mut config = VmConfig::new(vm.memory_mib, &sock);
+        config.name = Some(format!("isr-{}-{name}", self.user));
+        if memory.is_some() {
+            // The machine type the image was saved from (a concrete `pc-i440fx-X.Y`, the same under either
+            // driver), so that it also loads into a newer QEMU whose `pc` means a newer machine.
+            if let Some(machine) = isr_vmm::inspect_memory_image(&mem_path).ok().and_then(|i| i.machine_type)
+            {
+                config.machine = machine;
+            }
+        }
         config.cpus = vm.cpus;
         config.kernel = files.get(&ImageKind::Kernel).cloned();
         config.initrd = files.get(&ImageKind::Initrd).cloned();
@@ -626,11 +660,18 @@ impl Client {
         // move the start into `spawn_blocking`, whose threads end when idle.
         let t_restore = Instant::now();
         let started = if memory.is_some() {
-            match Vm::start_paused(config, Start::Incoming { memory_image_path: mem_path.clone() }).await {
+            match Vm::start_paused_with(
+                driver,
+                config,
+                Start::Incoming { memory_image_path: mem_path.clone() },
+            )
+            .await
+            {
                 Ok(mut vm) => {
                     // Before the guest runs: from here on the saved image no longer matches the disk, however
                     // this run ends, unless it stores a new one.
-                    let consumed = run.set_qemu_pid(vm.pid()).and_then(|()| run.consume_memory_image());
+                    let consumed =
+                        run.set_vm(vm.pid(), vm.domain()).and_then(|()| run.consume_memory_image());
                     match consumed {
                         Ok(()) => vm.cont().await.map(|()| vm).map_err(vmm_error),
                         Err(e) => {
@@ -642,8 +683,8 @@ impl Client {
                 Err(e) => Err(vmm_error(e)),
             }
         } else {
-            match Vm::start(config, Start::Cold).await {
-                Ok(vm) => run.set_qemu_pid(vm.pid()).map(|()| vm),
+            match Vm::start_with(driver, config, Start::Cold).await {
+                Ok(vm) => run.set_vm(vm.pid(), vm.domain()).map(|()| vm),
                 Err(e) => Err(vmm_error(e)),
             }
         };

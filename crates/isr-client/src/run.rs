@@ -29,7 +29,8 @@ const RECORD: &str = "run.json";
 const OUTCOME: &str = "run-outcome.json";
 /// Written by resumes before this module existed (`isr suspend` found the pid there).
 const LEGACY_PID: &str = "run.pid";
-/// In the `-name` argument of every QEMU that isr starts (`isr_vmm::VmConfig::qemu_args`).
+/// In the `-name` argument of every QEMU that isr starts (`isr_vmm::VmConfig::qemu_args`; under libvirt an
+/// extra `-name` in the domain's `<qemu:commandline>`).
 const QEMU_NAME_MARK: &[u8] = b"process=isr-qemu";
 
 /// Whether a disk export or VM of the parcel is running (it holds `run.lock`).
@@ -107,6 +108,16 @@ pub struct RunRecord {
     /// The run resumed the saved memory image: the image no longer matches the disk.
     #[serde(default)]
     pub memory_consumed: bool,
+    /// The libvirt domain running the VM (`isr resume --vmm libvirt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libvirt_domain: Option<LibvirtDomain>,
+}
+
+/// A libvirt domain as `run.json` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LibvirtDomain {
+    pub uri: String,
+    pub name: String,
 }
 
 /// How a run ended (`run-outcome.json`), for `isr suspend` and `isr poweroff` to report.
@@ -170,6 +181,7 @@ impl Run {
             private_dir,
             started_unix: now_unix(),
             memory_consumed: false,
+            libvirt_domain: None,
         };
         write_json(&dir.join(RECORD), &record)?;
         Ok(Run { dir: dir.to_owned(), record, _guard: guard })
@@ -179,8 +191,14 @@ impl Run {
         &self.record
     }
 
-    pub fn set_qemu_pid(&mut self, pid: Option<u32>) -> Result<(), ClientError> {
+    /// Record the VM's QEMU and, under libvirt, its domain (the cleanup after a crash destroys it).
+    pub fn set_vm(
+        &mut self,
+        pid: Option<u32>,
+        domain: Option<isr_vmm::DomainRef>,
+    ) -> Result<(), ClientError> {
         self.record.qemu_pid = pid;
+        self.record.libvirt_domain = domain.map(|d| LibvirtDomain { uri: d.uri, name: d.name });
         write_json(&self.dir.join(RECORD), &self.record)
     }
 
@@ -291,6 +309,13 @@ fn clean_locked(dir: &Path) -> Result<Option<String>, ClientError> {
     let parcel = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let ended = read_outcome(dir)?.is_some_and(|o| o.run_id == rec.run_id);
     let mut done = Vec::new();
+    if let Some(d) = &rec.libvirt_domain {
+        // Normally gone with its isr already (autodestroy); a daemon that missed it is told again.
+        let domain = isr_vmm::DomainRef { uri: d.uri.clone(), name: d.name.clone() };
+        if let Ok(true) = isr_vmm::libvirt::destroy_domain_blocking(&domain, Path::new("virsh")) {
+            done.push(format!("destroyed its {domain}"));
+        }
+    }
     if let Some(private) = &rec.private_dir {
         for pid in processes_naming(private) {
             kill_and_wait(pid);

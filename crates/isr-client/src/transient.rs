@@ -25,7 +25,7 @@
 use crate::error::ClientError;
 use crate::home::{create_private_dir, rfc3339, valid_parcel_name, write_atomic, LocalState};
 use crate::parcel::{base_keyring_path, is_running, Client};
-use crate::resume::{check_display, ResumeOptions, ResumeReport, StopRequest};
+use crate::resume::{prepare_vm_start, ResumeOptions, ResumeReport, StopRequest};
 use crate::run::{check_runtime_space, default_runtime_dir, private_dir_path, PrivateDir, Run, RunKind};
 use isr_format::ImageKind;
 use std::path::{Path, PathBuf};
@@ -59,7 +59,7 @@ impl Client {
     ) -> Result<TransientReport, ClientError> {
         let t0 = Instant::now();
         valid_parcel_name(name)?;
-        check_display(&opts.display)?;
+        let driver = prepare_vm_start(opts).await?;
         self.clean_stale_runs(name)?;
         let local = self.home.local_state(&self.user, name)?;
         if opts.disconnected {
@@ -98,7 +98,7 @@ impl Client {
             }
             let private = PrivateDir::create(area.clone())?;
             let r = self
-                .transient_run(name, version, opts, &mut stop, &runtime_dir, private.path(), local, &mut run, t0)
+                .transient_run(name, version, opts, driver.as_ref(), &mut stop, &runtime_dir, private.path(), local, &mut run, t0)
                 .await;
             let removed = private.remove();
             let r = r?;
@@ -134,6 +134,7 @@ impl Client {
         name: &str,
         version: Option<u64>,
         opts: &ResumeOptions,
+        driver: &dyn isr_vmm::VmmDriver,
         stop: &mut tokio::sync::mpsc::Receiver<StopRequest>,
         runtime_dir: &Path,
         area: &Path,
@@ -203,7 +204,8 @@ impl Client {
             "isr: transient run of {name} version {v}{}: every change is dropped when it ends",
             if o.manifest.memory.is_some() { ", resumed from its memory image" } else { ", booting" }
         );
-        let report = self.run_vm(name, &o, opts, stop, runtime_dir, &area.join("vm"), run, t0).await?;
+        let report =
+            self.run_vm(name, &o, opts, driver, stop, runtime_dir, &area.join("vm"), run, t0).await?;
         Ok(TransientReport { version: v, locked_by, report })
     }
 }

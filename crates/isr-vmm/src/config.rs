@@ -74,12 +74,47 @@ impl std::fmt::Display for Accel {
     }
 }
 
+/// PCI slots (bus 0, function 0) of the machine's devices: the order in which QEMU assigns them when the
+/// devices are given in [`VmConfig::qemu_args`]' order (slot 0 is the host bridge, 1 the PIIX3 ISA/IDE/ACPI
+/// functions, the VGA adapter takes the first free slot at machine creation). Both drivers put the devices
+/// at exactly these addresses, so the guest sees the same machine under either, and memory images saved by
+/// QEMU-direct before the addresses were explicit still load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciSlots {
+    pub vga: Option<u8>,
+    pub xhci: Option<u8>,
+    pub virtio_serial: Option<u8>,
+    pub disk: u8,
+    pub nic: Option<u8>,
+}
+
+impl PciSlots {
+    pub fn of(config: &VmConfig) -> PciSlots {
+        let mut next = 2u8;
+        let mut take = |present: bool| {
+            present.then(|| {
+                next += 1;
+                next - 1
+            })
+        };
+        let vga = take(config.vga);
+        let xhci = take(config.vga);
+        let virtio_serial = take(config.agent_channel);
+        let disk = take(true).unwrap_or(2);
+        let nic = take(config.nic);
+        PciSlots { vga, xhci, virtio_serial, disk, nic }
+    }
+}
+
 /// Everything needed to start QEMU for one VM.
 ///
 /// Fields marked *machine* define the emulated hardware and must be identical when a memory image is saved
 /// and when it is resumed (QEMU rejects the image otherwise); the others may change between runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmConfig {
+    /// A name for the VM in the VMM's listings (the libvirt domain is named `NAME-PID`); `None`: `isr`.
+    /// QEMU-direct always names its QEMU `isr` (see [`VmConfig::qemu_args`]).
+    pub name: Option<String>,
     /// *machine*: guest RAM in MiB.
     pub memory_mib: u32,
     /// *machine*: virtual CPUs.
@@ -129,6 +164,7 @@ impl VmConfig {
     /// A headless TCG VM with `memory_mib` MiB, one CPU, and its disk on `disk_nbd_socket`.
     pub fn new(memory_mib: u32, disk_nbd_socket: impl Into<PathBuf>) -> Self {
         VmConfig {
+            name: None,
             memory_mib,
             cpus: 1,
             machine: "pc".into(),
@@ -166,13 +202,14 @@ impl VmConfig {
         a.pair("-m", format!("{}M", self.memory_mib));
         a.pair("-smp", self.cpus.to_string());
         a.push("-no-reboot");
+        let slots = PciSlots::of(self);
         a.pair("-vga", if self.vga { "std" } else { "none" });
-        if self.vga {
-            a.pair("-device", "qemu-xhci,id=xhci");
+        if let Some(slot) = slots.xhci {
+            a.pair("-device", format!("qemu-xhci,id=xhci,addr={slot:#x}"));
             a.pair("-device", "usb-tablet,bus=xhci.0");
         }
-        if self.agent_channel {
-            a.pair("-device", "virtio-serial-pci,id=vser0");
+        if let Some(slot) = slots.virtio_serial {
+            a.pair("-device", format!("virtio-serial-pci,id=vser0,addr={slot:#x}"));
             match &self.agent_socket {
                 Some(path) => {
                     let mut chardev = OsString::from("socket,id=qga0,server=on,wait=off,path=");
@@ -235,15 +272,18 @@ impl VmConfig {
         }
         blockdev.push(",reconnect-delay=5");
         a.pair("-blockdev", blockdev);
-        a.pair("-device", "virtio-blk-pci,drive=disk0,id=vda,bootindex=1");
+        a.pair("-device", format!("virtio-blk-pci,drive=disk0,id=vda,bootindex=1,addr={:#x}", slots.disk));
         // network: the NIC is a machine device, present whatever the policy; `romfile=` skips the iPXE ROM
         // (and always the same back end type, so the NIC offers the guest the same features)
-        if self.nic {
+        if let Some(slot) = slots.nic {
             match self.network {
                 Network::Nat => a.pair("-netdev", "user,id=net0"),
                 Network::None => a.pair("-netdev", "user,id=net0,restrict=on"),
             }
-            a.pair("-device", format!("virtio-net-pci,id={NIC_ID},mac={NIC_MAC},romfile=,netdev=net0"));
+            a.pair(
+                "-device",
+                format!("virtio-net-pci,id={NIC_ID},mac={NIC_MAC},romfile=,netdev=net0,addr={slot:#x}"),
+            );
         }
         let mut qmp = OsString::from("unix:");
         qmp.push(escape_opt(qmp_socket.as_os_str()));
@@ -319,7 +359,7 @@ mod tests {
             value_of(&a, "-blockdev"),
             ["driver=nbd,node-name=disk0,server.type=unix,server.path=/run/isr/disk.sock,reconnect-delay=5"]
         );
-        assert_eq!(value_of(&a, "-device"), ["virtio-blk-pci,drive=disk0,id=vda,bootindex=1"]);
+        assert_eq!(value_of(&a, "-device"), ["virtio-blk-pci,drive=disk0,id=vda,bootindex=1,addr=0x2"]);
         assert!(value_of(&a, "-netdev").is_empty(), "no NIC unless the device model has one");
         assert_eq!(value_of(&a, "-qmp"), ["unix:/run/isr/qmp.sock,server=on,wait=off"]);
         assert!(value_of(&a, "-incoming").is_empty());
@@ -389,6 +429,38 @@ mod tests {
     }
 
     #[test]
+    fn pci_slots_are_those_qemu_assigns() {
+        // as `info pci` shows them for the devices without explicit addresses (device models 0, 1, 2)
+        let mut c = VmConfig::new(256, "/d.sock");
+        assert_eq!(
+            PciSlots::of(&c),
+            PciSlots { vga: None, xhci: None, virtio_serial: None, disk: 2, nic: None }
+        );
+        c.vga = true;
+        c.agent_channel = true;
+        assert_eq!(
+            PciSlots::of(&c),
+            PciSlots { vga: Some(2), xhci: Some(3), virtio_serial: Some(4), disk: 5, nic: None }
+        );
+        c.nic = true;
+        assert_eq!(
+            PciSlots::of(&c),
+            PciSlots { vga: Some(2), xhci: Some(3), virtio_serial: Some(4), disk: 5, nic: Some(6) }
+        );
+        let a = strings(&c.qemu_args(Path::new("/q"), false));
+        let devices = value_of(&a, "-device");
+        for (prefix, addr) in [
+            ("qemu-xhci", "0x3"),
+            ("virtio-serial-pci", "0x4"),
+            ("virtio-blk-pci", "0x5"),
+            ("virtio-net-pci", "0x6"),
+        ] {
+            let d = devices.iter().find(|d| d.starts_with(prefix)).unwrap();
+            assert!(d.ends_with(&format!("addr={addr}")), "{d}");
+        }
+    }
+
+    #[test]
     fn network_none_keeps_the_nic_on_a_restricted_back_end() {
         let mut c = VmConfig::new(256, "/d.sock");
         c.nic = true;
@@ -405,7 +477,7 @@ mod tests {
                 .map(String::from)
                 .collect()
         };
-        assert_eq!(nic(&nat), ["virtio-net-pci,id=nic0,mac=52:54:00:12:34:56,romfile=,netdev=net0"]);
+        assert_eq!(nic(&nat), ["virtio-net-pci,id=nic0,mac=52:54:00:12:34:56,romfile=,netdev=net0,addr=0x3"]);
         // the same device on the same back end type: a memory image resumes under either setting (the link,
         // set over QMP, is what cuts the network)
         assert_eq!(nic(&none), nic(&nat));

@@ -29,6 +29,12 @@ pub enum VmmError {
     Agent(String),
     #[error("timed out {0}")]
     Timeout(String),
+    /// libvirt (the daemon, `virsh`) refused or failed; `detail` has its words and what to do.
+    #[error("libvirt: {what}: {detail}")]
+    Libvirt { what: String, detail: String },
+    /// The driver cannot do what the configuration asks (e.g. a GTK window under libvirt).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("the VM is not running (QEMU has exited)")]
     NotRunning,
 }

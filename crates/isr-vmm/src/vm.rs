@@ -1,18 +1,14 @@
 //! A running QEMU process and its life cycle: cold boot or resume from a memory image, suspend to a memory
 //! image, power off, wait for the guest to shut down.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::task::JoinHandle;
+use tokio::process::Command;
 
-use crate::config::{Network, VmConfig, NIC_ID};
+use crate::config::{Network, VmConfig};
+use crate::driver::{ProcessExit, QemuDriver, VmmDriver, VmmProcess};
 use crate::error::VmmError;
 use crate::qmp::{QmpClient, QmpError};
 
@@ -23,7 +19,6 @@ const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long QEMU may take to exit after `quit`.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(25);
-const STDERR_LINES: usize = 40;
 
 /// How to start a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +32,7 @@ pub enum Start {
 /// How QEMU ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmExit {
-    /// QEMU's exit code (`None` when killed by a signal).
+    /// QEMU's exit code (`None` when killed by a signal, or when QEMU was not isr's child: under libvirt).
     pub code: Option<i32>,
     /// The `reason` of QEMU's last SHUTDOWN event, when one was seen: `guest-shutdown` (the guest powered
     /// off), `guest-reset` (rebooted, with `-no-reboot`), `guest-panic`, `host-qmp-quit`, `host-signal`, ...
@@ -59,7 +54,7 @@ impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.code {
             Some(c) => write!(f, "exit code {c}")?,
-            None => write!(f, "killed by a signal")?,
+            None => write!(f, "no exit code")?,
         }
         if let Some(r) = &self.reason {
             write!(f, ", {r}")?;
@@ -104,14 +99,12 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// A running QEMU. Dropping it kills QEMU (SIGKILL); use [`Vm::suspend`] or [`Vm::poweroff`] to stop it.
-/// QEMU also dies with the process (see [`Vm::start`]).
+/// A running QEMU. Dropping it kills QEMU (SIGKILL; a libvirt domain is destroyed); use [`Vm::suspend`] or
+/// [`Vm::poweroff`] to stop it. QEMU also dies with the process (see [`Vm::start`]).
 #[derive(Debug)]
 pub struct Vm {
-    child: Child,
+    process: Box<dyn VmmProcess>,
     qmp: QmpClient,
-    stderr: Arc<Mutex<VecDeque<String>>>,
-    stderr_task: Option<JoinHandle<()>>,
     shutdown_reason: Option<String>,
     exit: Option<VmExit>,
     qmp_socket: PathBuf,
@@ -120,13 +113,19 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts QEMU. With [`Start::Incoming`] it loads the memory image and lets the guest continue; a bad
-    /// image gives [`VmmError::MemoryImageRejected`] (QEMU is stopped then).
+    /// Starts QEMU as a child of this process ([`QemuDriver`]). With [`Start::Incoming`] it loads the memory
+    /// image and lets the guest continue; a bad image gives [`VmmError::MemoryImageRejected`] (QEMU is
+    /// stopped then).
     ///
     /// QEMU gets SIGKILL when the thread calling this ends (`PR_SET_PDEATHSIG`): call it from a thread that
     /// lives as long as the VM (a tokio worker or `block_on` thread, not `spawn_blocking`).
     pub async fn start(config: VmConfig, start: Start) -> Result<Vm, VmmError> {
-        let mut vm = Vm::start_paused(config, start).await?;
+        Vm::start_with(&QemuDriver, config, start).await
+    }
+
+    /// [`Vm::start`] with QEMU run by `driver`.
+    pub async fn start_with(driver: &dyn VmmDriver, config: VmConfig, start: Start) -> Result<Vm, VmmError> {
+        let mut vm = Vm::start_paused_with(driver, config, start).await?;
         vm.cont().await?;
         Ok(vm)
     }
@@ -135,6 +134,15 @@ impl Vm {
     /// image is loaded): call [`Vm::cont`]. Lets the caller record that the image is in use before the
     /// guest changes anything.
     pub async fn start_paused(config: VmConfig, start: Start) -> Result<Vm, VmmError> {
+        Vm::start_paused_with(&QemuDriver, config, start).await
+    }
+
+    /// [`Vm::start_paused`] with QEMU run by `driver`.
+    pub async fn start_paused_with(
+        driver: &dyn VmmDriver,
+        config: VmConfig,
+        start: Start,
+    ) -> Result<Vm, VmmError> {
         let (run_dir, qmp_socket) = match &config.runtime_dir {
             Some(dir) => (None, dir.join("qmp.sock")),
             None => {
@@ -154,49 +162,13 @@ impl Vm {
             check_image(memory_image_path, &config)?;
         }
         let incoming = matches!(start, Start::Incoming { .. });
-        let mut args = config.qemu_args(&qmp_socket, incoming);
-        if !incoming {
-            // incoming already implies -S
-            args.insert(0, "-S".into());
-        }
-        tracing::debug!("starting {} {:?}", config.qemu.display(), args);
-        let mut cmd = Command::new(&config.qemu);
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            // own process group: a Ctrl-C on the terminal reaches isr (which then suspends), not QEMU
-            .process_group(0)
-            .kill_on_drop(true);
-        die_with_parent(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                VmmError::QemuNotFound { binary: config.qemu.clone() }
-            } else {
-                VmmError::Spawn { binary: config.qemu.clone(), source }
-            }
-        })?;
-        let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr_task = child.stderr.take().map(|pipe| {
-            let tail = stderr.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::debug!("qemu: {line}");
-                    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-                    if t.len() >= STDERR_LINES {
-                        t.pop_front();
-                    }
-                    t.push_back(line);
-                }
-            })
-        });
+        let mut process = driver.launch(&config, &qmp_socket, incoming).await?;
 
         // connect to QMP as soon as QEMU has created the socket
         let deadline = Instant::now() + QMP_CONNECT_TIMEOUT;
         let qmp = loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(exited_error(status, stderr_task, &stderr).await);
+            if let Ok(Some(exit)) = process.try_wait() {
+                return Err(exited_error(exit, process.as_mut()).await);
             }
             match QmpClient::connect(&qmp_socket).await {
                 Ok(q) => break q,
@@ -210,10 +182,10 @@ impl Vm {
                 }
                 Err(e) => {
                     // a QMP connection that fails after QEMU created the socket usually means QEMU is exiting
-                    if let Ok(Ok(status)) = tokio::time::timeout(Duration::from_secs(2), child.wait()).await {
-                        return Err(exited_error(status, stderr_task, &stderr).await);
+                    if let Ok(Ok(exit)) = tokio::time::timeout(Duration::from_secs(2), process.wait()).await {
+                        return Err(exited_error(exit, process.as_mut()).await);
                     }
-                    let _ = child.kill().await;
+                    process.kill().await;
                     return Err(match e {
                         QmpError::Io(e) if Instant::now() >= deadline => VmmError::Timeout(format!(
                             "connecting to QEMU's QMP socket {}: {e}",
@@ -224,17 +196,8 @@ impl Vm {
                 }
             }
         };
-        let mut vm = Vm {
-            child,
-            qmp,
-            stderr,
-            stderr_task,
-            shutdown_reason: None,
-            exit: None,
-            qmp_socket,
-            config,
-            _run_dir: run_dir,
-        };
+        let mut vm =
+            Vm { process, qmp, shutdown_reason: None, exit: None, qmp_socket, config, _run_dir: run_dir };
         match vm.qmp.qemu_major() {
             Some(major) if major >= MIN_QEMU_MAJOR => {}
             _ => {
@@ -264,7 +227,7 @@ impl Vm {
             return Ok(());
         }
         let up = self.config.network == Network::Nat;
-        match self.qmp.execute("set_link", Some(json!({"name": NIC_ID, "up": up}))).await {
+        match self.qmp.execute("set_link", Some(json!({"name": self.process.nic_id(), "up": up}))).await {
             Ok(_) => Ok(()),
             Err(e) => Err(self.died_or(e.into()).await),
         }
@@ -416,7 +379,7 @@ impl Vm {
             Ok(r) => r?,
             Err(_) => {
                 tracing::warn!("QEMU did not exit after quit; killing it");
-                let _ = self.child.start_kill();
+                self.process.kill().await;
                 self.wait_inner().await?
             }
         };
@@ -444,9 +407,7 @@ impl Vm {
                     Ok(ev) => tracing::debug!("QMP event {}", ev.name),
                     Err(_) => qmp_open = false,
                 },
-                status = self.child.wait() => {
-                    break status.map_err(|source| VmmError::Io { what: "waiting for QEMU".into(), source })?;
-                }
+                status = self.process.wait() => break status?,
             }
         };
         // QEMU has exited: what it wrote to QMP before (e.g. SHUTDOWN) may still be unread
@@ -461,14 +422,19 @@ impl Vm {
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
         }
-        let exit = VmExit { code: status.code(), reason: self.shutdown_reason.clone() };
+        let exit = VmExit { code: status.code, reason: self.shutdown_reason.clone() };
         self.exit = Some(exit.clone());
         Ok(exit)
     }
 
     /// QEMU's process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.process.pid()
+    }
+
+    /// The libvirt domain running this VM (`None` under QEMU-direct): record it to destroy it after a crash.
+    pub fn domain(&self) -> Option<crate::libvirt::DomainRef> {
+        self.process.domain()
     }
 
     /// The configuration QEMU was started with.
@@ -516,12 +482,11 @@ impl Vm {
 
     /// The last lines QEMU wrote to stderr.
     pub fn stderr_tail(&self) -> String {
-        let t = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
-        t.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+        self.process.stderr_tail()
     }
 
     fn ensure_running(&mut self) -> Result<(), VmmError> {
-        if self.exit.is_some() || matches!(self.child.try_wait(), Ok(Some(_))) {
+        if self.exit.is_some() || matches!(self.process.try_wait(), Ok(Some(_))) {
             return Err(VmmError::NotRunning);
         }
         Ok(())
@@ -530,13 +495,12 @@ impl Vm {
     /// If QEMU died, an error with its exit status and stderr; else `e`.
     async fn died_or(&mut self, e: VmmError) -> VmmError {
         // give a dying QEMU a moment to be reaped
-        let status = match tokio::time::timeout(Duration::from_millis(500), self.child.wait()).await {
+        let status = match tokio::time::timeout(Duration::from_millis(500), self.process.wait()).await {
             Ok(Ok(status)) => status,
             _ => return e,
         };
-        let exit = VmExit { code: status.code(), reason: self.shutdown_reason.clone() };
-        self.exit = Some(exit);
-        exited_error(status, self.stderr_task.take(), &self.stderr).await
+        self.exit = Some(VmExit { code: status.code, reason: self.shutdown_reason.clone() });
+        exited_error(status, self.process.as_mut()).await
     }
 }
 
@@ -566,24 +530,14 @@ fn file_uri(path: &Path) -> String {
     format!("file:{}", path.display())
 }
 
-async fn exited_error(
-    status: std::process::ExitStatus,
-    stderr_task: Option<JoinHandle<()>>,
-    tail: &Arc<Mutex<VecDeque<String>>>,
-) -> VmmError {
-    if let Some(task) = stderr_task {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-    }
-    let t = tail.lock().unwrap_or_else(|e| e.into_inner());
-    VmmError::QemuExited {
-        status: status.to_string(),
-        stderr: t.iter().map(String::as_str).collect::<Vec<_>>().join("\n"),
-    }
+async fn exited_error(exit: ProcessExit, process: &mut dyn VmmProcess) -> VmmError {
+    VmmError::QemuExited { status: exit.description, stderr: process.stderr().await }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Stdio;
 
     /// State letter of /proc/PID/stat (`Z` for a zombie), `None` once the process is gone.
     fn proc_state(pid: u32) -> Option<char> {
