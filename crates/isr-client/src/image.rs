@@ -641,7 +641,7 @@ impl WorkingImage {
                 .collect()
         };
         let wanted = self.sources.not_cached(&tags).await;
-        self.sources.prefetch(&wanted, PREFETCH_IN_FLIGHT, &|_, _| {}).await.map_err(eio)
+        self.sources.prefetch(&wanted, PREFETCH_IN_FLIGHT, |_, _| {}).await.map_err(eio)
     }
 
     /// Zero a range only where that needs no decode (NBD fast zero): every chunk it covers only partly must

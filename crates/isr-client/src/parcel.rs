@@ -20,7 +20,7 @@ use serde::Serialize;
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const UPLOADS_IN_FLIGHT: usize = 8;
 const FETCHES_IN_FLIGHT: usize = 16;
@@ -1869,14 +1869,13 @@ async fn fetch_missing(
     let wanted = sources.not_cached(chunks).await;
     // Progress in image bytes (what the chunks decode to): the stored sizes are known only once fetched.
     let bar = progress.task(what, wanted.iter().map(|(_, n)| n).sum());
-    let transfer = Mutex::new(Transfer::default());
+    let mut transfer = Transfer::default();
     sources
-        .prefetch(&wanted, FETCHES_IN_FLIGHT, &|stored, plain| {
-            let mut t = transfer.lock().expect("transfer");
-            t.bytes += stored;
-            t.chunks += 1;
+        .prefetch(&wanted, FETCHES_IN_FLIGHT, |stored, plain| {
+            transfer.bytes += stored;
+            transfer.chunks += 1;
             bar.advance(plain);
         })
         .await?;
-    Ok(transfer.into_inner().expect("transfer"))
+    Ok(transfer)
 }

@@ -373,7 +373,7 @@ impl ChunkSources {
         &self,
         chunks: &[(Tag, u64)],
         in_flight: usize,
-        advance: &(dyn Fn(u64, u64) + Sync),
+        mut advance: impl FnMut(u64, u64),
     ) -> Result<(), ClientError> {
         let results = futures::stream::iter(chunks.iter().copied())
             .map(|(tag, len)| async move {
