@@ -222,55 +222,9 @@ enum Command {
     },
 }
 
-/// `isr man --output DIR` (for `make man`): writes the man pages. Not part of [`Cli`], so that neither the
-/// completions nor the man pages list it.
-fn man_main(args: &[std::ffi::OsString]) -> ExitCode {
-    let cmd = clap::Command::new("isr man")
-        .no_binary_name(true)
-        .about("Write the man pages of isr (isr.1, isr-SUBCOMMAND.1) into DIR")
-        .arg(
-            clap::Arg::new("output")
-                .long("output")
-                .value_name("DIR")
-                .required(true)
-                .value_parser(clap::value_parser!(PathBuf)),
-        );
-    let m = match cmd.try_get_matches_from(args) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-        }
-    };
-    let dir = m.get_one::<PathBuf>("output").expect("required");
-    match man_pages(Cli::command(), dir) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("isr: {e}");
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
-}
-
 /// Print the completion script of `cmd` for `shell` (bash, zsh or fish) on stdout.
-fn completions(mut cmd: clap::Command, shell: &str) -> Result<(), ClientError> {
-    use clap_complete::Shell;
-    let shell = match shell {
-        "bash" => Shell::Bash,
-        "zsh" => Shell::Zsh,
-        "fish" => Shell::Fish,
-        other => return Err(ClientError::Usage(format!("no completions for the shell {other:?}"))),
-    };
-    let name = cmd.get_name().to_owned();
-    clap_complete::generate(shell, &mut cmd, name, &mut std::io::stdout());
-    Ok(())
-}
-
-/// Write one man page per command and subcommand of `cmd` into `dir`.
-fn man_pages(cmd: clap::Command, dir: &std::path::Path) -> Result<(), ClientError> {
-    let io = |e: std::io::Error| ClientError::io(format!("writing man pages into {}", dir.display()), e);
-    std::fs::create_dir_all(dir).map_err(io)?;
-    clap_mangen::generate_to(cmd, dir).map_err(io)
+fn completions(cmd: clap::Command, shell: &str) -> Result<(), ClientError> {
+    isr_clikit::completions(cmd, shell, &mut std::io::stdout()).map_err(|e| ClientError::Usage(e.to_string()))
 }
 
 fn password() -> Result<String, ClientError> {
@@ -782,7 +736,7 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "man") {
-        return man_main(&args[2..]);
+        return isr_clikit::man_main(Cli::command(), &args[2..]);
     }
     // The configuration file fills in the ISR_* variables that are not set, before anything reads them.
     if let Err(e) = config::apply(&Cli::command()) {

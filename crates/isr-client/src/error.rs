@@ -31,6 +31,10 @@ pub enum ClientError {
     Unreachable { url: String, detail: String },
     #[error("server error: {0}")]
     Server(String),
+    /// The server refused the request as it is (too large, malformed, not allowed): asking again gets
+    /// the same answer.
+    #[error("the server refused the request: {0}")]
+    Refused(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -78,6 +82,7 @@ impl ClientError {
                 ClientError::Unreachable { url: url.clone(), detail: detail.clone() }
             }
             ClientError::Server(m) => ClientError::Server(m.clone()),
+            ClientError::Refused(m) => ClientError::Refused(m.clone()),
             ClientError::NotFound(m) => ClientError::NotFound(m.clone()),
             ClientError::Exists(m) => ClientError::Exists(m.clone()),
             ClientError::StaleBase(m) => ClientError::StaleBase(m.clone()),

@@ -132,9 +132,9 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, Cli
     }
 }
 
-/// The parcel name rule of the whole deployment (`isr_format::names`), as a usage error (exit 2).
+/// The parcel name rule of the whole deployment (`isr_wire::ParcelName`), as a usage error (exit 2).
 pub fn valid_parcel_name(name: &str) -> Result<(), ClientError> {
-    match isr_format::names::parcel_name_problem(name) {
+    match isr_wire::names::parcel_name_problem(name) {
         None => Ok(()),
         Some(why) => Err(ClientError::Usage(format!(
             "invalid parcel name {name:?}: {why} (1-64 letters, digits, '.', '_' or '-', not starting with '.')"

@@ -4,81 +4,24 @@ use crate::error::{ClientError, LockLoss};
 use base64::Engine;
 use bytes::Bytes;
 use isr_format::Tag;
+use isr_wire::limits::{MAX_COMMENT, MAX_MISSING_TAGS};
+use isr_wire::{routes, ApiPath, ErrorBody, ErrorCode, ParcelName, VersionRef};
 use reqwest::{Method, StatusCode, Url};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// One path segment of an API URL, by what it may contain.
-#[derive(Debug, Clone, Copy)]
-enum Segment<'a> {
-    /// A fixed word of the route.
-    Fixed(&'a str),
-    /// A parcel name (validated).
-    Parcel(&'a str),
-    /// A hex tag, hash or id.
-    Hex(&'a str),
-}
-use Segment::{Fixed, Hex, Parcel};
+/// The API's reply types, as the wire contract defines them.
+pub use isr_wire::{LockInfo, LoginReply, ParcelDetail, ParcelSummary, VersionInfo};
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct LoginReply {
-    pub token: String,
-    pub expires_unix: i64,
-    pub convergence_secret: String,
-    pub recovery_pubkey: Option<String>,
-}
+/// Tags per `chunks/missing` request: one round trip each, well within the server's limit.
+const MISSING_BATCH: usize = 65536;
+const _: () = assert!(MISSING_BATCH <= MAX_MISSING_TAGS);
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct LockInfo {
-    pub holder: String,
-    pub since_unix: i64,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ParcelSummary {
-    pub name: String,
-    pub head: u64,
-    pub created_unix: i64,
-    pub lock: Option<LockInfo>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ParcelDetail {
-    pub name: String,
-    pub head: u64,
-    pub created_unix: i64,
-    pub lock: Option<LockInfo>,
-    pub wrapped_keyroot: String,
-    /// IT's network policy (`none` or `nat`), `None` when unset (or from a server without policies).
-    #[serde(default)]
-    pub network_policy: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct VersionInfo {
-    pub version: u64,
-    pub created_unix: i64,
-    pub client: String,
-    pub bytes_uploaded: u64,
-    pub comment: String,
-}
-
-/// An error answer of the API (`{"error", "code", ...}`), with the extra fields some codes carry.
-#[derive(Debug, Default, Deserialize)]
-struct ErrorBody {
-    error: String,
-    code: String,
-    #[serde(default)]
-    missing: Vec<String>,
-    #[serde(default)]
-    holder: Option<String>,
-    #[serde(default)]
-    since_unix: Option<i64>,
-    #[serde(default)]
-    broken_by: Option<String>,
-    #[serde(default)]
-    broken_unix: Option<i64>,
+/// `name` as a parcel name of the wire contract, or a usage error (exit 2) naming what is wrong.
+fn parcel(name: &str) -> Result<ParcelName, ClientError> {
+    ParcelName::parse(name).map_err(|e| ClientError::Usage(e.to_string()))
 }
 
 /// Why a commit was refused in a way the client can act on.
@@ -122,11 +65,10 @@ pub fn parse_server_url(server: &str) -> Result<Url, ClientError> {
     Ok(url)
 }
 
-/// Map an error answer of the API to the client's error (and so to SPEC.md's exit codes). Every code the
-/// server documents (docs/api.md) has its place here.
+/// Map an error answer of the API to the client's error (and so to SPEC.md's exit codes).
 fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
-    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
-    let Some(p) = parsed else {
+    let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) else {
+        // Not the API's answer (a proxy's page, a truncated body): only the status tells.
         let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
         return match status {
             StatusCode::UNAUTHORIZED => ClientError::Auth(format!("{status}: {text}")),
@@ -136,40 +78,50 @@ fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
             _ => ClientError::Server(format!("{status}: {text}")),
         };
     };
-    let msg = p.error.clone();
-    match p.code.as_str() {
-        "unauthorized" | "bad_credentials" => ClientError::Auth(msg),
-        "locked" => ClientError::Locked(msg),
-        "lock_broken" => ClientError::LockLost(LockLoss {
+    match parsed.known_code() {
+        Some(code) => error_for_code(code, parsed),
+        // A newer server's code: its message as it is, exit 1.
+        None => ClientError::Server(format!("{} ({})", parsed.error, parsed.code)),
+    }
+}
+
+/// Every error code of the API and the client error it is (SPEC.md's exit codes: 2 usage, 3 locked or lock
+/// lost, 4 authentication, 5 integrity, 1 anything else). Exhaustive on purpose: a new code in isr-wire does
+/// not compile until it is given its place here.
+fn error_for_code(code: ErrorCode, body: ErrorBody) -> ClientError {
+    use ErrorCode as C;
+    let msg = body.error;
+    match code {
+        C::Unauthorized | C::BadCredentials => ClientError::Auth(msg),
+        C::Locked => ClientError::Locked(msg),
+        C::LockBroken => ClientError::LockLost(LockLoss {
             message: msg,
-            broken_by: p.broken_by.unwrap_or_default(),
-            broken_unix: p.broken_unix.unwrap_or(0),
-            holder_now: p.holder.zip(p.since_unix),
+            broken_by: body.broken_by.unwrap_or_default(),
+            broken_unix: body.broken_unix.unwrap_or(0),
+            holder_now: body.holder.zip(body.since_unix),
         }),
-        "lock_mismatch" => ClientError::LockLost(LockLoss {
+        // The lock is gone without a record of who broke it (an earlier break, forgotten by a later one).
+        C::LockMismatch => ClientError::LockLost(LockLoss {
             message: msg,
             broken_by: String::new(),
             broken_unix: 0,
-            holder_now: p.holder.zip(p.since_unix),
+            holder_now: body.holder.zip(body.since_unix),
         }),
-        "parcel_exists" => ClientError::Exists(msg),
-        "stale_base" => ClientError::StaleBase(msg),
-        "corrupt_chunk" => ClientError::Integrity(format!("the server's copy is damaged: {msg}")),
-        "hash_mismatch" | "tag_mismatch" | "bad_chunk" | "bad_keyring" | "bad_manifest" => {
+        C::ParcelExists | C::UserExists => ClientError::Exists(msg),
+        C::StaleBase => ClientError::StaleBase(msg),
+        C::CorruptChunk => ClientError::Integrity(format!("the server's copy is damaged: {msg}")),
+        C::HashMismatch | C::TagMismatch | C::BadChunk | C::BadKeyring | C::BadManifest => {
             ClientError::Integrity(format!("the server refused what this client sent: {msg}"))
         }
-        "bad_name" => ClientError::Usage(msg),
-        "no_such_parcel" | "no_such_version" | "no_such_keyring" | "no_such_chunk" | "not_found" => {
+        C::BadName => ClientError::Usage(msg),
+        C::NoSuchParcel | C::NoSuchVersion | C::NoSuchKeyring | C::NoSuchChunk | C::NotFound => {
             ClientError::NotFound(msg)
         }
-        // missing_chunks is handled by the commit itself; too_large, bad_request, missing_keyring,
-        // has_versions, internal and anything newer are the server's word as it is.
-        _ => match status {
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
-                ClientError::Unreachable { url: String::new(), detail: msg }
-            }
-            _ => ClientError::Server(msg),
-        },
+        // Refusals that the same request would get again: not worth a retry.
+        C::BadRequest | C::TooLarge | C::HasVersions | C::MissingKeyring => ClientError::Refused(msg),
+        // A commit handles missing_chunks itself (uploads them and retries); anywhere else it is the
+        // server's word as it is. internal is worth trying again.
+        C::MissingChunks | C::Internal => ClientError::Server(msg),
     }
 }
 
@@ -274,33 +226,17 @@ impl Transport {
         self
     }
 
-    /// The URL of an API endpoint: `/api/v1/` and the segments, each percent-encoded. Segments that are
-    /// parcel names must be valid names (checked again here: a name never becomes another path).
-    fn url(&self, segments: &[Segment<'_>], query: &[(&str, &str)]) -> Result<Url, ClientError> {
+    /// The URL of an API endpoint: the server's base URL, then `path`'s segments (each percent-encoded,
+    /// though the wire contract's paths are made of validated names, numbers and hex only) and the query.
+    fn url(&self, path: &ApiPath, query: &[(&str, String)]) -> Result<Url, ClientError> {
         let mut url = self.base_url.clone();
         {
-            let mut path = url
+            let mut segments = url
                 .path_segments_mut()
                 .map_err(|_| ClientError::Usage(format!("server URL {:?} cannot have a path", self.base)))?;
-            path.pop_if_empty().push("api").push("v1");
-            for seg in segments {
-                let s = match seg {
-                    Segment::Fixed(s) => *s,
-                    Segment::Parcel(name) => {
-                        if let Some(why) = isr_format::names::parcel_name_problem(name) {
-                            return Err(ClientError::Usage(format!("invalid parcel name {name:?}: {why}")));
-                        }
-                        name
-                    }
-                    Segment::Hex(s) => {
-                        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                            return Err(ClientError::Other(format!("not a hex id: {s:?}")));
-                        }
-                        s
-                    }
-                };
-                path.push(s);
-            }
+            segments.pop_if_empty();
+            segments.extend(routes::API_PREFIX.split('/').filter(|s| !s.is_empty()));
+            segments.extend(path.segments());
         }
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
@@ -362,16 +298,17 @@ impl Transport {
         self.body(resp).await
     }
 
-    async fn call<T: for<'de> Deserialize<'de>>(
+    /// `method` on `url` with `body` as JSON (none for `None`), and the JSON answer.
+    async fn call<T: DeserializeOwned, B: Serialize>(
         &self,
         method: Method,
         url: Url,
-        body: Option<serde_json::Value>,
+        body: Option<&B>,
     ) -> Result<T, ClientError> {
         let what = url.path().to_owned();
         let mut req = self.http.request(method, url);
         if let Some(b) = body {
-            req = req.json(&b);
+            req = req.json(b);
         }
         let bytes = self.ok_body(req).await?;
         let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
@@ -380,27 +317,24 @@ impl Transport {
     }
 
     pub async fn login(&self, user: &str, login_secret: &str) -> Result<LoginReply, ClientError> {
-        self.call(
-            Method::POST,
-            self.url(&[Fixed("login")], &[])?,
-            Some(serde_json::json!({"user": user, "login_secret": login_secret})),
-        )
-        .await
+        let req = isr_wire::LoginRequest { user: user.to_owned(), login_secret: login_secret.to_owned() };
+        self.call(Method::POST, self.url(&routes::login(), &[])?, Some(&req)).await
     }
 
     /// Replace the logged-in user's login secret (after every keyroot was rewrapped).
     pub async fn change_login_secret(&self, login_secret: &str) -> Result<(), ClientError> {
-        let url = self.url(&[Fixed("password")], &[])?;
-        self.ok_body(self.http.put(url).json(&serde_json::json!({"login_secret": login_secret}))).await?;
+        let url = self.url(&routes::password(), &[])?;
+        let req = isr_wire::PasswordRequest { login_secret: login_secret.to_owned() };
+        self.ok_body(self.http.put(url).json(&req)).await?;
         Ok(())
     }
 
     pub async fn parcels(&self) -> Result<Vec<ParcelSummary>, ClientError> {
-        self.call(Method::GET, self.url(&[Fixed("parcels")], &[])?, None).await
+        self.call(Method::GET, self.url(&routes::parcels(), &[])?, NO_BODY).await
     }
 
     pub async fn parcel(&self, name: &str) -> Result<ParcelDetail, ClientError> {
-        self.call(Method::GET, self.url(&[Fixed("parcels"), Parcel(name)], &[])?, None).await
+        self.call(Method::GET, self.url(&routes::parcel(&parcel(name)?), &[])?, NO_BODY).await
     }
 
     pub async fn create_parcel(
@@ -411,57 +345,48 @@ impl Transport {
         holder: &str,
         client_id: &str,
     ) -> Result<String, ClientError> {
-        #[derive(Deserialize)]
-        struct R {
-            lock_id: String,
-        }
-        let r: R = self
-            .call(
-                Method::POST,
-                self.url(&[Fixed("parcels")], &[])?,
-                Some(serde_json::json!({
-                    "name": name,
-                    "wrapped_keyroot": hex::encode(wrapped_keyroot),
-                    "recovery_keyroot": recovery_keyroot.map(hex::encode),
-                    "holder": holder,
-                    "client_id": client_id,
-                })),
-            )
-            .await?;
+        let req = isr_wire::CreateParcelRequest {
+            name: parcel(name)?.into_string(),
+            wrapped_keyroot: hex::encode(wrapped_keyroot),
+            recovery_keyroot: recovery_keyroot.map(hex::encode),
+            holder: holder.to_owned(),
+            client_id: client_id.to_owned(),
+        };
+        let r: isr_wire::CreateParcelReply =
+            self.call(Method::POST, self.url(&routes::parcels(), &[])?, Some(&req)).await?;
         Ok(r.lock_id)
     }
 
     /// Delete a parcel that has no version yet (undoing a create that failed); the server refuses any other.
     pub async fn delete_unfinished_parcel(&self, name: &str, client_id: &str) -> Result<(), ClientError> {
-        let url = self.url(&[Fixed("parcels"), Parcel(name)], &[("client_id", client_id)])?;
+        let q = isr_wire::DeleteQuery { client_id: Some(client_id.to_owned()) };
+        let url = self.url(&routes::parcel(&parcel(name)?), &q.pairs())?;
         self.ok_body(self.http.delete(url)).await?;
         Ok(())
     }
 
     pub async fn put_keyroot(&self, name: &str, wrapped: &[u8]) -> Result<(), ClientError> {
-        let url = self.url(&[Fixed("parcels"), Parcel(name), Fixed("keyroot")], &[])?;
-        self.ok_body(self.http.put(url).json(&serde_json::json!({"wrapped_keyroot": hex::encode(wrapped)})))
-            .await?;
+        let url = self.url(&routes::keyroot(&parcel(name)?), &[])?;
+        let req = isr_wire::KeyrootRequest { wrapped_keyroot: hex::encode(wrapped) };
+        self.ok_body(self.http.put(url).json(&req)).await?;
         Ok(())
     }
 
     pub async fn versions(&self, name: &str) -> Result<Vec<VersionInfo>, ClientError> {
-        self.call(Method::GET, self.url(&[Fixed("parcels"), Parcel(name), Fixed("versions")], &[])?, None)
-            .await
+        self.call(Method::GET, self.url(&routes::versions(&parcel(name)?), &[])?, NO_BODY).await
     }
 
     /// The manifest bytes of version `n` (`None` = head) and its number.
     pub async fn manifest(&self, name: &str, n: Option<u64>) -> Result<(u64, Bytes), ClientError> {
-        let v = n.map(|n| n.to_string()).unwrap_or_else(|| "head".into());
-        let url = self
-            .url(&[Fixed("parcels"), Parcel(name), Fixed("versions"), Fixed(&v), Fixed("manifest")], &[])?;
+        let which = n.map_or(VersionRef::Head, VersionRef::Number);
+        let url = self.url(&routes::manifest(&parcel(name)?, which), &[])?;
         let resp = self.send(self.http.get(url)).await?;
         if !resp.status().is_success() {
             return Err(self.error_of(resp).await);
         }
         let version = resp
             .headers()
-            .get("x-isr-version")
+            .get(routes::VERSION_HEADER)
             .and_then(|h| h.to_str().ok())
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| ClientError::Server("manifest reply lacks X-Isr-Version".into()))?;
@@ -477,17 +402,15 @@ impl Transport {
         hash: &Tag,
         bytes: Bytes,
     ) -> Result<(), ClientError> {
-        let h = hash.to_hex();
-        let url =
-            self.url(&[Fixed("parcels"), Parcel(name), Fixed("keyrings"), Hex(&h)], &[("lock_id", lock_id)])?;
+        let q = isr_wire::LockIdQuery { lock_id: Some(lock_id.to_owned()) };
+        let url = self.url(&routes::keyring(&parcel(name)?, hash), &q.pairs())?;
         self.ok_body(self.http.put(url).body(bytes)).await?;
         Ok(())
     }
 
     /// A keyring by its hash, verified against the hash before it is returned.
     pub async fn keyring(&self, name: &str, hash: &Tag) -> Result<Bytes, ClientError> {
-        let h = hash.to_hex();
-        let url = self.url(&[Fixed("parcels"), Parcel(name), Fixed("keyrings"), Hex(&h)], &[])?;
+        let url = self.url(&routes::keyring(&parcel(name)?, hash), &[])?;
         let body = self.ok_body(self.http.get(url)).await?;
         if Tag(*blake3::hash(&body).as_bytes()) != *hash {
             return Err(ClientError::Integrity(format!(
@@ -499,38 +422,32 @@ impl Transport {
 
     /// Take the parcel's lock (or get back the one this client id already holds).
     pub async fn lock(&self, name: &str, holder: &str, client_id: &str) -> Result<String, ClientError> {
-        #[derive(Deserialize)]
-        struct R {
-            lock_id: String,
-        }
-        let r: R = self
-            .call(
-                Method::POST,
-                self.url(&[Fixed("parcels"), Parcel(name), Fixed("lock")], &[])?,
-                Some(serde_json::json!({"holder": holder, "client_id": client_id})),
-            )
-            .await?;
+        let req = isr_wire::LockRequest { holder: holder.to_owned(), client_id: client_id.to_owned() };
+        let r: isr_wire::LockReply =
+            self.call(Method::POST, self.url(&routes::lock(&parcel(name)?), &[])?, Some(&req)).await?;
         Ok(r.lock_id)
     }
 
     /// Whether `lock_id` is still the parcel's lock: Ok, or `LockLost` (broken, naming who and when) or
     /// `Locked` (another client holds it now).
     pub async fn confirm_lock(&self, name: &str, lock_id: &str) -> Result<LockInfo, ClientError> {
-        let url = self.url(&[Fixed("parcels"), Parcel(name), Fixed("lock")], &[("lock_id", lock_id)])?;
-        self.call(Method::GET, url, None).await
+        let q = isr_wire::LockIdQuery { lock_id: Some(lock_id.to_owned()) };
+        let url = self.url(&routes::lock(&parcel(name)?), &q.pairs())?;
+        self.call(Method::GET, url, NO_BODY).await
     }
 
     /// Release our lock (`lock_id`).
     pub async fn unlock(&self, name: &str, lock_id: &str) -> Result<(), ClientError> {
-        let url = self.url(&[Fixed("parcels"), Parcel(name), Fixed("lock")], &[("lock_id", lock_id)])?;
+        let q = isr_wire::UnlockQuery { lock_id: Some(lock_id.to_owned()), ..Default::default() };
+        let url = self.url(&routes::lock(&parcel(name)?), &q.pairs())?;
         self.ok_body(self.http.delete(url)).await?;
         Ok(())
     }
 
     /// Break the parcel's lock whoever holds it; `by` names this client to the one whose lock it was.
     pub async fn break_lock(&self, name: &str, by: &str) -> Result<(), ClientError> {
-        let url =
-            self.url(&[Fixed("parcels"), Parcel(name), Fixed("lock")], &[("force", "true"), ("by", by)])?;
+        let q = isr_wire::UnlockQuery { lock_id: None, force: true, by: Some(by.to_owned()) };
+        let url = self.url(&routes::lock(&parcel(name)?), &q.pairs())?;
         self.ok_body(self.http.delete(url)).await?;
         Ok(())
     }
@@ -546,22 +463,25 @@ impl Transport {
         comment: &str,
         bytes_uploaded: u64,
     ) -> Result<Result<u64, CommitRefusal>, ClientError> {
-        let body = serde_json::json!({
-            "lock_id": lock_id,
-            "base_version": base_version,
-            "manifest": base64::engine::general_purpose::STANDARD.encode(manifest),
-            "client": client,
-            "comment": comment,
-            "bytes_uploaded": bytes_uploaded,
-        });
-        let url = self.url(&[Fixed("parcels"), Parcel(name), Fixed("versions")], &[])?;
-        let resp = self.send(self.http.post(url).json(&body)).await?;
+        if comment.len() > MAX_COMMENT {
+            return Err(ClientError::Usage(format!("the comment is longer than {MAX_COMMENT} bytes")));
+        }
+        let req = isr_wire::CommitRequest {
+            lock_id: lock_id.to_owned(),
+            base_version,
+            manifest: base64::engine::general_purpose::STANDARD.encode(manifest),
+            client: client.to_owned(),
+            comment: comment.to_owned(),
+            bytes_uploaded,
+        };
+        let url = self.url(&routes::versions(&parcel(name)?), &[])?;
+        let resp = self.send(self.http.post(url).json(&req)).await?;
         if resp.status() == StatusCode::CONFLICT {
             let bytes = self.body(resp).await?;
             if let Ok(p) = serde_json::from_slice::<ErrorBody>(&bytes) {
-                if p.code == "missing_chunks" {
+                if p.known_code() == Some(ErrorCode::MissingChunks) {
                     return Ok(Err(CommitRefusal::MissingChunks(
-                        p.missing.iter().filter_map(|h| Tag::from_hex(h)).collect(),
+                        p.missing.unwrap_or_default().iter().filter_map(|h| Tag::from_hex(h)).collect(),
                     )));
                 }
             }
@@ -570,47 +490,42 @@ impl Transport {
         if !resp.status().is_success() {
             return Err(self.error_of(resp).await);
         }
-        #[derive(Deserialize)]
-        struct R {
-            version: u64,
-        }
         let bytes = self.body(resp).await?;
-        let r: R =
+        let r: isr_wire::CommitReply =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Server(format!("commit reply: {e}")))?;
         Ok(Ok(r.version))
     }
 
-    /// Which of `tags` the server lacks (one round trip per 65,536 tags).
+    /// Which of `tags` the server lacks (one round trip per [`MISSING_BATCH`] tags).
     pub async fn missing(&self, tags: &[Tag]) -> Result<Vec<Tag>, ClientError> {
         let mut out = Vec::new();
-        for batch in tags.chunks(65536) {
-            let body: Vec<u8> = batch.iter().flat_map(|t| t.0).collect();
-            let url = self.url(&[Fixed("chunks"), Fixed("missing")], &[])?;
-            let bytes = self.ok_body(self.http.post(url).body(body)).await?;
-            if bytes.len() % 32 != 0 {
-                return Err(ClientError::Server("malformed reply to chunks/missing".into()));
-            }
-            out.extend(bytes.chunks_exact(32).filter_map(|c| c.try_into().ok()).map(Tag));
+        for batch in tags.chunks(MISSING_BATCH) {
+            let url = self.url(&routes::chunks_missing(), &[])?;
+            let bytes = self.ok_body(self.http.post(url).body(isr_wire::encode_tags(batch))).await?;
+            let missing = isr_wire::decode_tags(&bytes)
+                .ok_or_else(|| ClientError::Server("malformed reply to chunks/missing".into()))?;
+            out.extend(missing);
         }
         Ok(out)
     }
 
     pub async fn put_chunk(&self, tag: &Tag, stored: Bytes) -> Result<(), ClientError> {
-        let h = tag.to_hex();
-        let url = self.url(&[Fixed("chunks"), Hex(&h)], &[])?;
+        let url = self.url(&routes::chunk(tag), &[])?;
         self.ok_body(self.http.put(url).body(stored)).await?;
         Ok(())
     }
 
     /// A chunk's stored bytes, verified against its tag before they are returned.
     pub async fn get_chunk(&self, tag: &Tag) -> Result<Bytes, ClientError> {
-        let h = tag.to_hex();
-        let url = self.url(&[Fixed("chunks"), Hex(&h)], &[])?;
+        let url = self.url(&routes::chunk(tag), &[])?;
         let body = self.ok_body(self.http.get(url)).await?;
         isr_format::codec::verify_tag(tag, &body).map_err(|e| ClientError::chunk(tag, e))?;
         Ok(body)
     }
 }
+
+/// No request body, for [`Transport::call`].
+const NO_BODY: Option<&()> = None;
 
 #[cfg(test)]
 mod tests {
@@ -622,19 +537,20 @@ mod tests {
 
     #[test]
     fn names_never_become_other_paths() {
-        let t = t();
-        for bad in ["victim?", "victim#", "victim?force=true", ".", "..", "a/b", "", "%2e"] {
-            let e = t.url(&[Fixed("parcels"), Parcel(bad), Fixed("lock")], &[]).unwrap_err();
+        for bad in ["victim?", "victim#", "victim?force=true", ".", "..", "a/b", "", "%2e", ".hidden"] {
+            let e = parcel(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad}: {e}");
+            assert!(e.to_string().starts_with("invalid parcel name"), "{e}");
         }
-        let u = t.url(&[Fixed("parcels"), Parcel("my-vm_1.0"), Fixed("lock")], &[("by", "a b&c=d")]).unwrap();
-        assert_eq!(u.as_str(), "http://127.0.0.1:7850/api/v1/parcels/my-vm_1.0/lock?by=a+b%26c%3Dd");
+        let q = isr_wire::UnlockQuery { lock_id: None, force: true, by: Some("a b&c=d".into()) };
+        let u = t().url(&routes::lock(&parcel("my-vm_1.0").unwrap()), &q.pairs()).unwrap();
+        assert_eq!(u.as_str(), "http://127.0.0.1:7850/api/v1/parcels/my-vm_1.0/lock?force=true&by=a+b%26c%3Dd");
     }
 
     #[test]
     fn a_base_path_is_kept() {
         let t = Transport::new("https://isr.example/deploy/", None).unwrap();
-        let u = t.url(&[Fixed("parcels")], &[]).unwrap();
+        let u = t.url(&routes::parcels(), &[]).unwrap();
         assert_eq!(u.as_str(), "https://isr.example/deploy/api/v1/parcels");
     }
 
@@ -654,34 +570,63 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_documented_error_code_has_its_exit_code() {
-        let cases = [
-            ("unauthorized", 401, 4),
-            ("bad_credentials", 401, 4),
-            ("locked", 409, 3),
-            ("lock_broken", 409, 3),
-            ("lock_mismatch", 409, 3),
-            ("corrupt_chunk", 500, 5),
-            ("tag_mismatch", 400, 5),
-            ("hash_mismatch", 400, 5),
-            ("bad_manifest", 400, 5),
-            ("bad_name", 400, 2),
-            ("no_such_parcel", 404, 1),
-            ("stale_base", 409, 1),
-            ("too_large", 413, 1),
-            ("internal", 500, 1),
-        ];
-        for (code, status, exit) in cases {
-            let body = serde_json::json!({"error": "m", "code": code}).to_string();
-            let e = api_error(StatusCode::from_u16(status).unwrap(), body.as_bytes());
-            assert_eq!(e.exit_code(), exit, "{code}");
+    /// SPEC.md's exit code of every code of the wire contract, as a table a reader can check against
+    /// docs/api.md (the mapping itself is the exhaustive match in [`error_for_code`]).
+    fn expected_exit(code: ErrorCode) -> i32 {
+        use ErrorCode as C;
+        match code {
+            C::Unauthorized | C::BadCredentials => 4,
+            C::Locked | C::LockBroken | C::LockMismatch => 3,
+            C::CorruptChunk | C::TagMismatch | C::HashMismatch | C::BadChunk | C::BadKeyring | C::BadManifest => 5,
+            C::BadName => 2,
+            _ => 1,
         }
+    }
+
+    #[test]
+    fn every_error_code_has_its_exit_code() {
+        for &code in ErrorCode::ALL {
+            let body = serde_json::to_vec(&ErrorBody::new(code, "the server's message")).unwrap();
+            let e = api_error(StatusCode::from_u16(code.status()).unwrap(), &body);
+            assert_eq!(e.exit_code(), expected_exit(code), "{code}: {e:?}");
+            assert!(e.to_string().contains("the server's message"), "{code}: {e}");
+        }
+        // Refusals are not retried; a server's failure is.
+        let refused = serde_json::to_vec(&ErrorBody::new(ErrorCode::HasVersions, "m")).unwrap();
+        assert!(!api_error(StatusCode::CONFLICT, &refused).is_transient());
+        let internal = serde_json::to_vec(&ErrorBody::new(ErrorCode::Internal, "m")).unwrap();
+        assert!(api_error(StatusCode::INTERNAL_SERVER_ERROR, &internal).is_transient());
+    }
+
+    #[test]
+    fn unknown_codes_and_foreign_answers() {
+        // A newer server's code: exit 1, its message kept.
+        let e = api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            br#"{"error": "over quota by 3 GiB", "code": "quota_exceeded", "quota": 1}"#,
+        );
+        assert_eq!(e.exit_code(), 1, "{e:?}");
+        assert!(e.to_string().contains("over quota by 3 GiB"), "{e}");
+        // Not the API's answer: the status decides.
         assert_eq!(api_error(StatusCode::BAD_GATEWAY, b"<html>").exit_code(), 6);
-        let broken = serde_json::json!({"error": "your lock on p was broken by B at T", "code": "lock_broken",
-            "broken_by": "B", "broken_unix": 5});
-        match api_error(StatusCode::CONFLICT, broken.to_string().as_bytes()) {
-            ClientError::LockLost(l) => assert_eq!((l.broken_by.as_str(), l.broken_unix), ("B", 5)),
+        assert_eq!(api_error(StatusCode::UNAUTHORIZED, b"<html>").exit_code(), 4);
+        assert_eq!(api_error(StatusCode::INTERNAL_SERVER_ERROR, b"").exit_code(), 1);
+    }
+
+    #[test]
+    fn a_broken_lock_names_who_and_when() {
+        let broken = ErrorBody {
+            broken_by: Some("B".into()),
+            broken_unix: Some(5),
+            holder: Some("C".into()),
+            since_unix: Some(6),
+            ..ErrorBody::new(ErrorCode::LockBroken, "your lock on p was broken by B at T")
+        };
+        match api_error(StatusCode::CONFLICT, &serde_json::to_vec(&broken).unwrap()) {
+            ClientError::LockLost(l) => {
+                assert_eq!((l.broken_by.as_str(), l.broken_unix), ("B", 5));
+                assert_eq!(l.holder_now, Some(("C".to_owned(), 6)));
+            }
             other => panic!("{other:?}"),
         }
     }

@@ -5,7 +5,6 @@
 //! - [`keys`]: the convergence secret, the parcel keyroot and how it is wrapped for the user and for recovery.
 //! - [`keyring`]: a version's per-chunk tags (clear) and keys (sealed under the keyroot) for one image.
 //! - [`manifest`]: a version's VM description and the images it is made of.
-//! - [`names`]: the one rule for user and parcel names (server and client).
 //!
 //! Every parser here takes untrusted bytes: it checks magic, version, length limits and checksums before it
 //! believes anything, and fails with a typed error. Byte layouts are documented in `docs/design.md`.
@@ -14,7 +13,6 @@ pub mod codec;
 pub mod keyring;
 pub mod keys;
 pub mod manifest;
-pub mod names;
 pub mod tag;
 pub mod units;
 

@@ -15,24 +15,16 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use isr_format::codec::{ChunkError, MAX_STORED};
+use isr_format::codec::ChunkError;
 use isr_format::{KeyringTags, Manifest, RecoveryPublicKey, Tag};
-use isr_store::meta::{valid_parcel_name, LockInfo, LockRelease, NewParcel, NewVersion, VersionSel};
+use isr_store::meta::{LockInfo, LockRelease, NewParcel, NewVersion, VersionSel};
 use isr_store::StoreError;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use isr_wire::limits::{
+    FETCH_ABSENT, MAX_CHUNK_BODY, MAX_COMMENT, MAX_FETCH_TAGS, MAX_HEX_FIELD, MAX_JSON_BODY, MAX_KEYRING_BODY,
+    MAX_MISSING_TAGS, MAX_TOKEN, TAG_LEN,
+};
+use isr_wire::{routes, ClientId, DisplayText, ErrorCode, LockId, ParcelName, UserName, VersionRef};
 use std::sync::Arc;
-
-/// Largest keyring accepted (a 128 GiB image at 128 KiB chunks).
-pub const MAX_KEYRING: usize = 64 << 20;
-/// Largest JSON request body (a commit carries a manifest of up to 1 MiB in base64).
-pub const MAX_JSON: usize = 4 << 20;
-/// Most tags in one `chunks/missing` request.
-pub const MAX_MISSING_TAGS: usize = 1 << 20;
-/// Most tags in one `chunks/fetch` request.
-pub const MAX_FETCH_TAGS: usize = 256;
-const ABSENT_FRAME: u32 = u32::MAX;
-const MAX_NAME: usize = 256;
 
 /// Server-wide settings.
 #[derive(Clone, Debug, Default)]
@@ -83,48 +75,33 @@ impl AppState {
     }
 }
 
-/// The routes, for [`crate::run`] or any other hyper/axum server.
+/// The routes, for [`crate::run`] or any other hyper/axum server. The patterns are the wire contract's
+/// (`isr_wire::routes`), which the client's paths are built to match.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/api/v1/login", post(login))
-        .route("/api/v1/password", put(change_password))
-        .route("/api/v1/parcels", get(list_parcels).post(create_parcel))
-        .route("/api/v1/parcels/{name}", get(get_parcel).delete(delete_parcel))
-        .route("/api/v1/parcels/{name}/keyroot", put(put_keyroot))
-        .route("/api/v1/parcels/{name}/versions", get(list_versions).post(commit))
-        .route("/api/v1/parcels/{name}/versions/{n}/manifest", get(get_manifest))
-        .route("/api/v1/parcels/{name}/keyrings/{hash}", put(put_keyring).get(get_keyring))
-        .route("/api/v1/parcels/{name}/lock", post(lock).delete(unlock).get(confirm_lock))
-        .route("/api/v1/chunks/missing", post(chunks_missing))
-        .route("/api/v1/chunks/fetch", post(chunks_fetch))
-        .route("/api/v1/chunks/{tag}", put(put_chunk).get(get_chunk))
-        .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .route(routes::LOGIN, post(login))
+        .route(routes::PASSWORD, put(change_password))
+        .route(routes::PARCELS, get(list_parcels).post(create_parcel))
+        .route(routes::PARCEL, get(get_parcel).delete(delete_parcel))
+        .route(routes::KEYROOT, put(put_keyroot))
+        .route(routes::VERSIONS, get(list_versions).post(commit))
+        .route(routes::MANIFEST, get(get_manifest))
+        .route(routes::KEYRING, put(put_keyring).get(get_keyring))
+        .route(routes::LOCK, post(lock).delete(unlock).get(confirm_lock))
+        .route(routes::CHUNKS_MISSING, post(chunks_missing))
+        .route(routes::CHUNKS_FETCH, post(chunks_fetch))
+        .route(routes::CHUNK, put(put_chunk).get(get_chunk))
+        .route(routes::METRICS, get(metrics))
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), count_requests))
         .with_state(state)
 }
-
-const ROUTES: &[&str] = &[
-    "/api/v1/login",
-    "/api/v1/password",
-    "/api/v1/parcels",
-    "/api/v1/parcels/{name}",
-    "/api/v1/parcels/{name}/keyroot",
-    "/api/v1/parcels/{name}/versions",
-    "/api/v1/parcels/{name}/versions/{n}/manifest",
-    "/api/v1/parcels/{name}/keyrings/{hash}",
-    "/api/v1/parcels/{name}/lock",
-    "/api/v1/chunks/missing",
-    "/api/v1/chunks/fetch",
-    "/api/v1/chunks/{tag}",
-    "/metrics",
-];
 
 async fn count_requests(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .and_then(|m| ROUTES.iter().find(|r| **r == m.as_str()).copied())
+        .and_then(|m| routes::ALL.iter().find(|r| **r == m.as_str()).copied())
         .unwrap_or("unmatched");
     let resp = next.run(req).await;
     st.0.metrics.request(route, resp.status().as_u16());
@@ -145,7 +122,7 @@ impl FromRequestParts<AppState> for Authed {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(str::trim)
-            .filter(|t| !t.is_empty() && t.len() <= 256)
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN)
             .ok_or_else(ApiError::unauthorized)?;
         match st.0.tokens.validate(st.0.storage.meta.as_ref(), token).await? {
             Some(user) => Ok(Authed(user)),
@@ -189,32 +166,28 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<T, ApiError> {
-    let bytes = read_body(st, headers, body, MAX_JSON).await?;
+    let bytes = read_body(st, headers, body, MAX_JSON_BODY).await?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON request: {e}")))
 }
 
-fn check_name(name: &str) -> Result<(), ApiError> {
-    if valid_parcel_name(name) {
-        Ok(())
-    } else {
-        Err(ApiError::no_such_parcel(name))
-    }
+/// A parcel name from a path: an invalid one names no parcel (404, as another user's parcel does).
+fn check_name(name: &str) -> Result<ParcelName, ApiError> {
+    ParcelName::parse(name).map_err(|_| ApiError::no_such_parcel(name))
 }
 
 /// A display name from a client (holder, breaker, client): bounded, no control characters (it is shown to
 /// other users and written to logs).
-fn check_text(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.len() > MAX_NAME {
-        return Err(ApiError::bad_request(format!("{field} longer than {MAX_NAME} bytes")));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::bad_request(format!("{field} contains control characters")));
-    }
-    Ok(())
+fn check_text(field: &str, value: String) -> Result<DisplayText, ApiError> {
+    DisplayText::parse(&value).map_err(|e| ApiError::bad_request(format!("{field}: {}", e.why)))
+}
+
+/// A lock id from a query or body: the ids this server issues (hex), anything else is malformed.
+fn check_lock_id(value: &str) -> Result<LockId, ApiError> {
+    LockId::parse(value).map_err(|e| ApiError::bad_request(format!("lock_id: {}", e.why)))
 }
 
 fn decode_hex(field: &str, value: &str) -> Result<Vec<u8>, ApiError> {
-    if value.len() > 8192 {
+    if value.len() > MAX_HEX_FIELD {
         return Err(ApiError::bad_request(format!("{field} is too long")));
     }
     hex::decode(value).map_err(|_| ApiError::bad_request(format!("{field} must be hex")))
@@ -227,30 +200,20 @@ fn octets(st: &AppState, data: Bytes) -> Response {
 
 // ---- login ----
 
-#[derive(Deserialize)]
-struct LoginRequest {
-    user: String,
-    login_secret: String,
-}
-
-#[derive(Serialize)]
-struct LoginResponse {
-    token: String,
-    expires_unix: i64,
-    convergence_secret: String,
-    recovery_pubkey: Option<String>,
-}
-
 async fn login(
     State(st): State<AppState>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<LoginResponse>, ApiError> {
-    let req: LoginRequest = read_json(&st, &headers, body).await?;
+) -> Result<Json<isr_wire::LoginReply>, ApiError> {
+    let req: isr_wire::LoginRequest = read_json(&st, &headers, body).await?;
     let secret = parse_login_secret(&req.login_secret)?;
     st.0.metrics.login_attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let meta = &st.0.storage.meta;
-    let user = if req.user.len() <= 64 { meta.user(&req.user).await? } else { None };
+    // A name no user can have is an unknown user (same answer, same cost).
+    let user = match UserName::parse(&req.user) {
+        Ok(name) => meta.user(name.as_str()).await?,
+        Err(_) => None,
+    };
     if let Some(u) = &user {
         // Held back after repeated failures, and counted as a failure before the verification (see auth).
         st.0.logins.admit(meta.as_ref(), &st.0.settings.login_throttle, &u.name).await?;
@@ -263,11 +226,7 @@ async fn login(
     let Some(user) = user.filter(|_| ok) else {
         st.0.metrics.logins_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(user = %req.user.escape_debug(), "failed login");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "bad_credentials",
-            "wrong user name or password",
-        ));
+        return Err(ApiError::new(ErrorCode::BadCredentials, "wrong user name or password"));
     };
     meta.clear_login_failures(&user.name).await?;
     let now = crate::now_unix();
@@ -276,7 +235,7 @@ async fn login(
     let expires_unix = now + auth::TOKEN_LIFETIME_SECS;
     meta.add_token(hash, &user.name, expires_unix).await?;
     tracing::info!(user = %user.name, "login");
-    Ok(Json(LoginResponse {
+    Ok(Json(isr_wire::LoginReply {
         token,
         expires_unix,
         convergence_secret: st.0.storage.convergence_secret.to_hex(),
@@ -291,11 +250,6 @@ fn parse_login_secret(hex_secret: &str) -> Result<[u8; 32], ApiError> {
     Ok(secret)
 }
 
-#[derive(Deserialize)]
-struct PasswordRequest {
-    login_secret: String,
-}
-
 /// The authenticated user's new login secret (the client has rewrapped every parcel's keyroot first).
 async fn change_password(
     State(st): State<AppState>,
@@ -303,7 +257,7 @@ async fn change_password(
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
-    let req: PasswordRequest = read_json(&st, &headers, body).await?;
+    let req: isr_wire::PasswordRequest = read_json(&st, &headers, body).await?;
     let secret = isr_format::LoginSecret(parse_login_secret(&req.login_secret)?);
     let hash = tokio::task::spawn_blocking(move || auth::hash_login_secret(&secret))
         .await
@@ -317,42 +271,34 @@ async fn change_password(
 
 // ---- parcels ----
 
-fn lock_json(lock: &Option<LockInfo>) -> serde_json::Value {
-    match lock {
-        Some(l) => json!({"holder": l.holder, "since_unix": l.since_unix}),
-        None => serde_json::Value::Null,
-    }
+fn wire_lock(lock: &Option<LockInfo>) -> Option<isr_wire::LockInfo> {
+    lock.as_ref().map(|l| isr_wire::LockInfo { holder: l.holder.clone(), since_unix: l.since_unix })
 }
 
-async fn list_parcels(State(st): State<AppState>, Authed(user): Authed) -> Result<Response, ApiError> {
+async fn list_parcels(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+) -> Result<Json<Vec<isr_wire::ParcelSummary>>, ApiError> {
     let list = st.0.storage.meta.list_parcels(Some(&user)).await?;
-    let out: Vec<_> = list
-        .iter()
-        .map(|p| json!({"name": p.name, "head": p.head, "created_unix": p.created_unix, "lock": lock_json(&p.lock)}))
-        .collect();
-    Ok(Json(out).into_response())
-}
-
-#[derive(Deserialize)]
-struct CreateParcel {
-    name: String,
-    wrapped_keyroot: String,
-    #[serde(default)]
-    recovery_keyroot: Option<String>,
-    holder: String,
-    client_id: String,
+    Ok(Json(
+        list.iter()
+            .map(|p| isr_wire::ParcelSummary {
+                name: p.name.clone(),
+                head: p.head,
+                created_unix: p.created_unix,
+                lock: wire_lock(&p.lock),
+            })
+            .collect(),
+    ))
 }
 
 fn new_lock(holder: String, client_id: String) -> Result<LockInfo, ApiError> {
-    check_text("holder", &holder)?;
-    check_text("client_id", &client_id)?;
-    if client_id.is_empty() {
-        return Err(ApiError::bad_request("client_id must not be empty"));
-    }
+    let holder = check_text("holder", holder)?;
+    let client_id = ClientId::parse(&client_id).map_err(|e| ApiError::bad_request(format!("client_id: {}", e.why)))?;
     Ok(LockInfo {
         lock_id: hex::encode(isr_format::random_bytes::<16>()),
-        holder,
-        client_id,
+        holder: holder.into_string(),
+        client_id: client_id.into_string(),
         since_unix: crate::now_unix(),
     })
 }
@@ -363,14 +309,8 @@ async fn create_parcel(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let req: CreateParcel = read_json(&st, &headers, body).await?;
-    if !valid_parcel_name(&req.name) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_name",
-            "parcel names are 1-64 of A-Z a-z 0-9 . _ -",
-        ));
-    }
+    let req: isr_wire::CreateParcelRequest = read_json(&st, &headers, body).await?;
+    let name = ParcelName::parse(&req.name).map_err(|e| ApiError::new(ErrorCode::BadName, e.to_string()))?;
     let wrapped_keyroot = decode_hex("wrapped_keyroot", &req.wrapped_keyroot)?;
     let recovery_keyroot =
         req.recovery_keyroot.as_deref().map(|r| decode_hex("recovery_keyroot", r)).transpose()?;
@@ -380,15 +320,15 @@ async fn create_parcel(
         .meta
         .create_parcel(NewParcel {
             user: user.clone(),
-            name: req.name.clone(),
+            name: name.to_string(),
             wrapped_keyroot,
             recovery_keyroot,
             lock,
             now_unix: crate::now_unix(),
         })
         .await?;
-    tracing::info!(%user, parcel = %req.name, "parcel created");
-    Ok((StatusCode::CREATED, Json(json!({"lock_id": lock_id}))).into_response())
+    tracing::info!(%user, parcel = %name, "parcel created");
+    Ok((StatusCode::CREATED, Json(isr_wire::CreateParcelReply { lock_id })).into_response())
 }
 
 async fn get_parcel(
@@ -398,20 +338,15 @@ async fn get_parcel(
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
     let p = st.0.storage.meta.parcel(&user, &name).await?;
-    Ok(Json(json!({
-        "name": p.info.name,
-        "head": p.info.head,
-        "created_unix": p.info.created_unix,
-        "lock": lock_json(&p.info.lock),
-        "wrapped_keyroot": hex::encode(&p.wrapped_keyroot),
-        "network_policy": p.network_policy.map(|n| n.as_str()),
-    }))
+    Ok(Json(isr_wire::ParcelDetail {
+        lock: wire_lock(&p.info.lock),
+        name: p.info.name,
+        head: p.info.head,
+        created_unix: p.info.created_unix,
+        wrapped_keyroot: hex::encode(&p.wrapped_keyroot),
+        network_policy: p.network_policy.map(|n| n.as_str().to_owned()),
+    })
     .into_response())
-}
-
-#[derive(Deserialize)]
-struct PutKeyroot {
-    wrapped_keyroot: String,
 }
 
 async fn put_keyroot(
@@ -422,22 +357,17 @@ async fn put_keyroot(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     check_name(&name)?;
-    let req: PutKeyroot = read_json(&st, &headers, body).await?;
+    let req: isr_wire::KeyrootRequest = read_json(&st, &headers, body).await?;
     let wrapped = decode_hex("wrapped_keyroot", &req.wrapped_keyroot)?;
     st.0.storage.meta.set_wrapped_keyroot(&user, &name, &wrapped).await?;
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-struct DeleteQuery {
-    client_id: Option<String>,
 }
 
 async fn delete_parcel(
     State(st): State<AppState>,
     Authed(user): Authed,
     Path(name): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    Query(q): Query<isr_wire::DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     check_name(&name)?;
     st.0.storage.meta.delete_parcel(&user, &name, q.client_id.as_deref()).await?;
@@ -455,10 +385,13 @@ async fn list_versions(
     check_name(&name)?;
     let list = st.0.storage.meta.versions(&user, &name).await?;
     let out: Vec<_> = list
-        .iter()
-        .map(|v| {
-            json!({"version": v.version, "created_unix": v.created_unix, "client": v.client,
-                   "bytes_uploaded": v.bytes_uploaded, "comment": v.comment})
+        .into_iter()
+        .map(|v| isr_wire::VersionInfo {
+            version: v.version,
+            created_unix: v.created_unix,
+            client: v.client,
+            bytes_uploaded: v.bytes_uploaded,
+            comment: v.comment,
         })
         .collect();
     Ok(Json(out).into_response())
@@ -470,34 +403,17 @@ async fn get_manifest(
     Path((name, n)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    let which = if n == "head" {
-        VersionSel::Head
-    } else {
-        VersionSel::Number(n.parse().map_err(|_| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "no_such_version",
-                format!("no version {n:?} (a number or head)"),
-            )
-        })?)
+    let which = match VersionRef::parse(&n) {
+        Some(VersionRef::Head) => VersionSel::Head,
+        Some(VersionRef::Number(n)) => VersionSel::Number(n),
+        None => {
+            return Err(ApiError::new(ErrorCode::NoSuchVersion, format!("no version {n:?} (a number or head)")))
+        }
     };
     let (number, manifest) = st.0.storage.meta.manifest(&user, &name, which).await?;
     let mut resp = octets(&st, manifest);
-    resp.headers_mut().insert("x-isr-version", HeaderValue::from(number));
+    resp.headers_mut().insert(routes::VERSION_HEADER, HeaderValue::from(number));
     Ok(resp)
-}
-
-#[derive(Deserialize)]
-struct CommitRequest {
-    lock_id: String,
-    base_version: u64,
-    manifest: String,
-    #[serde(default)]
-    client: String,
-    #[serde(default)]
-    comment: String,
-    #[serde(default)]
-    bytes_uploaded: u64,
 }
 
 async fn commit(
@@ -510,12 +426,13 @@ async fn commit(
     check_name(&name)?;
     // Someone else's parcel is a missing one, whatever the request holds.
     st.0.storage.meta.parcel(&user, &name).await?;
-    let req: CommitRequest = read_json(&st, &headers, body).await?;
-    check_text("client", &req.client)?;
-    if req.comment.len() > 4096 {
-        return Err(ApiError::bad_request("comment longer than 4096 bytes"));
+    let req: isr_wire::CommitRequest = read_json(&st, &headers, body).await?;
+    let client = check_text("client", req.client)?.into_string();
+    if req.comment.len() > MAX_COMMENT {
+        return Err(ApiError::bad_request(format!("comment longer than {MAX_COMMENT} bytes")));
     }
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "bad_manifest", m);
+    let lock_id = check_lock_id(&req.lock_id)?;
+    let bad = |m: String| ApiError::new(ErrorCode::BadManifest, m);
     let manifest = base64::engine::general_purpose::STANDARD
         .decode(req.manifest.as_bytes())
         .map_err(|e| bad(format!("manifest is not base64: {e}")))?;
@@ -523,7 +440,7 @@ async fn commit(
     // Only the client can check the MAC; a bound manifest naming another parcel or number is a client bug
     // (or a replay) that would make the version unopenable, so it is refused here already.
     if let Some(b) = &parsed.binding {
-        if b.user != user || b.parcel != name {
+        if b.user != user || b.parcel != name.as_str() {
             return Err(bad(format!(
                 "the manifest is sealed for parcel {}/{}, not {user}/{name}",
                 b.user, b.parcel
@@ -541,12 +458,12 @@ async fn commit(
     let keyrings: Vec<Tag> = parsed.manifest.images().map(|(_, r)| r.keyring).collect();
     let v = NewVersion {
         user: user.clone(),
-        parcel: name.clone(),
-        lock_id: req.lock_id,
+        parcel: name.to_string(),
+        lock_id: lock_id.into_string(),
         base_version: req.base_version,
         manifest: Bytes::from(manifest),
         keyrings,
-        client: req.client,
+        client,
         comment: req.comment,
         bytes_uploaded: req.bytes_uploaded,
         now_unix: crate::now_unix(),
@@ -558,7 +475,7 @@ async fn commit(
             .await
             .map_err(|e| ApiError::internal(e.to_string()))??;
     tracing::info!(%user, parcel = %name, version, "version committed");
-    Ok((StatusCode::CREATED, Json(json!({"version": version}))).into_response())
+    Ok((StatusCode::CREATED, Json(isr_wire::CommitReply { version })).into_response())
 }
 
 // ---- keyrings ----
@@ -567,20 +484,16 @@ fn parse_tag(s: &str, what: &str) -> Result<Tag, ApiError> {
     Tag::from_hex(s).ok_or_else(|| ApiError::bad_request(format!("{what} must be 64 hex digits")))
 }
 
-#[derive(Deserialize)]
-struct LockIdQuery {
-    lock_id: Option<String>,
-}
-
-fn required_lock_id(q: LockIdQuery) -> Result<String, ApiError> {
-    q.lock_id.ok_or_else(|| ApiError::bad_request("the lock_id=HEX query parameter is required"))
+fn required_lock_id(q: isr_wire::LockIdQuery) -> Result<String, ApiError> {
+    let id = q.lock_id.ok_or_else(|| ApiError::bad_request("the lock_id=HEX query parameter is required"))?;
+    Ok(check_lock_id(&id)?.into_string())
 }
 
 async fn put_keyring(
     State(st): State<AppState>,
     Authed(user): Authed,
     Path((name, hash)): Path<(String, String)>,
-    Query(q): Query<LockIdQuery>,
+    Query(q): Query<isr_wire::LockIdQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<StatusCode, ApiError> {
@@ -592,19 +505,15 @@ async fn put_keyring(
     // The parcel must be this user's and locked by the caller before the body is worth reading; the store
     // checks the lock again in the transaction that stores the keyring.
     st.0.storage.meta.confirm_lock(&user, &name, &lock_id).await?;
-    let data = read_body(&st, &headers, body, MAX_KEYRING).await?;
+    let data = read_body(&st, &headers, body, MAX_KEYRING_BODY).await?;
     let d2 = data.clone();
     let checked = tokio::task::spawn_blocking(move || {
         if Tag::of(&d2) != hash {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "hash_mismatch",
-                "keyring bytes do not hash to the hash in the URL",
-            ));
+            return Err(ApiError::new(ErrorCode::HashMismatch, "keyring bytes do not hash to the hash in the URL"));
         }
         KeyringTags::parse(&d2)
             .map(|_| ())
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_keyring", e.to_string()))
+            .map_err(|e| ApiError::new(ErrorCode::BadKeyring, e.to_string()))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -622,21 +531,11 @@ async fn get_keyring(
     let hash = parse_tag(&hash, "keyring hash")?;
     match st.0.storage.meta.keyring(&user, &name, hash).await? {
         Some(data) => Ok(octets(&st, data)),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_such_keyring",
-            format!("no keyring {hash} in parcel {name}"),
-        )),
+        None => Err(ApiError::new(ErrorCode::NoSuchKeyring, format!("no keyring {hash} in parcel {name}"))),
     }
 }
 
 // ---- locks ----
-
-#[derive(Deserialize)]
-struct LockRequest {
-    holder: String,
-    client_id: String,
-}
 
 async fn lock(
     State(st): State<AppState>,
@@ -646,10 +545,10 @@ async fn lock(
     body: Body,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
-    let req: LockRequest = read_json(&st, &headers, body).await?;
+    let req: isr_wire::LockRequest = read_json(&st, &headers, body).await?;
     let lock = st.0.storage.meta.acquire_lock(&user, &name, new_lock(req.holder, req.client_id)?).await?;
     tracing::info!(%user, parcel = %name, holder = %lock.holder, "lock");
-    Ok(Json(json!({"lock_id": lock.lock_id, "since_unix": lock.since_unix})).into_response())
+    Ok(Json(isr_wire::LockReply { lock_id: lock.lock_id, since_unix: lock.since_unix }).into_response())
 }
 
 /// Whether `lock_id` is still the parcel's lock (a client confirms before it resumes, and at checkout of a
@@ -658,38 +557,28 @@ async fn confirm_lock(
     State(st): State<AppState>,
     Authed(user): Authed,
     Path(name): Path<String>,
-    Query(q): Query<LockIdQuery>,
+    Query(q): Query<isr_wire::LockIdQuery>,
 ) -> Result<Response, ApiError> {
     check_name(&name)?;
     st.0.storage.meta.parcel(&user, &name).await?;
     let lock_id = required_lock_id(q)?;
     let lock = st.0.storage.meta.confirm_lock(&user, &name, &lock_id).await?;
-    Ok(Json(json!({"holder": lock.holder, "since_unix": lock.since_unix})).into_response())
-}
-
-#[derive(Deserialize)]
-struct UnlockQuery {
-    lock_id: Option<String>,
-    #[serde(default)]
-    force: bool,
-    /// Who breaks the lock (a client's display name), told to the holder whose lock it was.
-    by: Option<String>,
+    Ok(Json(isr_wire::LockInfo { holder: lock.holder, since_unix: lock.since_unix }).into_response())
 }
 
 async fn unlock(
     State(st): State<AppState>,
     Authed(user): Authed,
     Path(name): Path<String>,
-    Query(q): Query<UnlockQuery>,
+    Query(q): Query<isr_wire::UnlockQuery>,
 ) -> Result<StatusCode, ApiError> {
     check_name(&name)?;
     let how = match (q.force, q.lock_id) {
         (true, _) => {
-            let by = q.by.unwrap_or_else(|| format!("an unnamed client of {user}"));
-            check_text("by", &by)?;
-            LockRelease::Force { by, now_unix: crate::now_unix() }
+            let by = check_text("by", q.by.unwrap_or_else(|| format!("an unnamed client of {user}")))?;
+            LockRelease::Force { by: by.into_string(), now_unix: crate::now_unix() }
         }
-        (false, Some(id)) => LockRelease::Id(id),
+        (false, Some(id)) => LockRelease::Id(check_lock_id(&id)?.into_string()),
         (false, None) => return Err(ApiError::bad_request("give lock_id=HEX or force=true")),
     };
     let forced = matches!(how, LockRelease::Force { .. });
@@ -701,13 +590,12 @@ async fn unlock(
 // ---- chunks ----
 
 fn split_tags(body: &[u8], max: usize) -> Result<Vec<Tag>, ApiError> {
-    if !body.len().is_multiple_of(32) {
-        return Err(ApiError::bad_request("body must be a concatenation of 32-byte tags"));
+    let tags = isr_wire::decode_tags(body)
+        .ok_or_else(|| ApiError::bad_request("body must be a concatenation of 32-byte tags"))?;
+    if tags.len() > max {
+        return Err(ApiError::too_large(max * TAG_LEN));
     }
-    if body.len() / 32 > max {
-        return Err(ApiError::too_large(max * 32));
-    }
-    Ok(body.chunks_exact(32).map(|t| Tag(t.try_into().expect("32 bytes"))).collect())
+    Ok(tags)
 }
 
 async fn chunks_missing(
@@ -716,7 +604,7 @@ async fn chunks_missing(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&st, &headers, body, MAX_MISSING_TAGS * 32).await?;
+    let body = read_body(&st, &headers, body, MAX_MISSING_TAGS * TAG_LEN).await?;
     let tags = split_tags(&body, MAX_MISSING_TAGS)?;
     let missing = st.0.storage.chunks.missing(&tags).await?;
     let mut out = BytesMut::with_capacity(missing.len() * 32);
@@ -732,7 +620,7 @@ async fn chunks_fetch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let body = read_body(&st, &headers, body, MAX_FETCH_TAGS * 32).await?;
+    let body = read_body(&st, &headers, body, MAX_FETCH_TAGS * TAG_LEN).await?;
     let tags = split_tags(&body, MAX_FETCH_TAGS)?;
     let st2 = st.clone();
     let frames = futures::stream::iter(tags)
@@ -752,7 +640,7 @@ async fn chunks_fetch(
                         frame.extend_from_slice(&(d.len() as u32).to_le_bytes());
                         frame.extend_from_slice(&d);
                     }
-                    None => frame.extend_from_slice(&ABSENT_FRAME.to_le_bytes()),
+                    None => frame.extend_from_slice(&FETCH_ABSENT.to_le_bytes()),
                 }
                 st.0.metrics.add_out(frame.len());
                 Ok::<_, std::io::Error>(frame.freeze())
@@ -774,7 +662,7 @@ async fn put_chunk(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     let tag = parse_tag(&tag, "chunk tag")?;
-    let data = read_body(&st, &headers, body, MAX_STORED).await?;
+    let data = read_body(&st, &headers, body, MAX_CHUNK_BODY).await?;
     let len = data.len();
     match st.0.storage.chunks.store().put(&tag, data).await {
         Ok(true) => {
@@ -786,14 +674,10 @@ async fn put_chunk(
             Ok(StatusCode::OK)
         }
         Err(StoreError::Integrity { source: ChunkError::TagMismatch { actual, .. }, .. }) => {
-            Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "tag_mismatch",
-                format!("chunk bytes hash to {actual}, not to the tag in the URL"),
-            ))
+            Err(ApiError::new(ErrorCode::TagMismatch, format!("chunk bytes hash to {actual}, not to the tag in the URL")))
         }
         Err(StoreError::Integrity { source, .. }) => {
-            Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_chunk", source.to_string()))
+            Err(ApiError::new(ErrorCode::BadChunk, source.to_string()))
         }
         Err(e) => Err(e.into()),
     }
@@ -807,7 +691,7 @@ async fn get_chunk(
     let tag = parse_tag(&tag, "chunk tag")?;
     match st.0.storage.chunks.read(&tag).await? {
         Some(data) => Ok(octets(&st, data)),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "no_such_chunk", format!("no chunk {tag}"))),
+        None => Err(ApiError::new(ErrorCode::NoSuchChunk, format!("no chunk {tag}"))),
     }
 }
 

@@ -88,38 +88,6 @@ enum Cmd {
     },
 }
 
-/// `isr-server man --output DIR` (for `make man`): writes the man pages. Not part of [`Cli`], so that neither
-/// the completions nor the man pages list it.
-fn man_main(args: &[std::ffi::OsString]) -> ExitCode {
-    use clap::CommandFactory;
-    let cmd = clap::Command::new("isr-server man")
-        .no_binary_name(true)
-        .about("Write the man pages of isr-server (isr-server.1, isr-server-SUBCOMMAND.1) into DIR")
-        .arg(
-            clap::Arg::new("output")
-                .long("output")
-                .value_name("DIR")
-                .required(true)
-                .value_parser(clap::value_parser!(PathBuf)),
-        );
-    let m = match cmd.try_get_matches_from(args) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-        }
-    };
-    let dir = m.get_one::<PathBuf>("output").expect("required");
-    let written = std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
-    match written {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("isr-server: error: writing man pages into {}: {e}", dir.display());
-            ExitCode::from(1)
-        }
-    }
-}
-
 #[derive(Subcommand, Debug)]
 enum TlsCmd {
     /// Write a private CA (ca.pem, for `isr --ca-cert`) and a server certificate it signs (cert.pem,
@@ -251,13 +219,8 @@ const ADMIN_BREAKER: &str = "the administrator (isr-server unlock)";
 async fn run(cli: Cli) -> Result<(), Exit> {
     use clap::CommandFactory;
     if let Cmd::Completions { shell } = &cli.cmd {
-        let shell = match shell.as_str() {
-            "bash" => clap_complete::Shell::Bash,
-            "zsh" => clap_complete::Shell::Zsh,
-            "fish" => clap_complete::Shell::Fish,
-            other => return Err(usage(format!("no completions for the shell {other:?}"))),
-        };
-        clap_complete::generate(shell, &mut Cli::command(), "isr-server", &mut std::io::stdout());
+        isr_clikit::completions(Cli::command(), shell, &mut std::io::stdout())
+            .map_err(|e| usage(e.to_string()))?;
         return Ok(());
     }
     if let Cmd::Tls(TlsCmd::Init { output, names }) = &cli.cmd {
@@ -445,7 +408,8 @@ fn main() -> ExitCode {
     use std::io::IsTerminal;
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "man") {
-        return man_main(&args[2..]);
+        use clap::CommandFactory;
+        return isr_clikit::man_main(Cli::command(), &args[2..]);
     }
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -171,6 +171,7 @@ impl std::fmt::Display for NetworkPolicy {
 
 /// A stored policy column: NULL is unset; an unknown name (a newer server's policy, a hand edit) is refused
 /// rather than read as "unset", which would lift a restriction.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) fn policy_column(stored: Option<String>) -> Result<Option<NetworkPolicy>, MetaError> {
     stored.as_deref().map(NetworkPolicy::parse).transpose().map_err(|e| match e {
         MetaError::Invalid(why) => MetaError::Database(format!("stored {why}")),
@@ -388,4 +389,4 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<Tag>, MetaError>;
 }
 
-pub use isr_format::names::{valid_parcel_name, valid_user_name};
+pub use isr_wire::names::{valid_parcel_name, valid_user_name};
