@@ -544,7 +544,10 @@ mod tests {
         }
         let q = isr_wire::UnlockQuery { lock_id: None, force: true, by: Some("a b&c=d".into()) };
         let u = t().url(&routes::lock(&parcel("my-vm_1.0").unwrap()), &q.pairs()).unwrap();
-        assert_eq!(u.as_str(), "http://127.0.0.1:7850/api/v1/parcels/my-vm_1.0/lock?force=true&by=a+b%26c%3Dd");
+        assert_eq!(
+            u.as_str(),
+            "http://127.0.0.1:7850/api/v1/parcels/my-vm_1.0/lock?force=true&by=a+b%26c%3Dd"
+        );
     }
 
     #[test]
@@ -577,7 +580,12 @@ mod tests {
         match code {
             C::Unauthorized | C::BadCredentials => 4,
             C::Locked | C::LockBroken | C::LockMismatch => 3,
-            C::CorruptChunk | C::TagMismatch | C::HashMismatch | C::BadChunk | C::BadKeyring | C::BadManifest => 5,
+            C::CorruptChunk
+            | C::TagMismatch
+            | C::HashMismatch
+            | C::BadChunk
+            | C::BadKeyring
+            | C::BadManifest => 5,
             C::BadName => 2,
             _ => 1,
         }

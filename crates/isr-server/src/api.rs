@@ -20,8 +20,8 @@ use isr_format::{KeyringTags, Manifest, RecoveryPublicKey, Tag};
 use isr_store::meta::{LockInfo, LockRelease, NewParcel, NewVersion, VersionSel};
 use isr_store::StoreError;
 use isr_wire::limits::{
-    FETCH_ABSENT, MAX_CHUNK_BODY, MAX_COMMENT, MAX_FETCH_TAGS, MAX_HEX_FIELD, MAX_JSON_BODY, MAX_KEYRING_BODY,
-    MAX_MISSING_TAGS, MAX_TOKEN, TAG_LEN,
+    FETCH_ABSENT, MAX_CHUNK_BODY, MAX_COMMENT, MAX_FETCH_TAGS, MAX_HEX_FIELD, MAX_JSON_BODY,
+    MAX_KEYRING_BODY, MAX_MISSING_TAGS, MAX_TOKEN, TAG_LEN,
 };
 use isr_wire::{routes, ClientId, DisplayText, ErrorCode, LockId, ParcelName, UserName, VersionRef};
 use std::sync::Arc;
@@ -294,7 +294,8 @@ async fn list_parcels(
 
 fn new_lock(holder: String, client_id: String) -> Result<LockInfo, ApiError> {
     let holder = check_text("holder", holder)?;
-    let client_id = ClientId::parse(&client_id).map_err(|e| ApiError::bad_request(format!("client_id: {}", e.why)))?;
+    let client_id =
+        ClientId::parse(&client_id).map_err(|e| ApiError::bad_request(format!("client_id: {}", e.why)))?;
     Ok(LockInfo {
         lock_id: hex::encode(isr_format::random_bytes::<16>()),
         holder: holder.into_string(),
@@ -407,7 +408,10 @@ async fn get_manifest(
         Some(VersionRef::Head) => VersionSel::Head,
         Some(VersionRef::Number(n)) => VersionSel::Number(n),
         None => {
-            return Err(ApiError::new(ErrorCode::NoSuchVersion, format!("no version {n:?} (a number or head)")))
+            return Err(ApiError::new(
+                ErrorCode::NoSuchVersion,
+                format!("no version {n:?} (a number or head)"),
+            ))
         }
     };
     let (number, manifest) = st.0.storage.meta.manifest(&user, &name, which).await?;
@@ -509,11 +513,12 @@ async fn put_keyring(
     let d2 = data.clone();
     let checked = tokio::task::spawn_blocking(move || {
         if Tag::of(&d2) != hash {
-            return Err(ApiError::new(ErrorCode::HashMismatch, "keyring bytes do not hash to the hash in the URL"));
+            return Err(ApiError::new(
+                ErrorCode::HashMismatch,
+                "keyring bytes do not hash to the hash in the URL",
+            ));
         }
-        KeyringTags::parse(&d2)
-            .map(|_| ())
-            .map_err(|e| ApiError::new(ErrorCode::BadKeyring, e.to_string()))
+        KeyringTags::parse(&d2).map(|_| ()).map_err(|e| ApiError::new(ErrorCode::BadKeyring, e.to_string()))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -674,7 +679,10 @@ async fn put_chunk(
             Ok(StatusCode::OK)
         }
         Err(StoreError::Integrity { source: ChunkError::TagMismatch { actual, .. }, .. }) => {
-            Err(ApiError::new(ErrorCode::TagMismatch, format!("chunk bytes hash to {actual}, not to the tag in the URL")))
+            Err(ApiError::new(
+                ErrorCode::TagMismatch,
+                format!("chunk bytes hash to {actual}, not to the tag in the URL"),
+            ))
         }
         Err(StoreError::Integrity { source, .. }) => {
             Err(ApiError::new(ErrorCode::BadChunk, source.to_string()))

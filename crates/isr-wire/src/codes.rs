@@ -144,6 +144,9 @@ mod tests {
     fn the_documented_table_is_the_enum() {
         let doc = include_str!("../../../docs/api.md");
         let table = ErrorCode::markdown_table();
-        assert!(doc.contains(&table), "docs/api.md's error-code table differs from the enum; it should be:\n{table}");
+        assert!(
+            doc.contains(&table),
+            "docs/api.md's error-code table differs from the enum; it should be:\n{table}"
+        );
     }
 }

@@ -52,7 +52,11 @@ pub fn parcel_name_problem(name: &str) -> Option<&'static str> {
 
 /// What is wrong with `name` as a user name, or `None` when it is valid.
 pub fn user_name_problem(name: &str) -> Option<&'static str> {
-    parcel_name_problem(name).or(if name.starts_with('-') { Some("it must not start with '-'") } else { None })
+    parcel_name_problem(name).or(if name.starts_with('-') {
+        Some("it must not start with '-'")
+    } else {
+        None
+    })
 }
 
 /// A valid parcel name (see the module documentation).

@@ -170,7 +170,10 @@ mod tests {
             // chunks/missing and chunks/fetch also fit chunks/{tag}; axum prefers the fixed segment.
             assert!(hits.contains(&pattern), "{path} does not match {pattern}");
         }
-        assert_eq!(manifest(&p, VersionRef::Number(3)).to_string(), "/api/v1/parcels/my-vm_1.0/versions/3/manifest");
+        assert_eq!(
+            manifest(&p, VersionRef::Number(3)).to_string(),
+            "/api/v1/parcels/my-vm_1.0/versions/3/manifest"
+        );
         assert_eq!(chunk(&t).to_string(), format!("/api/v1/chunks/{}", "07".repeat(32)));
         assert!(ALL.iter().all(|r| r.starts_with(API_PREFIX) || *r == METRICS));
     }

@@ -248,7 +248,10 @@ mod golden {
 
     #[test]
     fn requests() {
-        pin(LoginRequest { user: "alice".into(), login_secret: "ab".repeat(32) }, json!({"user": "alice", "login_secret": "ab".repeat(32)}));
+        pin(
+            LoginRequest { user: "alice".into(), login_secret: "ab".repeat(32) },
+            json!({"user": "alice", "login_secret": "ab".repeat(32)}),
+        );
         pin(PasswordRequest { login_secret: "cd".into() }, json!({"login_secret": "cd"}));
         pin(
             CreateParcelRequest {
@@ -272,7 +275,10 @@ mod golden {
             },
             json!({"lock_id": "1f", "base_version": 1, "manifest": "AAEC", "client": "laptop", "comment": "c", "bytes_uploaded": 9}),
         );
-        pin(LockRequest { holder: "h".into(), client_id: "c9".into() }, json!({"holder": "h", "client_id": "c9"}));
+        pin(
+            LockRequest { holder: "h".into(), client_id: "c9".into() },
+            json!({"holder": "h", "client_id": "c9"}),
+        );
     }
 
     #[test]
@@ -295,7 +301,12 @@ mod golden {
     #[test]
     fn replies() {
         pin(
-            LoginReply { token: "t".into(), expires_unix: 5, convergence_secret: "cs".into(), recovery_pubkey: None },
+            LoginReply {
+                token: "t".into(),
+                expires_unix: 5,
+                convergence_secret: "cs".into(),
+                recovery_pubkey: None,
+            },
             json!({"token": "t", "expires_unix": 5, "convergence_secret": "cs", "recovery_pubkey": null}),
         );
         let lock = LockInfo { holder: "h".into(), since_unix: 7 };
@@ -323,7 +334,13 @@ mod golden {
         );
         pin(CreateParcelReply { lock_id: "ab".into() }, json!({"lock_id": "ab"}));
         pin(
-            vec![VersionInfo { version: 1, created_unix: 3, client: "c".into(), bytes_uploaded: 4, comment: "m".into() }],
+            vec![VersionInfo {
+                version: 1,
+                created_unix: 3,
+                client: "c".into(),
+                bytes_uploaded: 4,
+                comment: "m".into(),
+            }],
             json!([{"version": 1, "created_unix": 3, "client": "c", "bytes_uploaded": 4, "comment": "m"}]),
         );
         pin(CommitReply { version: 3 }, json!({"version": 3}));
