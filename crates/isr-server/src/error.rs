@@ -28,14 +28,15 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct ApiError {
     pub code: ErrorCode,
-    pub body: ErrorBody,
+    /// Boxed: handlers return `Result<_, ApiError>` everywhere, and the body is large.
+    pub body: Box<ErrorBody>,
     /// Close the connection after answering (the request body was not read).
     pub close: bool,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, body: ErrorBody::new(code, message), close: false }
+        ApiError { code, body: Box::new(ErrorBody::new(code, message)), close: false }
     }
     pub fn status(&self) -> StatusCode {
         StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -62,7 +63,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut resp = (status, axum::Json(self.body)).into_response();
+        let mut resp = (status, axum::Json(*self.body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
