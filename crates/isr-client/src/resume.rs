@@ -412,7 +412,7 @@ impl DiskExport {
         let options = isr_nbd::ServeOptions { read_only: self.read_only, ..Default::default() };
         let device = Arc::new(ImageDevice(self.image.clone()));
         let served = isr_nbd::serve_with_options(listener, device, options, shutdown).await;
-        let flushed = self.image.flush().await;
+        let flushed = self.image.close().await;
         let _ = std::fs::remove_file(socket);
         let error = match (&flushed, &served) {
             (Err(e), _) => Some(e.to_string()),
@@ -769,7 +769,7 @@ impl Client {
         }
         drop(vm);
         stop_nbd().await;
-        let flushed = image.flush().await;
+        let flushed = image.close().await;
         let mut report = ResumeReport {
             outcome: "",
             accel,
