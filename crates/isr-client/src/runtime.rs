@@ -628,7 +628,12 @@ fn create(path: &Path, keyroot: &Keyroot, geo: Geometry) -> Result<(), RuntimeEr
     b[4064..].copy_from_slice(sum.as_bytes());
     // Made under a temporary name and renamed: a crash never leaves a half-made file under the real name.
     let tmp = path.with_extension("new");
-    let file = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Encrypted, but the user's own all the same.
+        OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)
+    }
+    .map_err(io(format!("creating {}", tmp.display())))?;
     file.set_len(geo.file_len()).map_err(io(format!("sizing {}", tmp.display())))?;
     file.write_all_at(&b, IDENTITY_AT).map_err(io(format!("writing {}", tmp.display())))?;
     let mut session = [0u8; 4096];
