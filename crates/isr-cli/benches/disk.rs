@@ -17,7 +17,7 @@ static IMAGE_MIB: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
 });
 /// 4 KiB requests this far apart land in a new 128 KiB chunk each time, and at a new offset in it.
 const STRIDE: u64 = 128 * 1024 + 4096;
-const REPS: usize = 2;
+const REPS: usize = 3;
 
 struct Workload {
     name: &'static str,
@@ -226,7 +226,7 @@ fn main() {
         }
         let (p, i) = (best(&pt), best(&it));
         let unit = |d: Duration| {
-            if w.bytes >= 64 * MIB && w.requests <= 1024 {
+            if w.bytes / w.requests >= MIB {
                 format!("{:.0} MB/s", mbps(w.bytes, d))
             } else {
                 format!("{:.0} IOPS", w.requests as f64 / d.as_secs_f64())

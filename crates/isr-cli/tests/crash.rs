@@ -44,7 +44,14 @@ impl Nbd {
         Ok(Nbd { s, handle: 0 })
     }
 
-    fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8], out: &mut [u8]) -> std::io::Result<()> {
+    fn request(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        out: &mut [u8],
+    ) -> std::io::Result<()> {
         self.handle += 1;
         let mut req = Vec::with_capacity(28 + data.len());
         req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -111,7 +118,13 @@ impl Rng {
 
 /// Write random runs of sectors with a flush every few writes until the connection dies; the model learns
 /// a write when it is acknowledged and its durability when the flush after it is.
-fn stream(sock: &Path, model: &Mutex<HashMap<u64, Sector>>, seed: u64, next_seq: &Mutex<u64>, stop: &AtomicBool) {
+fn stream(
+    sock: &Path,
+    model: &Mutex<HashMap<u64, Sector>>,
+    seed: u64,
+    next_seq: &Mutex<u64>,
+    stop: &AtomicBool,
+) {
     let Ok(mut nbd) = Nbd::connect(sock) else { return };
     let mut rng = Rng(seed | 1);
     let sectors = IMAGE / SECTOR;
@@ -157,10 +170,9 @@ fn stream(sock: &Path, model: &Mutex<HashMap<u64, Sector>>, seed: u64, next_seq:
 
 #[test]
 fn kill_9_during_writes_and_flushes_loses_no_flushed_write() {
-    let seed: u64 = std::env::var("ISR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+    let seed: u64 = std::env::var("ISR_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
     println!("crash test seed: {seed} (replay with ISR_CRASH_SEED={seed})");
     eprintln!("crash test seed: {seed} (replay with ISR_CRASH_SEED={seed})");
     let server = Server::start();
@@ -236,7 +248,11 @@ fn kill_9_during_writes_and_flushes_loses_no_flushed_write() {
     let child = b.disk("p", &sock);
     let mut nbd = Nbd::connect(&sock).unwrap();
     for (&s, e) in model.lock().unwrap().iter() {
-        assert_eq!(nbd.read(s * SECTOR, SECTOR as usize).unwrap(), expected(s, e.flushed), "sector {s} on client B");
+        assert_eq!(
+            nbd.read(s * SECTOR, SECTOR as usize).unwrap(),
+            expected(s, e.flushed),
+            "sector {s} on client B"
+        );
     }
     drop(nbd);
     stop_disk(child);

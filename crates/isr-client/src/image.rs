@@ -13,7 +13,6 @@ use crate::home::write_atomic;
 use crate::runtime::{state, Entry, Recovery, RuntimeImage};
 use crate::source::{ChunkSources, SourceStats};
 use bytes::{Bytes, BytesMut};
-use std::sync::atomic::AtomicUsize;
 use futures::StreamExt;
 use isr_format::codec;
 use isr_format::{
@@ -21,14 +20,18 @@ use isr_format::{
     Keyring, Keyroot, Tag,
 };
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const STRIPES: usize = 1024;
 /// Chunks fetched ahead of a sequential reader (4 MiB at the default chunk size).
-const READ_AHEAD: u64 = 32;
+const READ_AHEAD: u64 = 64;
 /// Chunks of one request decoded (or fetched) concurrently.
 const READ_PARALLELISM: usize = 16;
+/// Requests up to this size do their pread/pwrite on the async task itself (a page-cache hit costs less than
+/// the hop to a blocking thread); larger ones go to the blocking pool.
+const INLINE_IO: usize = 32 << 10;
 /// Read-ahead fills in flight at once (each a fetch, a decode and a write into the runtime image).
 const FILLS_IN_FLIGHT: usize = 8;
 
@@ -325,6 +328,24 @@ impl WorkingImage {
         let start = if (from..from + READ_AHEAD).contains(&mark) { mark } else { from };
         let end = (from + READ_AHEAD).min(self.runtime.chunk_count());
         self.ahead_mark.store(end.max(start), Ordering::Relaxed);
+        // The network first: every chunk of the window not here yet is fetched into the cache, many in flight
+        // (a fill or a demand read joins its fetch); the fills below decode and store a few of them at a time.
+        if self.sources.has_sources_below_cache() {
+            let tags: Vec<(Tag, u64)> = (start..end)
+                .filter_map(|i| match self.held(i) {
+                    Held::Remote(tag, _) if !self.sources.is_fetching(&tag) => Some((tag, 0)),
+                    _ => None,
+                })
+                .collect();
+            if !tags.is_empty() {
+                let sources = self.sources.clone();
+                tokio::spawn(async move {
+                    for (tag, _) in sources.not_cached(&tags).await {
+                        sources.start_fetch(tag);
+                    }
+                });
+            }
+        }
         for i in start..end {
             if !matches!(self.held(i), Held::Remote(..)) {
                 continue;
@@ -362,6 +383,11 @@ impl WorkingImage {
             Held::Zero => {
                 piece.fill(0);
                 (piece, Ok(()))
+            }
+            Held::Local | Held::Remote(..) if piece.len() <= INLINE_IO => {
+                // A few sectors from the page cache: cheaper here than a hop to a blocking thread.
+                let r = self.runtime.read(i, start, &mut piece).map_err(eio);
+                (piece, r)
             }
             Held::Local | Held::Remote(..) => {
                 let rt = self.runtime.clone();
@@ -458,7 +484,13 @@ impl WorkingImage {
     /// Crash order: a chunk that turns dirty is marked in the map before its data is written (after a crash
     /// it is dropped unless a flush made it durable); a chunk that was durably zero gets its data before
     /// the map says it is not zero any more.
-    async fn write_chunk_locked(&self, i: u64, start: usize, data: Option<&[u8]>, len: usize) -> Result<(), ClientError> {
+    async fn write_chunk_locked(
+        &self,
+        i: u64,
+        start: usize,
+        data: Option<&[u8]>,
+        len: usize,
+    ) -> Result<(), ClientError> {
         let clen = self.chunk_len(i);
         let whole = start == 0 && len == clen;
         let e = self.runtime.entry(i);
@@ -478,6 +510,18 @@ impl WorkingImage {
             .map_err(Into::into);
         }
         match held {
+            Held::Local if len <= INLINE_IO => {
+                let zeroes;
+                let data = match data {
+                    Some(d) => d,
+                    None => {
+                        zeroes = vec![0u8; len];
+                        &zeroes
+                    }
+                };
+                rt.set_entry(i, Entry { state: dirty, ..e })?;
+                Ok(rt.write(i, start, data)?)
+            }
             Held::Local => {
                 let data = data.map_or_else(|| vec![0u8; len], <[u8]>::to_vec);
                 tokio::task::spawn_blocking(move || {
@@ -557,35 +601,36 @@ impl WorkingImage {
             return Ok(0);
         }
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-        let encoded: Vec<Result<(u64, Option<(Tag, ChunkKey)>, Entry), ClientError>> = futures::stream::iter(dirty)
-            .map(|i| async move {
-                let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i));
-                let (encoded, mac) = tokio::task::spawn_blocking(move || {
-                    let e = rt.entry(i);
-                    let mut plain = vec![0u8; clen];
-                    if !e.is(state::ZERO) {
-                        rt.read(i, 0, &mut plain)?;
-                    }
-                    let mac = rt.plain_mac(i, &plain);
-                    let encoded = encode_chunk(&secret, &plain)
-                        .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
-                    Ok::<_, ClientError>((encoded, mac))
+        let encoded: Vec<Result<(u64, Option<(Tag, ChunkKey)>, Entry), ClientError>> =
+            futures::stream::iter(dirty)
+                .map(|i| async move {
+                    let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i));
+                    let (encoded, mac) = tokio::task::spawn_blocking(move || {
+                        let e = rt.entry(i);
+                        let mut plain = vec![0u8; clen];
+                        if !e.is(state::ZERO) {
+                            rt.read(i, 0, &mut plain)?;
+                        }
+                        let mac = rt.plain_mac(i, &plain);
+                        let encoded = encode_chunk(&secret, &plain)
+                            .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
+                        Ok::<_, ClientError>((encoded, mac))
+                    })
+                    .await
+                    .map_err(join_err)??;
+                    let entry = match encoded {
+                        Some(enc) => {
+                            self.cache.put_durable(&enc.tag, Bytes::from(enc.stored)).await?;
+                            Some((enc.tag, enc.key))
+                        }
+                        None => None,
+                    };
+                    let tag = entry.as_ref().map_or(Tag::ZERO, |(t, _)| *t);
+                    Ok((i, entry, self.runtime.clean_entry(&tag, mac)))
                 })
-                .await
-                .map_err(join_err)??;
-                let entry = match encoded {
-                    Some(enc) => {
-                        self.cache.put_durable(&enc.tag, Bytes::from(enc.stored)).await?;
-                        Some((enc.tag, enc.key))
-                    }
-                    None => None,
-                };
-                let tag = entry.as_ref().map_or(Tag::ZERO, |(t, _)| *t);
-                Ok((i, entry, self.runtime.clean_entry(&tag, mac)))
-            })
-            .buffer_unordered(threads)
-            .collect()
-            .await;
+                .buffer_unordered(threads)
+                .collect()
+                .await;
         let mut clean = Vec::with_capacity(encoded.len());
         {
             let mut keyring = self.keyring.lock().expect("image keyring");

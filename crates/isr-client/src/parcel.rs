@@ -4,10 +4,10 @@ use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::{now_unix, rfc3339, valid_parcel_name, write_atomic, Home, LocalState, Session};
 use crate::image::WorkingImage;
-use crate::runtime::RuntimeImage;
 use crate::manifests::{self, Asked, ParcelKey};
 use crate::network::SeenPolicy;
 use crate::progress::{self, Progress};
+use crate::runtime::RuntimeImage;
 use crate::source::ChunkSources;
 use crate::transport::{CommitRefusal, LockInfo, ParcelSummary, Transport, VersionInfo};
 use bytes::Bytes;
@@ -1087,8 +1087,13 @@ impl Client {
             let rt = runtime_image_path(&o.dir, kind);
             if rt.exists() {
                 if let Some((base, _, _)) = self.keyrings(&o, kind)? {
-                    let (img, _) =
-                        RuntimeImage::open(&rt, &o.keyroot, base.chunk_size(), base.image_len(), base.tags())?;
+                    let (img, _) = RuntimeImage::open(
+                        &rt,
+                        &o.keyroot,
+                        base.chunk_size(),
+                        base.image_len(),
+                        base.tags(),
+                    )?;
                     img.drop_dirty()?;
                     img.close()?;
                 }
@@ -1529,7 +1534,10 @@ impl Client {
             if full {
                 let bad = img.verify_local().await?;
                 for &i in &bad {
-                    let problem = format!("{} chunk {i} in the runtime image does not match what was decoded", kind.name());
+                    let problem = format!(
+                        "{} chunk {i} in the runtime image does not match what was decoded",
+                        kind.name()
+                    );
                     if repair {
                         report.repaired.push(format!("{problem} (dropped: decoded again when read)"));
                     } else {

@@ -63,7 +63,9 @@ pub enum RuntimeError {
     },
     #[error("runtime image {path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
-    #[error("runtime image {path} does not open with this parcel's key (another parcel's file, or tampered)")]
+    #[error(
+        "runtime image {path} does not open with this parcel's key (another parcel's file, or tampered)"
+    )]
     WrongKey { path: PathBuf },
     #[error("runtime image {path} is in use by another isr process")]
     Busy { path: PathBuf },
@@ -182,7 +184,10 @@ pub struct RuntimeImage {
 
 impl std::fmt::Debug for RuntimeImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RuntimeImage").field("path", &self.path).field("chunks", &self.geo.chunk_count).finish()
+        f.debug_struct("RuntimeImage")
+            .field("path", &self.path)
+            .field("chunks", &self.geo.chunk_count)
+            .finish()
     }
 }
 
@@ -241,8 +246,13 @@ impl RuntimeImage {
         let mut map = vec![0u8; geo.chunk_count as usize * ENTRY_LEN];
         file.read_exact_at(&mut map, MAP_AT).map_err(|e| corrupt(format!("map: {e}")))?;
         let entries: Vec<Entry> = map.chunks_exact(ENTRY_LEN).map(Entry::decode).collect();
-        if let Some(i) = entries.iter().position(|e| e.state & !0x0f != 0 || (e.is(state::DIRTY) && !e.is(state::PRESENT))) {
-            return Err(corrupt(format!("map entry of chunk {i} has an impossible state {:#x}", entries[i].state)));
+        if let Some(i) =
+            entries.iter().position(|e| e.state & !0x0f != 0 || (e.is(state::DIRTY) && !e.is(state::PRESENT)))
+        {
+            return Err(corrupt(format!(
+                "map entry of chunk {i} has an impossible state {:#x}",
+                entries[i].state
+            )));
         }
         let img = RuntimeImage {
             path: path.into(),
@@ -461,7 +471,9 @@ impl RuntimeImage {
         let mut buf = vec![0u8; clen];
         match self.read(i, 0, &mut buf) {
             Ok(()) => Ok(self.plain_mac(i, &buf) == e.plain_mac),
-            Err(RuntimeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+            Err(RuntimeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }
@@ -685,8 +697,9 @@ mod tests {
         let busy = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap_err();
         assert!(matches!(busy, RuntimeError::Busy { .. }), "{busy}");
         drop(img);
-        let wrong = RuntimeImage::open(&path, &Keyroot([8; 32]), ChunkSize::DEFAULT, ImageLen(1 << 20), &tags)
-            .unwrap_err();
+        let wrong =
+            RuntimeImage::open(&path, &Keyroot([8; 32]), ChunkSize::DEFAULT, ImageLen(1 << 20), &tags)
+                .unwrap_err();
         assert!(matches!(wrong, RuntimeError::WrongKey { .. }), "{wrong}");
         let geo = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(2 << 20), &tags).unwrap_err();
         assert!(matches!(geo, RuntimeError::Geometry { .. }), "{geo}");
