@@ -557,14 +557,15 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             let r = c.resume(&parcel, &opts, rx).await?;
             println!(
-                "{parcel}: {} ({}); prepare {:.2}s, start/restore {:.2}s, stop {:.2}s, memory image {}, {} new memory chunks, fetched {}",
+                "{parcel}: {} ({}); prepare {:.2}s, start/restore {:.2}s, stop {:.2}s, memory image {}, {} of {} memory chunks changed, fetched {}",
                 r.outcome,
                 r.accel,
                 r.prepare.as_secs_f64(),
                 r.restore.as_secs_f64(),
                 r.suspend.as_secs_f64(),
                 mib(r.memory_image_bytes),
-                r.memory_chunks_stored,
+                r.memory_chunks_changed,
+                r.memory_chunks,
                 fetched_summary(&r.fetched)
             );
         }

@@ -192,7 +192,26 @@ fn a_corrupt_cached_chunk_is_fetched_again_and_check_repair_mends_the_cache() {
     assert!(err.contains("repaired:"), "{err}");
     a.ok(&["check", "p", "--full"]);
 
-    // Disconnected, a corrupt chunk fails the read; it never returns wrong data.
+    // The runtime image (hoard decoded every chunk into it): a changed byte of a decoded chunk is found by
+    // `check --full` (exit 5) and `--repair` drops that chunk (decoded again when read).
+    let runtime = a.home.path().join("parcels/alice/p/runtime/disk.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&runtime).unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, (1 << 20) + 100).unwrap();
+        f.write_all_at(&[b[0] ^ 1], (1 << 20) + 100).unwrap();
+    }
+    let (code, err) = a.code(&["check", "p", "--full"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("runtime image"), "{err}");
+    let (code, err) = a.code(&["check", "p", "--full", "--repair"]);
+    assert_eq!(code, 0, "{err}");
+    a.ok(&["check", "p", "--full"]);
+
+    // Disconnected, a corrupt chunk fails the read; it never returns wrong data. (Without the runtime
+    // image, so that the read decodes from the cache.)
+    std::fs::remove_dir_all(runtime.parent().unwrap()).unwrap();
     corrupt_all();
     let mut server = server;
     server.kill();

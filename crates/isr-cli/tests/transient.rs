@@ -164,9 +164,18 @@ fn a_transient_run_changes_nothing_anywhere() {
     assert_eq!(cs[0], v2_last + 1, "not resumed from version 2's memory image: {cs:?} after {v2_last}");
     let err = lines.text();
     assert!(err.contains(&format!("locked by {holder}")) && err.contains("check nothing in"), "{err}");
-    // The guest's writes (the counter file, synced every second) went to the run's own overlay.
-    let overlay = private_dirs(runtime_t.path())[0].join("overlay");
-    wait_for(|| !chunk_names(&overlay).is_empty(), MINUTES, "chunks written by the guest in the overlay");
+    // The guest's writes (the counter file, synced every second) went to the run's own runtime image.
+    let runtime_image = private_dirs(runtime_t.path())[0].join("parcel/runtime/disk.img");
+    wait_for(
+        || {
+            isr_client::runtime::RuntimeImage::summary(&runtime_image)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.dirty > 0)
+        },
+        MINUTES,
+        "chunks written by the guest in the run's runtime image",
+    );
     assert_eq!(a.stat("vm")["state"], "modified", "the checkout is not what runs");
     assert!(!console_of(&a, "vm").to_string_lossy().contains(runtime_t.path().to_str().unwrap()));
     let stopped = a.ok(&["suspend", "vm"]);

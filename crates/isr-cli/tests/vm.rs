@@ -11,6 +11,15 @@ fn sent_bytes_mib(out: &str) -> f64 {
     inside.split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// "N of M memory chunks changed" from a resume's summary.
+fn memory_chunks_changed(out: &str) -> (u64, u64) {
+    let before = out.split(" memory chunks changed").next().unwrap_or_else(|| panic!("no summary in {out}"));
+    let words: Vec<&str> = before.split_whitespace().collect();
+    let n = words.len();
+    assert!(n >= 3 && words[n - 2] == "of", "odd summary: {out}");
+    (words[n - 3].parse().unwrap(), words[n - 1].parse().unwrap())
+}
+
 #[test]
 fn suspend_on_one_client_resume_on_another_continues_the_counter() {
     let out = guest();
@@ -62,7 +71,11 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
     // Memory dedup: after a few idle seconds the second suspend sends far less than the memory size.
     std::thread::sleep(Duration::from_secs(3));
     b.ok(&["suspend", "vm"]);
-    finish(run);
+    let text = finish(run);
+    // ... and encodes only what changed since the memory image it resumed from (its runtime image has the rest).
+    let (changed, total) = memory_chunks_changed(&text);
+    println!("second suspend: {changed} of {total} memory chunks changed");
+    assert!(total >= 2048 && changed < total / 2, "{changed} of {total} memory chunks encoded: {text}");
 
     // Disconnected: with every chunk hoarded, resume works with no server at all.
     b.ok(&["hoard", "vm"]);

@@ -136,3 +136,14 @@ impl From<isr_store::StoreError> for ClientError {
         }
     }
 }
+
+impl From<crate::runtime::RuntimeError> for ClientError {
+    fn from(e: crate::runtime::RuntimeError) -> Self {
+        use crate::runtime::RuntimeError as R;
+        match e {
+            R::Io { what, source } => ClientError::Io { context: what, source },
+            R::Corrupt { .. } | R::WrongKey { .. } => ClientError::Integrity(e.to_string()),
+            R::Busy { .. } | R::Geometry { .. } => ClientError::Other(e.to_string()),
+        }
+    }
+}

@@ -1,14 +1,16 @@
-//! A checked-out image (disk or memory) read and written in place.
+//! A checked-out image read and written in place, through its [runtime image](crate::runtime).
 //!
-//! Reads find a chunk in memory, else decode it from the local cache, else fetch it from the server
-//! (verified against the keyring; a chunk that cannot be fetched or verified fails the read, never returns
-//! wrong data). Writes change decoded chunks in memory and mark them dirty. A flush encodes every dirty chunk
-//! (convergent encryption, so nothing plaintext is written), stores it in the cache with fsync, and then
-//! replaces the sealed working keyring atomically: after a crash the image is exactly the last flushed state.
+//! A chunk the runtime image holds is read with a pread and a decrypt. Any other chunk is decoded from the
+//! local cache, else fetched through the chunk sources (lookaside directories, the server), verified against
+//! the keyring (a chunk that cannot be fetched or verified fails the read, never returns wrong data), and
+//! stored in the runtime image once. Writes go to the runtime image's sectors and mark the chunk dirty; a
+//! flush is one fdatasync. [`WorkingImage::encode_changes`] (sync, check-in) turns the dirty chunks into
+//! convergent chunks in the cache and a new sealed working keyring.
 
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::write_atomic;
+use crate::runtime::{state, Entry, Recovery, RuntimeImage};
 use crate::source::{ChunkSources, SourceStats};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -17,21 +19,21 @@ use isr_format::{
     ByteOffset, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageLen,
     Keyring, Keyroot, Tag,
 };
-use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// Decoded clean chunks kept in memory (dirty chunks are kept until flushed, whatever this says).
-pub const DEFAULT_MEMORY_CACHE: usize = 256 << 20;
-/// Dirty (unflushed) data kept in memory before a write forces a flush.
-const MAX_DIRTY_BYTES: usize = 512 << 20;
 const STRIPES: usize = 1024;
 /// Chunks fetched ahead of a sequential reader (4 MiB at the default chunk size).
-const READ_AHEAD: u64 = 32;
+const READ_AHEAD: u64 = 64;
 /// Chunks of one request decoded (or fetched) concurrently.
 const READ_PARALLELISM: usize = 16;
-const FLUSH_PARALLELISM: usize = 4;
+/// Requests up to this size do their pread/pwrite on the async task itself (a page-cache hit costs less than
+/// the hop to a blocking thread); larger ones go to the blocking pool.
+const INLINE_IO: usize = 32 << 10;
+/// Read-ahead fills in flight at once (each a fetch, a decode and a write into the runtime image).
+const FILLS_IN_FLIGHT: usize = 8;
 
 thread_local! {
     static DECODER: std::cell::RefCell<ChunkDecoder> = std::cell::RefCell::new(ChunkDecoder::new());
@@ -100,18 +102,14 @@ fn decode_cached_into(
     })
 }
 
-struct Resident {
-    data: Vec<u8>,
-    last_use: u64,
-}
-
-struct State {
-    keyring: Keyring,
-    resident: HashMap<u64, Resident>,
-    dirty: BTreeSet<u64>,
-    clean_bytes: usize,
-    clock: u64,
-    last_read: Option<u64>,
+/// Where the current content of a chunk is.
+enum Held {
+    /// All zero (a zero chunk of the keyring, or zeroed here).
+    Zero,
+    /// In the runtime image.
+    Local,
+    /// Only in its convergent form: decode it (from the cache, a lookaside directory or the server).
+    Remote(Tag, ChunkKey),
 }
 
 /// Counters for `stat`, the dirtometer and tests.
@@ -131,17 +129,22 @@ pub struct WorkingImage {
     cache: ChunkCache,
     sources: Arc<ChunkSources>,
     secret: ConvergenceSecret,
-    state: Mutex<State>,
+    runtime: Arc<RuntimeImage>,
+    /// The working keyring: what a clean chunk holds (dirty chunks are newer, in the runtime image only).
+    keyring: Mutex<Keyring>,
     stripes: Vec<tokio::sync::Mutex<()>>,
+    last_read: Mutex<Option<u64>>,
     /// Read-ahead has considered chunks up to here (exclusive), so it does not re-check them per request.
     ahead_mark: AtomicU64,
-    memory_cache: usize,
+    fills_in_flight: AtomicUsize,
+    /// What opening the runtime image found after an unclean end.
+    pub recovery: Recovery,
     pub stats: Arc<ImageStats>,
 }
 
 impl std::fmt::Debug for WorkingImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkingImage").field("len", &self.len).field("work_path", &self.work_path).finish()
+        f.debug_struct("WorkingImage").field("len", &self.len).field("runtime", &self.runtime).finish()
     }
 }
 
@@ -149,22 +152,34 @@ fn eio(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+fn join_err(e: tokio::task::JoinError) -> ClientError {
+    ClientError::Other(format!("image task: {e}"))
+}
+
 impl WorkingImage {
     /// `keyring` is the current working state (the working keyring if the image was modified, else the
     /// base); `base_tags` are the base version's tags, to tell whether the image is still unmodified.
+    /// Opens (or makes) the runtime image at `runtime_path`; blocking.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         keyring: Keyring,
         base_tags: Vec<Tag>,
         keyroot: Keyroot,
         work_path: PathBuf,
+        runtime_path: PathBuf,
         sources: Arc<ChunkSources>,
         secret: ConvergenceSecret,
-        memory_cache: usize,
-    ) -> WorkingImage {
+    ) -> Result<WorkingImage, ClientError> {
+        let (runtime, recovery) = RuntimeImage::open(
+            &runtime_path,
+            &keyroot,
+            keyring.chunk_size(),
+            keyring.image_len(),
+            keyring.tags(),
+        )?;
         let stats = Arc::new(ImageStats { sources: sources.stats.clone(), ..Default::default() });
         let cache = sources.cache().clone();
-        WorkingImage {
+        Ok(WorkingImage {
             chunk_size: keyring.chunk_size(),
             len: keyring.image_len(),
             keyroot,
@@ -173,19 +188,15 @@ impl WorkingImage {
             cache,
             sources,
             secret,
-            state: Mutex::new(State {
-                keyring,
-                resident: HashMap::new(),
-                dirty: BTreeSet::new(),
-                clean_bytes: 0,
-                clock: 0,
-                last_read: None,
-            }),
+            runtime: Arc::new(runtime),
+            keyring: Mutex::new(keyring),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            last_read: Mutex::new(None),
             ahead_mark: AtomicU64::new(0),
-            memory_cache,
+            fills_in_flight: AtomicUsize::new(0),
+            recovery,
             stats,
-        }
+        })
     }
 
     pub fn len(&self) -> u64 {
@@ -204,14 +215,18 @@ impl WorkingImage {
         &self.stripes[(i as usize) % STRIPES]
     }
 
-    /// A snapshot of the working keyring (flushed and unflushed state alike are in memory).
-    pub fn keyring(&self) -> Keyring {
-        self.state.lock().expect("image state").keyring.clone()
+    fn chunk_len(&self, i: u64) -> usize {
+        self.chunk_size.chunk_len(self.len, ChunkIndex(i))
     }
 
-    /// How many chunks are dirty in memory (written, not yet flushed).
+    /// The working keyring (dirty chunks are not in it until [`Self::encode_changes`]).
+    pub fn keyring(&self) -> Keyring {
+        self.keyring.lock().expect("image keyring").clone()
+    }
+
+    /// How many chunks changed since the working keyring (in the runtime image only).
     pub fn dirty_chunks(&self) -> usize {
-        self.state.lock().expect("image state").dirty.len()
+        self.runtime.chunks_with(state::DIRTY).len()
     }
 
     fn check_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
@@ -224,31 +239,39 @@ impl WorkingImage {
         Ok(())
     }
 
-    /// Decode chunk `i` from the cache or the server; `None` for a zero chunk (nothing stored). The caller
-    /// holds the chunk's stripe lock.
-    async fn load(&self, i: u64) -> Result<Option<Vec<u8>>, ClientError> {
-        let idx = ChunkIndex(i);
-        let (entry, clen) = {
-            let st = self.state.lock().expect("image state");
-            (st.keyring.get(idx).map(|(t, k)| (t, k.clone())), st.keyring.chunk_len(idx))
-        };
-        let Some((tag, key)) = entry else {
-            return Ok(None);
-        };
-        // From the cache: read and decode in one blocking step.
+    fn held_by(&self, i: u64, e: &Entry) -> Held {
+        let local = |e: &Entry| if e.is(state::ZERO) { Held::Zero } else { Held::Local };
+        if e.is(state::DIRTY) {
+            return local(e);
+        }
+        let keyring = self.keyring.lock().expect("image keyring");
+        match keyring.get(ChunkIndex(i)) {
+            None => Held::Zero,
+            Some((tag, _)) if e.is(state::PRESENT) && e.tag_mac == self.runtime.tag_mac(&tag) => local(e),
+            Some((tag, key)) => Held::Remote(tag, key.clone()),
+        }
+    }
+
+    fn held(&self, i: u64) -> Held {
+        self.held_by(i, &self.runtime.entry(i))
+    }
+
+    /// The plaintext of a chunk held only remotely: from the cache, else fetched through the sources
+    /// (joining a read-ahead fetch of it if one is under way); verified and decoded.
+    async fn decode_remote(&self, i: u64, tag: Tag, key: ChunkKey) -> Result<Vec<u8>, ClientError> {
+        let clen = self.chunk_len(i);
         let (cache, k) = (self.cache.clone(), key.clone());
         let cached = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, ClientError> {
             let mut data = vec![0u8; clen];
             Ok(decode_cached_into(&cache, &tag, &k, &mut data)?.then_some(data))
         })
         .await
-        .map_err(|e| ClientError::Other(format!("decode task: {e}")))?;
+        .map_err(join_err)?;
         match cached {
-            Ok(Some(data)) => return Ok(Some(data)),
+            Ok(Some(data)) => return Ok(data),
             Ok(None) => {}
             Err(e) => self.drop_bad_cached(&tag, e)?,
         }
-        // From a lookaside directory or the server (joining a read-ahead fetch of the chunk if one is under way).
         let stored = self.sources.get(&tag).await?;
         tokio::task::spawn_blocking(move || {
             DECODER
@@ -256,8 +279,7 @@ impl WorkingImage {
                 .map_err(|e| ClientError::chunk(&tag, e))
         })
         .await
-        .map_err(|e| ClientError::Other(format!("decode task: {e}")))?
-        .map(Some)
+        .map_err(join_err)?
     }
 
     /// A cached chunk failed verification: when another source could have a good copy (the server, a lookaside
@@ -269,152 +291,117 @@ impl WorkingImage {
         }
     }
 
-    /// Fetch the next chunks into the cache (encrypted) when reads are sequential.
-    fn read_ahead(&self, from: u64) {
-        if !self.sources.has_sources_below_cache() {
-            return;
-        }
-        let mark = self.ahead_mark.load(Ordering::Relaxed);
-        let start = if (from..from + READ_AHEAD).contains(&mark) { mark } else { from };
-        let tags: Vec<(Tag, u64)> = {
-            let st = self.state.lock().expect("image state");
-            let end = (from + READ_AHEAD).min(st.keyring.chunk_count());
-            self.ahead_mark.store(end.max(start), Ordering::Relaxed);
-            (start..end)
-                .filter(|i| !st.resident.contains_key(i))
-                .filter_map(|i| st.keyring.get(ChunkIndex(i)).map(|(t, _)| t))
-                .filter(|t| !self.sources.is_fetching(t))
-                .map(|t| (t, 0))
-                .collect()
-        };
-        if tags.is_empty() {
-            return;
-        }
-        let sources = self.sources.clone();
-        tokio::spawn(async move {
-            // Started here, each runs to its end on its own (the coalescing layer spawns it).
-            for (tag, _) in sources.not_cached(&tags).await {
-                sources.start_fetch(tag);
-            }
-        });
-    }
-
-    fn evict_if_needed(&self, st: &mut State) {
-        if st.clean_bytes <= self.memory_cache {
-            return;
-        }
-        let mut clean: Vec<(u64, u64)> = st
-            .resident
-            .iter()
-            .filter(|(i, _)| !st.dirty.contains(i))
-            .map(|(i, r)| (r.last_use, *i))
-            .collect();
-        clean.sort_unstable();
-        for (_, i) in clean {
-            if st.clean_bytes <= self.memory_cache * 7 / 8 {
-                break;
-            }
-            if let Some(r) = st.resident.remove(&i) {
-                st.clean_bytes -= r.data.len();
-            }
-        }
-    }
-
-    fn insert_resident(&self, st: &mut State, i: u64, data: Vec<u8>) {
-        st.clock += 1;
-        st.clean_bytes += data.len();
-        let last_use = st.clock;
-        st.resident.insert(i, Resident { data, last_use });
-        self.evict_if_needed(st);
-    }
-
-    /// Make chunk `i` resident; the caller holds its stripe lock.
-    async fn ensure_resident(&self, i: u64) -> Result<(), ClientError> {
-        if self.state.lock().expect("image state").resident.contains_key(&i) {
-            return Ok(());
-        }
-        let clen = self.chunk_size.chunk_len(self.len, ChunkIndex(i));
-        let data = self.load(i).await?.unwrap_or_else(|| vec![0u8; clen]);
-        let mut st = self.state.lock().expect("image state");
-        self.insert_resident(&mut st, i, data);
-        Ok(())
-    }
-
-    /// Fill `piece` with bytes `start..start + piece.len()` of chunk `i`. A resident chunk is copied from
-    /// memory. A whole chunk that is not resident is verified and decoded straight into `piece` and not kept
-    /// in memory (a sequential reader does not come back for it; the encrypted chunk stays in the cache).
-    /// Part of a chunk is copied from the decoded chunk, which is kept for the next small read.
-    async fn read_piece(&self, i: u64, start: usize, mut piece: BytesMut) -> (BytesMut, std::io::Result<()>) {
-        let _g = self.stripe(i).lock().await;
-        let entry = {
-            let mut st = self.state.lock().expect("image state");
-            st.clock += 1;
-            let clock = st.clock;
-            if let Some(r) = st.resident.get_mut(&i) {
-                r.last_use = clock;
-                let n = piece.len();
-                piece.copy_from_slice(&r.data[start..start + n]);
-                return (piece, Ok(()));
-            }
-            st.keyring.get(ChunkIndex(i)).map(|(t, k)| (t, k.clone()))
-        };
-        let clen = self.chunk_size.chunk_len(self.len, ChunkIndex(i));
-        if start != 0 || piece.len() != clen {
-            let r = self.read_part(i, start, &mut piece).await;
-            return (piece, r);
-        }
-        let Some((tag, key)) = entry else {
-            piece.fill(0);
-            return (piece, Ok(()));
-        };
-        let (cache, k) = (self.cache.clone(), key.clone());
-        let (mut piece, cached) = match tokio::task::spawn_blocking(move || {
-            let r = decode_cached_into(&cache, &tag, &k, &mut piece);
-            (piece, r)
+    /// Store a remote chunk's plaintext in the runtime image as present and clean (data before the map entry:
+    /// a crash in between leaves the chunk absent). Returns the plaintext.
+    async fn install(&self, i: u64, tag: Tag, plain: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            let mac = rt.plain_mac(i, &plain);
+            rt.write_chunk(i, &plain)?;
+            rt.set_entry(i, rt.clean_entry(&tag, mac))?;
+            Ok(plain)
         })
         .await
-        {
-            Ok(x) => x,
-            Err(e) => return (BytesMut::new(), Err(eio(format!("decode task: {e}")))),
-        };
-        match cached {
-            Ok(true) => return (piece, Ok(())),
-            Ok(false) => {}
-            Err(e) => {
-                if let Err(e) = self.drop_bad_cached(&tag, e) {
-                    return (piece, Err(eio(e)));
+        .map_err(join_err)?
+    }
+
+    /// Make chunk `i` local if it is held only remotely; the caller holds its stripe lock. Returns the
+    /// plaintext when it was fetched.
+    async fn fill_locked(&self, i: u64) -> Result<Option<Vec<u8>>, ClientError> {
+        match self.held(i) {
+            Held::Remote(tag, key) => {
+                let plain = self.decode_remote(i, tag, key).await?;
+                Ok(Some(self.install(i, tag, plain).await?))
+            }
+            Held::Zero | Held::Local => Ok(None),
+        }
+    }
+
+    async fn fill(&self, i: u64) -> Result<(), ClientError> {
+        let _g = self.stripe(i).lock().await;
+        self.fill_locked(i).await.map(drop)
+    }
+
+    /// Fill the next chunks of a sequential reader into the runtime image in the background.
+    fn read_ahead(self: &Arc<Self>, from: u64) {
+        let mark = self.ahead_mark.load(Ordering::Relaxed);
+        let start = if (from..from + READ_AHEAD).contains(&mark) { mark } else { from };
+        let end = (from + READ_AHEAD).min(self.runtime.chunk_count());
+        self.ahead_mark.store(end.max(start), Ordering::Relaxed);
+        // The network first: every chunk of the window not here yet is fetched into the cache, many in flight
+        // (a fill or a demand read joins its fetch); the fills below decode and store a few of them at a time.
+        if self.sources.has_sources_below_cache() {
+            let tags: Vec<(Tag, u64)> = (start..end)
+                .filter_map(|i| match self.held(i) {
+                    Held::Remote(tag, _) if !self.sources.is_fetching(&tag) => Some((tag, 0)),
+                    _ => None,
+                })
+                .collect();
+            if !tags.is_empty() {
+                let sources = self.sources.clone();
+                tokio::spawn(async move {
+                    for (tag, _) in sources.not_cached(&tags).await {
+                        sources.start_fetch(tag);
+                    }
+                });
+            }
+        }
+        for i in start..end {
+            if !matches!(self.held(i), Held::Remote(..)) {
+                continue;
+            }
+            if self.fills_in_flight.fetch_add(1, Ordering::Relaxed) >= FILLS_IN_FLIGHT {
+                self.fills_in_flight.fetch_sub(1, Ordering::Relaxed);
+                // Not considered: a later request starts it.
+                self.ahead_mark.store(i, Ordering::Relaxed);
+                return;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                // A failure here is the demand read's to report (it fetches again).
+                let _ = me.fill(i).await;
+                me.fills_in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    }
+
+    /// Fill `piece` with bytes `start..start + piece.len()` of chunk `i`.
+    async fn read_piece(&self, i: u64, start: usize, mut piece: BytesMut) -> (BytesMut, std::io::Result<()>) {
+        if let Held::Remote(..) = self.held(i) {
+            let _g = self.stripe(i).lock().await;
+            match self.fill_locked(i).await {
+                Ok(Some(plain)) => {
+                    let n = piece.len();
+                    piece.copy_from_slice(&plain[start..start + n]);
+                    return (piece, Ok(()));
+                }
+                Ok(None) => {}
+                Err(e) => return (piece, Err(eio(e))),
+            }
+        }
+        match self.held(i) {
+            Held::Zero => {
+                piece.fill(0);
+                (piece, Ok(()))
+            }
+            Held::Local | Held::Remote(..) if piece.len() <= INLINE_IO => {
+                // A few sectors from the page cache: cheaper here than a hop to a blocking thread.
+                let r = self.runtime.read(i, start, &mut piece).map_err(eio);
+                (piece, r)
+            }
+            Held::Local | Held::Remote(..) => {
+                let rt = self.runtime.clone();
+                match tokio::task::spawn_blocking(move || {
+                    let r = rt.read(i, start, &mut piece);
+                    (piece, r)
+                })
+                .await
+                {
+                    Ok((piece, r)) => (piece, r.map_err(eio)),
+                    Err(e) => (BytesMut::new(), Err(eio(e))),
                 }
             }
         }
-        // From a lookaside directory or the server (joining a read-ahead fetch of the chunk if one is under way).
-        let stored = match self.sources.get(&tag).await {
-            Ok(b) => b,
-            Err(e) => return (piece, Err(eio(e))),
-        };
-        match tokio::task::spawn_blocking(move || {
-            let r = DECODER.with(|d| d.borrow_mut().decode_into(&tag, &key, &stored, &mut piece));
-            (piece, r)
-        })
-        .await
-        {
-            Ok((piece, r)) => (piece, r.map_err(|e| eio(ClientError::chunk(&tag, e)))),
-            Err(e) => (BytesMut::new(), Err(eio(format!("decode task: {e}")))),
-        }
-    }
-
-    /// Copy `out.len()` bytes of chunk `i` from `start` into `out`, keeping the decoded chunk in memory. The
-    /// caller holds the stripe lock and found the chunk not resident.
-    async fn read_part(&self, i: u64, start: usize, out: &mut [u8]) -> std::io::Result<()> {
-        match self.load(i).await.map_err(eio)? {
-            // A zero chunk is not worth keeping in memory.
-            None => out.fill(0),
-            Some(data) => {
-                out.copy_from_slice(&data[start..start + out.len()]);
-                let mut st = self.state.lock().expect("image state");
-                self.insert_resident(&mut st, i, data);
-            }
-        }
-        Ok(())
     }
 
     pub async fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -437,13 +424,19 @@ impl WorkingImage {
             return (buf, Ok(()));
         }
         let sequential = {
-            let mut st = self.state.lock().expect("image state");
-            let seq = st.last_read.is_some_and(|l| range.start == l || range.start == l + 1);
-            st.last_read = Some(range.end - 1);
+            let mut last = self.last_read.lock().expect("last read");
+            let seq = last.is_some_and(|l| range.start == l || range.start == l + 1);
+            *last = Some(range.end - 1);
             seq
         };
         if sequential || range.end - range.start > 1 {
             self.read_ahead(range.end);
+        }
+        if range.end - range.start == 1 {
+            // One chunk (the common case): no split.
+            let start = cs.offset_in_chunk(ByteOffset(offset));
+            let (piece, r) = self.read_piece(range.start, start, BytesMut::from(Bytes::from(buf))).await;
+            return (Vec::from(piece), r);
         }
         // One owned piece of `buf` per chunk (no copy: they share `buf`'s memory and are joined again).
         let mut rest = match Bytes::from(buf).try_into_mut() {
@@ -454,7 +447,7 @@ impl WorkingImage {
         let mut pos = offset;
         for i in range {
             let start = cs.offset_in_chunk(ByteOffset(pos));
-            let n = (cs.chunk_len(self.len, ChunkIndex(i)) - start).min(rest.len());
+            let n = (self.chunk_len(i) - start).min(rest.len());
             parts.push((parts.len(), i, start, rest.split_to(n)));
             pos += n as u64;
         }
@@ -487,140 +480,214 @@ impl WorkingImage {
         (Vec::from(whole), result)
     }
 
-    /// Apply `f(chunk_bytes, start_in_chunk, range_in_data)` to every chunk overlapped by the range.
-    async fn modify(
+    /// Write `data` (or zeroes, when `None`) at `start` of chunk `i`; the caller holds its stripe lock.
+    /// Crash order: a chunk that turns dirty is marked in the map before its data is written (after a crash
+    /// it is dropped unless a flush made it durable); a chunk that was durably zero gets its data before
+    /// the map says it is not zero any more.
+    async fn write_chunk_locked(
         &self,
-        offset: u64,
-        len: u64,
-        mut f: impl FnMut(&mut [u8], std::ops::Range<usize>, std::ops::Range<usize>),
-    ) -> std::io::Result<()> {
+        i: u64,
+        start: usize,
+        data: Option<&[u8]>,
+        len: usize,
+    ) -> Result<(), ClientError> {
+        let clen = self.chunk_len(i);
+        let whole = start == 0 && len == clen;
+        let e = self.runtime.entry(i);
+        // What stays of the entry: a chunk dirty before keeps its flushed mark.
+        let flushed = e.state & state::FLUSHED;
+        let dirty = state::PRESENT | state::DIRTY | flushed;
+        let zeroing = data.is_none_or(codec::is_zero);
+        let rt = self.runtime.clone();
+        let held = self.held_by(i, &e);
+        if whole && zeroing {
+            return tokio::task::spawn_blocking(move || {
+                rt.set_entry(i, Entry { state: dirty | state::ZERO, ..Entry::default() })?;
+                rt.punch(i)
+            })
+            .await
+            .map_err(join_err)?
+            .map_err(Into::into);
+        }
+        match held {
+            Held::Local if len <= INLINE_IO => {
+                let zeroes;
+                let data = match data {
+                    Some(d) => d,
+                    None => {
+                        zeroes = vec![0u8; len];
+                        &zeroes
+                    }
+                };
+                rt.set_entry(i, Entry { state: dirty, ..e })?;
+                Ok(rt.write(i, start, data)?)
+            }
+            Held::Local => {
+                let data = data.map_or_else(|| vec![0u8; len], <[u8]>::to_vec);
+                tokio::task::spawn_blocking(move || {
+                    rt.set_entry(i, Entry { state: dirty, ..e })?;
+                    rt.write(i, start, &data)
+                })
+                .await
+                .map_err(join_err)?
+                .map_err(Into::into)
+            }
+            Held::Zero | Held::Remote(..) => {
+                // The whole chunk is written: what it was (zeroes or the remote chunk) with this write on it.
+                let mut plain = match held {
+                    Held::Remote(tag, key) if !whole => self.decode_remote(i, tag, key).await?,
+                    _ => vec![0u8; clen],
+                };
+                match data {
+                    Some(d) => plain[start..start + len].copy_from_slice(d),
+                    None => plain[start..start + len].fill(0),
+                }
+                let was_zero = e.is(state::ZERO | state::FLUSHED);
+                tokio::task::spawn_blocking(move || {
+                    let entry = Entry { state: dirty, ..Entry::default() };
+                    if was_zero {
+                        rt.write_chunk(i, &plain)?;
+                        rt.set_entry(i, entry)
+                    } else {
+                        rt.set_entry(i, entry)?;
+                        rt.write_chunk(i, &plain)
+                    }
+                })
+                .await
+                .map_err(join_err)?
+                .map_err(Into::into)
+            }
+        }
+    }
+
+    /// Write `data` (zeroes when `None`) over `len` bytes at `offset`, chunk by chunk.
+    async fn modify(&self, offset: u64, len: u64, data: Option<&[u8]>) -> std::io::Result<()> {
         self.check_range(offset, len)?;
         let cs = self.chunk_size;
         let mut pos = 0usize;
         for i in cs.chunks_in_range(ByteOffset(offset), len) {
             let _g = self.stripe(i).lock().await;
             let start = if pos == 0 { cs.offset_in_chunk(ByteOffset(offset)) } else { 0 };
-            let clen = cs.chunk_len(self.len, ChunkIndex(i));
-            let n = (clen - start).min(len as usize - pos);
-            let whole = start == 0 && n == clen;
-            if whole {
-                // A whole-chunk overwrite needs nothing from the old contents.
-                let mut st = self.state.lock().expect("image state");
-                if !st.resident.contains_key(&i) {
-                    st.clock += 1;
-                    let last_use = st.clock;
-                    st.clean_bytes += clen;
-                    st.resident.insert(i, Resident { data: vec![0u8; clen], last_use });
-                }
-            } else {
-                self.ensure_resident(i).await.map_err(eio)?;
-            }
-            let mut st = self.state.lock().expect("image state");
-            let st = &mut *st;
-            let r = st.resident.get_mut(&i).expect("resident under stripe lock");
-            f(&mut r.data, start..start + n, pos..pos + n);
-            if st.dirty.insert(i) {
-                st.clean_bytes -= r.data.len();
-            }
+            let n = (self.chunk_len(i) - start).min(len as usize - pos);
+            self.write_chunk_locked(i, start, data.map(|d| &d[pos..pos + n]), n).await.map_err(eio)?;
             pos += n;
         }
         Ok(())
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.modify(offset, data.len() as u64, |chunk, c, d| chunk[c].copy_from_slice(&data[d])).await?;
-        self.limit_dirty().await
+        self.modify(offset, data.len() as u64, Some(data)).await
     }
 
     /// Zero a range. Whole chunks become zero chunks: nothing stored, nothing sent.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.modify(offset, len, |chunk, c, _| chunk[c].fill(0)).await?;
-        self.limit_dirty().await
+        self.modify(offset, len, None).await
     }
 
-    /// Dirty chunks live in memory until a flush; a guest that writes a lot without flushing gets an early
-    /// flush instead of an unbounded memory footprint (unflushed writes may be made durable early).
-    async fn limit_dirty(&self) -> std::io::Result<()> {
-        let dirty_bytes = self.dirty_chunks() * self.chunk_size.as_usize();
-        if dirty_bytes > MAX_DIRTY_BYTES {
-            self.flush().await.map_err(eio)?;
-        }
-        Ok(())
-    }
-
-    /// Encode every dirty chunk into the cache (fsynced), then replace the working keyring durably.
+    /// Make every write so far durable: one fdatasync of the runtime image.
     pub async fn flush(&self) -> Result<(), ClientError> {
-        let dirty: Vec<u64> = self.state.lock().expect("image state").dirty.iter().copied().collect();
-        if dirty.is_empty() {
-            return Ok(());
-        }
-        let results = futures::stream::iter(dirty)
-            .map(|i| async move {
-                let _g = self.stripe(i).lock().await;
-                let data = {
-                    let st = self.state.lock().expect("image state");
-                    if !st.dirty.contains(&i) {
-                        return Ok(());
-                    }
-                    st.resident.get(&i).map(|r| r.data.clone()).expect("dirty chunks are resident")
-                };
-                let secret = self.secret.clone();
-                let encoded = tokio::task::spawn_blocking(move || encode_chunk(&secret, &data))
-                    .await
-                    .map_err(|e| ClientError::Other(format!("encode task: {e}")))?
-                    .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
-                let entry = match encoded {
-                    Some(e) => {
-                        self.cache.put_durable(&e.tag, Bytes::from(e.stored)).await?;
-                        Some((e.tag, e.key))
-                    }
-                    None => None,
-                };
-                let mut st = self.state.lock().expect("image state");
-                st.keyring.set(ChunkIndex(i), entry);
-                st.dirty.remove(&i);
-                if let Some(r) = st.resident.get(&i) {
-                    st.clean_bytes += r.data.len();
-                }
-                self.evict_if_needed(&mut st);
-                Ok::<(), ClientError>(())
-            })
-            .buffer_unordered(FLUSH_PARALLELISM)
-            .collect::<Vec<_>>()
-            .await;
-        for r in results {
-            r?;
-        }
-        self.persist().await?;
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || rt.flush()).await.map_err(join_err)??;
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Allocation of `len` bytes at `offset` for NBD block status, per chunk: a zero chunk (nothing stored)
-    /// is a hole reading as zeroes, a written chunk still in memory is zero when all its bytes are, the
-    /// rest is data. Never fetches anything.
+    /// Encode every dirty chunk convergently into the cache (durably, several at a time), then write the new
+    /// working keyring, then mark those chunks clean. Nothing may write the image meanwhile (sync and
+    /// check-in refuse while the parcel runs). Returns how many chunks were encoded.
+    pub async fn encode_changes(&self) -> Result<usize, ClientError> {
+        let dirty = self.runtime.chunks_with(state::DIRTY);
+        if dirty.is_empty() {
+            return Ok(0);
+        }
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        let encoded: Vec<Result<(u64, Option<(Tag, ChunkKey)>, Entry), ClientError>> =
+            futures::stream::iter(dirty)
+                .map(|i| async move {
+                    let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i));
+                    let (encoded, mac) = tokio::task::spawn_blocking(move || {
+                        let e = rt.entry(i);
+                        let mut plain = vec![0u8; clen];
+                        if !e.is(state::ZERO) {
+                            rt.read(i, 0, &mut plain)?;
+                        }
+                        let mac = rt.plain_mac(i, &plain);
+                        let encoded = encode_chunk(&secret, &plain)
+                            .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
+                        Ok::<_, ClientError>((encoded, mac))
+                    })
+                    .await
+                    .map_err(join_err)??;
+                    let entry = match encoded {
+                        Some(enc) => {
+                            self.cache.put_durable(&enc.tag, Bytes::from(enc.stored)).await?;
+                            Some((enc.tag, enc.key))
+                        }
+                        None => None,
+                    };
+                    let tag = entry.as_ref().map_or(Tag::ZERO, |(t, _)| *t);
+                    Ok((i, entry, self.runtime.clean_entry(&tag, mac)))
+                })
+                .buffer_unordered(threads)
+                .collect()
+                .await;
+        let mut clean = Vec::with_capacity(encoded.len());
+        {
+            let mut keyring = self.keyring.lock().expect("image keyring");
+            for r in encoded {
+                let (i, entry, e) = r?;
+                keyring.set(ChunkIndex(i), entry);
+                clean.push((i, e));
+            }
+        }
+        self.persist().await?;
+        let rt = self.runtime.clone();
+        let n = clean.len();
+        tokio::task::spawn_blocking(move || {
+            for (i, e) in clean {
+                rt.set_entry(i, e)?;
+            }
+            rt.flush()
+        })
+        .await
+        .map_err(join_err)??;
+        Ok(n)
+    }
+
+    /// Drop clean chunks from the runtime image (decoded again when read).
+    pub async fn forget(&self, chunks: &[u64]) -> Result<(), ClientError> {
+        let (rt, chunks) = (self.runtime.clone(), chunks.to_vec());
+        tokio::task::spawn_blocking(move || {
+            for i in chunks {
+                rt.drop_chunk(i)?;
+            }
+            rt.flush()
+        })
+        .await
+        .map_err(join_err)??;
+        Ok(())
+    }
+
+    /// Verify every present clean chunk against its plaintext MAC; returns the chunks that fail.
+    pub async fn verify_local(&self) -> Result<Vec<u64>, ClientError> {
+        let rt = self.runtime.clone();
+        Ok(tokio::task::spawn_blocking(move || rt.verify_all()).await.map_err(join_err)??)
+    }
+
+    /// Allocation of `len` bytes at `offset` for NBD block status, per chunk: a zero chunk (of the keyring,
+    /// or zeroed here) is a hole reading as zeroes, the rest is data. Never fetches anything.
     pub fn block_status(&self, offset: u64, len: u32) -> std::io::Result<Vec<isr_nbd::proto::Extent>> {
-        use isr_nbd::proto::{state, Extent};
+        use isr_nbd::proto::{state as nbd, Extent};
         self.check_range(offset, len as u64)?;
         let cs = self.chunk_size;
-        let st = self.state.lock().expect("image state");
         let mut out = Vec::new();
         let mut pos = offset;
         let end = offset + len as u64;
         for i in cs.chunks_in_range(ByteOffset(offset), len as u64) {
-            let chunk_end =
-                (cs.offset_of(ChunkIndex(i)).0 + cs.chunk_len(self.len, ChunkIndex(i)) as u64).min(end);
-            let flags = if st.dirty.contains(&i) {
-                let zero = st.resident.get(&i).is_some_and(|r| codec::is_zero(&r.data));
-                if zero {
-                    state::ZERO
-                } else {
-                    0
-                }
-            } else if st.keyring.get(ChunkIndex(i)).is_none() {
-                state::HOLE | state::ZERO
-            } else {
-                0
+            let chunk_end = (cs.offset_of(ChunkIndex(i)).0 + self.chunk_len(i) as u64).min(end);
+            let flags = match self.held(i) {
+                Held::Zero => nbd::HOLE | nbd::ZERO,
+                Held::Local | Held::Remote(..) => 0,
             };
             out.push(Extent { len: (chunk_end - pos) as u32, flags });
             pos = chunk_end;
@@ -628,43 +695,52 @@ impl WorkingImage {
         Ok(out)
     }
 
-    /// Bring the chunks of a range into the local cache (NBD_CMD_CACHE), several at a time; returns once
-    /// they are there.
+    /// Fill the chunks of a range into the runtime image (NBD_CMD_CACHE, hoard), several at a time; returns
+    /// once they are there.
     pub async fn prefetch(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.check_range(offset, len)?;
-        let tags: Vec<(Tag, u64)> = {
-            let st = self.state.lock().expect("image state");
-            self.chunk_size
-                .chunks_in_range(ByteOffset(offset), len)
-                .filter(|i| !st.resident.contains_key(i))
-                .filter_map(|i| st.keyring.get(ChunkIndex(i)).map(|(t, _)| (t, 0)))
-                .collect()
-        };
-        let wanted = self.sources.not_cached(&tags).await;
-        self.sources.prefetch(&wanted, PREFETCH_IN_FLIGHT, |_, _| {}).await.map_err(eio)
+        let remote: Vec<u64> = self
+            .chunk_size
+            .chunks_in_range(ByteOffset(offset), len)
+            .filter(|&i| matches!(self.held(i), Held::Remote(..)))
+            .collect();
+        let results: Vec<Result<(), ClientError>> = futures::stream::iter(remote)
+            .map(|i| self.fill(i))
+            .buffer_unordered(PREFETCH_IN_FLIGHT)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<(), _>>().map_err(eio)
+    }
+
+    /// How many chunks are held only remotely (not yet in the runtime image).
+    pub fn remote_chunks(&self) -> u64 {
+        (0..self.runtime.chunk_count()).filter(|&i| matches!(self.held(i), Held::Remote(..))).count() as u64
     }
 
     /// Zero a range only where that needs no decode (NBD fast zero): every chunk it covers only partly must
-    /// be in memory or a zero chunk already; else `Unsupported`, before anything changed.
+    /// be local or zero already; else `Unsupported`, before anything changed.
     pub async fn write_zeroes_fast(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.check_range(offset, len)?;
         let cs = self.chunk_size;
-        let slow = {
-            let st = self.state.lock().expect("image state");
-            cs.chunks_in_range(ByteOffset(offset), len).any(|i| {
-                let start = cs.offset_of(ChunkIndex(i)).0;
-                let clen = cs.chunk_len(self.len, ChunkIndex(i)) as u64;
-                let whole = offset <= start && start + clen <= offset + len;
-                !whole && !st.resident.contains_key(&i) && st.keyring.get(ChunkIndex(i)).is_some()
-            })
-        };
+        let slow = cs.chunks_in_range(ByteOffset(offset), len).any(|i| {
+            let start = cs.offset_of(ChunkIndex(i)).0;
+            let whole = offset <= start && start + self.chunk_len(i) as u64 <= offset + len;
+            !whole && matches!(self.held(i), Held::Remote(..))
+        });
         if slow {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
-                "zeroing part of a chunk that is not in memory needs a decode",
+                "zeroing part of a chunk that is not here yet needs a decode",
             ));
         }
         self.write_zeroes(offset, len).await
+    }
+
+    /// Flush, and close the runtime image cleanly (the next open needs no recovery).
+    pub async fn close(&self) -> Result<(), ClientError> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || rt.close()).await.map_err(join_err)??;
+        Ok(())
     }
 
     /// Write the working keyring (or remove it when the image equals its base again).
@@ -681,7 +757,7 @@ impl WorkingImage {
         let keyroot = self.keyroot.clone();
         tokio::task::spawn_blocking(move || write_atomic(&path, &keyring.seal(&keyroot)))
             .await
-            .map_err(|e| ClientError::Other(format!("keyring task: {e}")))?
+            .map_err(join_err)?
     }
 }
 

@@ -23,6 +23,7 @@ pub mod parcel;
 pub mod progress;
 pub mod resume;
 pub mod run;
+pub mod runtime;
 pub mod source;
 pub mod transient;
 pub mod transport;

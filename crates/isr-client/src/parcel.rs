@@ -3,10 +3,11 @@
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::{now_unix, rfc3339, valid_parcel_name, write_atomic, Home, LocalState, Session};
-use crate::image::{WorkingImage, DEFAULT_MEMORY_CACHE};
+use crate::image::WorkingImage;
 use crate::manifests::{self, Asked, ParcelKey};
 use crate::network::SeenPolicy;
 use crate::progress::{self, Progress};
+use crate::runtime::RuntimeImage;
 use crate::source::ChunkSources;
 use crate::transport::{CommitRefusal, LockInfo, ParcelSummary, Transport, VersionInfo};
 use bytes::Bytes;
@@ -223,6 +224,23 @@ impl Opened {
 
 pub(crate) fn base_keyring_path(dir: &Path, kind: ImageKind) -> PathBuf {
     dir.join("keyrings").join(format!("base-{}", kind.name()))
+}
+
+/// The runtime image of one image of a checked-out parcel (see [`crate::runtime`]).
+pub fn runtime_image_path(dir: &Path, kind: ImageKind) -> PathBuf {
+    dir.join("runtime").join(format!("{}.img", kind.name()))
+}
+
+/// Whether a checked-out parcel has changes not in its base: a working keyring, or dirty runtime chunks.
+pub(crate) fn has_local_changes(dir: &Path) -> Result<bool, ClientError> {
+    for kind in ImageKind::ALL {
+        if work_keyring_path(dir, kind).exists()
+            || RuntimeImage::summary(&runtime_image_path(dir, kind))?.is_some_and(|s| s.dirty > 0)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub fn work_keyring_path(dir: &Path, kind: ImageKind) -> PathBuf {
@@ -774,10 +792,24 @@ impl Client {
             base.tags().to_vec(),
             o.keyroot.clone(),
             work_keyring_path(&o.dir, kind),
+            runtime_image_path(&o.dir, kind),
             sources,
             self.convergence_secret()?,
-            DEFAULT_MEMORY_CACHE,
-        )))
+        )?))
+    }
+
+    /// Encode what changed in the parcel's runtime images into its working keyrings (what a sync then plans
+    /// from). The parcel must not be running.
+    async fn encode_local_changes(&self, o: &Opened) -> Result<(), ClientError> {
+        for kind in ImageKind::ALL {
+            if !runtime_image_path(&o.dir, kind).exists() {
+                continue;
+            }
+            let img = self.working_image_from(o, kind, self.sources(None)?)?;
+            img.encode_changes().await?;
+            img.close().await?;
+        }
+        Ok(())
     }
 
     // ---- sync / checkin / discard -----------------------------------------------------------------
@@ -867,6 +899,7 @@ impl Client {
         let t = self.connect().await?;
         // A broken lock is told before anything is sent; the local changes stay as they are.
         t.confirm_lock(name, &o.state.lock_id).await.map_err(|e| lock_guidance(name, e))?;
+        self.encode_local_changes(&o).await?;
         let plan = self.plan_sync(&o)?;
         if !plan.modified {
             return Ok(None);
@@ -983,6 +1016,7 @@ impl Client {
         }
         let t = self.connect().await?;
         let id = self.home.identity()?;
+        self.encode_local_changes(&o).await?;
         let plan = self.plan_sync(&o)?;
         let wrapped = hex::decode(&o.state.wrapped_keyroot).map_err(|_| {
             ClientError::Integrity("the local state holds a malformed wrapped keyroot".into())
@@ -1049,6 +1083,21 @@ impl Client {
             return Err(ClientError::Other(format!("{name} is running: stop it before discarding")));
         }
         for kind in ImageKind::ALL {
+            // The runtime image's changes first: a crash half-way leaves changes to discard again, never a mix.
+            let rt = runtime_image_path(&o.dir, kind);
+            if rt.exists() {
+                if let Some((base, _, _)) = self.keyrings(&o, kind)? {
+                    let (img, _) = RuntimeImage::open(
+                        &rt,
+                        &o.keyroot,
+                        base.chunk_size(),
+                        base.image_len(),
+                        base.tags(),
+                    )?;
+                    img.drop_dirty()?;
+                    img.close()?;
+                }
+            }
             let p = work_keyring_path(&o.dir, kind);
             if p.exists() {
                 std::fs::remove_file(&p)
@@ -1075,7 +1124,15 @@ impl Client {
             }
         }
         let sources = self.sources(Some(t))?;
-        fetch_missing(self.progress.as_ref(), &sources, &chunks, "hoard").await
+        let transfer = fetch_missing(self.progress.as_ref(), &sources, &chunks, "hoard").await?;
+        // Decoded into the runtime image too, so the first reads need no decode (a running parcel's own
+        // process fills it as the guest reads).
+        if !is_running(&o.dir) {
+            let img = self.working_image_from(&o, ImageKind::Disk, sources)?;
+            img.prefetch(0, img.len()).await.map_err(|e| ClientError::io("filling the runtime image", e))?;
+            img.close().await?;
+        }
+        Ok(transfer)
     }
 
     /// How many distinct stored chunks of a checked-out parcel are not in the cache.
@@ -1102,7 +1159,7 @@ impl Client {
         let local = self.home.local_state(&self.user, name)?;
         if let Some(st) = &local {
             let dir = self.home.parcel_dir(&self.user, name);
-            if ImageKind::ALL.iter().any(|k| work_keyring_path(&dir, *k).exists()) || is_running(&dir) {
+            if has_local_changes(&dir)? || is_running(&dir) {
                 return Err(ClientError::Other(format!(
                     "{name} has local changes here: check them in or discard them before a rollback (base {})",
                     st.base_version
@@ -1283,8 +1340,7 @@ impl Client {
         if is_running(&dir) {
             return Ok(LocalStateName::Running);
         }
-        let modified =
-            st.memory_dropped || ImageKind::ALL.iter().any(|k| work_keyring_path(&dir, *k).exists());
+        let modified = st.memory_dropped || has_local_changes(&dir)?;
         Ok(if modified { LocalStateName::Modified } else { LocalStateName::Unmodified })
     }
 
@@ -1298,7 +1354,9 @@ impl Client {
                 cached += 1;
             }
         }
-        Ok((cached, work.diff(&base).len() as u64, work.chunk_count()))
+        let mut changed: HashSet<u64> = work.diff(&base).into_iter().map(|i| i.0).collect();
+        changed.extend(RuntimeImage::dirty_in(&runtime_image_path(&o.dir, ImageKind::Disk))?);
+        Ok((cached, changed.len() as u64, work.chunk_count()))
     }
 
     /// The state of a parcel; without the server, what this client knows (`offline` says why).
@@ -1465,6 +1523,32 @@ impl Client {
                     )),
                 }
             }
+        }
+        // The runtime images: opening one checks its blocks and mends what a crash left; --full verifies
+        // every decoded clean chunk against the MAC of what was decoded into it.
+        for kind in ImageKind::ALL {
+            if !runtime_image_path(&o.dir, kind).exists() || is_running(&o.dir) {
+                continue;
+            }
+            let img = self.working_image_from(&o, kind, self.sources(None)?)?;
+            if full {
+                let bad = img.verify_local().await?;
+                for &i in &bad {
+                    let problem = format!(
+                        "{} chunk {i} in the runtime image does not match what was decoded",
+                        kind.name()
+                    );
+                    if repair {
+                        report.repaired.push(format!("{problem} (dropped: decoded again when read)"));
+                    } else {
+                        report.problems.push(problem);
+                    }
+                }
+                if repair {
+                    img.forget(&bad).await?;
+                }
+            }
+            img.close().await?;
         }
         Ok(report)
     }

@@ -76,7 +76,9 @@ pub struct ResumeReport {
     pub prepare: Duration,
     pub suspend: Duration,
     pub memory_image_bytes: u64,
-    pub memory_chunks_stored: u64,
+    /// Memory chunks that changed since the memory image resumed from (encoded at the suspend), and in all.
+    pub memory_chunks_changed: u64,
+    pub memory_chunks: u64,
     /// Chunks fetched during the run (memory and disk), by source.
     pub fetched: SourceCounts,
 }
@@ -270,6 +272,81 @@ pub async fn write_image_files(
 }
 
 /// Encode a file into the cache (durably) on all cores and return its keyring.
+/// Write the whole of `img` into a new file at `path` (zero ranges left as holes), several pieces at a time.
+async fn image_to_file(img: &Arc<WorkingImage>, path: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path)
+        .map_err(|e| ClientError::io(format!("creating {}", path.display()), e))?;
+    file.set_len(img.len()).map_err(|e| ClientError::io(format!("sizing {}", path.display()), e))?;
+    let file = Arc::new(file);
+    let piece = 4 * img.chunk_size().as_usize() as u64;
+    let results: Vec<Result<(), ClientError>> = futures::stream::iter((0..img.len()).step_by(piece as usize))
+        .map(|off| {
+            let (img, file) = (img.clone(), file.clone());
+            async move {
+                let n = piece.min(img.len() - off) as usize;
+                let (buf, r) = img.read_owned(off, vec![0u8; n]).await;
+                r.map_err(|e| ClientError::io(format!("reading the memory image at {off}"), e))?;
+                if isr_format::codec::is_zero(&buf) {
+                    return Ok(());
+                }
+                tokio::task::spawn_blocking(move || file.write_all_at(&buf, off))
+                    .await
+                    .map_err(|e| ClientError::Other(format!("writer task: {e}")))?
+                    .map_err(|e| ClientError::io("writing the memory image", e))
+            }
+        })
+        .buffer_unordered(4)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Write into `img` every chunk of the file at `path` (of the same length) that differs from it.
+async fn copy_changes_into(img: &Arc<WorkingImage>, path: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::FileExt;
+    let file = Arc::new(
+        std::fs::File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?,
+    );
+    let chunk = img.chunk_size().as_usize() as u64;
+    let results: Vec<Result<(), ClientError>> = futures::stream::iter((0..img.len()).step_by(chunk as usize))
+        .map(|off| {
+            let (img, file) = (img.clone(), file.clone());
+            async move {
+                let n = chunk.min(img.len() - off) as usize;
+                let new = tokio::task::spawn_blocking(move || {
+                    let mut b = vec![0u8; n];
+                    file.read_exact_at(&mut b, off).map(|()| b)
+                })
+                .await
+                .map_err(|e| ClientError::Other(format!("reader task: {e}")))?
+                .map_err(|e| ClientError::io("reading the saved memory image", e))?;
+                let (old, r) = img.read_owned(off, vec![0u8; n]).await;
+                r.map_err(|e| ClientError::io(format!("reading the memory runtime image at {off}"), e))?;
+                if old != new {
+                    img.write(off, &new)
+                        .await
+                        .map_err(|e| ClientError::io("writing the memory runtime image", e))?;
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Remove the runtime image of a parcel's memory image (it belongs to a memory image that is gone).
+pub(crate) fn remove_runtime_memory(dir: &Path) -> Result<(), ClientError> {
+    let path = crate::parcel::runtime_image_path(dir, ImageKind::Memory);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ClientError::io(format!("removing {}", path.display()), e)),
+    }
+}
+
 pub async fn store_image_file(
     path: &Path,
     chunk_size: ChunkSize,
@@ -412,7 +489,7 @@ impl DiskExport {
         let options = isr_nbd::ServeOptions { read_only: self.read_only, ..Default::default() };
         let device = Arc::new(ImageDevice(self.image.clone()));
         let served = isr_nbd::serve_with_options(listener, device, options, shutdown).await;
-        let flushed = self.image.flush().await;
+        let flushed = self.image.close().await;
         let _ = std::fs::remove_file(socket);
         let error = match (&flushed, &served) {
             (Err(e), _) => Some(e.to_string()),
@@ -578,12 +655,19 @@ impl Client {
         let mem_path = private.path().join("memory");
         let files: std::collections::HashMap<ImageKind, PathBuf> =
             rings.iter().map(|(kind, _)| (*kind, private.path().join(kind.name()))).collect();
-        let mut outputs: Vec<(&Keyring, &Path)> =
+        let outputs: Vec<(&Keyring, &Path)> =
             rings.iter().filter_map(|(kind, ring)| Some((ring, files.get(kind)?.as_path()))).collect();
-        if let Some(ring) = &memory {
-            outputs.push((ring, &mem_path));
-        }
         write_image_files(&outputs, &sources).await?;
+        // The memory image through its runtime image, like the disk: decoded chunks are read back with a
+        // decrypt; the others are decoded once and kept there for the next resume and for the suspend.
+        let memory_image = match &memory {
+            Some(_) => {
+                let img = self.working_image_from(o, ImageKind::Memory, sources.clone())?;
+                image_to_file(&img, &mem_path).await?;
+                Some(img)
+            }
+            None => None,
+        };
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: images decoded");
 
         // The disk over NBD from this process.
@@ -769,7 +853,7 @@ impl Client {
         }
         drop(vm);
         stop_nbd().await;
-        let flushed = image.flush().await;
+        let flushed = image.close().await;
         let mut report = ResumeReport {
             outcome: "",
             accel,
@@ -778,7 +862,8 @@ impl Client {
             prepare,
             suspend: Duration::ZERO,
             memory_image_bytes: 0,
-            memory_chunks_stored: 0,
+            memory_chunks_changed: 0,
+            memory_chunks: 0,
             fetched: image.stats.sources.snapshot(),
         };
         let ended = match (ended, flushed) {
@@ -793,7 +878,8 @@ impl Client {
         match ended {
             Ended::Suspended(info) => {
                 report.memory_image_bytes = info.file_size;
-                report.memory_chunks_stored = self.store_memory_image(name, o, &mem_path, &cache).await?;
+                (report.memory_chunks_changed, report.memory_chunks) =
+                    self.store_memory_image(name, o, &mem_path, &cache, memory_image).await?;
                 report.outcome = "suspended";
             }
             Ended::PoweredOff => {
@@ -819,10 +905,30 @@ impl Client {
         o: &Opened,
         mem_path: &Path,
         cache: &ChunkCache,
-    ) -> Result<u64, ClientError> {
+        runtime: Option<Arc<WorkingImage>>,
+    ) -> Result<(u64, u64), ClientError> {
         let stored = async {
+            let len = std::fs::metadata(mem_path)
+                .map_err(|e| ClientError::io(format!("{}", mem_path.display()), e))?
+                .len();
+            if let Some(img) = runtime.filter(|img| img.len() == len) {
+                // The same RAM layout (mapped-ram: pages at fixed offsets): only the chunks that changed
+                // become dirty, and only they are encoded.
+                copy_changes_into(&img, mem_path).await?;
+                let stored = img.encode_changes().await?;
+                img.close().await?;
+                let mut st = self
+                    .home
+                    .local_state(&self.user, name)?
+                    .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
+                st.memory_dropped = false;
+                self.home.save_local_state(&st)?;
+                return Ok::<_, ClientError>((stored as u64, img.chunk_size().chunk_count(ImageLen(len))));
+            }
+            // Another size (or no memory image before): encoded whole; the runtime image of the old one goes.
+            remove_runtime_memory(&o.dir)?;
             let secret = self.convergence_secret_pub()?;
-            let (ring, stored) = store_image_file(mem_path, o.manifest.chunk_size, &secret, cache).await?;
+            let (ring, _) = store_image_file(mem_path, o.manifest.chunk_size, &secret, cache).await?;
             let mem_work = work_keyring_path(&o.dir, ImageKind::Memory);
             let base_tags: Option<Vec<Tag>> =
                 self.keyrings(o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
@@ -837,7 +943,7 @@ impl Client {
                 .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
             st.memory_dropped = false;
             self.home.save_local_state(&st)?;
-            Ok::<u64, ClientError>(stored)
+            Ok::<_, ClientError>((ring.chunk_count(), ring.chunk_count()))
         }
         .await;
         let _ = std::fs::remove_file(mem_path);

@@ -285,7 +285,8 @@ pub fn drop_memory_image(dir: &Path) -> Result<(), ClientError> {
         remove_if_present(&work)?;
         sync_dir(&dir.join("keyrings"))?;
     }
-    Ok(())
+    // Its runtime image may hold changes of the memory image that is dropped here.
+    crate::resume::remove_runtime_memory(dir)
 }
 
 /// Clean up after a dead run of the parcel in `dir`, if there was one and nothing runs it now; says on stderr

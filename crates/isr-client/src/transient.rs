@@ -6,9 +6,9 @@
 //!
 //! ```text
 //! RUNTIME_DIR/isr-PARCEL-ID/parcel/    the version as a checked-out parcel's files: state.json (no lock),
-//!                                      base.manifest, keyrings/base-KIND, keyrings/work-KIND (the guest's
-//!                                      writes, sealed)
-//! RUNTIME_DIR/isr-PARCEL-ID/overlay/   the chunks the guest's writes made (encrypted, never fsynced)
+//!                                      base.manifest, keyrings/base-KIND, runtime/disk.img (the disk as
+//!                                      the guest reads and writes it: XTS-encrypted, see crate::runtime)
+//! RUNTIME_DIR/isr-PARCEL-ID/overlay/   chunk cache overlay: nothing the run makes enters the shared cache
 //! RUNTIME_DIR/isr-PARCEL-ID/vm/        the VM's private directory: plaintext kernel, initrd, memory image,
 //!                                      sockets, the serial console log
 //! HOME/transient/USER/PARCEL/          run.lock, run.json, run-outcome.json (records only, no data)

@@ -1,0 +1,756 @@
+//! The runtime image: one image of a checked-out parcel (its disk) decoded for use, encrypted at rest per
+//! 4 KiB sector with AES-256-XTS (as dm-crypt/LUKS do), with a persistent map saying per chunk whether it is
+//! present (decoded here) and whether it is dirty (changed since the working keyring).
+//!
+//! The convergent chunks stay what travels and what the server stores; this file is what the running VM
+//! reads and writes. A read of a present chunk is a pread and a decrypt of the sectors asked for; a write is
+//! an encrypt and a pwrite of the sectors written. A flush is one `fdatasync` of this one file (data and map
+//! alike). Everything here is blocking file I/O; [`crate::image::WorkingImage`] schedules it.
+//!
+//! Layout (all integers little-endian; docs/design.md has the table):
+//! ```text
+//! 0      4096  identity block: magic "ISRRTIM1", version, chunk size, image length, chunk count, map and data
+//!              offsets, the XTS key sealed (AES-256-GCM) under a key derived from the parcel keyroot,
+//!              BLAKE3 checksum. Written once, when the file is made.
+//! 4096   4096  session block: open flag, boot id of the session that opened it, checksum.
+//! 8192   32*N  map: per chunk [state u8][3 zero][tag MAC 12][plaintext MAC 16].
+//! D      ...   data: chunk i at D + i * chunk_size, sector s of the image encrypted with tweak s.
+//! ```
+//! Crash rules (see [`RuntimeImage::open`]): a chunk dirtied after the last flush is dropped after a crash
+//! (its last flushed content is the keyring's), and after a crash of the host every present clean chunk is
+//! verified against its plaintext MAC.
+
+use aes::cipher::{generic_array::GenericArray, KeyInit};
+use aes::Aes256;
+use isr_format::{ChunkIndex, ChunkSize, ImageLen, Keyroot, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use xts_mode::{get_tweak_default, Xts128};
+
+pub const SECTOR: usize = 4096;
+const MAGIC: &[u8; 8] = b"ISRRTIM1";
+const VERSION: u16 = 1;
+const IDENTITY_AT: u64 = 0;
+const SESSION_AT: u64 = 4096;
+const MAP_AT: u64 = 8192;
+const ENTRY_LEN: usize = 32;
+/// Data starts on a 1 MiB boundary after the map.
+const DATA_ALIGN: u64 = 1 << 20;
+const SEALED_KEY_LEN: usize = 12 + 64 + 16;
+
+/// Chunk state bits in the map.
+pub mod state {
+    /// Decoded here: the data region holds the chunk (or it is all zero, see [`ZERO`]).
+    pub const PRESENT: u8 = 1;
+    /// Changed since the working keyring: only this file has it.
+    pub const DIRTY: u8 = 2;
+    /// Dirty, and that was made durable by a flush (a dirty chunk without it is dropped after a crash).
+    pub const FLUSHED: u8 = 4;
+    /// All zero: nothing stored in the data region.
+    pub const ZERO: u8 = 8;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runtime image {path} is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+    #[error(
+        "runtime image {path} does not open with this parcel's key (another parcel's file, or tampered)"
+    )]
+    WrongKey { path: PathBuf },
+    #[error("runtime image {path} is in use by another isr process")]
+    Busy { path: PathBuf },
+    #[error("runtime image {path} is for an image of {have} bytes in {have_chunk}-byte chunks, not {want} in {want_chunk}")]
+    Geometry { path: PathBuf, have: u64, have_chunk: u32, want: u64, want_chunk: u32 },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
+    let what = what.into();
+    move |source| RuntimeError::Io { what, source }
+}
+
+/// One chunk's map entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Entry {
+    pub state: u8,
+    /// Keyed MAC of the tag whose content a present clean chunk holds.
+    pub tag_mac: [u8; 12],
+    /// Keyed MAC of a present clean chunk's plaintext (checked after a crash of the host).
+    pub plain_mac: [u8; 16],
+}
+
+impl Entry {
+    pub fn is(&self, bits: u8) -> bool {
+        self.state & bits == bits
+    }
+    fn encode(&self) -> [u8; ENTRY_LEN] {
+        let mut b = [0u8; ENTRY_LEN];
+        b[0] = self.state;
+        b[4..16].copy_from_slice(&self.tag_mac);
+        b[16..32].copy_from_slice(&self.plain_mac);
+        b
+    }
+    fn decode(b: &[u8]) -> Entry {
+        Entry {
+            state: b[0],
+            tag_mac: b[4..16].try_into().expect("12"),
+            plain_mac: b[16..32].try_into().expect("16"),
+        }
+    }
+}
+
+/// What opening found and mended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The previous session did not close the file (isr was killed, or the host crashed).
+    pub unclean: bool,
+    /// ... and the host rebooted since (so writes after the last flush may be torn): clean chunks were verified.
+    pub host_crashed: bool,
+    /// Chunks dirtied after the last flush, dropped (back to the keyring's content).
+    pub dropped_unflushed: u64,
+    /// Present clean chunks whose plaintext did not match their MAC, dropped (fetched again when read).
+    pub dropped_unverified: u64,
+    /// Present chunks of another keyring state (after a discard or a new base), dropped.
+    pub dropped_stale: u64,
+}
+
+/// Counts read from a runtime image's map without its key (for `stat`, and to refuse a rollback).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MapSummary {
+    pub chunks: u64,
+    pub present: u64,
+    pub dirty: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    chunk_size: ChunkSize,
+    image_len: ImageLen,
+    chunk_count: u64,
+    data_at: u64,
+}
+
+impl Geometry {
+    fn new(chunk_size: ChunkSize, image_len: ImageLen) -> Geometry {
+        let chunk_count = chunk_size.chunk_count(image_len);
+        let map_end = MAP_AT + chunk_count * ENTRY_LEN as u64;
+        Geometry { chunk_size, image_len, chunk_count, data_at: map_end.div_ceil(DATA_ALIGN) * DATA_ALIGN }
+    }
+    /// Bytes of chunk `i` in the data region: its length rounded up to whole sectors.
+    fn stored_len(&self, i: u64) -> usize {
+        self.chunk_size.chunk_len(self.image_len, ChunkIndex(i)).div_ceil(SECTOR) * SECTOR
+    }
+    fn chunk_at(&self, i: u64) -> u64 {
+        self.data_at + i * self.chunk_size.bytes() as u64
+    }
+    fn file_len(&self) -> u64 {
+        self.data_at + self.image_len.0.div_ceil(SECTOR as u64) * SECTOR as u64
+    }
+}
+
+fn boot_id() -> [u8; 16] {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&blake3::hash(text.trim().as_bytes()).as_bytes()[..16]);
+    out
+}
+
+fn wrap_key(keyroot: &Keyroot) -> LessSafeKey {
+    let k = blake3::derive_key("isr 2026-12 runtime image key wrap v1", &keyroot.0);
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &k).expect("32-byte key"))
+}
+
+/// A runtime image opened read-write (exclusively: a second opener gets [`RuntimeError::Busy`]).
+pub struct RuntimeImage {
+    path: PathBuf,
+    file: File,
+    geo: Geometry,
+    xts: Xts128<Aes256>,
+    mac_key: [u8; 32],
+    entries: Mutex<Vec<Entry>>,
+    /// Tests simulate a crash by dropping without the clean close.
+    #[cfg(test)]
+    crashed: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for RuntimeImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeImage")
+            .field("path", &self.path)
+            .field("chunks", &self.geo.chunk_count)
+            .finish()
+    }
+}
+
+impl RuntimeImage {
+    /// Open the runtime image at `path` (made, empty, when there is none) for an image of `image_len` bytes
+    /// whose current chunks have `tags` (the working keyring's). Mends what a crash left (see [`Recovery`])
+    /// and drops present chunks that hold another state than `tags` say.
+    pub fn open(
+        path: &Path,
+        keyroot: &Keyroot,
+        chunk_size: ChunkSize,
+        image_len: ImageLen,
+        tags: &[Tag],
+    ) -> Result<(RuntimeImage, Recovery), RuntimeError> {
+        let geo = Geometry::new(chunk_size, image_len);
+        if !path.exists() {
+            create(path, keyroot, geo)?;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io(format!("opening {}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(RuntimeError::Busy { path: path.into() }),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(io(format!("locking {}", path.display()))(e));
+            }
+        }
+        let corrupt = |why: String| RuntimeError::Corrupt { path: path.into(), why };
+        let mut ident = [0u8; 4096];
+        file.read_exact_at(&mut ident, IDENTITY_AT).map_err(|e| corrupt(format!("identity block: {e}")))?;
+        let found = parse_identity(&ident).map_err(|w| corrupt(w.into()))?;
+        if found.chunk_size != chunk_size || found.image_len != image_len {
+            return Err(RuntimeError::Geometry {
+                path: path.into(),
+                have: found.image_len.0,
+                have_chunk: found.chunk_size.bytes(),
+                want: image_len.0,
+                want_chunk: chunk_size.bytes(),
+            });
+        }
+        let mut sealed = ident[48..48 + SEALED_KEY_LEN].to_vec();
+        let nonce: [u8; 12] = sealed[..12].try_into().expect("12");
+        let aad = ident[..48].to_vec();
+        let key = wrap_key(keyroot)
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut sealed[12..])
+            .map_err(|_| RuntimeError::WrongKey { path: path.into() })?
+            .to_vec();
+        let xts = Xts128::new(
+            Aes256::new(GenericArray::from_slice(&key[..32])),
+            Aes256::new(GenericArray::from_slice(&key[32..64])),
+        );
+        let mac_key = blake3::derive_key("isr 2026-12 runtime image map MAC v1", &key);
+        let mut map = vec![0u8; geo.chunk_count as usize * ENTRY_LEN];
+        file.read_exact_at(&mut map, MAP_AT).map_err(|e| corrupt(format!("map: {e}")))?;
+        let entries: Vec<Entry> = map.chunks_exact(ENTRY_LEN).map(Entry::decode).collect();
+        if let Some(i) =
+            entries.iter().position(|e| e.state & !0x0f != 0 || (e.is(state::DIRTY) && !e.is(state::PRESENT)))
+        {
+            return Err(corrupt(format!(
+                "map entry of chunk {i} has an impossible state {:#x}",
+                entries[i].state
+            )));
+        }
+        let img = RuntimeImage {
+            path: path.into(),
+            file,
+            geo,
+            xts,
+            mac_key,
+            entries: Mutex::new(entries),
+            #[cfg(test)]
+            crashed: Default::default(),
+        };
+        let recovery = img.recover(tags)?;
+        img.write_session(true)?;
+        img.sync()?;
+        Ok((img, recovery))
+    }
+
+    /// Counts of the map at `path` (no key needed: states are not secret); `None` when there is no file.
+    pub fn summary(path: &Path) -> Result<Option<MapSummary>, RuntimeError> {
+        Ok(Self::states(path)?.map(|states| MapSummary {
+            chunks: states.len() as u64,
+            present: states.iter().filter(|s| *s & state::PRESENT != 0).count() as u64,
+            dirty: states.iter().filter(|s| *s & state::DIRTY != 0).count() as u64,
+        }))
+    }
+
+    /// The chunks the map at `path` says are dirty (no key needed); empty when there is no file.
+    pub fn dirty_in(path: &Path) -> Result<Vec<u64>, RuntimeError> {
+        Ok(Self::states(path)?
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| *s & state::DIRTY != 0)
+            .map(|(i, _)| i as u64)
+            .collect())
+    }
+
+    fn states(path: &Path) -> Result<Option<Vec<u8>>, RuntimeError> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(format!("opening {}", path.display()))(e)),
+        };
+        let corrupt = |why: String| RuntimeError::Corrupt { path: path.into(), why };
+        let mut ident = [0u8; 4096];
+        file.read_exact_at(&mut ident, IDENTITY_AT).map_err(|e| corrupt(format!("identity block: {e}")))?;
+        let geo = parse_identity(&ident).map_err(|w| corrupt(w.into()))?;
+        let mut map = vec![0u8; geo.chunk_count as usize * ENTRY_LEN];
+        file.read_exact_at(&mut map, MAP_AT).map_err(|e| corrupt(format!("map: {e}")))?;
+        Ok(Some(map.chunks_exact(ENTRY_LEN).map(|e| e[0]).collect()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.geo.chunk_count
+    }
+
+    pub fn entry(&self, i: u64) -> Entry {
+        self.entries.lock().expect("runtime map")[i as usize]
+    }
+
+    /// Indices of the chunks with all of `bits` set.
+    pub fn chunks_with(&self, bits: u8) -> Vec<u64> {
+        let entries = self.entries.lock().expect("runtime map");
+        entries.iter().enumerate().filter(|(_, e)| e.is(bits)).map(|(i, _)| i as u64).collect()
+    }
+
+    pub fn tag_mac(&self, tag: &Tag) -> [u8; 12] {
+        let mut h = blake3::Hasher::new_keyed(&self.mac_key);
+        h.update(b"tag");
+        h.update(&tag.0);
+        h.finalize().as_bytes()[..12].try_into().expect("12")
+    }
+
+    pub fn plain_mac(&self, i: u64, plaintext: &[u8]) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.mac_key);
+        h.update(b"chunk");
+        h.update(&i.to_le_bytes());
+        h.update(plaintext);
+        h.finalize().as_bytes()[..16].try_into().expect("16")
+    }
+
+    /// Whether chunk `i` holds the current content: dirty, or present and of the state whose tag is `tag`.
+    pub fn holds(&self, e: &Entry, tag: &Tag) -> bool {
+        e.is(state::DIRTY) || (e.is(state::PRESENT) && e.tag_mac == self.tag_mac(tag))
+    }
+
+    /// Change chunk `i`'s map entry (in memory and in the file; durable at the next [`Self::sync`]).
+    pub fn set_entry(&self, i: u64, e: Entry) -> Result<(), RuntimeError> {
+        let mut entries = self.entries.lock().expect("runtime map");
+        if entries[i as usize] == e {
+            return Ok(());
+        }
+        // Written while the lock is held, so the file's entry never goes back to an older one.
+        self.file
+            .write_all_at(&e.encode(), MAP_AT + i * ENTRY_LEN as u64)
+            .map_err(io(format!("writing the map of {}", self.path.display())))?;
+        entries[i as usize] = e;
+        Ok(())
+    }
+
+    /// Chunk `i` as present and clean, holding the content of `tag` whose plaintext MAC is `plain_mac`
+    /// ([`Self::plain_mac`]; unused for the zero tag).
+    pub fn clean_entry(&self, tag: &Tag, plain_mac: [u8; 16]) -> Entry {
+        let zero = tag.is_zero();
+        Entry {
+            state: state::PRESENT | if zero { state::ZERO } else { 0 },
+            tag_mac: self.tag_mac(tag),
+            plain_mac: if zero { [0; 16] } else { plain_mac },
+        }
+    }
+
+    fn first_sector(&self, i: u64, offset_in_chunk: usize) -> u128 {
+        ((i * self.geo.chunk_size.bytes() as u64 + offset_in_chunk as u64) / SECTOR as u64) as u128
+    }
+
+    /// Read `out.len()` bytes of chunk `i` from `offset` (the chunk must be present and not zero).
+    pub fn read(&self, i: u64, offset: usize, out: &mut [u8]) -> Result<(), RuntimeError> {
+        let first = offset / SECTOR * SECTOR;
+        let end = (offset + out.len()).div_ceil(SECTOR) * SECTOR;
+        let at = self.geo.chunk_at(i) + first as u64;
+        let what = || format!("reading chunk {i} of {}", self.path.display());
+        if first == offset && end == offset + out.len() {
+            // Whole sectors: read and decrypt in place.
+            self.file.read_exact_at(out, at).map_err(io(what()))?;
+            self.xts.decrypt_area(out, SECTOR, self.first_sector(i, first), get_tweak_default);
+            return Ok(());
+        }
+        let mut buf = vec![0u8; end - first];
+        self.file.read_exact_at(&mut buf, at).map_err(io(what()))?;
+        self.xts.decrypt_area(&mut buf, SECTOR, self.first_sector(i, first), get_tweak_default);
+        out.copy_from_slice(&buf[offset - first..offset - first + out.len()]);
+        Ok(())
+    }
+
+    /// Write `data` into chunk `i` at `offset` (the chunk must be present and not zero); a sector written only
+    /// in part is read, decrypted and merged first.
+    pub fn write(&self, i: u64, offset: usize, data: &[u8]) -> Result<(), RuntimeError> {
+        let first = offset / SECTOR * SECTOR;
+        let end = (offset + data.len()).div_ceil(SECTOR) * SECTOR;
+        let mut buf = vec![0u8; end - first];
+        let what = || format!("writing chunk {i} of {}", self.path.display());
+        let at = self.geo.chunk_at(i) + first as u64;
+        let head_partial = first != offset;
+        if head_partial {
+            self.read(i, first, &mut buf[..SECTOR])?;
+        }
+        // The tail sector, unless it is the head sector just read.
+        if offset + data.len() < end && !(head_partial && buf.len() == SECTOR) {
+            let last = buf.len() - SECTOR;
+            self.read(i, end - SECTOR, &mut buf[last..])?;
+        }
+        buf[offset - first..offset - first + data.len()].copy_from_slice(data);
+        self.xts.encrypt_area(&mut buf, SECTOR, self.first_sector(i, first), get_tweak_default);
+        self.file.write_all_at(&buf, at).map_err(io(what()))
+    }
+
+    /// Store the whole plaintext of chunk `i` (its length; the tail of the last sector is zero-padded).
+    pub fn write_chunk(&self, i: u64, plain: &[u8]) -> Result<(), RuntimeError> {
+        let mut buf = vec![0u8; self.geo.stored_len(i)];
+        buf[..plain.len()].copy_from_slice(plain);
+        self.xts.encrypt_area(&mut buf, SECTOR, self.first_sector(i, 0), get_tweak_default);
+        self.file
+            .write_all_at(&buf, self.geo.chunk_at(i))
+            .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
+    }
+
+    /// Free chunk `i`'s data (its entry says what it is).
+    pub fn punch(&self, i: u64) -> Result<(), RuntimeError> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            self.geo.chunk_at(i),
+            self.geo.stored_len(i) as u64,
+        )
+        .map_err(|e| io(format!("freeing chunk {i} of {}", self.path.display()))(e.into()))
+    }
+
+    /// Make every write and map change so far durable: dirty chunks are marked flushed, then one fdatasync.
+    pub fn flush(&self) -> Result<(), RuntimeError> {
+        {
+            let mut entries = self.entries.lock().expect("runtime map");
+            for (i, e) in entries.iter_mut().enumerate() {
+                if e.is(state::DIRTY) && !e.is(state::FLUSHED) {
+                    e.state |= state::FLUSHED;
+                    self.file
+                        .write_all_at(&e.encode(), MAP_AT + i as u64 * ENTRY_LEN as u64)
+                        .map_err(io(format!("writing the map of {}", self.path.display())))?;
+                }
+            }
+        }
+        self.sync()
+    }
+
+    fn sync(&self) -> Result<(), RuntimeError> {
+        self.file.sync_data().map_err(io(format!("syncing {}", self.path.display())))
+    }
+
+    /// Flush and mark the file closed cleanly (the next open needs no recovery).
+    pub fn close(&self) -> Result<(), RuntimeError> {
+        self.flush()?;
+        self.write_session(false)?;
+        self.sync()
+    }
+
+    /// Whether chunk `i`'s stored plaintext matches its MAC (present clean chunks only).
+    pub fn verify(&self, i: u64, e: &Entry) -> Result<bool, RuntimeError> {
+        if e.is(state::ZERO) {
+            return Ok(true);
+        }
+        let clen = self.geo.chunk_size.chunk_len(self.geo.image_len, ChunkIndex(i));
+        let mut buf = vec![0u8; clen];
+        match self.read(i, 0, &mut buf) {
+            Ok(()) => Ok(self.plain_mac(i, &buf) == e.plain_mac),
+            Err(RuntimeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Present clean chunks whose plaintext fails its MAC (for `isr check --full`).
+    pub fn verify_all(&self) -> Result<Vec<u64>, RuntimeError> {
+        let present: Vec<(u64, Entry)> = {
+            let entries = self.entries.lock().expect("runtime map");
+            entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.is(state::PRESENT) && !e.is(state::DIRTY))
+                .map(|(i, e)| (i as u64, *e))
+                .collect()
+        };
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let bad = Mutex::new(Vec::new());
+        let failure = Mutex::new(None);
+        std::thread::scope(|s| {
+            for part in present.chunks(present.len().div_ceil(threads).max(1)) {
+                let (bad, failure) = (&bad, &failure);
+                s.spawn(move || {
+                    for (i, e) in part {
+                        match self.verify(*i, e) {
+                            Ok(true) => {}
+                            Ok(false) => bad.lock().expect("list").push(*i),
+                            Err(err) => *failure.lock().expect("slot") = Some(err),
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().expect("slot") {
+            return Err(e);
+        }
+        let mut bad = bad.into_inner().expect("list");
+        bad.sort_unstable();
+        Ok(bad)
+    }
+
+    /// Drop every dirty chunk (back to the keyring's content), durably; returns how many.
+    pub fn drop_dirty(&self) -> Result<usize, RuntimeError> {
+        let dirty = self.chunks_with(state::DIRTY);
+        for &i in &dirty {
+            self.drop_chunk(i)?;
+        }
+        self.sync()?;
+        Ok(dirty.len())
+    }
+
+    /// Make chunk `i` absent (its entry first, then its data freed).
+    pub fn drop_chunk(&self, i: u64) -> Result<(), RuntimeError> {
+        self.set_entry(i, Entry::default())?;
+        self.punch(i)
+    }
+
+    fn recover(&self, tags: &[Tag]) -> Result<Recovery, RuntimeError> {
+        let mut r = Recovery::default();
+        let mut session = [0u8; 4096];
+        let readable = self.file.read_exact_at(&mut session, SESSION_AT).is_ok();
+        let sum_ok = readable && blake3::hash(&session[..4064]).as_bytes()[..] == session[4064..];
+        // An unreadable session block counts as unclean: the checks below are safe to run on any file.
+        r.unclean = !sum_ok || session[0] == 1;
+        r.host_crashed = r.unclean && (!sum_ok || session[1..17] != boot_id());
+        let entries = self.entries.lock().expect("runtime map").clone();
+        for (i, e) in entries.iter().enumerate() {
+            let i = i as u64;
+            if r.unclean && e.is(state::DIRTY) && !e.is(state::FLUSHED) {
+                self.drop_chunk(i)?;
+                r.dropped_unflushed += 1;
+            } else if e.is(state::PRESENT) && !e.is(state::DIRTY) {
+                let tag = tags.get(i as usize).copied().unwrap_or(Tag::ZERO);
+                if e.tag_mac != self.tag_mac(&tag) {
+                    self.drop_chunk(i)?;
+                    r.dropped_stale += 1;
+                }
+            }
+        }
+        if r.host_crashed {
+            for i in self.verify_all()? {
+                self.drop_chunk(i)?;
+                r.dropped_unverified += 1;
+            }
+        }
+        Ok(r)
+    }
+
+    fn write_session(&self, open: bool) -> Result<(), RuntimeError> {
+        let mut b = [0u8; 4096];
+        b[0] = u8::from(open);
+        b[1..17].copy_from_slice(&boot_id());
+        let sum = blake3::hash(&b[..4064]);
+        b[4064..].copy_from_slice(sum.as_bytes());
+        self.file
+            .write_all_at(&b, SESSION_AT)
+            .map_err(io(format!("writing the session block of {}", self.path.display())))
+    }
+}
+
+impl Drop for RuntimeImage {
+    /// Closing cleanly spares the next open its recovery; a failure here only means that recovery runs.
+    fn drop(&mut self) {
+        #[cfg(test)]
+        if self.crashed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let _ = self.close();
+    }
+}
+
+struct Identity {
+    chunk_size: ChunkSize,
+    image_len: ImageLen,
+    chunk_count: u64,
+}
+
+fn parse_identity(b: &[u8; 4096]) -> Result<Identity, &'static str> {
+    if &b[..8] != MAGIC {
+        return Err("not a runtime image (bad magic)");
+    }
+    if blake3::hash(&b[..4064]).as_bytes()[..] != b[4064..] {
+        return Err("identity block checksum mismatch");
+    }
+    if u16::from_le_bytes([b[8], b[9]]) != VERSION {
+        return Err("unknown runtime image version");
+    }
+    let chunk_size = ChunkSize::new(u32::from_le_bytes(b[12..16].try_into().expect("4")) as u64)
+        .map_err(|_| "invalid chunk size")?;
+    let image_len = ImageLen(u64::from_le_bytes(b[16..24].try_into().expect("8")));
+    let chunk_count = u64::from_le_bytes(b[24..32].try_into().expect("8"));
+    let geo = Geometry::new(chunk_size, image_len);
+    if chunk_count != geo.chunk_count
+        || u64::from_le_bytes(b[32..40].try_into().expect("8")) != MAP_AT
+        || u64::from_le_bytes(b[40..48].try_into().expect("8")) != geo.data_at
+    {
+        return Err("inconsistent geometry");
+    }
+    Ok(Identity { chunk_size, image_len, chunk_count })
+}
+
+/// Make an empty runtime image (every chunk absent) with a new random XTS key, durably, at `path`.
+fn create(path: &Path, keyroot: &Keyroot, geo: Geometry) -> Result<(), RuntimeError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mut b = [0u8; 4096];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&geo.chunk_size.bytes().to_le_bytes());
+    b[16..24].copy_from_slice(&geo.image_len.0.to_le_bytes());
+    b[24..32].copy_from_slice(&geo.chunk_count.to_le_bytes());
+    b[32..40].copy_from_slice(&MAP_AT.to_le_bytes());
+    b[40..48].copy_from_slice(&geo.data_at.to_le_bytes());
+    let key: [u8; 64] = isr_format::random_bytes();
+    let nonce: [u8; 12] = isr_format::random_bytes();
+    let mut sealed = key.to_vec();
+    let aad = b[..48].to_vec();
+    let gcm = wrap_key(keyroot)
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut sealed)
+        .expect("64 bytes seal");
+    b[48..60].copy_from_slice(&nonce);
+    b[60..124].copy_from_slice(&sealed);
+    b[124..140].copy_from_slice(gcm.as_ref());
+    let sum = blake3::hash(&b[..4064]);
+    b[4064..].copy_from_slice(sum.as_bytes());
+    // Made under a temporary name and renamed: a crash never leaves a half-made file under the real name.
+    let tmp = path.with_extension("new");
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Encrypted, but the user's own all the same.
+        OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)
+    }
+    .map_err(io(format!("creating {}", tmp.display())))?;
+    file.set_len(geo.file_len()).map_err(io(format!("sizing {}", tmp.display())))?;
+    file.write_all_at(&b, IDENTITY_AT).map_err(io(format!("writing {}", tmp.display())))?;
+    let mut session = [0u8; 4096];
+    let sum = blake3::hash(&session[..4064]);
+    session[4064..].copy_from_slice(sum.as_bytes());
+    file.write_all_at(&session, SESSION_AT).map_err(io(format!("writing {}", tmp.display())))?;
+    file.sync_all().map_err(io(format!("syncing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(format!("syncing {}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(len: u64) -> (tempfile::TempDir, PathBuf, Keyroot, Vec<Tag>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.rt");
+        let n = ChunkSize::DEFAULT.chunk_count(ImageLen(len)) as usize;
+        (dir, path, Keyroot([7; 32]), vec![Tag([1; 32]); n])
+    }
+
+    #[test]
+    fn sectors_round_trip_and_are_encrypted_at_rest() {
+        let (_d, path, kr, tags) = setup(1 << 20);
+        let (img, r) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        assert!(!r.unclean);
+        let plain: Vec<u8> = (0..128 * 1024).map(|i| (i % 251) as u8).collect();
+        img.write_chunk(3, &plain).unwrap();
+        // Unaligned write across a sector boundary, merged with what is there.
+        img.write(3, 4000, &[0xAA; 200]).unwrap();
+        let mut expect = plain.clone();
+        expect[4000..4200].fill(0xAA);
+        let mut back = vec![0u8; 128 * 1024];
+        img.read(3, 0, &mut back).unwrap();
+        assert_eq!(back, expect);
+        let mut part = vec![0u8; 333];
+        img.read(3, 3999, &mut part).unwrap();
+        assert_eq!(part, &expect[3999..4332]);
+        drop(img);
+        let raw = std::fs::read(&path).unwrap();
+        assert!(!raw.windows(64).any(|w| w == &plain[8192..8256]), "plaintext on disk");
+    }
+
+    #[test]
+    fn wrong_key_and_second_opener_are_refused() {
+        let (_d, path, kr, tags) = setup(1 << 20);
+        let (img, _) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let busy = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap_err();
+        assert!(matches!(busy, RuntimeError::Busy { .. }), "{busy}");
+        drop(img);
+        let wrong =
+            RuntimeImage::open(&path, &Keyroot([8; 32]), ChunkSize::DEFAULT, ImageLen(1 << 20), &tags)
+                .unwrap_err();
+        assert!(matches!(wrong, RuntimeError::WrongKey { .. }), "{wrong}");
+        let geo = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(2 << 20), &tags).unwrap_err();
+        assert!(matches!(geo, RuntimeError::Geometry { .. }), "{geo}");
+    }
+
+    #[test]
+    fn a_crash_drops_unflushed_dirty_chunks_and_keeps_flushed_ones() {
+        let (_d, path, kr, tags) = setup(1 << 20);
+        let (img, _) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let dirty = Entry { state: state::PRESENT | state::DIRTY, ..Default::default() };
+        img.set_entry(1, dirty).unwrap();
+        img.write_chunk(1, &[5; 128 * 1024]).unwrap();
+        img.flush().unwrap();
+        img.set_entry(2, dirty).unwrap();
+        img.write_chunk(2, &[6; 128 * 1024]).unwrap();
+        let clean = img.clean_entry(&tags[4], img.plain_mac(4, &[9; 128 * 1024]));
+        img.write_chunk(4, &[9; 128 * 1024]).unwrap();
+        img.set_entry(4, clean).unwrap();
+        // A crash: the file is not closed cleanly.
+        img.crashed.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(img);
+        let (img, r) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        assert!(r.unclean);
+        assert_eq!(r.dropped_unflushed, 1);
+        assert!(img.entry(1).is(state::DIRTY | state::FLUSHED));
+        assert_eq!(img.entry(2), Entry::default());
+        assert!(img.holds(&img.entry(4), &tags[4]));
+        assert_eq!(img.verify_all().unwrap(), Vec::<u64>::new());
+        // A present chunk of another state (after a discard) is dropped at open.
+        drop(img);
+        let mut other = tags.clone();
+        other[4] = Tag([2; 32]);
+        let (img, r) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &other).unwrap();
+        assert_eq!((r.unclean, r.dropped_stale), (false, 1));
+        assert_eq!(img.entry(4), Entry::default());
+    }
+
+    #[test]
+    fn verification_finds_a_tampered_clean_chunk() {
+        let (_d, path, kr, tags) = setup(1 << 20);
+        let (img, _) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let plain = vec![3u8; 128 * 1024];
+        img.write_chunk(0, &plain).unwrap();
+        img.set_entry(0, img.clean_entry(&tags[0], img.plain_mac(0, &plain))).unwrap();
+        let at = img.geo.chunk_at(0) + 100;
+        img.file.write_all_at(&[0xFF], at).unwrap();
+        assert_eq!(img.verify_all().unwrap(), vec![0]);
+        drop(img);
+        assert_eq!(
+            RuntimeImage::summary(&path).unwrap(),
+            Some(MapSummary { chunks: 8, present: 1, dirty: 0 })
+        );
+    }
+}
