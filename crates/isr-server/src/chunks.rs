@@ -101,10 +101,12 @@ impl Chunks {
     pub async fn put(&self, tag: &Tag, data: Bytes) -> Result<bool, MetaError> {
         let len = data.len() as u64;
         if let Some(meta) = self.index() {
-            meta.chunk_intent(&[*tag], crate::now_unix()).await?;
+            let indexed = meta.chunk_intent(&[*tag], crate::now_unix()).await?.contains(tag);
             let new = self.store.put(tag, data).await?;
             meta.chunk_stored(&[(*tag, len)]).await?;
-            return Ok(new);
+            // New to the deployment if `missing` would have reported it, even when its object was there
+            // (written before a crash that came before its row).
+            return Ok(new || !indexed);
         }
         let new = self.store.put(tag, data).await?;
         if !new {

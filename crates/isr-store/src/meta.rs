@@ -410,7 +410,10 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// deletes. So a present row always has its object, and a PUT that races a sweep either sees its row
     /// spared or writes the object anew after the sweep. An object without a row (a crash between 2 and 3)
     /// is reported missing and uploaded again.
-    async fn chunk_intent(&self, tags: &[Tag], now_unix: i64) -> Result<(), MetaError>;
+    ///
+    /// Returns the tags of `tags` whose row already said present (a PUT of a chunk the index lacked is new to
+    /// the deployment, as `missing` reported it, even if its object was there).
+    async fn chunk_intent(&self, tags: &[Tag], now_unix: i64) -> Result<HashSet<Tag>, MetaError>;
     /// Step 3 of [`MetaStore::chunk_intent`]: (tag, stored size) rows become present.
     async fn chunk_stored(&self, chunks: &[(Tag, u64)]) -> Result<(), MetaError>;
     /// The tags of `tags` whose index row says present.

@@ -704,14 +704,15 @@ impl<B: Backend> MetaStore for B {
         finish(tx, r).await
     }
 
-    async fn chunk_intent(&self, tags: &[Tag], now_unix: i64) -> Result<(), MetaError> {
+    async fn chunk_intent(&self, tags: &[Tag], now_unix: i64) -> Result<HashSet<Tag>, MetaError> {
         // Shared with commits, exclusive of sweeps: a sweep step either saw this row or runs after it.
         let mut tx = begin(self, TxKind::Write(Some(rules::CHUNK_INTENT))).await?;
         let r = async {
+            let rows = index_rows(&mut tx, tags).await?;
             for t in tags {
                 tx.exec(sql::CHUNK_INTENT, args![t, now_unix]).await?;
             }
-            Ok(())
+            Ok(rows.into_iter().filter(|(_, (present, _))| *present).map(|(t, _)| t).collect())
         }
         .await;
         finish(tx, r).await

@@ -967,6 +967,7 @@ async fn meta_chunk_index(m: &dyn MetaStore) {
         chunks.put(&t, data).await.unwrap();
     }
     m.chunk_stored(&[(a, 10), (b, 20)]).await.unwrap();
+    assert_eq!(m.chunk_intent(&[a, c], now()).await.unwrap(), HashSet::from([a]), "a was present already");
     assert_eq!(m.chunks_indexed(&[a, b, c, d, e]).await.unwrap(), HashSet::from([a, b]));
     // More tags than one query holds.
     let many: Vec<Tag> = (0..700).map(|_| fake_chunk().0).chain([b]).collect();
