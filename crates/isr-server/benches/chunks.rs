@@ -279,7 +279,9 @@ fn main() {
         r["lock_id"].as_str().unwrap().to_owned()
     });
     let mut head = 0;
-    println!("| op  | clients | isr req/s | isr MB/s | nginx req/s | nginx MB/s | isr/nginx | isr commit ms |");
+    println!(
+        "| op  | clients | isr req/s | isr MB/s | nginx req/s | nginx MB/s | isr/nginx | isr commit ms |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for put in [false, true] {
         for c in CONCURRENCY {

@@ -79,7 +79,8 @@ fn main() {
             Storage::open(&StorageConfig::data_dir(dir.path().join("data")), isr_server::Deployment::Create)
                 .await
                 .unwrap();
-        let meta: Arc<dyn MetaStore> = Arc::new(PgMetaStore::open(&svc.fresh_pg_database().await).await.unwrap());
+        let meta: Arc<dyn MetaStore> =
+            Arc::new(PgMetaStore::open(&svc.fresh_pg_database().await).await.unwrap());
         let s3 = Arc::new(VerifyingStore::new(
             S3ChunkStore::from_url_with(&svc.fresh_s3_url(), svc.s3_builder()).unwrap(),
         ));

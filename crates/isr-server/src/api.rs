@@ -789,7 +789,8 @@ async fn put_chunk(
         }
         Ok(false) => Ok(StatusCode::OK),
         Err(MetaError::Chunks(StoreError::Integrity {
-            source: ChunkError::TagMismatch { actual, .. }, ..
+            source: ChunkError::TagMismatch { actual, .. },
+            ..
         })) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "tag_mismatch",

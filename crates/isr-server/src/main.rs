@@ -436,7 +436,11 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                     ix.rows,
                     ix.listed,
                     ix.unindexed.len(),
-                    if ix.repaired { " (indexed now)" } else { " (reported missing until uploaded again or check --repair)" }
+                    if ix.repaired {
+                        " (indexed now)"
+                    } else {
+                        " (reported missing until uploaded again or check --repair)"
+                    }
                 );
             }
             if !r.problems.is_empty() || stale > 0 {

@@ -368,7 +368,12 @@ async fn sigkill_between_the_puts_and_the_commit_then_the_checkin_completes(back
     server.kill().unwrap();
     server.wait().unwrap();
     let out = d.admin(&["check", "--full"]);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn isr_server_bytes_in(api: &Api) -> u64 {

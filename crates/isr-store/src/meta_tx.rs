@@ -679,7 +679,9 @@ impl<B: Backend> MetaStore for B {
         let r = async {
             let mut doomed = doomed_since_mark(&mut tx, mark, candidates).await?;
             let rows = index_rows(&mut tx, &doomed).await?;
-            doomed.retain(|t| !rows.get(t).is_some_and(|(present, since)| rules::put_in_flight(*present, *since, now)));
+            doomed.retain(|t| {
+                !rows.get(t).is_some_and(|(present, since)| rules::put_in_flight(*present, *since, now))
+            });
             for t in doomed.iter().filter(|t| rows.contains_key(t)) {
                 tx.exec(sql::CHUNK_FORGET, args![t]).await?;
             }

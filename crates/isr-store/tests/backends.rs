@@ -972,7 +972,8 @@ async fn meta_chunk_index(m: &dyn MetaStore) {
     // More tags than one query holds.
     let many: Vec<Tag> = (0..700).map(|_| fake_chunk().0).chain([b]).collect();
     assert_eq!(m.chunks_indexed(&many).await.unwrap(), HashSet::from([b]));
-    let mut rows: Vec<(Tag, bool)> = m.chunk_index().await.unwrap().into_iter().map(|(t, p, _)| (t, p)).collect();
+    let mut rows: Vec<(Tag, bool)> =
+        m.chunk_index().await.unwrap().into_iter().map(|(t, p, _)| (t, p)).collect();
     rows.sort();
     let mut want = vec![(a, true), (b, true), (c, false), (e, false)];
     want.sort();
