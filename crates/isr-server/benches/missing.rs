@@ -25,14 +25,14 @@ fn chunk(i: u64) -> (Tag, Bytes) {
     (Tag::of(&v), Bytes::from(v))
 }
 
-async fn serve(storage: Storage) -> (String, String) {
+async fn serve(storage: Storage, user: &str) -> (String, String) {
     let secret = LoginSecret::random();
-    isr_server::admin::add_user(&storage, "bench", &secret).await.unwrap();
+    isr_server::admin::add_user(&storage, user, &secret).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let state = AppState::new(storage, ServerSettings::default());
     tokio::spawn(isr_server::run(listener, state, None, std::future::pending()));
-    let r = common::login(&url, "bench", &secret).await;
+    let r = common::login(&url, user, &secret).await;
     (url, r["token"].as_str().unwrap().to_owned())
 }
 
@@ -95,9 +95,9 @@ fn main() {
         seed(&scaleout.chunks, n).await;
         let seed_s3 = t0.elapsed();
 
-        let (url_e, tok_e) = serve(embedded).await;
-        let (url_s, tok_s) = serve(scaleout).await;
-        let (url_p, tok_p) = serve(per_tag).await;
+        let (url_e, tok_e) = serve(embedded, "bench").await;
+        let (url_s, tok_s) = serve(scaleout, "bench").await;
+        let (url_p, tok_p) = serve(per_tag, "bench2").await;
         let e = time_missing(&url_e, &tok_e, n, reps).await;
         let s = time_missing(&url_s, &tok_s, n, reps).await;
         let p = time_missing(&url_p, &tok_p, n, 1).await;
