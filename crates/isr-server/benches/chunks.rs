@@ -3,14 +3,20 @@
 //! `cargo bench -p isr-server --bench chunks` (set `ISR_BENCH_SECS` to change the seconds per cell, default 2.5).
 //! The server runs in-process on its own 2-thread runtime, nginx with 2 workers; the clients (reqwest,
 //! HTTP/1.1 keep-alive) share the machine with both, as any loopback benchmark does. nginx serves the chunk
-//! files statically (sendfile) and takes PUTs with its DAV module (no fsync); isr-server verifies each
-//! chunk's tag on GET and PUT and fsyncs each new chunk, so its PUT numbers are bounded by the disk.
+//! files statically (sendfile) and takes PUTs with its DAV module (temp file + rename, no fsync); isr-server
+//! checks the token and verifies each chunk's tag on GET and PUT, writes each new chunk to a temp file and
+//! renames it (no fsync), and makes them durable at the commit that follows: isr's PUT figure includes that
+//! commit (keyring upload of every chunk the cell PUT, then the commit with its sync and presence check), as
+//! a check-in does.
 
 mod common;
 
 use bytes::Bytes;
 use common::{measure, Target, CHUNK_BYTES};
-use isr_format::LoginSecret;
+use isr_format::{
+    ChunkIndex, ChunkKey, ChunkSize, ImageLen, ImageRef, Keyring, Keyroot, LoginSecret, Manifest, Tag,
+    VmDescription,
+};
 use isr_server::{AppState, ServerSettings, Storage, StorageConfig};
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
@@ -123,6 +129,61 @@ http {{
     child
 }
 
+/// The version a check-in of the chunks `fresh_chunk(base, n)`, `n` in `seqs`, commits: keyring bytes, its
+/// hash, the sealed manifest (built before the clock starts).
+fn version_of(base: &[u8], seqs: std::ops::Range<u64>) -> (Vec<u8>, Tag, Vec<u8>) {
+    let n = seqs.end - seqs.start;
+    let cs = ChunkSize::new(CHUNK_BYTES as u64).unwrap();
+    let len = ImageLen(n.max(1) * CHUNK_BYTES as u64);
+    let mut keyring = Keyring::new(cs, len).unwrap();
+    for (i, seq) in seqs.enumerate() {
+        let (tag, _) = common::fresh_chunk(base, seq);
+        keyring.set(ChunkIndex(i as u64), Some((tag, ChunkKey(isr_format::random_bytes()))));
+    }
+    let keyroot = Keyroot::random();
+    let keyring = keyring.seal(&keyroot);
+    let hash = Tag::of(&keyring);
+    let manifest = Manifest {
+        vm: VmDescription { memory_mib: 256, cpus: 1, append: None, devices: Default::default() },
+        chunk_size: cs,
+        disk: ImageRef { len, keyring: hash },
+        memory: None,
+        kernel: None,
+        initrd: None,
+        created_unix: 1_800_000_000,
+        comment: "bench".into(),
+    }
+    .seal_legacy_unbound(&keyroot)
+    .unwrap();
+    (keyring, hash, manifest)
+}
+
+/// Uploads the keyring and commits version `base_version + 1` of parcel `p`; the time it took.
+async fn commit(url: &str, token: &str, lock_id: &str, base_version: u64, v: (Vec<u8>, Tag, Vec<u8>)) -> f64 {
+    use base64::Engine as _;
+    let http = common::client_builder().build().unwrap();
+    let t0 = Instant::now();
+    let r = http
+        .put(format!("{url}/api/v1/parcels/p/keyrings/{}?lock_id={lock_id}", v.1))
+        .bearer_auth(token)
+        .body(v.0)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "keyring upload: {}", r.status());
+    let r = http
+        .post(format!("{url}/api/v1/parcels/p/versions"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"lock_id": lock_id, "base_version": base_version,
+            "manifest": base64::engine::general_purpose::STANDARD.encode(&v.2)}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    assert!(status.is_success(), "commit: {status} {}", r.text().await.unwrap_or_default());
+    t0.elapsed().as_secs_f64()
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` runs us with no such flag: do a short smoke run.
     let secs: f64 = std::env::var("ISR_BENCH_SECS")
@@ -201,14 +262,45 @@ fn main() {
     println!(
         "chunk GET/PUT over loopback, {N_CHUNKS} chunks of {stored_len} stored bytes, {secs} s per cell"
     );
-    println!("| op  | clients | isr req/s | isr MB/s | nginx req/s | nginx MB/s | isr/nginx |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let lock_id = client_rt.block_on(async {
+        let r: serde_json::Value = common::client_builder()
+            .build()
+            .unwrap()
+            .post(format!("{url}/api/v1/parcels"))
+            .bearer_auth(isr.token.as_ref().unwrap())
+            .json(&serde_json::json!({"name": "p", "wrapped_keyroot": "00", "holder": "bench",
+                "client_id": "bench"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        r["lock_id"].as_str().unwrap().to_owned()
+    });
+    let mut head = 0;
+    println!(
+        "| op  | clients | isr req/s | isr MB/s | nginx req/s | nginx MB/s | isr/nginx | isr commit ms |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for put in [false, true] {
         for c in CONCURRENCY {
-            let a = client_rt.block_on(measure(isr.clone(), put, c, secs, tags.clone(), base.clone()));
+            let first = common::fresh_seq();
+            let mut a = client_rt.block_on(measure(isr.clone(), put, c, secs, tags.clone(), base.clone()));
+            let mut commit_ms = "-".to_owned();
+            if put {
+                // The check-in's commit: every chunk of the cell made durable, checked and referenced.
+                let v = version_of(&base, first..common::fresh_seq());
+                let t = client_rt.block_on(commit(&url, isr.token.as_ref().unwrap(), &lock_id, head, v));
+                head += 1;
+                let share = a.secs / (a.secs + t);
+                a.rps *= share;
+                a.mbps *= share;
+                commit_ms = format!("{:.0}", t * 1e3);
+            }
             let b = client_rt.block_on(measure(ngx.clone(), put, c, secs, tags.clone(), base.clone()));
             println!(
-                "| {} | {c} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                "| {} | {c} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {commit_ms} |",
                 if put { "PUT" } else { "GET" },
                 a.rps,
                 a.mbps,

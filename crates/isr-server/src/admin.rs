@@ -178,7 +178,8 @@ pub async fn check(storage: &Storage, full: bool) -> Result<CheckReport, ServerE
         report.problems.extend(results.into_iter().flatten());
     } else {
         let only_tags: Vec<Tag> = all.iter().map(|(t, _)| *t).collect();
-        let missing: HashSet<Tag> = storage.chunks.missing(&only_tags).await?.into_iter().collect();
+        // The store itself, not the chunk index (which `check_index` compares with a listing).
+        let missing: HashSet<Tag> = storage.chunks.missing_in_store(&only_tags).await?.into_iter().collect();
         report.problems.extend(
             all.into_iter()
                 .filter(|(t, _)| missing.contains(t))

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use isr_format::codec::ChunkError;
 use isr_format::{KeyringTags, Manifest, RecoveryPublicKey, Tag};
 use isr_store::meta::{LockInfo, LockRelease, NewParcel, NewVersion, VersionSel};
-use isr_store::StoreError;
+use isr_store::{MetaError, StoreError};
 use isr_wire::limits::{
     FETCH_ABSENT, MAX_CHUNK_BODY, MAX_COMMENT, MAX_FETCH_TAGS, MAX_HEX_FIELD, MAX_JSON_BODY,
     MAX_KEYRING_BODY, MAX_MISSING_TAGS, MAX_TOKEN, TAG_LEN,
@@ -472,12 +472,17 @@ async fn commit(
         bytes_uploaded: req.bytes_uploaded,
         now_unix: crate::now_unix(),
     };
-    // Run to completion even if the client goes away: the outcome is all or nothing either way.
+    // Run to completion even if the client goes away: the outcome is all or nothing either way. The chunks
+    // are made durable first, in one step, outside the transaction; the presence check inside it syncs
+    // again only for a chunk renamed into place since.
     let st2 = st.clone();
-    let version =
-        tokio::spawn(async move { st2.0.storage.meta.commit_version(v, &st2.0.storage.chunks).await })
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))??;
+    let version = tokio::spawn(async move {
+        let chunks = &st2.0.storage.chunks;
+        let synced_at = chunks.make_durable().await?;
+        st2.0.storage.meta.commit_version(v, &chunks.for_commit(synced_at)).await
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     tracing::info!(%user, parcel = %name, version, "version committed");
     Ok((StatusCode::CREATED, Json(isr_wire::CommitReply { version })).into_response())
 }
@@ -669,24 +674,24 @@ async fn put_chunk(
     let tag = parse_tag(&tag, "chunk tag")?;
     let data = read_body(&st, &headers, body, MAX_CHUNK_BODY).await?;
     let len = data.len();
-    match st.0.storage.chunks.store().put(&tag, data).await {
+    // Written (durable at the next commit's sync, or when S3 acknowledges it), touched if it was there.
+    match st.0.storage.chunks.put(&tag, data).await {
         Ok(true) => {
             st.0.metrics.chunk_stored(len);
             Ok(StatusCode::CREATED)
         }
-        Ok(false) => {
-            st.0.storage.chunks.touch(&tag).await;
-            Ok(StatusCode::OK)
-        }
-        Err(StoreError::Integrity { source: ChunkError::TagMismatch { actual, .. }, .. }) => {
-            Err(ApiError::new(
-                ErrorCode::TagMismatch,
-                format!("chunk bytes hash to {actual}, not to the tag in the URL"),
-            ))
-        }
-        Err(StoreError::Integrity { source, .. }) => {
+        Ok(false) => Ok(StatusCode::OK),
+        Err(MetaError::Chunks(StoreError::Integrity {
+            source: ChunkError::TagMismatch { actual, .. },
+            ..
+        })) => Err(ApiError::new(
+            ErrorCode::TagMismatch,
+            format!("chunk bytes hash to {actual}, not to the tag in the URL"),
+        )),
+        Err(MetaError::Chunks(StoreError::Integrity { source, .. })) => {
             Err(ApiError::new(ErrorCode::BadChunk, source.to_string()))
         }
+        Err(MetaError::Chunks(e)) => Err(e.into()),
         Err(e) => Err(e.into()),
     }
 }

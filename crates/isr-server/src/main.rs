@@ -73,10 +73,14 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS")]
         grace: Option<u64>,
     },
-    /// Check that every referenced chunk is present (--full: and re-hash each).
+    /// Check that every referenced chunk is present (--full: and re-hash each); on S3, also compare the
+    /// chunk index with a listing of the bucket (--repair: rebuild the index from it).
     Check {
         #[arg(long)]
         full: bool,
+        /// Rebuild the chunk index (S3) from a listing of the store.
+        #[arg(long)]
+        repair: bool,
     },
     /// TLS certificates.
     #[command(subcommand)]
@@ -377,17 +381,37 @@ async fn run(cli: Cli) -> Result<(), Exit> {
         }
         // Need no storage: handled above.
         Cmd::Tls(_) | Cmd::Completions { .. } => {}
-        Cmd::Check { full } => {
+        Cmd::Check { full, repair } => {
             let r = admin::check(&storage, full).await?;
             for p in &r.problems {
                 println!("{p}");
             }
-            if !r.problems.is_empty() {
+            let index = storage.chunks.check_index(repair).await?;
+            let mut stale = 0;
+            if let Some(ix) = &index {
+                let fixed = if ix.repaired { " (removed)" } else { "" };
+                for t in &ix.stale {
+                    println!("chunk index says present, store lacks chunk {t}{fixed}");
+                }
+                stale = if ix.repaired { 0 } else { ix.stale.len() };
+                eprintln!(
+                    "chunk index: {} rows, {} chunks listed, {} without a present row{}",
+                    ix.rows,
+                    ix.listed,
+                    ix.unindexed.len(),
+                    if ix.repaired {
+                        " (indexed now)"
+                    } else {
+                        " (reported missing until uploaded again or check --repair)"
+                    }
+                );
+            }
+            if !r.problems.is_empty() || stale > 0 {
                 return Err(Exit(
                     5,
                     anyhow!(
                         "check failed: {} problems in {} keyrings / {} chunks",
-                        r.problems.len(),
+                        r.problems.len() + stale,
                         r.keyrings,
                         r.chunks
                     ),

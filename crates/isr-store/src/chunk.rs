@@ -77,7 +77,8 @@ pub enum Durability {
     /// fsync the file before the rename and the directory after it: the chunk survives power loss.
     Fsync,
     /// Write and rename only: atomic (never a partial chunk), durable once the OS writes back or
-    /// [`FsChunkStore::sync_all`] runs.
+    /// [`FsChunkStore::sync`] (or [`FsChunkStore::sync_all`]) runs. The server's mode: a commit makes its
+    /// chunks durable in one step before its transaction.
     Rename,
 }
 
@@ -88,6 +89,8 @@ pub enum Durability {
 pub struct FsChunkStore {
     root: PathBuf,
     durability: Durability,
+    /// How many times [`FsChunkStore::sync`] ran (tests check that a commit syncs).
+    syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FsChunkStore {
@@ -120,7 +123,32 @@ impl FsChunkStore {
                 }
             }
         }
-        Ok(FsChunkStore { root, durability })
+        Ok(FsChunkStore { root, durability, syncs: Arc::default() })
+    }
+
+    /// Makes every chunk written so far durable, by whichever process wrote it: `syncfs(2)` of the file
+    /// system the store is on, which writes back the data of every file and the directory entries of every
+    /// rename there (one journal commit), and reports write-back errors (Linux 5.8 and later).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(&self.root).map_err(|e| StoreError::io(&self.root, e))?;
+        // SAFETY: syncfs takes a file descriptor and nothing else; `dir` keeps it open for the call.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+        if rc != 0 {
+            return Err(StoreError::io(&self.root, std::io::Error::last_os_error()));
+        }
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many times [`FsChunkStore::sync`] has run on this store (and its clones).
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
     }
 
     pub fn root(&self) -> &Path {
@@ -422,6 +450,11 @@ mod tests {
         exercise(&FsChunkStore::open(dir.path(), Durability::Fsync).unwrap()).await;
         let s = FsChunkStore::open(dir.path(), Durability::Rename).unwrap();
         s.sync_all().unwrap();
+        assert_eq!(s.syncs(), 0);
+        let (t3, c3) = chunk(3);
+        s.put(&t3, c3).await.unwrap();
+        s.clone().sync().unwrap();
+        assert_eq!(s.syncs(), 1, "clones share the counter");
     }
 
     #[tokio::test]

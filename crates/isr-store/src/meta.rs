@@ -268,6 +268,11 @@ pub struct GcMark {
 #[async_trait]
 pub trait ChunkPresence: Send + Sync {
     async fn missing(&self, tags: Vec<Tag>) -> Result<Vec<Tag>, MetaError>;
+    /// True when presence is the metadata's chunk index ([`MetaStore::chunk_intent`]) rather than the store:
+    /// the commit then reads the index in its own transaction and does not call [`ChunkPresence::missing`].
+    fn indexed(&self) -> bool {
+        false
+    }
 }
 
 /// Deletes chunks; called by [`MetaStore::gc_sweep`] while it holds the commit/sweep exclusion.
@@ -381,12 +386,47 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// Garbage collection, sweep of one batch: under the commit/sweep exclusion, drops from `candidates` the
     /// tags of versions not in `mark.versions_seen` (committed meanwhile), then deletes the rest through
     /// `sweeper`. Returns the tags deleted.
+    ///
+    /// In two steps, each under the exclusion: the first removes the doomed tags' chunk-index rows (sparing
+    /// tags with a recent pending row: a PUT in flight) and commits; the second re-checks the versions
+    /// committed since the mark and spares every tag that has an index row again (a PUT or `check --repair`
+    /// since the first step), then deletes through `sweeper`. So an index row that says present never
+    /// outlives its chunk, even if gc dies between the steps.
     async fn gc_sweep(
         &self,
         mark: &GcMark,
         candidates: Vec<Tag>,
         sweeper: &dyn ChunkSweeper,
     ) -> Result<Vec<Tag>, MetaError>;
+
+    /// The chunk index, for chunk stores that cannot answer "which of these 20,000 tags do you have" cheaply
+    /// (S3: a request per tag). A row per chunk: *pending* from before the chunk's PUT writes the object,
+    /// *present* once the store acknowledged it (S3 PUTs are durable when acknowledged). The protocol:
+    ///
+    /// 1. [`MetaStore::chunk_intent`] (under the shared gc exclusion, like a commit): pending rows;
+    /// 2. the object is written (or found there: the store's create-only PUT says so);
+    /// 3. [`MetaStore::chunk_stored`]: the rows become present, unless a sweep removed them meanwhile.
+    ///
+    /// A sweep ([`MetaStore::gc_sweep`]) removes rows before objects and spares any tag that has a row when it
+    /// deletes. So a present row always has its object, and a PUT that races a sweep either sees its row
+    /// spared or writes the object anew after the sweep. An object without a row (a crash between 2 and 3)
+    /// is reported missing and uploaded again.
+    ///
+    /// Returns the tags of `tags` whose row already said present (a PUT of a chunk the index lacked is new to
+    /// the deployment, as `missing` reported it, even if its object was there).
+    async fn chunk_intent(&self, tags: &[Tag], now_unix: i64) -> Result<HashSet<Tag>, MetaError>;
+    /// Step 3 of [`MetaStore::chunk_intent`]: (tag, stored size) rows become present.
+    async fn chunk_stored(&self, chunks: &[(Tag, u64)]) -> Result<(), MetaError>;
+    /// The tags of `tags` whose index row says present.
+    async fn chunks_indexed(&self, tags: &[Tag]) -> Result<HashSet<Tag>, MetaError>;
+    /// Every index row: (tag, present, since_unix).
+    async fn chunk_index(&self) -> Result<Vec<(Tag, bool, i64)>, MetaError>;
+    /// Removes the present rows of `tags` (chunks `check` found absent from the store); returns how many.
+    async fn chunk_index_forget(&self, tags: &[Tag]) -> Result<u64, MetaError>;
 }
+
+/// A pending chunk-index row younger than this is a PUT in flight, which gc spares; an older one was left by
+/// a writer that died.
+pub const PENDING_CHUNK_GRACE_SECS: i64 = 3600;
 
 pub use isr_wire::names::{valid_parcel_name, valid_user_name};

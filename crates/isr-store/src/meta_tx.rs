@@ -570,7 +570,14 @@ impl<B: Backend> MetaStore for B {
                 }
             }
             let needed = rules::chunks_needed(&wanted, found.iter().map(|(h, d)| (*h, &d[..])), &known)?;
-            rules::chunks_present(chunks.missing(needed).await?)?;
+            let missing = if chunks.indexed() {
+                // In this transaction: a sweep cannot remove rows until it ends.
+                let present = index_rows(&mut tx, &needed).await?;
+                needed.into_iter().filter(|t| present.get(t).is_none_or(|(p, _)| !p)).collect()
+            } else {
+                chunks.missing(needed).await?
+            };
+            rules::chunks_present(missing)?;
             let number = rules::next_version(p.head);
             let fields = VersionFields {
                 manifest: &v.manifest,
@@ -666,17 +673,31 @@ impl<B: Backend> MetaStore for B {
         candidates: Vec<Tag>,
         sweeper: &dyn ChunkSweeper,
     ) -> Result<Vec<Tag>, MetaError> {
+        // Step 1: the verdict, and the index rows of the doomed removed (committed before any object goes).
+        let now = now_unix();
+        let mut tx = begin(self, TxKind::Write(Some(rules::SWEEP))).await?;
+        let r = async {
+            let mut doomed = doomed_since_mark(&mut tx, mark, candidates).await?;
+            let rows = index_rows(&mut tx, &doomed).await?;
+            doomed.retain(|t| {
+                !rows.get(t).is_some_and(|(present, since)| rules::put_in_flight(*present, *since, now))
+            });
+            for t in doomed.iter().filter(|t| rows.contains_key(t)) {
+                tx.exec(sql::CHUNK_FORGET, args![t]).await?;
+            }
+            Ok(doomed)
+        }
+        .await;
+        let doomed = finish(tx, r).await?;
+        // Step 2: re-checked, then deleted while the exclusion is held.
         let mut tx = begin(self, TxKind::Write(Some(rules::SWEEP))).await?;
         let r = async {
             // Read only once the exclusion is held: every version whose commit checked its chunks before this
-            // sweep is seen.
-            let current = all(&mut tx, sql::ALL_VERSION_IDS, args![], |r| r.int(0)).await?;
-            let mut referenced = HashSet::new();
-            for vid in rules::versions_since(mark, current) {
-                referenced.extend(tx.keyring_tags(sql::VERSION_KEYRING_DATA, args![vid]).await?);
-            }
-            let doomed = rules::sweep_doomed(candidates, &referenced);
-            // Deleted while the exclusion is held.
+            // step is seen (commits between the steps included).
+            let mut doomed = doomed_since_mark(&mut tx, mark, doomed).await?;
+            // A row again: a PUT (or a repair) began after step 1; its object stays.
+            let rows = index_rows(&mut tx, &doomed).await?;
+            doomed.retain(|t| !rows.contains_key(t));
             sweeper.delete(doomed.clone()).await?;
             Ok(doomed)
         }
@@ -684,6 +705,90 @@ impl<B: Backend> MetaStore for B {
         // The transaction wrote nothing: ending it either way releases the exclusion.
         finish(tx, r).await
     }
+
+    async fn chunk_intent(&self, tags: &[Tag], now_unix: i64) -> Result<HashSet<Tag>, MetaError> {
+        // Shared with commits, exclusive of sweeps: a sweep step either saw this row or runs after it.
+        let mut tx = begin(self, TxKind::Write(Some(rules::CHUNK_INTENT))).await?;
+        let r = async {
+            let rows = index_rows(&mut tx, tags).await?;
+            for t in tags {
+                tx.exec(sql::CHUNK_INTENT, args![t, now_unix]).await?;
+            }
+            Ok(rows.into_iter().filter(|(_, (present, _))| *present).map(|(t, _)| t).collect())
+        }
+        .await;
+        finish(tx, r).await
+    }
+
+    async fn chunk_stored(&self, chunks: &[(Tag, u64)]) -> Result<(), MetaError> {
+        if let [(t, size)] = chunks {
+            return exec_each(self, sql::CHUNK_STORED, args![t, *size as i64]).await.map(drop);
+        }
+        let mut tx = begin(self, TxKind::Write(None)).await?;
+        let r = async {
+            for (t, size) in chunks {
+                tx.exec(sql::CHUNK_STORED, args![t, *size as i64]).await?;
+            }
+            Ok(())
+        }
+        .await;
+        finish(tx, r).await
+    }
+
+    async fn chunks_indexed(&self, tags: &[Tag]) -> Result<HashSet<Tag>, MetaError> {
+        let mut tx = begin(self, TxKind::Each).await?;
+        let r = index_rows(&mut tx, tags).await;
+        let rows = finish(tx, r).await?;
+        Ok(rows.into_iter().filter(|(_, (present, _))| *present).map(|(t, _)| t).collect())
+    }
+
+    async fn chunk_index(&self) -> Result<Vec<(Tag, bool, i64)>, MetaError> {
+        all_each(self, sql::CHUNK_INDEX_ALL, args![], sql::chunk_row).await
+    }
+
+    async fn chunk_index_forget(&self, tags: &[Tag]) -> Result<u64, MetaError> {
+        let mut tx = begin(self, TxKind::Write(None)).await?;
+        let r = async {
+            let mut n = 0;
+            for t in tags {
+                n += tx.exec(sql::CHUNK_FORGET_PRESENT, args![t]).await?;
+            }
+            Ok(n)
+        }
+        .await;
+        finish(tx, r).await
+    }
+}
+
+/// The candidates that no version committed since `mark` references (read under the sweep exclusion).
+async fn doomed_since_mark<T: MetaTx + ?Sized>(
+    tx: &mut T,
+    mark: &GcMark,
+    candidates: Vec<Tag>,
+) -> Result<Vec<Tag>, MetaError> {
+    let current = all(tx, sql::ALL_VERSION_IDS, args![], |r| r.int(0)).await?;
+    let mut referenced = HashSet::new();
+    for vid in rules::versions_since(mark, current) {
+        referenced.extend(tx.keyring_tags(sql::VERSION_KEYRING_DATA, args![vid]).await?);
+    }
+    Ok(rules::sweep_doomed(candidates, &referenced))
+}
+
+/// The chunk-index rows of `tags`: tag -> (present, since), in batches of [`sql::IN_BATCH`].
+async fn index_rows<T: MetaTx + ?Sized>(
+    tx: &mut T,
+    tags: &[Tag],
+) -> Result<std::collections::HashMap<Tag, (bool, i64)>, MetaError> {
+    let mut out = std::collections::HashMap::with_capacity(tags.len());
+    for batch in tags.chunks(sql::IN_BATCH) {
+        let mut params: Vec<Arg> = batch.iter().map(Arg::from).collect();
+        params.resize(sql::IN_BATCH, Arg::from(&batch[0]));
+        for row in tx.query(sql::chunk_rows_in(), None, params).await? {
+            let (t, present, since) = sql::chunk_row(&row)?;
+            out.insert(t, (present, since));
+        }
+    }
+    Ok(out)
 }
 
 /// The current time (keyring upload ages).

@@ -240,6 +240,14 @@ pub(crate) const SWEEP: GcExclusion = GcExclusion::Exclusive;
 /// reference yet).
 pub(crate) const PURGE_KEYRINGS: GcExclusion = GcExclusion::Exclusive;
 
+/// The exclusion of a chunk PUT's pending index row (it must not slip between a sweep's steps).
+pub(crate) const CHUNK_INTENT: GcExclusion = GcExclusion::Shared;
+
+/// Whether a chunk-index row stands for a PUT still in flight (pending and recent), which a sweep spares.
+pub(crate) fn put_in_flight(present: bool, since_unix: i64, now_unix: i64) -> bool {
+    !present && now_unix - since_unix < crate::meta::PENDING_CHUNK_GRACE_SECS
+}
+
 /// A sweep's first step, under [`SWEEP`]: the versions committed since the mark (`current`: every version
 /// now), whose chunks the sweep must spare.
 pub(crate) fn versions_since(mark: &GcMark, current: impl IntoIterator<Item = i64>) -> Vec<i64> {
@@ -421,5 +429,9 @@ mod tests {
         assert_eq!(versions_since(&mark, [1, 2, 3, 5]), vec![3, 5], "committed after the mark");
         let (a, b, c) = (Tag([1; 32]), Tag([2; 32]), Tag([3; 32]));
         assert_eq!(sweep_doomed(vec![a, b, c], &HashSet::from([b])), vec![a, c]);
+        assert_eq!(CHUNK_INTENT, GcExclusion::Shared);
+        assert!(put_in_flight(false, 100, 100 + 3599), "a recent pending row is a PUT in flight");
+        assert!(!put_in_flight(false, 100, 100 + 3600), "a writer that died an hour ago");
+        assert!(!put_in_flight(true, 100, 100), "a present row is no PUT");
     }
 }

@@ -123,6 +123,12 @@ CREATE TABLE IF NOT EXISTS version_keyrings (
     hash {blob} NOT NULL,
     PRIMARY KEY (version_id, hash)
 );
+CREATE TABLE IF NOT EXISTS chunk_index (
+    tag {blob} PRIMARY KEY,
+    present {int} NOT NULL,
+    size {int} NOT NULL,
+    since_unix {int} NOT NULL
+);
 "#;
 
 /// Columns added after the first release: (table, column, type). Databases created before them get them on
@@ -268,6 +274,40 @@ pub(crate) const PURGE_UNREFERENCED_KEYRINGS: &str =
        (SELECT 1 FROM version_keyrings vk WHERE vk.parcel_id = keyrings.parcel_id
           AND vk.hash = keyrings.hash)";
 pub(crate) const ALL_VERSION_IDS: &str = "SELECT id FROM versions";
+
+// The chunk index of a store that cannot answer presence cheaply (S3): a row per chunk, pending (`present`
+// 0) from before a PUT writes the object, present (1) once the store has acknowledged it. See
+// `MetaStore::chunk_intent` for the protocol with gc.
+
+/// A pending row for a chunk about to be written; an existing pending row gets the new time, a present row
+/// stays present (its object exists).
+pub(crate) const CHUNK_INTENT: &str = "INSERT INTO chunk_index (tag, present, size, since_unix)
+     VALUES ($1, 0, 0, $2)
+     ON CONFLICT (tag) DO UPDATE SET since_unix = excluded.since_unix WHERE chunk_index.present = 0";
+/// Only an existing row: one a sweep removed meanwhile stays removed (the chunk is then reported missing).
+pub(crate) const CHUNK_STORED: &str = "UPDATE chunk_index SET present = 1, size = $2 WHERE tag = $1";
+pub(crate) const CHUNK_FORGET: &str = "DELETE FROM chunk_index WHERE tag = $1";
+/// A row that says present for an object that is not there (found by `check`).
+pub(crate) const CHUNK_FORGET_PRESENT: &str = "DELETE FROM chunk_index WHERE tag = $1 AND present = 1";
+pub(crate) const CHUNK_INDEX_ALL: &str = "SELECT tag, present, since_unix FROM chunk_index";
+
+/// Tags per [`chunk_rows_in`] query (a shorter batch repeats its first tag).
+pub(crate) const IN_BATCH: usize = 256;
+
+static CHUNK_ROWS_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let params: Vec<String> = (1..=IN_BATCH).map(|i| format!("${i}")).collect();
+    format!("SELECT tag, present, since_unix FROM chunk_index WHERE tag IN ({})", params.join(", "))
+});
+
+/// The index rows (tag, present, since) of [`IN_BATCH`] tags.
+pub(crate) fn chunk_rows_in() -> &'static str {
+    CHUNK_ROWS_IN.as_str()
+}
+
+/// A row of [`chunk_rows_in`] or [`CHUNK_INDEX_ALL`]: tag, present, since.
+pub(crate) fn chunk_row(r: &dyn Columns) -> Result<(Tag, bool, i64), MetaError> {
+    Ok((tag(&r.blob(0)?)?, r.int(1)? != 0, r.int(2)?))
+}
 /// Hash and bytes of every keyring some version references (gc's mark).
 pub(crate) const REFERENCED_KEYRING_DATA: &str = "SELECT k.hash, k.data FROM keyrings k WHERE EXISTS
        (SELECT 1 FROM version_keyrings vk WHERE vk.parcel_id = k.parcel_id AND vk.hash = k.hash)";

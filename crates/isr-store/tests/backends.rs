@@ -935,3 +935,104 @@ async fn meta_backends_have_the_same_indexes() {
     SqliteMetaStore::open(&old).unwrap();
     assert_eq!(indexes_of_sqlite(&old), pg);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The chunk index (presence of S3 chunks kept in the metadata database)
+
+/// Presence from the chunk index: the commit reads it in its own transaction and never asks the store.
+struct IndexPresence;
+
+#[async_trait::async_trait]
+impl ChunkPresence for IndexPresence {
+    async fn missing(&self, _: Vec<Tag>) -> Result<Vec<Tag>, MetaError> {
+        panic!("an indexed commit must not ask the store")
+    }
+    fn indexed(&self) -> bool {
+        true
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+async fn meta_chunk_index(m: &dyn MetaStore) {
+    let chunks = MemChunkStore::new();
+    let [(a, da), (b, db), (c, dc), (d, _), (e, de)] = [(); 5].map(|_| fake_chunk());
+    // a and b PUT completely; c's PUT in flight (pending row, object written); e left pending by a writer
+    // that died two hours ago.
+    m.chunk_intent(&[a, b, c], now()).await.unwrap();
+    m.chunk_intent(&[e], now() - 7200).await.unwrap();
+    for (t, data) in [(a, da), (b, db), (c, dc), (e, de)] {
+        chunks.put(&t, data).await.unwrap();
+    }
+    m.chunk_stored(&[(a, 10), (b, 20)]).await.unwrap();
+    assert_eq!(m.chunk_intent(&[a, c], now()).await.unwrap(), HashSet::from([a]), "a was present already");
+    assert_eq!(m.chunks_indexed(&[a, b, c, d, e]).await.unwrap(), HashSet::from([a, b]));
+    // More tags than one query holds.
+    let many: Vec<Tag> = (0..700).map(|_| fake_chunk().0).chain([b]).collect();
+    assert_eq!(m.chunks_indexed(&many).await.unwrap(), HashSet::from([b]));
+    let mut rows: Vec<(Tag, bool)> =
+        m.chunk_index().await.unwrap().into_iter().map(|(t, p, _)| (t, p)).collect();
+    rows.sort();
+    let mut want = vec![(a, true), (b, true), (c, false), (e, false)];
+    want.sort();
+    assert_eq!(rows, want);
+
+    // Commits read the index: b is present, a chunk without a present row is missing.
+    m.add_user("u", "h", 1).await.unwrap();
+    let l = lock("c1");
+    m.create_parcel(new_parcel("u", "p", l.clone())).await.unwrap();
+    let (k1, kd1) = keyring(&[b]);
+    m.put_keyring("u", "p", &l.lock_id, k1, kd1).await.unwrap();
+    m.commit_version(new_version("u", "p", &l.lock_id, 0, vec![k1]), &IndexPresence).await.unwrap();
+    let (k2, kd2) = keyring(&[b, c, d]);
+    m.put_keyring("u", "p", &l.lock_id, k2, kd2).await.unwrap();
+    match m.commit_version(new_version("u", "p", &l.lock_id, 1, vec![k2]), &IndexPresence).await {
+        Err(MetaError::MissingChunks(mut missing)) => {
+            missing.sort();
+            let mut want = vec![c, d];
+            want.sort();
+            assert_eq!(missing, want, "pending and absent chunks are missing");
+        }
+        other => panic!("commit without its chunks: {other:?}"),
+    }
+
+    // gc: a (present, unreferenced) and e (stale pending) go with their rows; c (a PUT in flight) stays.
+    let mut swept = gc(m, &chunks).await;
+    swept.sort();
+    let mut want = vec![a, e];
+    want.sort();
+    assert_eq!(swept, want);
+    assert!(!chunks.contains(&a).await.unwrap() && chunks.contains(&c).await.unwrap());
+    assert!(chunks.contains(&b).await.unwrap(), "referenced");
+    let mut rows: Vec<Tag> = m.chunk_index().await.unwrap().into_iter().map(|(t, _, _)| t).collect();
+    rows.sort();
+    let mut want = vec![b, c];
+    want.sort();
+    assert_eq!(rows, want);
+    // A PUT of a that finishes after the sweep removed its row does not bring the row back (its object is
+    // gone): a is reported missing, never present.
+    m.chunk_stored(&[(a, 10)]).await.unwrap();
+    assert!(m.chunks_indexed(&[a]).await.unwrap().is_empty());
+    // A PUT that begins after the mark (a pending row) keeps its object from that mark's sweep.
+    let mark = m.gc_mark().await.unwrap();
+    m.chunk_intent(&[c], now()).await.unwrap();
+    assert_eq!(m.gc_sweep(&mark, vec![c], &Sweeper(&chunks)).await.unwrap(), Vec::<Tag>::new());
+    assert!(chunks.contains(&c).await.unwrap());
+
+    // check --repair removes present rows of chunks the store lacks.
+    assert_eq!(m.chunk_index_forget(&[b, c, d]).await.unwrap(), 1, "only b's row said present");
+    assert!(m.chunks_indexed(&[b]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn meta_sqlite_chunk_index() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_chunk_index(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_chunk_index() {
+    meta_chunk_index(&pg_store().await.0).await;
+}

@@ -23,6 +23,8 @@ pub struct Target {
 pub struct Throughput {
     pub rps: f64,
     pub mbps: f64,
+    /// Seconds measured.
+    pub secs: f64,
 }
 
 /// reqwest is built without a default crypto provider: hand it a ring config (unused for plain HTTP).
@@ -88,6 +90,7 @@ where
     Throughput {
         rps: requests.load(Ordering::Relaxed) as f64 / secs,
         mbps: bytes.load(Ordering::Relaxed) as f64 / secs / 1e6,
+        secs,
     }
 }
 
@@ -96,10 +99,17 @@ pub fn pick(tags: &[Tag], i: usize, k: usize) -> &Tag {
     &tags[(i + 7 * k) % tags.len()]
 }
 
+static SEQ: AtomicU64 = AtomicU64::new(1 << 32);
+
 /// A PUT body never sent before in this process.
 pub fn next_fresh_chunk(base: &[u8]) -> (Tag, Bytes) {
-    static SEQ: AtomicU64 = AtomicU64::new(1 << 32);
     fresh_chunk(base, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The number of the next [`next_fresh_chunk`]: the chunks of a run are `fresh_chunk(base, n)` for `n` from
+/// the value before it to the value after it.
+pub fn fresh_seq() -> u64 {
+    SEQ.load(Ordering::Relaxed)
 }
 
 /// GETs of `tags` or PUTs of fresh chunks against `target` over HTTP/1.1 keep-alive connections.

@@ -80,9 +80,9 @@ impl TestServer {
             let s3 = S3ChunkStore::from_url_with(&svc.fresh_s3_url(), svc.s3_builder()).unwrap();
             let a = Arc::new(AgedStore::new(Arc::new(VerifyingStore::new(s3))));
             aged = Some(a.clone());
-            Chunks::other(a)
+            Chunks::indexed(a)
         } else {
-            Chunks::fs(FsChunkStore::open(dir.path().join("chunks"), Durability::Fsync).unwrap())
+            Chunks::fs(FsChunkStore::open(dir.path().join("chunks"), Durability::Rename).unwrap())
         };
         let storage = Storage::from_stores(meta, chunks).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
