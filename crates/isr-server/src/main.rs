@@ -2,12 +2,13 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use isr_format::RecoveryPublicKey;
+use isr_format::{ImageKind, RecoveryPublicKey};
 use isr_server::admin::{self, split_target};
+use isr_server::recovery::{self, RecoveryError};
 use isr_server::{auth, AppState, Deployment, ServerSettings, Storage, StorageConfig};
 use isr_store::meta::{LockRelease, NetworkPolicy};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -81,6 +82,25 @@ enum Cmd {
     /// TLS certificates.
     #[command(subcommand)]
     Tls(TlsCmd),
+    /// IT's recovery key.
+    #[command(subcommand)]
+    Recovery(RecoveryCmd),
+    /// Write the raw disk (or memory) image of a version of USER/PARCEL, opened with the recovery key.
+    Export {
+        /// USER/PARCEL
+        target: String,
+        /// Default: the head.
+        #[arg(long, value_name = "N")]
+        version: Option<u64>,
+        /// The deployment's recovery private key (from `recovery init`).
+        #[arg(long, value_name = "FILE")]
+        recovery_key: PathBuf,
+        #[arg(long, value_name = "IMG")]
+        output: PathBuf,
+        /// The memory image instead of the disk.
+        #[arg(long)]
+        memory: bool,
+    },
     /// Print the shell completion script for bash, zsh or fish.
     Completions {
         #[arg(value_parser = ["bash", "zsh", "fish"])]
@@ -135,6 +155,16 @@ enum TlsCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum RecoveryCmd {
+    /// Create the deployment's recovery key pair: the private key into FILE (0600; keep it offline), the
+    /// public key printed and, with --config, written into the configuration file as recovery_pubkey.
+    Init {
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum UserCmd {
     /// Add a user (password from $ISR_PASSWORD or a prompt); creates the deployment if there is none.
     Add {
@@ -145,9 +175,13 @@ enum UserCmd {
     Remove {
         name: String,
     },
-    /// Set a new password (the user's parcels stay sealed with the old one until they run `isr passwd`).
+    /// Set a new password. Without --recovery-key the user's parcels stay sealed with the old one until they
+    /// run `isr passwd`; with it, every parcel's keyroot is rewrapped under the new password now.
     Passwd {
         name: String,
+        /// The deployment's recovery private key (from `recovery init`): unseal and rewrap every parcel key.
+        #[arg(long, value_name = "FILE")]
+        recovery_key: Option<PathBuf>,
     },
 }
 
@@ -245,6 +279,68 @@ async fn shutdown_signal() {
     tracing::info!("signal received: shutting down");
 }
 
+/// The exit code of a recovery failure (SPEC.md's codes).
+fn recovery_exit(e: RecoveryError) -> Exit {
+    let code = match &e {
+        RecoveryError::KeyFile { .. } | RecoveryError::Usage(_) => 2,
+        RecoveryError::WrongKey { .. } => 4,
+        RecoveryError::Integrity(_) => 5,
+        _ => 1,
+    };
+    Exit(code, e.into())
+}
+
+/// `recovery init`: the key file first (refusing to overwrite one), then the public half into the
+/// configuration file, if one is given (refusing one that already names a recovery key, checked first).
+fn recovery_init(output: &Path, config: Option<&Path>) -> Result<(), Exit> {
+    if let Some(cfg) = config {
+        let keys = read_config(&cfg.to_path_buf()).map_err(|e| Exit(2, e))?;
+        if let Some(old) = keys.get("recovery_pubkey") {
+            return Err(usage(format!(
+                "{} already configures the recovery key {old}: parcels are sealed to it, so replacing it needs \
+                 care (remove its recovery_pubkey line first if that is what you want)",
+                cfg.display()
+            )));
+        }
+    }
+    let key = recovery::init(output).map_err(recovery_exit)?;
+    let public = key.public_key().to_hex();
+    if let Some(cfg) = config {
+        let mut text = std::fs::read_to_string(cfg).with_context(|| format!("reading {}", cfg.display()))?;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "# the deployment's recovery public key (isr-server recovery init, {})\nrecovery_pubkey = {public}\n",
+            isr_server::rfc3339(isr_server::now_unix())
+        ));
+        let tmp = cfg.with_extension("isr-partial");
+        let mode = std::fs::metadata(cfg).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+        std::fs::write(&tmp, text)
+            .and_then(|()| match mode {
+                Ok(m) => std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(m)),
+                Err(_) => Ok(()),
+            })
+            .and_then(|()| std::fs::rename(&tmp, cfg))
+            .with_context(|| format!("writing recovery_pubkey into {}", cfg.display()))?;
+        eprintln!(
+            "wrote the private key to {} (keep it offline) and recovery_pubkey into {} (`serve --config {}` \
+             announces it to clients, which seal every parcel key they create or rewrap to it)",
+            output.display(),
+            cfg.display(),
+            cfg.display()
+        );
+    } else {
+        eprintln!(
+            "wrote the private key to {} (keep it offline); give the public key to `serve --recovery-pubkey` or \
+             put `recovery_pubkey = {public}` into the configuration file",
+            output.display()
+        );
+    }
+    println!("{public}");
+    Ok(())
+}
+
 /// Who `isr-server unlock` is, for the holder whose lock it breaks.
 const ADMIN_BREAKER: &str = "the administrator (isr-server unlock)";
 
@@ -272,6 +368,9 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             files.key.display()
         );
         return Ok(());
+    }
+    if let Cmd::Recovery(RecoveryCmd::Init { output }) = &cli.cmd {
+        return recovery_init(output, cli.storage.config.as_deref());
     }
     let file = match &cli.storage.config {
         // A configuration file that cannot be used is bad usage, like a bad option.
@@ -328,7 +427,48 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             admin::add_user(&storage, &name, &secret).await?;
             eprintln!("user {name} added");
         }
-        Cmd::User(UserCmd::Passwd { name }) => {
+        Cmd::User(UserCmd::Passwd { name, recovery_key: Some(key_file) }) => {
+            let key = recovery::load(&key_file).map_err(recovery_exit)?;
+            if storage.meta.user(&name).await?.is_none() {
+                return Err(Exit(1, anyhow!("no such user: {name}")));
+            }
+            let pw = password(&format!("New password for {name}: "))?;
+            let r = recovery::reset_password(&storage, &name, pw, &key).await.map_err(recovery_exit)?;
+            for p in &r.rewrapped {
+                println!("{p}: key rewrapped under the new password");
+            }
+            for p in &r.unsealed {
+                println!("{p}: no recovery seal, left as it was (it still opens with the previous password)");
+            }
+            eprintln!("password of {name} changed; {} parcel keys rewrapped", r.rewrapped.len());
+            if !r.unsealed.is_empty() {
+                return Err(Exit(
+                    1,
+                    anyhow!(
+                        "{} parcels of {name} have no recovery seal and still open only with the previous \
+                         password: {}",
+                        r.unsealed.len(),
+                        r.unsealed.join(", ")
+                    ),
+                ));
+            }
+        }
+        Cmd::Export { target, version, recovery_key, output, memory } => {
+            let (u, p) = split_target(&target).ok_or_else(|| usage("expected USER/PARCEL"))?;
+            let key = recovery::load(&recovery_key).map_err(recovery_exit)?;
+            let kind = if memory { ImageKind::Memory } else { ImageKind::Disk };
+            let r = recovery::export(&storage, u, p, version, kind, &key, &output)
+                .await
+                .map_err(recovery_exit)?;
+            eprintln!(
+                "{target} version {}: {} image of {} bytes written to {}",
+                r.version,
+                kind.name(),
+                r.bytes,
+                output.display()
+            );
+        }
+        Cmd::User(UserCmd::Passwd { name, recovery_key: None }) => {
             if storage.meta.user(&name).await?.is_none() {
                 return Err(Exit(1, anyhow!("no such user: {name}")));
             }
@@ -340,8 +480,8 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             eprintln!(
                 "password of {name} changed. Their parcels are still sealed with their previous password: tell \
                  {name} to run `isr passwd` with ISR_PASSWORD set to the previous password and ISR_NEW_PASSWORD \
-                 to the new one (it rewraps every parcel's key and sets the new password), unless the \
-                 deployment's recovery key is used to reseal them."
+                 to the new one (it rewraps every parcel's key and sets the new password), or rerun this \
+                 with --recovery-key FILE (the deployment's recovery key rewraps them now)."
             );
         }
         Cmd::User(UserCmd::List) => {
@@ -413,7 +553,7 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             );
         }
         // Need no storage: handled above.
-        Cmd::Tls(_) | Cmd::Completions { .. } => {}
+        Cmd::Tls(_) | Cmd::Completions { .. } | Cmd::Recovery(_) => {}
         Cmd::Check { full } => {
             let r = admin::check(&storage, full).await?;
             for p in &r.problems {
