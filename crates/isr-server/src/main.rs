@@ -6,7 +6,7 @@ use isr_format::{ImageKind, RecoveryPublicKey};
 use isr_server::admin::{self, split_target};
 use isr_server::recovery::{self, RecoveryError};
 use isr_server::{auth, AppState, Deployment, ServerSettings, Storage, StorageConfig};
-use isr_store::meta::{LockRelease, NetworkPolicy};
+use isr_store::meta::{KeepPolicy, LockRelease, NetworkPolicy};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,7 +34,8 @@ struct StorageArgs {
     #[arg(long, global = true, value_name = "URL")]
     chunks: Option<String>,
     /// Configuration file of `key = value` lines (data, database, chunks, listen, tls_cert, tls_key,
-    /// recovery_pubkey, gc_grace_secs); command-line options win.
+    /// recovery_pubkey, gc_grace_secs, prune_keep_last/hourly/daily/weekly/monthly/yearly, prune_every_secs,
+    /// prune_low_space_percent); command-line options win.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 }
@@ -62,11 +63,23 @@ enum Cmd {
     Parcel(ParcelCmd),
     /// Break the lock of USER/PARCEL.
     Unlock { target: String },
-    /// Delete all but the newest N versions of USER/PARCEL (never the head).
+    /// Delete the versions a retention policy does not keep (restic `forget` semantics, UTC; the head always
+    /// stays), then gc. Without --keep-* options the configuration file's prune_keep_* policy applies.
     Prune {
-        target: String,
-        #[arg(long, value_name = "N")]
-        keep: u64,
+        /// USER/PARCEL (or --all).
+        #[arg(required_unless_present = "all")]
+        target: Option<String>,
+        /// Every parcel of every user.
+        #[arg(long, conflicts_with = "target")]
+        all: bool,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// List what would go and why the others stay; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not run gc after the prune.
+        #[arg(long)]
+        no_gc: bool,
     },
     /// Delete chunks that no version references.
     Gc {
@@ -152,6 +165,121 @@ enum TlsCmd {
         #[arg(long = "name", value_name = "HOST")]
         names: Vec<String>,
     },
+}
+
+/// The --keep-* rules of `prune` (0 or absent: that rule is off).
+#[derive(Args, Debug, Clone, Default)]
+struct KeepArgs {
+    /// Keep the newest N versions (`--keep N` is the same).
+    #[arg(long, visible_alias = "keep", value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep the newest version of each of the last N hours (UTC) that have one.
+    #[arg(long, value_name = "N")]
+    keep_hourly: Option<u32>,
+    /// ... of each of the last N days.
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    /// ... of each of the last N ISO weeks.
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    /// ... of each of the last N months.
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    /// ... of each of the last N years.
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+}
+
+impl KeepArgs {
+    fn any(&self) -> bool {
+        [
+            self.keep_last,
+            self.keep_hourly,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
+
+    fn policy(&self) -> KeepPolicy {
+        KeepPolicy {
+            last: self.keep_last.unwrap_or(0),
+            hourly: self.keep_hourly.unwrap_or(0),
+            daily: self.keep_daily.unwrap_or(0),
+            weekly: self.keep_weekly.unwrap_or(0),
+            monthly: self.keep_monthly.unwrap_or(0),
+            yearly: self.keep_yearly.unwrap_or(0),
+        }
+    }
+}
+
+/// The configuration file's prune policy (`prune_keep_last`, ...), if it has any rule.
+fn config_policy(file: &HashMap<String, String>) -> Result<Option<KeepPolicy>, Exit> {
+    let get = |k: &str| -> Result<u32, Exit> {
+        match file.get(k) {
+            Some(v) => v.parse().map_err(|_| usage(format!("{k} must be a whole number, not {v:?}"))),
+            None => Ok(0),
+        }
+    };
+    let policy = KeepPolicy {
+        last: get("prune_keep_last")?,
+        hourly: get("prune_keep_hourly")?,
+        daily: get("prune_keep_daily")?,
+        weekly: get("prune_keep_weekly")?,
+        monthly: get("prune_keep_monthly")?,
+        yearly: get("prune_keep_yearly")?,
+    };
+    Ok((!policy.is_empty()).then_some(policy))
+}
+
+/// The configuration file's gc grace period.
+fn config_grace(file: &HashMap<String, String>) -> Result<Duration, Exit> {
+    Ok(Duration::from_secs(match file.get("gc_grace_secs") {
+        Some(g) => g.parse().map_err(|_| usage("gc_grace_secs must be a number of seconds"))?,
+        None => admin::DEFAULT_GC_GRACE.as_secs(),
+    }))
+}
+
+/// `serve`'s prune schedule from the configuration file: the policy plus `prune_every_secs` and/or
+/// `prune_low_space_percent`. A schedule without a policy, or a policy rule without a schedule, is refused.
+fn config_schedule(file: &HashMap<String, String>) -> Result<Option<admin::PruneSchedule>, Exit> {
+    let policy = config_policy(file)?;
+    let every = match file.get("prune_every_secs") {
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if n > 0 => Some(Duration::from_secs(n)),
+            _ => {
+                return Err(usage(format!(
+                    "prune_every_secs must be a positive number of seconds, not {v:?}"
+                )))
+            }
+        },
+        None => None,
+    };
+    let low = match file.get("prune_low_space_percent") {
+        Some(v) => match v.parse::<f64>() {
+            Ok(n) if (0.0..=100.0).contains(&n) => Some(n),
+            _ => {
+                return Err(usage(format!("prune_low_space_percent must be a percentage (0-100), not {v:?}")))
+            }
+        },
+        None => None,
+    };
+    match (policy, every.is_some() || low.is_some()) {
+        (None, false) => Ok(None),
+        (None, true) => Err(usage("prune_every_secs / prune_low_space_percent need a prune_keep_* policy")),
+        // A policy alone is the default of `isr-server prune`, applied by hand.
+        (Some(_), false) => Ok(None),
+        (Some(policy), true) => {
+            let mut s = admin::PruneSchedule::new(policy);
+            s.every = every;
+            s.low_space_percent = low;
+            s.gc_grace = config_grace(file)?;
+            Ok(Some(s))
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -242,6 +370,14 @@ fn read_config(path: &PathBuf) -> Result<HashMap<String, String>> {
             "tls_key",
             "recovery_pubkey",
             "gc_grace_secs",
+            "prune_keep_last",
+            "prune_keep_hourly",
+            "prune_keep_daily",
+            "prune_keep_weekly",
+            "prune_keep_monthly",
+            "prune_keep_yearly",
+            "prune_every_secs",
+            "prune_low_space_percent",
         ];
         if !KEYS.contains(&k.as_str()) {
             bail!("{}:{}: unknown key {k:?} (known: {})", path.display(), i + 1, KEYS.join(", "));
@@ -409,15 +545,27 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                 ),
                 None => None,
             };
+            let schedule = config_schedule(&file)?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
             let state =
                 AppState::new(storage, ServerSettings { recovery_pubkey, ..ServerSettings::default() });
+            let pruner = schedule.map(|s| {
+                if s.low_space_percent.is_some() && state.storage().chunks.fs_root().is_none() {
+                    tracing::warn!("prune_low_space_percent does not apply to an S3 chunk store (no free-space figure)");
+                }
+                tracing::info!(policy = %s.policy, every = ?s.every, low_space_percent = ?s.low_space_percent, "prune schedule");
+                admin::spawn_prune_schedule(state.storage().clone(), s)
+            });
             println!("listening on {}://{addr}", if tls.is_some() { "https" } else { "http" });
             tracing::info!(%addr, tls = tls.is_some(), "serving");
-            isr_server::run(listener, state, tls, shutdown_signal()).await?;
+            let served = isr_server::run(listener, state, tls, shutdown_signal()).await;
+            if let Some(p) = pruner {
+                p.abort();
+            }
+            served?;
         }
         Cmd::User(UserCmd::Add { name }) => {
             let pw = password(&format!("Password for {name}: "))?;
@@ -527,24 +675,64 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             storage.meta.release_lock(u, p, how).await?;
             eprintln!("{target} unlocked");
         }
-        Cmd::Prune { target, keep } => {
-            let (u, p) = split_target(&target).ok_or_else(|| usage("expected USER/PARCEL"))?;
-            if keep == 0 {
-                return Err(usage("--keep must be at least 1 (the head is never pruned)"));
+        Cmd::Prune { target, all: _, keep, dry_run, no_gc } => {
+            let target = match &target {
+                Some(t) => Some(split_target(t).ok_or_else(|| usage("expected USER/PARCEL"))?),
+                None => None,
+            };
+            let policy = if keep.any() {
+                keep.policy()
+            } else {
+                config_policy(&file)?.ok_or_else(|| {
+                    usage("no prune policy: give --keep-last/-hourly/-daily/-weekly/-monthly/-yearly N (or prune_keep_* in the configuration file)")
+                })?
+            };
+            if policy.is_empty() {
+                return Err(usage(
+                    "every --keep-* rule is 0: give at least one N ≥ 1 (the head is never pruned)",
+                ));
             }
-            let s = storage.meta.prune(u, p, keep).await?;
-            eprintln!(
-                "{target}: deleted {} versions and {} keyrings (run gc to free chunks)",
-                s.versions_deleted, s.keyrings_deleted
-            );
+            let pruned = admin::prune_policy(&storage, target, &policy, dry_run).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            for p in &pruned {
+                let going = p.decisions.iter().filter(|d| !d.kept()).count();
+                println!(
+                    "{}/{}: {verb} {going} of {} versions ({policy})",
+                    p.user,
+                    p.parcel,
+                    p.decisions.len()
+                );
+                for d in &p.decisions {
+                    let why = if d.kept() {
+                        format!("keep    ({})", d.reasons.join(", "))
+                    } else {
+                        "delete".into()
+                    };
+                    println!("  {:>6}  {}  {why}", d.version, isr_server::rfc3339(d.created_unix));
+                }
+            }
+            if !dry_run {
+                let (v, k) = pruned
+                    .iter()
+                    .fold((0, 0), |(v, k), p| (v + p.stats.versions_deleted, k + p.stats.keyrings_deleted));
+                eprintln!("prune: deleted {v} versions and {k} keyrings");
+                if !no_gc {
+                    let grace = config_grace(&file)?;
+                    let r = admin::gc(&storage, grace).await?;
+                    eprintln!(
+                        "gc: {} chunks deleted ({} bytes), {} unreferenced but younger than {} s kept",
+                        r.deleted,
+                        r.bytes_freed,
+                        r.spared_young,
+                        grace.as_secs()
+                    );
+                }
+            }
         }
         Cmd::Gc { grace } => {
             let grace = match grace {
                 Some(g) => g,
-                None => match file.get("gc_grace_secs") {
-                    Some(g) => g.parse().map_err(|_| usage("gc_grace_secs must be a number of seconds"))?,
-                    None => admin::DEFAULT_GC_GRACE.as_secs(),
-                },
+                None => config_grace(&file)?.as_secs(),
             };
             let r = admin::gc(&storage, Duration::from_secs(grace)).await?;
             eprintln!(
