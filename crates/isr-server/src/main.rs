@@ -87,6 +87,14 @@ enum Cmd {
         #[arg(long, value_name = "SECONDS")]
         grace: Option<u64>,
     },
+    /// Usage figures per user and parcel: versions, bytes per check-in (p50/p95), check-ins per day (last 30
+    /// days), storage unique vs shared with other parcels, dedup ratio.
+    Stats {
+        /// USER or USER/PARCEL (default: everyone).
+        target: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that every referenced chunk is present (--full: and re-hash each).
     Check {
         #[arg(long)]
@@ -415,6 +423,19 @@ async fn shutdown_signal() {
     tracing::info!("signal received: shutting down");
 }
 
+/// `serve`'s usage figures for `/metrics`: computed at startup, then every ten minutes.
+fn spawn_usage_figures(state: AppState) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            match isr_server::stats::usage(state.storage(), None, None, isr_server::now_unix()).await {
+                Ok(r) => state.metrics().set_usage(r),
+                Err(e) => tracing::warn!(error = %e, "computing the usage figures failed"),
+            }
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+    })
+}
+
 /// The exit code of a recovery failure (SPEC.md's codes).
 fn recovery_exit(e: RecoveryError) -> Exit {
     let code = match &e {
@@ -561,7 +582,9 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             });
             println!("listening on {}://{addr}", if tls.is_some() { "https" } else { "http" });
             tracing::info!(%addr, tls = tls.is_some(), "serving");
+            let figures = spawn_usage_figures(state.clone());
             let served = isr_server::run(listener, state, tls, shutdown_signal()).await;
+            figures.abort();
             if let Some(p) = pruner {
                 p.abort();
             }
@@ -739,6 +762,62 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                 "gc: {} chunks stored, {} referenced, {} deleted ({} bytes), {} unreferenced but younger than {grace} s kept, {} abandoned keyrings purged",
                 r.stored, r.referenced, r.deleted, r.bytes_freed, r.spared_young, r.keyrings_purged
             );
+        }
+        Cmd::Stats { target, json } => {
+            let (u, p) = match target.as_deref() {
+                None => (None, None),
+                Some(t) if t.contains('/') => {
+                    let (u, p) = split_target(t).ok_or_else(|| usage("expected USER or USER/PARCEL"))?;
+                    (Some(u), Some(p))
+                }
+                Some(u) => (Some(u), None),
+            };
+            if let Some(u) = u {
+                if storage.meta.user(u).await?.is_none() {
+                    return Err(Exit(1, anyhow!("no such user: {u}")));
+                }
+            }
+            let r = isr_server::stats::usage(&storage, u, p, isr_server::now_unix()).await?;
+            if let (Some(u), Some(p)) = (u, p) {
+                if r.parcels.is_empty() {
+                    return Err(Exit(1, anyhow!("no such parcel: {u}/{p}")));
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{:<16} {:<24} {:>8} {:>12} {:>12} {:>9} {:>12} {:>12} {:>6}",
+                    "USER",
+                    "PARCEL",
+                    "VERSIONS",
+                    "CHECKIN_P50",
+                    "CHECKIN_P95",
+                    "PER_DAY",
+                    "UNIQUE",
+                    "SHARED",
+                    "DEDUP"
+                );
+                for x in &r.parcels {
+                    println!(
+                        "{:<16} {:<24} {:>8} {:>12} {:>12} {:>9.2} {:>12} {:>12} {:>6.2}",
+                        x.user,
+                        x.parcel,
+                        x.versions,
+                        x.checkin_bytes_p50,
+                        x.checkin_bytes_p95,
+                        x.checkins_per_day,
+                        x.unique_bytes,
+                        x.shared_bytes,
+                        x.dedup_ratio
+                    );
+                }
+                eprintln!(
+                    "deployment: {} chunks ({} bytes) referenced, {} bytes counting every version in full, dedup \
+                     ratio {:.2}; bytes are stored (compressed, encrypted) chunk bytes; PER_DAY is over the last 30 days",
+                    r.referenced_chunks, r.referenced_bytes, r.logical_bytes, r.dedup_ratio
+                );
+            }
         }
         // Need no storage: handled above.
         Cmd::Tls(_) | Cmd::Completions { .. } | Cmd::Recovery(_) => {}
