@@ -87,7 +87,7 @@ async fn parcel_versions(storage: &Storage, user: &str, parcel: &str) -> Result<
         })?;
         let mut tags = HashSet::new();
         for (_, image) in manifest.manifest.images() {
-            if !keyrings.contains_key(&image.keyring) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = keyrings.entry(image.keyring) {
                 let stored: Vec<Tag> = match storage.meta.keyring(user, parcel, image.keyring).await? {
                     Some(data) => KeyringTags::parse(&data)
                         .map_err(|e| MetaError::BadKeyring { hash: image.keyring, reason: e.to_string() })?
@@ -96,7 +96,7 @@ async fn parcel_versions(storage: &Storage, user: &str, parcel: &str) -> Result<
                         .collect(),
                     None => Vec::new(),
                 };
-                keyrings.insert(image.keyring, stored);
+                slot.insert(stored);
             }
             tags.extend(keyrings[&image.keyring].iter().copied());
         }

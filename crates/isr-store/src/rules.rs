@@ -325,7 +325,7 @@ fn iso_week(unix: i64) -> i64 {
 /// stays. The head (the highest number) always stays. Returned newest first.
 pub fn apply_keep_policy(policy: &KeepPolicy, versions: &[(u64, i64)]) -> Vec<KeepDecision> {
     let mut sorted = versions.to_vec();
-    sorted.sort_by(|a, b| b.0.cmp(&a.0));
+    sorted.sort_by_key(|v| std::cmp::Reverse(v.0));
     struct Bucket {
         reason: &'static str,
         left: u32,
