@@ -482,7 +482,7 @@ fn recovery_init(output: &Path, config: Option<&Path>) -> Result<(), Exit> {
             .with_context(|| format!("writing recovery_pubkey into {}", cfg.display()))?;
         eprintln!(
             "wrote the private key to {} (keep it offline) and recovery_pubkey into {} (`serve --config {}` \
-             announces it to clients, which seal every parcel key they create or rewrap to it)",
+             announces it to clients, which seal the key of every parcel they create to it)",
             output.display(),
             cfg.display(),
             cfg.display()
