@@ -358,6 +358,11 @@ mod tests {
     #[test]
     fn recovery_key_file_roundtrip_and_refusals() {
         let key = RecoverySecretKey([0x42; 32]);
+        // X25519 of the clamped scalar 0x42 x 32 (cross-checked with Python's `cryptography` X25519).
+        assert_eq!(
+            key.public_key().to_hex(),
+            "132c442be010fbd57e72603328aa76e71fccc1503aae219327d14d9c9993f472"
+        );
         let text = key.to_file_text();
         assert_eq!(RecoverySecretKey::from_file_text(&text).unwrap(), key);
         assert!(text.contains(&format!("# public {}", key.public_key().to_hex())));
