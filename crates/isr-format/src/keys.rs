@@ -19,6 +19,8 @@ pub enum KeyError {
     BadRecoveryKey(&'static str),
     #[error("password key derivation failed: {0}")]
     Kdf(String),
+    #[error("recovery key file is invalid: {0}")]
+    BadRecoveryFile(&'static str),
 }
 
 macro_rules! secret_bytes {
@@ -103,10 +105,62 @@ impl RecoveryPublicKey {
     }
 }
 
+/// The first word of the one key line of a recovery key file.
+const RECOVERY_FILE_TAG: &str = "isr-recovery-secret-v1";
+
 impl RecoverySecretKey {
     pub fn public_key(&self) -> RecoveryPublicKey {
         let secret = x25519_dalek::StaticSecret::from(self.0);
         RecoveryPublicKey(*x25519_dalek::PublicKey::from(&secret).as_bytes())
+    }
+
+    /// The recovery key file's text (layout in docs/design.md): `#` comment lines saying what it is and its
+    /// public half, then the one line `isr-recovery-secret-v1 <64 hex>`.
+    pub fn to_file_text(&self) -> String {
+        format!(
+            "# isr recovery private key (X25519). It opens every parcel keyroot sealed to the public key\n\
+             # below: keep it offline, readable only by the administrator.\n\
+             # public {}\n\
+             {RECOVERY_FILE_TAG} {}\n",
+            self.public_key().to_hex(),
+            self.to_hex()
+        )
+    }
+
+    /// Parses an untrusted recovery key file: comments and blank lines are skipped; exactly one key line;
+    /// a `# public HEX` comment, when present, must be the key's public half (a hand-edited or mixed-up file).
+    pub fn from_file_text(text: &str) -> Result<RecoverySecretKey, KeyError> {
+        let mut key = None;
+        let mut public = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(comment) = line.strip_prefix('#') {
+                if let Some(hex) = comment.trim().strip_prefix("public ") {
+                    public = Some(RecoveryPublicKey::from_hex(hex).map_err(|_| {
+                        KeyError::BadRecoveryFile("the `# public` line is not 64 hex digits")
+                    })?);
+                }
+                continue;
+            }
+            if line.is_empty() {
+                continue;
+            }
+            let hex = line
+                .strip_prefix(RECOVERY_FILE_TAG)
+                .filter(|rest| rest.starts_with(' '))
+                .ok_or(KeyError::BadRecoveryFile("expected a line `isr-recovery-secret-v1 <64 hex>`"))?;
+            if key.is_some() {
+                return Err(KeyError::BadRecoveryFile("more than one key line"));
+            }
+            key = Some(
+                RecoverySecretKey::from_hex(hex)
+                    .ok_or(KeyError::BadRecoveryFile("the key is not 64 hex digits"))?,
+            );
+        }
+        let key = key.ok_or(KeyError::BadRecoveryFile("no key line"))?;
+        if public.is_some_and(|p| p != key.public_key()) {
+            return Err(KeyError::BadRecoveryFile("the `# public` line is not this key's public half"));
+        }
+        Ok(key)
     }
 }
 
@@ -299,6 +353,32 @@ mod tests {
         assert_eq!(sealed.open_with_recovery(&other), Err(KeyError::RecoveryFailed));
         let pw = UserSecrets::derive("u", "p", FAST).unwrap();
         assert!(matches!(sealed.unwrap(&pw.wrap), Err(KeyError::Malformed(_))));
+    }
+
+    #[test]
+    fn recovery_key_file_roundtrip_and_refusals() {
+        let key = RecoverySecretKey([0x42; 32]);
+        // X25519 of the clamped scalar 0x42 x 32 (cross-checked with Python's `cryptography` X25519).
+        assert_eq!(
+            key.public_key().to_hex(),
+            "132c442be010fbd57e72603328aa76e71fccc1503aae219327d14d9c9993f472"
+        );
+        let text = key.to_file_text();
+        assert_eq!(RecoverySecretKey::from_file_text(&text).unwrap(), key);
+        assert!(text.contains(&format!("# public {}", key.public_key().to_hex())));
+        assert!(text.ends_with(&format!("isr-recovery-secret-v1 {}\n", "42".repeat(32))));
+        // Without the comments it is still the key.
+        let bare = format!("isr-recovery-secret-v1 {}", key.to_hex());
+        assert_eq!(RecoverySecretKey::from_file_text(&bare).unwrap(), key);
+        let bad = |t: &str| RecoverySecretKey::from_file_text(t).unwrap_err();
+        assert!(matches!(bad(""), KeyError::BadRecoveryFile(m) if m.contains("no key line")));
+        assert!(matches!(bad(&key.to_hex()), KeyError::BadRecoveryFile(_)), "a bare hex line");
+        assert!(matches!(bad("isr-recovery-secret-v1 abcd"), KeyError::BadRecoveryFile(_)));
+        assert!(
+            matches!(bad(&format!("{bare}\n{bare}")), KeyError::BadRecoveryFile(m) if m.contains("more"))
+        );
+        let other = RecoverySecretKey([0x43; 32]).public_key().to_hex();
+        assert!(matches!(bad(&format!("# public {other}\n{bare}")), KeyError::BadRecoveryFile(_)));
     }
 
     #[test]

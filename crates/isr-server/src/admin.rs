@@ -5,7 +5,7 @@ use crate::error::ServerError;
 use crate::storage::Storage;
 use futures::StreamExt;
 use isr_format::{KeyringTags, LoginSecret, Tag};
-use isr_store::meta::valid_user_name;
+use isr_store::meta::{apply_keep_policy, valid_user_name, KeepDecision, KeepPolicy, PruneStats};
 use isr_store::{MetaError, StoreError};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -187,6 +187,167 @@ pub async fn check(storage: &Storage, full: bool) -> Result<CheckReport, ServerE
         );
     }
     Ok(report)
+}
+
+/// What a policy prune decided for one parcel (and, unless a dry run, removed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParcelPrune {
+    pub user: String,
+    pub parcel: String,
+    /// Every version, newest first, with why it stays (or nothing: it goes).
+    pub decisions: Vec<KeepDecision>,
+    /// What was removed (all zero for a dry run).
+    pub stats: PruneStats,
+}
+
+/// Applies `policy` to one parcel (`Some((user, parcel))`) or to every parcel that has versions. A dry run
+/// only reads the versions and decides; the real run decides again inside each parcel's prune transaction.
+pub async fn prune_policy(
+    storage: &Storage,
+    target: Option<(&str, &str)>,
+    policy: &KeepPolicy,
+    dry_run: bool,
+) -> Result<Vec<ParcelPrune>, ServerError> {
+    if policy.is_empty() {
+        return Err(ServerError::Config("a prune policy needs at least one --keep-* rule".into()));
+    }
+    let parcels: Vec<(String, String)> = match target {
+        Some((u, p)) => vec![(u.to_owned(), p.to_owned())],
+        None => storage
+            .meta
+            .list_parcels(None)
+            .await?
+            .into_iter()
+            .filter(|p| p.head > 0)
+            .map(|p| (p.user, p.name))
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for (user, parcel) in parcels {
+        let (decisions, stats) = if dry_run {
+            let versions = storage.meta.versions(&user, &parcel).await?;
+            let times: Vec<(u64, i64)> = versions.iter().map(|v| (v.version, v.created_unix)).collect();
+            (apply_keep_policy(policy, &times), PruneStats::default())
+        } else {
+            match storage.meta.prune_by_policy(&user, &parcel, policy).await {
+                Ok(r) => (r.decisions, r.stats),
+                // Removed meanwhile (a whole-deployment run racing `user remove`): nothing to prune.
+                Err(MetaError::NoSuchParcel(_)) if target.is_none() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        out.push(ParcelPrune { user, parcel, decisions, stats });
+    }
+    Ok(out)
+}
+
+/// Free space of the filesystem holding the chunk directory, in percent of its size (for non-root users:
+/// `f_bavail`). `None` for stores without a local filesystem (S3: no free-space figure, so the low-space
+/// threshold does not apply there).
+pub fn free_space_percent(storage: &Storage) -> Option<f64> {
+    let root = storage.chunks.fs_root()?;
+    let path = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call, and `st` points to writable memory
+    // of the size statvfs fills; it is read only after statvfs reported success.
+    #[allow(unsafe_code)]
+    let st = unsafe {
+        if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    if st.f_blocks == 0 {
+        return None;
+    }
+    Some(st.f_bavail as f64 * 100.0 / st.f_blocks as f64)
+}
+
+/// When `serve` applies the configured prune policy by itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PruneSchedule {
+    pub policy: KeepPolicy,
+    /// Apply it this often (`prune_every_secs`).
+    pub every: Option<Duration>,
+    /// Apply it as soon as the chunk store's free space falls below this (`prune_low_space_percent`;
+    /// filesystem stores only).
+    pub low_space_percent: Option<f64>,
+    /// The gc after each application spares unreferenced chunks younger than this.
+    pub gc_grace: Duration,
+    /// How often the free space is looked at.
+    pub check_every: Duration,
+    /// After a low-space application, the least time until the next one for low space (a policy that
+    /// cannot free enough would otherwise run again at every check).
+    pub low_space_backoff: Duration,
+}
+
+impl PruneSchedule {
+    pub fn new(policy: KeepPolicy) -> Self {
+        PruneSchedule {
+            policy,
+            every: None,
+            low_space_percent: None,
+            gc_grace: DEFAULT_GC_GRACE,
+            check_every: Duration::from_secs(60),
+            low_space_backoff: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One application of the policy to every parcel, then gc.
+pub async fn apply_schedule_once(
+    storage: &Storage,
+    s: &PruneSchedule,
+) -> Result<(u64, GcReport), ServerError> {
+    let pruned = prune_policy(storage, None, &s.policy, false).await?;
+    let versions: u64 = pruned.iter().map(|p| p.stats.versions_deleted).sum();
+    let report = gc(storage, s.gc_grace).await?;
+    Ok((versions, report))
+}
+
+/// `serve`'s background task: applies the schedule until the task is dropped or aborted. Failures are
+/// logged and retried at the next occasion; they never stop the server.
+pub fn spawn_prune_schedule(storage: Storage, s: PruneSchedule) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        let mut next_due = s.every.map(|e| start + e);
+        let mut low_space_not_before = start;
+        loop {
+            let wake = match next_due {
+                Some(due) if s.low_space_percent.is_none() => due,
+                Some(due) => due.min(tokio::time::Instant::now() + s.check_every),
+                None => tokio::time::Instant::now() + s.check_every,
+            };
+            tokio::time::sleep_until(wake).await;
+            let now = tokio::time::Instant::now();
+            let due = next_due.is_some_and(|d| now >= d);
+            let free = if s.low_space_percent.is_some() { free_space_percent(&storage) } else { None };
+            let low = now >= low_space_not_before
+                && matches!((free, s.low_space_percent), (Some(f), Some(t)) if f < t);
+            if !due && !low {
+                continue;
+            }
+            let why = if due { "schedule" } else { "low space" };
+            match apply_schedule_once(&storage, &s).await {
+                Ok((versions, r)) => tracing::info!(
+                    why,
+                    policy = %s.policy,
+                    versions_deleted = versions,
+                    chunks_deleted = r.deleted,
+                    bytes_freed = r.bytes_freed,
+                    free_percent = free,
+                    "prune policy applied"
+                ),
+                Err(e) => tracing::warn!(why, error = %e, "applying the prune policy failed"),
+            }
+            if due {
+                next_due = s.every.map(|e| now + e);
+            }
+            if low {
+                low_space_not_before = now + s.low_space_backoff;
+            }
+        }
+    })
 }
 
 /// Splits `USER/PARCEL`.

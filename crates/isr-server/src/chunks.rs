@@ -115,6 +115,11 @@ impl Chunks {
         Ok(new)
     }
 
+    /// The directory of a filesystem store (its free space is what `prune_low_space_percent` watches).
+    pub fn fs_root(&self) -> Option<&std::path::Path> {
+        self.fs.as_ref().map(FsChunkStore::root)
+    }
+
     /// A chunk for the GET hot path: from a filesystem store, the file as stored without re-hashing it here
     /// (every client verifies each chunk against its tag before use, and `check --full` re-hashes the
     /// store); other stores go through their own (verifying) `get`.

@@ -7,6 +7,8 @@
 //! - [`api`]: the HTTP routes; [`server`]: the accept loop (TLS, graceful shutdown).
 //! - [`admin`]: `gc`, `check`, user management: what the administrator's subcommands do.
 //! - [`metrics`]: counters for `GET /metrics`.
+//! - [`stats`]: usage figures (`isr-server stats`, the `isr_parcel_*` gauges).
+//! - [`recovery`]: IT's recovery key: `recovery init`, `export`, password resets that rewrap keyroots.
 //! - [`tls`]: `isr-server tls init`, a private CA and a server certificate it signs.
 
 pub mod admin;
@@ -15,7 +17,9 @@ pub mod auth;
 pub mod chunks;
 pub mod error;
 pub mod metrics;
+pub mod recovery;
 pub mod server;
+pub mod stats;
 pub mod storage;
 pub mod tls;
 

@@ -255,6 +255,15 @@ pub struct PruneStats {
     pub keyrings_deleted: u64,
 }
 
+pub use crate::rules::{apply_keep_policy, KeepDecision, KeepPolicy};
+
+/// What a prune by policy decided (every version, newest first) and removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyPrune {
+    pub decisions: Vec<KeepDecision>,
+    pub stats: PruneStats,
+}
+
 /// The mark phase of garbage collection: every non-zero tag referenced by a version, and which versions
 /// were seen (so the sweep can re-check versions committed after the snapshot).
 #[derive(Clone, Debug, Default)]
@@ -373,6 +382,14 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     async fn rollback(&self, r: Rollback) -> Result<u64, MetaError>;
     /// Deletes all but the newest `keep` (≥ 1) versions and the keyrings only they referenced.
     async fn prune(&self, user: &str, parcel: &str, keep: u64) -> Result<PruneStats, MetaError>;
+    /// Deletes the versions `policy` does not keep ([`apply_keep_policy`]: never the head) and the keyrings
+    /// only they referenced; the decision is made on the versions read in the same transaction.
+    async fn prune_by_policy(
+        &self,
+        user: &str,
+        parcel: &str,
+        policy: &KeepPolicy,
+    ) -> Result<PolicyPrune, MetaError>;
 
     /// Every keyring referenced by any version, as (user, parcel, hash), for `check` (which then reads each
     /// with [`MetaStore::keyring`]).

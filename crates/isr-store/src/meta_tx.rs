@@ -642,6 +642,39 @@ impl<B: Backend> MetaStore for B {
         finish(tx, r).await
     }
 
+    async fn prune_by_policy(
+        &self,
+        user: &str,
+        parcel: &str,
+        policy: &KeepPolicy,
+    ) -> Result<PolicyPrune, MetaError> {
+        let mut tx = begin(self, TxKind::Write(None)).await?;
+        let r = async {
+            let p = parcel_row(&mut tx, user, parcel, true).await?;
+            let versions = all(&mut tx, sql::VERSIONS, args![p.id], sql::version_info).await?;
+            let times: Vec<(u64, i64)> = versions.iter().map(|v| (v.version, v.created_unix)).collect();
+            let decisions = rules::policy_doomed(policy, &times)?;
+            let mut hashes = HashSet::new();
+            let mut stats = PruneStats::default();
+            for d in decisions.iter().filter(|d| !d.kept()) {
+                let row = args![p.id, sql::number(d.version)];
+                let Some(vid) = first(&mut tx, sql::VERSION_ID, None, row, |r| r.int(0)).await? else {
+                    continue;
+                };
+                hashes.extend(version_keyrings(&mut tx, vid).await?);
+                tx.exec(sql::DELETE_VERSION, args![vid]).await?;
+                stats.versions_deleted += 1;
+            }
+            for h in &hashes {
+                stats.keyrings_deleted +=
+                    tx.exec(sql::DELETE_KEYRING_IF_UNREFERENCED, args![p.id, h]).await?;
+            }
+            Ok(PolicyPrune { decisions, stats })
+        }
+        .await;
+        finish(tx, r).await
+    }
+
     async fn referenced_keyrings(&self) -> Result<Vec<(String, String, Tag)>, MetaError> {
         all_each(self, sql::REFERENCED_KEYRINGS, args![], sql::referenced_keyring).await
     }

@@ -215,6 +215,190 @@ pub(crate) fn prune_doomed<T>(newest_first: Vec<T>, keep: u64) -> Vec<T> {
     newest_first.into_iter().skip(usize::try_from(keep).unwrap_or(usize::MAX)).collect()
 }
 
+/// Which versions a retention policy keeps: restic `forget`'s `--keep-last/-hourly/-daily/-weekly/-monthly/
+/// -yearly` (0 = that rule is off). Calendar buckets are taken in UTC (restic uses the local time zone of
+/// the machine it runs on; the server has no user's time zone, so UTC, documented in the README).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepPolicy {
+    pub last: u32,
+    pub hourly: u32,
+    pub daily: u32,
+    pub weekly: u32,
+    pub monthly: u32,
+    pub yearly: u32,
+}
+
+impl KeepPolicy {
+    /// No rule given (a usage error: a policy that keeps nothing but the head is `--keep-last 1`).
+    pub fn is_empty(&self) -> bool {
+        *self == KeepPolicy::default()
+    }
+}
+
+impl std::fmt::Display for KeepPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut sep = "";
+        for (name, n) in self.rules() {
+            if n > 0 {
+                write!(f, "{sep}--keep-{name} {n}")?;
+                sep = " ";
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KeepPolicy {
+    fn rules(&self) -> [(&'static str, u32); 6] {
+        [
+            ("last", self.last),
+            ("hourly", self.hourly),
+            ("daily", self.daily),
+            ("weekly", self.weekly),
+            ("monthly", self.monthly),
+            ("yearly", self.yearly),
+        ]
+    }
+}
+
+/// A policy's verdict on one version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeepDecision {
+    pub version: u64,
+    pub created_unix: i64,
+    /// Why it stays (`last`, `hourly`, ..., `head`); empty = it goes.
+    pub reasons: Vec<&'static str>,
+}
+
+impl KeepDecision {
+    pub fn kept(&self) -> bool {
+        !self.reasons.is_empty()
+    }
+}
+
+/// The UTC calendar fields of a Unix time: (year, month 1-12, day 1-31, hour).
+fn utc_fields(unix: i64) -> (i64, i64, i64, i64) {
+    let days = unix.div_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    (y, m, d, unix.rem_euclid(86_400) / 3600)
+}
+
+/// Howard Hinnant's civil_from_days: days since 1970-01-01 to (year, month, day).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Days since 1970-01-01 of January 1st of `year`.
+fn days_of_new_year(year: i64) -> i64 {
+    // days_from_civil(year, 1, 1): January is month 11 of the previous March-based year.
+    let y = year - 1;
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = 306; // (153 * (1 + 9) + 2) / 5
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// ISO 8601 week of a Unix time in UTC, as restic buckets it: ISO year * 100 + week.
+fn iso_week(unix: i64) -> i64 {
+    let days = unix.div_euclid(86_400);
+    // 1970-01-01 was a Thursday; Monday = 0.
+    let weekday = (days + 3).rem_euclid(7);
+    let thursday = days - weekday + 3;
+    let (year, _, _) = civil_from_days(thursday);
+    let week = (thursday - days_of_new_year(year)) / 7 + 1;
+    year * 100 + week
+}
+
+/// Applies `policy` to a parcel's versions, (number, commit time) pairs in any order, exactly as restic's
+/// `forget` applies `--keep-*` to a group of snapshots: newest first (by version number), each rule's bucket
+/// value (the version itself for `last`; its UTC hour, day, ISO week, month or year) keeps a version when
+/// it differs from the last value that rule kept, while the rule has count left; a version kept by any rule
+/// stays. The head (the highest number) always stays. Returned newest first.
+pub fn apply_keep_policy(policy: &KeepPolicy, versions: &[(u64, i64)]) -> Vec<KeepDecision> {
+    let mut sorted = versions.to_vec();
+    sorted.sort_by_key(|v| std::cmp::Reverse(v.0));
+    struct Bucket {
+        reason: &'static str,
+        left: u32,
+        last: Option<i64>,
+        value: fn(u64, i64) -> i64,
+    }
+    let mut buckets = [
+        Bucket { reason: "last", left: policy.last, last: None, value: |n, _| n as i64 },
+        Bucket {
+            reason: "hourly",
+            left: policy.hourly,
+            last: None,
+            value: |_, t| {
+                let (y, m, d, h) = utc_fields(t);
+                ((y * 100 + m) * 100 + d) * 100 + h
+            },
+        },
+        Bucket {
+            reason: "daily",
+            left: policy.daily,
+            last: None,
+            value: |_, t| {
+                let (y, m, d, _) = utc_fields(t);
+                (y * 100 + m) * 100 + d
+            },
+        },
+        Bucket { reason: "weekly", left: policy.weekly, last: None, value: |_, t| iso_week(t) },
+        Bucket {
+            reason: "monthly",
+            left: policy.monthly,
+            last: None,
+            value: |_, t| {
+                let (y, m, _, _) = utc_fields(t);
+                y * 100 + m
+            },
+        },
+        Bucket { reason: "yearly", left: policy.yearly, last: None, value: |_, t| utc_fields(t).0 },
+    ];
+    sorted
+        .iter()
+        .enumerate()
+        .map(|(i, &(version, created_unix))| {
+            let mut reasons = Vec::new();
+            for b in &mut buckets {
+                if b.left == 0 {
+                    continue;
+                }
+                let v = (b.value)(version, created_unix);
+                if b.last != Some(v) {
+                    b.last = Some(v);
+                    b.left -= 1;
+                    reasons.push(b.reason);
+                }
+            }
+            if i == 0 && reasons.is_empty() {
+                reasons.push("head");
+            }
+            KeepDecision { version, created_unix, reasons }
+        })
+        .collect()
+}
+
+/// A policy prune's verdict inside its transaction: the policy must name a rule; the versions to delete.
+pub(crate) fn policy_doomed(
+    policy: &KeepPolicy,
+    versions: &[(u64, i64)],
+) -> Result<Vec<KeepDecision>, MetaError> {
+    if policy.is_empty() {
+        return Err(MetaError::Invalid("a prune policy needs at least one --keep-* rule".into()));
+    }
+    Ok(apply_keep_policy(policy, versions))
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // gc: the commit/sweep exclusion
 
@@ -419,6 +603,93 @@ mod tests {
         assert_eq!(prune_doomed(newest_first.clone(), prune_keep(1).unwrap()), vec![4, 3, 2, 1]);
         assert_eq!(prune_doomed(newest_first.clone(), 3), vec![2, 1]);
         assert_eq!(prune_doomed(newest_first, u64::MAX), Vec::<i32>::new());
+    }
+
+    /// The commit times of the table test: version n was committed at `TIMES[n - 1]` (UTC). They cross hour,
+    /// day, ISO week (2024-12-30 is in week 1 of 2025), month and year boundaries, with several versions in
+    /// one hour and one day.
+    const TIMES: [(&str, i64); 20] = [
+        ("2023-06-15 12:00:00", 1_686_830_400),
+        ("2024-01-10 08:00:00", 1_704_873_600),
+        ("2024-11-30 23:59:59", 1_733_011_199),
+        ("2024-12-01 00:00:00", 1_733_011_200),
+        ("2024-12-29 10:00:00", 1_735_466_400),
+        ("2024-12-30 10:00:00", 1_735_552_800),
+        ("2024-12-31 23:30:00", 1_735_687_800),
+        ("2025-01-01 00:30:00", 1_735_691_400),
+        ("2025-01-05 18:00:00", 1_736_100_000),
+        ("2025-01-06 09:00:00", 1_736_154_000),
+        ("2025-02-14 12:00:00", 1_739_534_400),
+        ("2025-02-14 12:45:00", 1_739_537_100),
+        ("2025-02-14 13:05:00", 1_739_538_300),
+        ("2025-02-15 07:00:00", 1_739_602_800),
+        ("2025-03-01 00:00:01", 1_740_787_201),
+        ("2025-03-02 00:00:00", 1_740_873_600),
+        ("2025-03-02 00:59:59", 1_740_877_199),
+        ("2025-03-02 01:00:00", 1_740_877_200),
+        ("2025-03-02 01:00:01", 1_740_877_201),
+        ("2025-03-03 12:00:00", 1_741_003_200),
+    ];
+
+    fn policy(last: u32, hourly: u32, daily: u32, weekly: u32, monthly: u32, yearly: u32) -> KeepPolicy {
+        KeepPolicy { last, hourly, daily, weekly, monthly, yearly }
+    }
+
+    /// The expected sets come from restic itself (restic 0.14.0, the one installed here): a throwaway
+    /// repository, one `TZ=UTC restic backup --host h --time "<TIMES[n-1]>" src` per version (same host and
+    /// path, so one group), then `TZ=UTC restic forget --dry-run --json <policy>` for each row, its `keep`
+    /// list mapped back from snapshot times to version numbers. (restic 0.15 and later also keep the oldest
+    /// snapshot when a rule has count left; 0.14, and this function, do not.)
+    #[test]
+    fn keep_policy_keeps_what_restic_forget_keeps() {
+        let table: &[(KeepPolicy, &[u64])] = &[
+            (policy(3, 0, 0, 0, 0, 0), &[18, 19, 20]),
+            (policy(0, 4, 0, 0, 0, 0), &[15, 17, 19, 20]),
+            (policy(0, 0, 5, 0, 0, 0), &[13, 14, 15, 19, 20]),
+            (policy(0, 0, 0, 4, 0, 0), &[10, 14, 19, 20]),
+            (policy(0, 0, 0, 0, 6, 0), &[2, 3, 7, 10, 14, 20]),
+            (policy(0, 0, 0, 0, 0, 10), &[1, 7, 20]),
+            (policy(2, 0, 3, 2, 3, 2), &[7, 10, 14, 15, 19, 20]),
+            (policy(0, 2, 0, 0, 2, 0), &[14, 19, 20]),
+            (policy(0, 0, 0, 3, 0, 1), &[14, 19, 20]),
+            (policy(0, 0, 0, 8, 0, 0), &[2, 4, 5, 9, 10, 14, 19, 20]),
+            (policy(1, 0, 0, 0, 0, 0), &[20]),
+            (policy(0, 0, 100, 0, 0, 0), &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 19, 20]),
+            (policy(0, 3, 0, 0, 0, 3), &[1, 7, 17, 19, 20]),
+        ];
+        let versions: Vec<(u64, i64)> =
+            TIMES.iter().enumerate().map(|(i, (_, t))| (i as u64 + 1, *t)).collect();
+        for (p, expected) in table {
+            let decisions = apply_keep_policy(p, &versions);
+            let mut kept: Vec<u64> = decisions.iter().filter(|d| d.kept()).map(|d| d.version).collect();
+            kept.sort();
+            assert_eq!(&kept, expected, "{p}");
+            assert_eq!(decisions.len(), versions.len());
+        }
+        // The order versions come in does not matter; the head is kept even by a rule that would not.
+        let mut shuffled = versions.clone();
+        shuffled.reverse();
+        assert_eq!(apply_keep_policy(&policy(3, 0, 0, 0, 0, 0), &shuffled)[0].reasons, vec!["last"]);
+        assert!(matches!(policy_doomed(&KeepPolicy::default(), &versions), Err(MetaError::Invalid(_))));
+        assert_eq!(policy(2, 0, 3, 0, 0, 1).to_string(), "--keep-last 2 --keep-daily 3 --keep-yearly 1");
+    }
+
+    #[test]
+    fn utc_calendar_fields() {
+        for (text, unix) in TIMES {
+            let (y, m, d, h) = utc_fields(unix);
+            assert_eq!(format!("{y:04}-{m:02}-{d:02} {h:02}"), text[..13], "{text}");
+        }
+        assert_eq!(days_of_new_year(1970), 0);
+        assert_eq!(days_of_new_year(2000), 10_957);
+        assert_eq!(days_of_new_year(1969), -365);
+        // ISO weeks across the turn of years (cross-checked with `date -u +%G%V`).
+        assert_eq!(iso_week(1_735_466_400), 202_452, "Sunday 2024-12-29");
+        assert_eq!(iso_week(1_735_552_800), 202_501, "Monday 2024-12-30");
+        assert_eq!(iso_week(1_736_100_000), 202_501, "Sunday 2025-01-05");
+        assert_eq!(iso_week(1_736_154_000), 202_502, "Monday 2025-01-06");
+        assert_eq!(iso_week(1_609_459_200), 202_053, "Friday 2021-01-01");
+        assert_eq!(iso_week(0), 197_001, "Thursday 1970-01-01");
     }
 
     #[test]

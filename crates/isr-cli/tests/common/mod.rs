@@ -26,6 +26,8 @@ pub struct Server {
     child: Option<Child>,
     /// Certificate and key to serve HTTPS with.
     tls: Option<(PathBuf, PathBuf)>,
+    /// More arguments for `serve` (e.g. `--config FILE`), from the next restart on.
+    pub serve_args: Vec<String>,
 }
 
 impl Server {
@@ -35,7 +37,7 @@ impl Server {
 
     pub fn start() -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let s = Server { dir, url: String::new(), child: None, tls: None };
+        let s = Server { dir, url: String::new(), child: None, tls: None, serve_args: Vec::new() };
         s.admin(&["user", "add", "alice"]);
         s.admin(&["user", "add", "bob"]);
         s.restart()
@@ -44,7 +46,13 @@ impl Server {
     /// A server on HTTPS with this certificate and key.
     pub fn start_tls(cert: &Path, key: &Path) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let s = Server { dir, url: String::new(), child: None, tls: Some((cert.to_owned(), key.to_owned())) };
+        let s = Server {
+            dir,
+            url: String::new(),
+            child: None,
+            tls: Some((cert.to_owned(), key.to_owned())),
+            serve_args: Vec::new(),
+        };
         s.admin(&["user", "add", "alice"]);
         s.restart()
     }
@@ -81,6 +89,7 @@ impl Server {
         if let Some((cert, key)) = &self.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
+        cmd.args(&self.serve_args);
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
