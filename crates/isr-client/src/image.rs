@@ -102,6 +102,9 @@ fn decode_cached_into(
     })
 }
 
+/// A chunk encoded by [`WorkingImage::encode_changes`]: its index, keyring entry and clean map entry.
+type EncodedChunk = (u64, Option<(Tag, ChunkKey)>, Entry);
+
 /// Where the current content of a chunk is.
 enum Held {
     /// All zero (a zero chunk of the keyring, or zeroed here).
@@ -601,36 +604,35 @@ impl WorkingImage {
             return Ok(0);
         }
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-        let encoded: Vec<Result<(u64, Option<(Tag, ChunkKey)>, Entry), ClientError>> =
-            futures::stream::iter(dirty)
-                .map(|i| async move {
-                    let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i));
-                    let (encoded, mac) = tokio::task::spawn_blocking(move || {
-                        let e = rt.entry(i);
-                        let mut plain = vec![0u8; clen];
-                        if !e.is(state::ZERO) {
-                            rt.read(i, 0, &mut plain)?;
-                        }
-                        let mac = rt.plain_mac(i, &plain);
-                        let encoded = encode_chunk(&secret, &plain)
-                            .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
-                        Ok::<_, ClientError>((encoded, mac))
-                    })
-                    .await
-                    .map_err(join_err)??;
-                    let entry = match encoded {
-                        Some(enc) => {
-                            self.cache.put_durable(&enc.tag, Bytes::from(enc.stored)).await?;
-                            Some((enc.tag, enc.key))
-                        }
-                        None => None,
-                    };
-                    let tag = entry.as_ref().map_or(Tag::ZERO, |(t, _)| *t);
-                    Ok((i, entry, self.runtime.clean_entry(&tag, mac)))
+        let encoded: Vec<Result<EncodedChunk, ClientError>> = futures::stream::iter(dirty)
+            .map(|i| async move {
+                let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i));
+                let (encoded, mac) = tokio::task::spawn_blocking(move || {
+                    let e = rt.entry(i);
+                    let mut plain = vec![0u8; clen];
+                    if !e.is(state::ZERO) {
+                        rt.read(i, 0, &mut plain)?;
+                    }
+                    let mac = rt.plain_mac(i, &plain);
+                    let encoded = encode_chunk(&secret, &plain)
+                        .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
+                    Ok::<_, ClientError>((encoded, mac))
                 })
-                .buffer_unordered(threads)
-                .collect()
-                .await;
+                .await
+                .map_err(join_err)??;
+                let entry = match encoded {
+                    Some(enc) => {
+                        self.cache.put_durable(&enc.tag, Bytes::from(enc.stored)).await?;
+                        Some((enc.tag, enc.key))
+                    }
+                    None => None,
+                };
+                let tag = entry.as_ref().map_or(Tag::ZERO, |(t, _)| *t);
+                Ok((i, entry, self.runtime.clean_entry(&tag, mac)))
+            })
+            .buffer_unordered(threads)
+            .collect()
+            .await;
         let mut clean = Vec::with_capacity(encoded.len());
         {
             let mut keyring = self.keyring.lock().expect("image keyring");
