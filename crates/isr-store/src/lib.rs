@@ -12,7 +12,8 @@ pub mod meta;
 // The one implementation of the metadata rules exists for the SQL backends (dead code without either).
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod meta_tx;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
+// Plain decision code, needed by every build (`meta` re-exports the prune policy).
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 pub(crate) mod rules;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod sql;
