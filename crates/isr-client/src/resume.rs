@@ -908,42 +908,52 @@ impl Client {
         runtime: Option<Arc<WorkingImage>>,
     ) -> Result<(u64, u64), ClientError> {
         let stored = async {
-            let len = std::fs::metadata(mem_path)
+            let mut len = std::fs::metadata(mem_path)
                 .map_err(|e| ClientError::io(format!("{}", mem_path.display()), e))?
                 .len();
-            if let Some(img) = runtime.filter(|img| img.len() == len) {
-                // The same RAM layout (mapped-ram: pages at fixed offsets): only the chunks that changed
-                // become dirty, and only they are encoded.
-                copy_changes_into(&img, mem_path).await?;
-                let stored = img.encode_changes().await?;
-                img.close().await?;
-                let mut st = self
-                    .home
-                    .local_state(&self.user, name)?
-                    .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
-                st.memory_dropped = false;
-                self.home.save_local_state(&st)?;
-                return Ok::<_, ClientError>((stored as u64, img.chunk_size().chunk_count(ImageLen(len))));
+            // mapped-ram writes pages at fixed offsets, and a file ends after its last written page: one
+            // saved with the tail of RAM untouched is shorter. Zero-filled to the runtime image's length, it
+            // holds the same pages (QEMU reads pages at the offsets its header names).
+            if let Some(img) = runtime.as_ref().filter(|img| len < img.len()) {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(mem_path)
+                    .and_then(|f| f.set_len(img.len()))
+                    .map_err(|e| ClientError::io(format!("extending {}", mem_path.display()), e))?;
+                len = img.len();
             }
-            // Another size (or no memory image before): encoded whole; the runtime image of the old one goes.
-            remove_runtime_memory(&o.dir)?;
-            let secret = self.convergence_secret_pub()?;
-            let (ring, _) = store_image_file(mem_path, o.manifest.chunk_size, &secret, cache).await?;
-            let mem_work = work_keyring_path(&o.dir, ImageKind::Memory);
-            let base_tags: Option<Vec<Tag>> =
-                self.keyrings(o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
-            if base_tags.as_deref() == Some(ring.tags()) && o.manifest.memory.is_some() {
-                let _ = std::fs::remove_file(&mem_work);
-            } else {
-                write_atomic(&mem_work, &ring.seal(&o.keyroot))?;
-            }
+            let counts = match runtime.filter(|img| img.len() == len) {
+                Some(img) => {
+                    // The same RAM layout (mapped-ram: pages at fixed offsets): only the chunks that changed
+                    // become dirty, and only they are encoded.
+                    copy_changes_into(&img, mem_path).await?;
+                    let changed = img.encode_changes().await?;
+                    img.close().await?;
+                    (changed as u64, img.chunk_size().chunk_count(ImageLen(len)))
+                }
+                None => {
+                    // Another size (or no memory image before): encoded whole; the old runtime image goes.
+                    remove_runtime_memory(&o.dir)?;
+                    let secret = self.convergence_secret_pub()?;
+                    let (ring, _) = store_image_file(mem_path, o.manifest.chunk_size, &secret, cache).await?;
+                    let mem_work = work_keyring_path(&o.dir, ImageKind::Memory);
+                    let base_tags: Option<Vec<Tag>> =
+                        self.keyrings(o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
+                    if base_tags.as_deref() == Some(ring.tags()) && o.manifest.memory.is_some() {
+                        let _ = std::fs::remove_file(&mem_work);
+                    } else {
+                        write_atomic(&mem_work, &ring.seal(&o.keyroot))?;
+                    }
+                    (ring.chunk_count(), ring.chunk_count())
+                }
+            };
             let mut st = self
                 .home
                 .local_state(&self.user, name)?
                 .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
             st.memory_dropped = false;
             self.home.save_local_state(&st)?;
-            Ok::<_, ClientError>((ring.chunk_count(), ring.chunk_count()))
+            Ok::<_, ClientError>(counts)
         }
         .await;
         let _ = std::fs::remove_file(mem_path);
