@@ -4,7 +4,7 @@
 //! chunk once, so their working set is the whole disk, far beyond any cache inside isr.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p isr-cli --bench disk`
-//! (same CARGO_TARGET_DIR). Needs qemu-utils (qemu-img, qemu-nbd). ISR_BENCH_DIR picks the scratch directory.
+//! (same CARGO_TARGET_DIR); ISR_BENCH_ONLY=hot or cold runs one half. Needs qemu-utils (qemu-img, qemu-nbd). ISR_BENCH_DIR picks the scratch directory.
 
 mod common;
 use common::*;
@@ -209,133 +209,140 @@ fn main() {
     let peer_img = d.join("peer.raw");
     std::fs::copy(&img, &peer_img).unwrap();
 
-    // ---- hoarded parcel vs qemu-nbd, Unix sockets
-    let isr_sock = d.join("isr.sock");
-    let peer_sock = d.join("peer.sock");
-    let isr = a.disk("hot", &isr_sock);
-    let peer = qemu_nbd_unix(&peer_img, &peer_sock);
-    let isr_url = format!("nbd+unix:///?socket={}", isr_sock.display());
-    let peer_url = format!("nbd+unix:///?socket={}", peer_sock.display());
+    // ISR_BENCH_ONLY=cold (or hot) runs one half.
+    let only = std::env::var("ISR_BENCH_ONLY").unwrap_or_default();
+    if only != "cold" {
+        // ---- hoarded parcel vs qemu-nbd, Unix sockets
+        let isr_sock = d.join("isr.sock");
+        let peer_sock = d.join("peer.sock");
+        let isr = a.disk("hot", &isr_sock);
+        let peer = qemu_nbd_unix(&peer_img, &peer_sock);
+        let isr_url = format!("nbd+unix:///?socket={}", isr_sock.display());
+        let peer_url = format!("nbd+unix:///?socket={}", peer_sock.display());
 
-    let mut rows = Vec::new();
-    for w in workloads() {
-        let (mut pt, mut it) = (Vec::new(), Vec::new());
-        for _ in 0..REPS {
-            pt.push(qemu_img_bench(&peer_url, &w.args));
-            it.push(qemu_img_bench(&isr_url, &w.args));
-        }
-        let (p, i) = (best(&pt), best(&it));
-        let unit = |d: Duration| {
-            if w.bytes / w.requests >= MIB {
-                format!("{:.0} MB/s", mbps(w.bytes, d))
-            } else {
-                format!("{:.0} IOPS", w.requests as f64 / d.as_secs_f64())
+        let mut rows = Vec::new();
+        for w in workloads() {
+            let (mut pt, mut it) = (Vec::new(), Vec::new());
+            for _ in 0..REPS {
+                pt.push(qemu_img_bench(&peer_url, &w.args));
+                it.push(qemu_img_bench(&isr_url, &w.args));
             }
-        };
-        rows.push(vec![
-            w.name.to_string(),
-            unit(p),
-            unit(i),
-            format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
-        ]);
-        eprintln!("{}: qemu-nbd {:?} isr {:?}", w.name, pt, it);
-    }
-    // nbdcopy (libnbd) of the whole disk into a file: both servers answer block status, so zero chunks
-    // (a quarter of the mixed image) are skipped rather than read.
-    {
-        let (mut pt, mut it) = (Vec::new(), Vec::new());
-        let out = d.join("nbdcopy.raw");
-        for _ in 0..REPS {
-            pt.push(nbdcopy(&peer_url, &out));
-            it.push(nbdcopy(&isr_url, &out));
+            let (p, i) = (best(&pt), best(&it));
+            let unit = |d: Duration| {
+                if w.bytes / w.requests >= MIB {
+                    format!("{:.0} MB/s", mbps(w.bytes, d))
+                } else {
+                    format!("{:.0} IOPS", w.requests as f64 / d.as_secs_f64())
+                }
+            };
+            rows.push(vec![
+                w.name.to_string(),
+                unit(p),
+                unit(i),
+                format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
+            ]);
+            eprintln!("{}: qemu-nbd {:?} isr {:?}", w.name, pt, it);
         }
-        let _ = std::fs::remove_file(&out);
-        let (p, i) = (best(&pt), best(&it));
-        rows.push(vec![
-            "nbdcopy of the whole disk to a file (block status on both)".into(),
-            format!("{:.0} MB/s", mbps(image(), p)),
-            format!("{:.0} MB/s", mbps(image(), i)),
-            format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
-        ]);
-        eprintln!("nbdcopy: qemu-nbd {pt:?} isr {it:?}");
-    }
-    // Real data: a different mixed image written over the whole disk, then flushed.
-    {
-        let (mut pt, mut it) = (Vec::new(), Vec::new());
-        for rep in 0..REPS {
-            let src = if rep % 2 == 0 { &img2 } else { &img };
-            pt.push(convert_into(src, &peer_url));
-            it.push(convert_into(src, &isr_url));
+        // nbdcopy (libnbd) of the whole disk into a file: both servers answer block status, so zero chunks
+        // (a quarter of the mixed image) are skipped rather than read.
+        {
+            let (mut pt, mut it) = (Vec::new(), Vec::new());
+            let out = d.join("nbdcopy.raw");
+            for _ in 0..REPS {
+                pt.push(nbdcopy(&peer_url, &out));
+                it.push(nbdcopy(&isr_url, &out));
+            }
+            let _ = std::fs::remove_file(&out);
+            let (p, i) = (best(&pt), best(&it));
+            rows.push(vec![
+                "nbdcopy of the whole disk to a file (block status on both)".into(),
+                format!("{:.0} MB/s", mbps(image(), p)),
+                format!("{:.0} MB/s", mbps(image(), i)),
+                format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
+            ]);
+            eprintln!("nbdcopy: qemu-nbd {pt:?} isr {it:?}");
         }
-        let (p, i) = (best(&pt), best(&it));
-        rows.push(vec![
-            "seq write of the whole disk, other mixed data (qemu-img convert -n -m 16 -W), +flush".into(),
-            format!("{:.0} MB/s", mbps(image(), p)),
-            format!("{:.0} MB/s", mbps(image(), i)),
-            format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
-        ]);
-        eprintln!("convert: qemu-nbd {pt:?} isr {it:?}");
-    }
-    stop(isr);
-    stop(peer);
-    print_table(
-        &format!(
-            "isr disk (hoarded) vs qemu-nbd --cache=writeback --aio=threads, {} MiB image, best of {REPS}",
-            image_mib()
-        ),
-        &["workload (qemu-img bench)", "qemu-nbd", "isr disk", "isr/qemu-nbd"],
-        &rows,
-    );
-
-    // ---- cold sequential read: fresh home, checkout without hoard, read the whole disk.
-    let read_all = bench_args(false, image_mib(), MIB, MIB, 16);
-    let mut cold = Vec::new();
-    let mut fetched = String::new();
-    for rep in 0..REPS {
-        let b = Client::new(&server, &d.join(format!("home-cold-{rep}")));
-        b.ok(&["checkout", "cold"]);
-        let sock = d.join(format!("cold-{rep}.sock"));
-        let child = b.disk("cold", &sock);
-        cold.push(qemu_img_bench(&format!("nbd+unix:///?socket={}", sock.display()), &read_all));
-        stop(child);
-        fetched = b
-            .ok(&["stat", "cold"])
-            .lines()
-            .find(|l| l.contains("cached"))
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        b.ok(&["checkin", "cold"]);
-        let _ = std::fs::remove_dir_all(&b.home);
-    }
-    let port = free_port();
-    let tcp = qemu_nbd_tcp(&peer_img, port);
-    let mut tcp_t = Vec::new();
-    let mut cor_t = Vec::new();
-    for rep in 0..REPS {
-        tcp_t.push(qemu_img_bench(&format!("nbd://127.0.0.1:{port}"), &read_all));
-        // QEMU's copy-on-read: an empty qcow2 overlay over the NBD export, every read written into it.
-        let overlay = d.join(format!("cor-{rep}.qcow2"));
-        run(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                .arg(format!("nbd://127.0.0.1:{port}"))
-                .arg(&overlay),
-            "qemu-img create overlay",
+        // Real data: a different mixed image written over the whole disk, then flushed.
+        {
+            let (mut pt, mut it) = (Vec::new(), Vec::new());
+            for rep in 0..REPS {
+                let src = if rep % 2 == 0 { &img2 } else { &img };
+                pt.push(convert_into(src, &peer_url));
+                it.push(convert_into(src, &isr_url));
+            }
+            let (p, i) = (best(&pt), best(&it));
+            rows.push(vec![
+                "seq write of the whole disk, other mixed data (qemu-img convert -n -m 16 -W), +flush".into(),
+                format!("{:.0} MB/s", mbps(image(), p)),
+                format!("{:.0} MB/s", mbps(image(), i)),
+                format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
+            ]);
+            eprintln!("convert: qemu-nbd {pt:?} isr {it:?}");
+        }
+        stop(isr);
+        stop(peer);
+        print_table(
+            &format!(
+                "isr disk (hoarded) vs qemu-nbd --cache=writeback --aio=threads, {} MiB image, best of {REPS}",
+                image_mib()
+            ),
+            &["workload (qemu-img bench)", "qemu-nbd", "isr disk", "isr/qemu-nbd"],
+            &rows,
         );
-        cor_t.push(copy_on_read_all(&overlay));
-        let _ = std::fs::remove_file(&overlay);
     }
-    stop(tcp);
-    eprintln!("cold: isr {cold:?} (last: {fetched}); qemu-nbd tcp {tcp_t:?}; copy-on-read {cor_t:?}");
-    let (c, p, cor) = (mbps(image(), best(&cold)), mbps(image(), best(&tcp_t)), mbps(image(), best(&cor_t)));
-    print_table(
-        "cold sequential read of the whole disk (fresh client home, checkout without hoard; qemu-img bench 1 MiB QD16)",
-        &["reader", "MB/s", "isr cold / this"],
-        &[
-            vec!["isr disk, every chunk fetched from isr-server over loopback HTTP".into(), format!("{c:.0}"), "1.00".into()],
-            vec!["QEMU copy-on-read (qcow2 overlay) over loopback NBD from qemu-nbd, cold overlay (same run)".into(), format!("{cor:.0}"), format!("{:.2}", c / cor)],
-            vec!["qemu-nbd over loopback TCP, raw file in page cache (same run)".into(), format!("{p:.0}"), format!("{:.2}", c / p)],
-        ],
-    );
+
+    if only != "hot" {
+        // ---- cold sequential read: fresh home, checkout without hoard, read the whole disk.
+        let read_all = bench_args(false, image_mib(), MIB, MIB, 16);
+        let mut cold = Vec::new();
+        let mut fetched = String::new();
+        for rep in 0..REPS {
+            let b = Client::new(&server, &d.join(format!("home-cold-{rep}")));
+            b.ok(&["checkout", "cold"]);
+            let sock = d.join(format!("cold-{rep}.sock"));
+            let child = b.disk("cold", &sock);
+            cold.push(qemu_img_bench(&format!("nbd+unix:///?socket={}", sock.display()), &read_all));
+            stop(child);
+            fetched = b
+                .ok(&["stat", "cold"])
+                .lines()
+                .find(|l| l.contains("cached"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            b.ok(&["checkin", "cold"]);
+            let _ = std::fs::remove_dir_all(&b.home);
+        }
+        let port = free_port();
+        let tcp = qemu_nbd_tcp(&peer_img, port);
+        let mut tcp_t = Vec::new();
+        let mut cor_t = Vec::new();
+        for rep in 0..REPS {
+            tcp_t.push(qemu_img_bench(&format!("nbd://127.0.0.1:{port}"), &read_all));
+            // QEMU's copy-on-read: an empty qcow2 overlay over the NBD export, every read written into it.
+            let overlay = d.join(format!("cor-{rep}.qcow2"));
+            run(
+                Command::new("qemu-img")
+                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                    .arg(format!("nbd://127.0.0.1:{port}"))
+                    .arg(&overlay),
+                "qemu-img create overlay",
+            );
+            cor_t.push(copy_on_read_all(&overlay));
+            let _ = std::fs::remove_file(&overlay);
+        }
+        stop(tcp);
+        eprintln!("cold: isr {cold:?} (last: {fetched}); qemu-nbd tcp {tcp_t:?}; copy-on-read {cor_t:?}");
+        let (c, p, cor) =
+            (mbps(image(), best(&cold)), mbps(image(), best(&tcp_t)), mbps(image(), best(&cor_t)));
+        print_table(
+            "cold sequential read of the whole disk (fresh client home, checkout without hoard; qemu-img bench 1 MiB QD16)",
+            &["reader", "MB/s", "isr cold / this"],
+            &[
+                vec!["isr disk, every chunk fetched from isr-server over loopback HTTP".into(), format!("{c:.0}"), "1.00".into()],
+                vec!["QEMU copy-on-read (qcow2 overlay) over loopback NBD from qemu-nbd, cold overlay (same run)".into(), format!("{cor:.0}"), format!("{:.2}", c / cor)],
+                vec!["qemu-nbd over loopback TCP, raw file in page cache (same run)".into(), format!("{p:.0}"), format!("{:.2}", c / p)],
+            ],
+        );
+    }
 }

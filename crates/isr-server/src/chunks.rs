@@ -2,7 +2,7 @@
 //! batched endpoints need beyond it (ages of chunks, batched presence checks, durability once per commit,
 //! the chunk index of stores that cannot answer presence cheaply).
 //!
-//! - **Chunk files** are written with [`Durability::Rename`] (temp file + rename, no fsync): a PUT is atomic
+//! - **Chunk files** are written with [`Durability::Batched`] (temp file + rename, no fsync): a PUT is atomic
 //!   but not yet durable. Before a commit's transaction, [`Chunks::make_durable`] syncs the store's file
 //!   system once (`syncfs(2)`: every chunk any server process wrote, with the renames' directory entries);
 //!   inside the transaction the commit's presence check syncs again only if a chunk it needs was renamed
@@ -167,7 +167,7 @@ impl Chunks {
     /// Returns when the sync began, for [`Chunks::for_commit`].
     pub async fn make_durable(&self) -> Result<SystemTime, StoreError> {
         let began = SystemTime::now();
-        if let Some(fs) = self.fs.clone().filter(|fs| fs.durability() == Durability::Rename) {
+        if let Some(fs) = self.fs.clone().filter(|fs| fs.durability() == Durability::Batched) {
             tokio::task::spawn_blocking(move || fs.sync())
                 .await
                 .map_err(|e| StoreError::Backend(format!("chunk sync task failed: {e}")))??;
@@ -308,7 +308,7 @@ impl ChunkPresence for CommitPresence<'_> {
         let Some(fs) = &self.chunks.fs else { return self.chunks.missing(&tags).await };
         let (present, recent) = fs_presence(fs, &tags, Some(self.synced_at)).await?;
         let missing: Vec<Tag> = tags.iter().zip(&present).filter(|(_, p)| !**p).map(|(t, _)| *t).collect();
-        if missing.is_empty() && recent && fs.durability() == Durability::Rename {
+        if missing.is_empty() && recent && fs.durability() == Durability::Batched {
             // A chunk this commit needs may have been renamed into place after the sync began (another
             // writer re-creating one gc had removed): sync again before the version refers to it.
             self.chunks.make_durable().await?;

@@ -135,7 +135,7 @@ impl Storage {
                 }
                 // Written and renamed, no fsync per chunk: each commit syncs once before its transaction
                 // (see `chunks`).
-                Chunks::fs(FsChunkStore::open(&chunk_dir, Durability::Rename)?)
+                Chunks::fs(FsChunkStore::open(&chunk_dir, Durability::Batched)?)
             }
         };
         Storage::from_stores(meta, chunks).await

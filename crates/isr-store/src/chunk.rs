@@ -77,9 +77,12 @@ pub enum Durability {
     /// fsync the file before the rename and the directory after it: the chunk survives power loss.
     Fsync,
     /// Write and rename only: atomic (never a partial chunk), durable once the OS writes back or
-    /// [`FsChunkStore::sync`] (or [`FsChunkStore::sync_all`]) runs. The server's mode: a commit makes its
-    /// chunks durable in one step before its transaction.
+    /// [`FsChunkStore::sync`] (or [`FsChunkStore::sync_all`]) runs (the client's cache of fetched chunks).
     Rename,
+    /// As [`Durability::Rename`], and each file's write-back starts at once without being waited for. The
+    /// server's mode: a commit makes its chunks durable in one [`FsChunkStore::sync`] before its
+    /// transaction, and by then the disk has written most of them.
+    Batched,
 }
 
 /// Chunks as files `DIR/ab/abcdef...` (first byte of the tag as a fan-out directory), written to
@@ -173,10 +176,11 @@ impl FsChunkStore {
         let mut f = create_private_file(&tmp)?;
         let written = f.write_all(data).and_then(|_| match self.durability {
             Durability::Fsync => f.sync_data(),
-            Durability::Rename => {
+            Durability::Batched => {
                 start_writeback(&f);
                 Ok(())
             }
+            Durability::Rename => Ok(()),
         });
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);

@@ -82,7 +82,7 @@ impl TestServer {
             aged = Some(a.clone());
             Chunks::indexed(a)
         } else {
-            Chunks::fs(FsChunkStore::open(dir.path().join("chunks"), Durability::Rename).unwrap())
+            Chunks::fs(FsChunkStore::open(dir.path().join("chunks"), Durability::Batched).unwrap())
         };
         let storage = Storage::from_stores(meta, chunks).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
