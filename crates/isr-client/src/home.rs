@@ -5,18 +5,16 @@
 //! HOME/session.json                  server, user, session token, deployment convergence secret (mode 0600)
 //! HOME/seen.json                     per parcel: highest version seen, first bound version seen (manifests.rs)
 //! HOME/cache/                        encrypted chunks by tag, shared by every parcel of this client
-//! HOME/parcels/USER/PARCEL/          one checked-out parcel:
-//!     state.json                       base version, lock id, wrapped keyroot
-//!     base.manifest                    the base version's manifest (authenticated on every load)
-//!     keyrings/base-KIND               sealed keyrings of the base version
-//!     keyrings/work-KIND               sealed working keyrings: present only when KIND was modified
-//!     run.lock                         held (flock) while a disk export or VM runs
+//! HOME/parcels/USER/PARCEL/          one checked-out parcel: its files are named by
+//!                                    [`crate::parcel_files::ParcelFiles`] (state.json, base.manifest,
+//!                                    keyrings/, runtime/, run.lock, run.json, run-outcome.json)
 //! HOME/transient/USER/PARCEL/        the run records of a transient run (`resume --transient`): run.lock,
 //!                                    run.json, run-outcome.json; its working area is in its private directory
 //! ```
 //! Every file is replaced by write-to-temp, fsync, rename, fsync of the directory.
 
 use crate::error::ClientError;
+use crate::parcel_files::ParcelFiles;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -198,6 +196,11 @@ impl Home {
         self.root.join("parcels").join(user).join(parcel)
     }
 
+    /// The local files of a parcel checked out here.
+    pub fn parcel_files(&self, user: &str, parcel: &str) -> ParcelFiles {
+        ParcelFiles::new(self.parcel_dir(user, parcel))
+    }
+
     /// Where a transient run of the parcel keeps its run records (never its data: that is in the run's
     /// private directory under the runtime directory).
     pub fn transient_dir(&self, user: &str, parcel: &str) -> PathBuf {
@@ -205,7 +208,7 @@ impl Home {
     }
 
     pub fn local_state(&self, user: &str, parcel: &str) -> Result<Option<LocalState>, ClientError> {
-        read_json(&self.parcel_dir(user, parcel).join("state.json"))
+        read_json(&self.parcel_files(user, parcel).state())
     }
 
     /// Every parcel of `user` checked out here.
@@ -218,7 +221,7 @@ impl Home {
         };
         let mut out = Vec::new();
         for entry in entries.flatten() {
-            if let Some(st) = read_json::<LocalState>(&entry.path().join("state.json"))? {
+            if let Some(st) = read_json::<LocalState>(&ParcelFiles::new(entry.path()).state())? {
                 out.push(st);
             }
         }
@@ -228,7 +231,7 @@ impl Home {
 
     pub fn save_local_state(&self, st: &LocalState) -> Result<(), ClientError> {
         write_atomic(
-            &self.parcel_dir(&st.user, &st.parcel).join("state.json"),
+            &self.parcel_files(&st.user, &st.parcel).state(),
             &serde_json::to_vec_pretty(st).expect("serializable"),
         )
     }

@@ -6,7 +6,9 @@
 //! - [`image`]: a checked-out image (disk or memory) read and written in place: decoded chunks in memory,
 //!   dirty chunks encoded into the cache and recorded in a working keyring made durable on flush.
 //! - [`manifests`]: manifests opened bound to parcel and version; the highest version seen of each parcel.
-//! - [`parcel`]: the lifecycle: create, checkout, sync, checkin, discard, hoard, rollback, check, export.
+//! - [`parcel`]: the [`parcel::Client`] and the lifecycle, one command per module: create, checkout, sync (plan,
+//!   upload, commit), checkin, discard, hoard, rollback, check, export, status, password, lock.
+//! - [`parcel_files`]: every local file name of a parcel ([`parcel_files::ParcelFiles`]).
 //! - [`resume`]: the VM (and `isr disk`): resume, suspend, power off.
 //! - [`transient`]: `resume --transient`: a version run without lock or check-in, every change dropped.
 //! - [`network`]: IT's network policy and the network a resume gives the VM.
@@ -20,6 +22,7 @@ pub mod image;
 pub mod manifests;
 pub mod network;
 pub mod parcel;
+pub mod parcel_files;
 pub mod progress;
 pub mod resume;
 pub mod run;

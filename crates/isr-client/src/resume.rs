@@ -11,7 +11,8 @@ use crate::error::ClientError;
 use crate::home::{valid_parcel_name, write_atomic};
 use crate::image::{ImageDevice, WorkingImage};
 use crate::network::{effective_network, SeenPolicy};
-use crate::parcel::{is_running, work_keyring_path, Client, Opened};
+use crate::parcel::{is_running, Client, Opened};
+use crate::parcel_files::ParcelFiles;
 use crate::run::{
     check_runtime_space, clean_stale, console_log, default_runtime_dir, drop_memory_image,
     memory_image_would_resume, private_dir_path, read_outcome, read_record, PrivateDir, Run, RunKind,
@@ -339,7 +340,7 @@ async fn copy_changes_into(img: &Arc<WorkingImage>, path: &Path) -> Result<(), C
 
 /// Remove the runtime image of a parcel's memory image (it belongs to a memory image that is gone).
 pub(crate) fn remove_runtime_memory(dir: &Path) -> Result<(), ClientError> {
-    let path = crate::parcel::runtime_image_path(dir, ImageKind::Memory);
+    let path = ParcelFiles::new(dir).runtime_image(ImageKind::Memory);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -541,7 +542,7 @@ impl Client {
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: parcel opened (keyroot unwrapped)");
         let runtime_dir = opts.runtime_dir.clone().unwrap_or_else(default_runtime_dir);
         let private_path = private_dir_path(&runtime_dir, name);
-        let mut run = Run::start(&o.dir, RunKind::Resume, Some(private_path.clone()))?;
+        let mut run = Run::start(o.files.dir(), RunKind::Resume, Some(private_path.clone()))?;
         // At most one VM of a parcel on a client: not beside a transient run of it (which checks the other way
         // round after taking its own run lock, so two starting at once never both run).
         if is_running(&transient) {
@@ -871,7 +872,7 @@ impl Client {
             (Err(e), _) | (Ok(_), Err(e)) => {
                 // No memory image that matches the disk: the next resume boots cold.
                 let _ = std::fs::remove_file(&mem_path);
-                drop_memory_image(&o.dir)?;
+                drop_memory_image(o.files.dir())?;
                 return Err(e);
             }
         };
@@ -883,11 +884,11 @@ impl Client {
                 report.outcome = "suspended";
             }
             Ended::PoweredOff => {
-                drop_memory_image(&o.dir)?;
+                drop_memory_image(o.files.dir())?;
                 report.outcome = "powered off";
             }
             Ended::Exited(exit) => {
-                drop_memory_image(&o.dir)?;
+                drop_memory_image(o.files.dir())?;
                 report.outcome =
                     if exit.guest_initiated() { "shut down by the guest" } else { "QEMU exited" };
             }
@@ -933,10 +934,10 @@ impl Client {
                 }
                 None => {
                     // Another size (or no memory image before): encoded whole; the old runtime image goes.
-                    remove_runtime_memory(&o.dir)?;
+                    remove_runtime_memory(o.files.dir())?;
                     let secret = self.convergence_secret_pub()?;
                     let (ring, _) = store_image_file(mem_path, o.manifest.chunk_size, &secret, cache).await?;
-                    let mem_work = work_keyring_path(&o.dir, ImageKind::Memory);
+                    let mem_work = o.files.work_keyring(ImageKind::Memory);
                     let base_tags: Option<Vec<Tag>> =
                         self.keyrings(o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec());
                     if base_tags.as_deref() == Some(ring.tags()) && o.manifest.memory.is_some() {
@@ -960,10 +961,10 @@ impl Client {
         match stored {
             Ok(n) => Ok(n),
             Err(e) => {
-                drop_memory_image(&o.dir)?;
+                drop_memory_image(o.files.dir())?;
                 Err(ClientError::Other(format!(
                     "storing the memory image of {name} failed: {e}; the VM has stopped, and {}",
-                    next_resume_note(&o.dir)
+                    next_resume_note(o.files.dir())
                 )))
             }
         }
@@ -1083,7 +1084,7 @@ impl Client {
 
     /// Drop the saved memory image of a parcel that is not running: the next resume boots cold.
     pub fn drop_memory(&mut self, o: &Opened) -> Result<(), ClientError> {
-        drop_memory_image(&o.dir)
+        drop_memory_image(o.files.dir())
     }
 
     /// Prepare `isr disk`: check the parcel out when needed (unless disconnected), take its `run.lock`, and
@@ -1111,10 +1112,10 @@ impl Client {
                 )));
             }
         }
-        let run = Run::start(&o.dir, RunKind::Disk, None)?;
+        let run = Run::start(o.files.dir(), RunKind::Disk, None)?;
         let prepared = async {
             let mut note = None;
-            if !opts.read_only && memory_image_would_resume(&o.dir)? {
+            if !opts.read_only && memory_image_would_resume(o.files.dir())? {
                 if !opts.force {
                     return Err(ClientError::Other(format!(
                         "{name} is suspended: its saved memory image expects the disk exactly as it is, so writing \
@@ -1123,7 +1124,7 @@ impl Client {
                          then boots cold)"
                     )));
                 }
-                drop_memory_image(&o.dir)?;
+                drop_memory_image(o.files.dir())?;
                 note = Some(format!("--force: dropped the saved memory image of {name}; the next resume boots cold"));
             }
             let image = self.working_image(&o, ImageKind::Disk, opts.disconnected).await?;

@@ -21,21 +21,19 @@
 
 use crate::error::ClientError;
 use crate::home::{now_unix, write_atomic};
+use crate::parcel_files::ParcelFiles;
+use isr_format::ImageKind;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const RECORD: &str = "run.json";
-const OUTCOME: &str = "run-outcome.json";
-/// Written by resumes before this module existed (`isr suspend` found the pid there).
-const LEGACY_PID: &str = "run.pid";
 /// In the `-name` argument of every QEMU that isr starts (`isr_vmm::VmConfig::qemu_args`; under libvirt an
 /// extra `-name` in the domain's `<qemu:commandline>`).
 const QEMU_NAME_MARK: &[u8] = b"process=isr-qemu";
 
 /// Whether a disk export or VM of the parcel is running (it holds `run.lock`).
 pub fn is_running(dir: &Path) -> bool {
-    let Ok(f) = std::fs::File::open(dir.join("run.lock")) else { return false };
+    let Ok(f) = std::fs::File::open(ParcelFiles::new(dir).run_lock()) else { return false };
     !try_flock(&f)
 }
 
@@ -61,7 +59,7 @@ impl RunGuard {
 
     /// The guard, or `None` when another process holds it.
     pub fn try_acquire(dir: &Path) -> Result<Option<RunGuard>, ClientError> {
-        let path = dir.join("run.lock");
+        let path = ParcelFiles::new(dir).run_lock();
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -148,18 +146,18 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ClientError> {
 
 /// The record of the parcel's current or last unfinished run.
 pub fn read_record(dir: &Path) -> Result<Option<RunRecord>, ClientError> {
-    read_json(&dir.join(RECORD))
+    read_json(&ParcelFiles::new(dir).run_record())
 }
 
 /// How the parcel's last run ended.
 pub fn read_outcome(dir: &Path) -> Result<Option<RunOutcome>, ClientError> {
-    read_json(&dir.join(OUTCOME))
+    read_json(&ParcelFiles::new(dir).run_outcome())
 }
 
 /// A run in progress: holds `run.lock`, and its record is on disk.
 #[derive(Debug)]
 pub struct Run {
-    dir: PathBuf,
+    files: ParcelFiles,
     record: RunRecord,
     _guard: RunGuard,
 }
@@ -183,8 +181,9 @@ impl Run {
             memory_consumed: false,
             libvirt_domain: None,
         };
-        write_json(&dir.join(RECORD), &record)?;
-        Ok(Run { dir: dir.to_owned(), record, _guard: guard })
+        let files = ParcelFiles::new(dir);
+        write_json(&files.run_record(), &record)?;
+        Ok(Run { files, record, _guard: guard })
     }
 
     pub fn record(&self) -> &RunRecord {
@@ -199,7 +198,7 @@ impl Run {
     ) -> Result<(), ClientError> {
         self.record.qemu_pid = pid;
         self.record.libvirt_domain = domain.map(|d| LibvirtDomain { uri: d.uri, name: d.name });
-        write_json(&self.dir.join(RECORD), &self.record)
+        write_json(&self.files.run_record(), &self.record)
     }
 
     /// Record durably, before the guest runs, that this run consumes the saved memory image; then drop the
@@ -211,8 +210,8 @@ impl Run {
             return Ok(());
         }
         self.record.memory_consumed = true;
-        write_json(&self.dir.join(RECORD), &self.record)?;
-        drop_memory_image(&self.dir)
+        write_json(&self.files.run_record(), &self.record)?;
+        drop_memory_image(self.files.dir())
     }
 
     /// Record how the run ended, remove the record and release `run.lock`. Call it after the private
@@ -229,9 +228,9 @@ impl Run {
             outcome: outcome.to_owned(),
             error,
         };
-        write_json(&self.dir.join(OUTCOME), &o)?;
-        remove_if_present(&self.dir.join(RECORD))?;
-        let _ = std::fs::remove_file(self.dir.join(LEGACY_PID));
+        write_json(&self.files.run_outcome(), &o)?;
+        remove_if_present(&self.files.run_record())?;
+        let _ = std::fs::remove_file(self.files.legacy_run_pid());
         Ok(())
     }
 }
@@ -254,23 +253,22 @@ fn sync_dir(dir: &Path) -> Result<(), ClientError> {
         .map_err(|e| ClientError::io(format!("syncing {}", dir.display()), e))
 }
 
-fn memory_keyring(dir: &Path, which: &str) -> PathBuf {
-    dir.join("keyrings").join(format!("{which}-memory"))
-}
-
 /// Whether the next resume of the parcel in `dir` would start from a saved memory image (it is suspended).
 /// Reads only local files (no password needed): the base has a memory image when its memory keyring is
 /// there.
 pub fn memory_image_would_resume(dir: &Path) -> Result<bool, ClientError> {
-    let Some(st) = read_json::<serde_json::Value>(&dir.join("state.json"))? else { return Ok(false) };
+    let files = ParcelFiles::new(dir);
+    let Some(st) = read_json::<serde_json::Value>(&files.state())? else { return Ok(false) };
     let dropped = st.get("memory_dropped").and_then(serde_json::Value::as_bool).unwrap_or(false);
-    Ok(!dropped && (memory_keyring(dir, "work").exists() || memory_keyring(dir, "base").exists()))
+    Ok(!dropped
+        && (files.work_keyring(ImageKind::Memory).exists() || files.base_keyring(ImageKind::Memory).exists()))
 }
 
 /// Drop the parcel's saved memory image: the state says so first (durably), then the working memory keyring
 /// goes; a crash in between still boots cold. Idempotent.
 pub fn drop_memory_image(dir: &Path) -> Result<(), ClientError> {
-    let path = dir.join("state.json");
+    let files = ParcelFiles::new(dir);
+    let path = files.state();
     // As JSON, touching only this one field of the state (`home::LocalState`).
     let mut st: serde_json::Value =
         read_json(&path)?.ok_or_else(|| ClientError::Other(format!("{} is missing", path.display())))?;
@@ -278,12 +276,12 @@ pub fn drop_memory_image(dir: &Path) -> Result<(), ClientError> {
         .as_object_mut()
         .ok_or_else(|| ClientError::Integrity(format!("{} is not a JSON object", path.display())))?;
     // Only a memory image of the base needs the flag; without one, the working keyring is all there is.
-    obj.insert("memory_dropped".into(), memory_keyring(dir, "base").exists().into());
+    obj.insert("memory_dropped".into(), files.base_keyring(ImageKind::Memory).exists().into());
     write_json(&path, &st)?;
-    let work = memory_keyring(dir, "work");
+    let work = files.work_keyring(ImageKind::Memory);
     if work.exists() {
         remove_if_present(&work)?;
-        sync_dir(&dir.join("keyrings"))?;
+        sync_dir(&files.keyrings_dir())?;
     }
     // Its runtime image may hold changes of the memory image that is dropped here.
     crate::resume::remove_runtime_memory(dir)
@@ -292,7 +290,8 @@ pub fn drop_memory_image(dir: &Path) -> Result<(), ClientError> {
 /// Clean up after a dead run of the parcel in `dir`, if there was one and nothing runs it now; says on stderr
 /// what was done. Cheap when there is nothing to do.
 pub fn clean_stale(dir: &Path) -> Result<(), ClientError> {
-    if !dir.join(RECORD).exists() && !dir.join(LEGACY_PID).exists() {
+    let files = ParcelFiles::new(dir);
+    if !files.run_record().exists() && !files.legacy_run_pid().exists() {
         return Ok(());
     }
     // Holding run.lock while cleaning: a resume starting meanwhile waits for it instead of losing its files.
@@ -305,7 +304,8 @@ pub fn clean_stale(dir: &Path) -> Result<(), ClientError> {
 
 /// The cleanup itself, with `run.lock` held by the caller. Returns what was done, for the user.
 fn clean_locked(dir: &Path) -> Result<Option<String>, ClientError> {
-    let _ = std::fs::remove_file(dir.join(LEGACY_PID));
+    let files = ParcelFiles::new(dir);
+    let _ = std::fs::remove_file(files.legacy_run_pid());
     let Some(rec) = read_record(dir)? else { return Ok(None) };
     let parcel = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let ended = read_outcome(dir)?.is_some_and(|o| o.run_id == rec.run_id);
@@ -333,7 +333,7 @@ fn clean_locked(dir: &Path) -> Result<Option<String>, ClientError> {
         // Repeat the drop: the run may have died between recording the consumption and dropping the image.
         drop_memory_image(dir)?;
     }
-    remove_if_present(&dir.join(RECORD))?;
+    remove_if_present(&files.run_record())?;
     if ended && done.is_empty() {
         return Ok(None);
     }
@@ -547,6 +547,14 @@ pub fn console_log(home_root: &Path, user: &str, parcel: &str) -> Result<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn memory_keyring(dir: &Path, which: &str) -> PathBuf {
+        let files = ParcelFiles::new(dir);
+        match which {
+            "base" => files.base_keyring(ImageKind::Memory),
+            _ => files.work_keyring(ImageKind::Memory),
+        }
+    }
 
     fn state(dir: &Path, memory_dropped: bool) {
         let st = serde_json::json!({"parcel": "p", "base_version": 1, "memory_dropped": memory_dropped});

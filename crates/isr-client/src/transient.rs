@@ -24,11 +24,11 @@
 
 use crate::error::ClientError;
 use crate::home::{create_private_dir, rfc3339, valid_parcel_name, write_atomic, LocalState};
-use crate::parcel::{base_keyring_path, is_running, Client};
+use crate::parcel::{is_running, Client};
+use crate::parcel_files::ParcelFiles;
 use crate::resume::{prepare_vm_start, ResumeOptions, ResumeReport, StopRequest};
 use crate::run::{check_runtime_space, default_runtime_dir, private_dir_path, PrivateDir, Run, RunKind};
-use isr_format::ImageKind;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// The outcome a transient run records when it ended as asked (`isr suspend` / `isr poweroff` see it).
@@ -142,28 +142,19 @@ impl Client {
         run: &mut Run,
         t0: Instant,
     ) -> Result<TransientReport, ClientError> {
-        let work = area.join("parcel");
+        let work = ParcelFiles::new(area.join("parcel"));
         let (state, locked_by) = match local {
             Some(st) if opts.disconnected => {
                 // The base version of the checkout, hoarded here: its sealed manifest and base keyrings are
                 // copied (read, never written); its working keyrings and local state are not used.
-                let from = self.home.parcel_dir(&self.user, name);
-                let copy = |rel: PathBuf| -> Result<(), ClientError> {
-                    let src = from.join(&rel);
+                let from = self.home.parcel_files(&self.user, name);
+                let copies = from.base_version_files().into_iter().zip(work.base_version_files());
+                for ((src, required), (dst, _)) in copies {
                     match std::fs::read(&src) {
-                        Ok(bytes) => write_atomic(&work.join(&rel), &bytes),
-                        Err(e)
-                            if e.kind() == std::io::ErrorKind::NotFound
-                                && rel != Path::new("base.manifest") =>
-                        {
-                            Ok(())
-                        }
-                        Err(e) => Err(ClientError::io(format!("reading {}", src.display()), e)),
+                        Ok(bytes) => write_atomic(&dst, &bytes)?,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {}
+                        Err(e) => return Err(ClientError::io(format!("reading {}", src.display()), e)),
                     }
-                };
-                copy(PathBuf::from("base.manifest"))?;
-                for kind in ImageKind::ALL {
-                    copy(base_keyring_path(Path::new(""), kind))?;
                 }
                 eprintln!(
                     "isr: --disconnected transient run of {name} version {} (hoarded here): the lock is not looked at, \
@@ -185,10 +176,10 @@ impl Client {
                     ),
                     None => eprintln!("isr: this transient run of {name} takes no lock and will check nothing in"),
                 }
-                (self.fetch_version_into(&t, name, version, String::new(), &work).await?, locked_by)
+                (self.fetch_version_into(&t, name, version, String::new(), work.dir()).await?, locked_by)
             }
         };
-        write_atomic(&work.join("state.json"), &serde_json::to_vec_pretty(&state).expect("serializable"))?;
+        write_atomic(&work.state(), &serde_json::to_vec_pretty(&state).expect("serializable"))?;
         let o = self.open_at(name, state, work, Some(area.join("overlay")))?;
         let v = o.state.base_version;
         if opts.disconnected {
