@@ -585,7 +585,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 Some(o) if o.outcome == TRANSIENT_OUTCOME => {
                     println!("stopped the transient run of {parcel}: nothing saved")
                 }
-                Some(o) if o.outcome == "powered off" => println!("powered off {parcel}"),
+                Some(o) if o.outcome == isr_client::run::RunEnd::PoweredOff => {
+                    println!("powered off {parcel}")
+                }
                 Some(o) => println!("{parcel} stopped ({}); the next resume boots cold", o.outcome),
                 None => {
                     let o = c.open(&parcel)?;

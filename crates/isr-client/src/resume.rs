@@ -15,7 +15,7 @@ use crate::parcel::{is_running, Client, Opened};
 use crate::parcel_files::ParcelFiles;
 use crate::run::{
     check_runtime_space, clean_stale, console_log, default_runtime_dir, drop_memory_image,
-    memory_image_would_resume, private_dir_path, read_outcome, read_record, PrivateDir, Run, RunKind,
+    memory_image_would_resume, private_dir_path, read_outcome, read_record, PrivateDir, Run, RunEnd, RunKind,
     RunOutcome,
 };
 use crate::source::{ChunkSources, SourceCounts};
@@ -69,7 +69,7 @@ pub struct ResumeOptions {
 /// How a resume ended, with timings for the user.
 #[derive(Debug, Clone)]
 pub struct ResumeReport {
-    pub outcome: &'static str,
+    pub outcome: RunEnd,
     pub accel: Accel,
     /// The guest's serial console (`HOME/logs/USER/PARCEL/console.log`).
     pub console_log: PathBuf,
@@ -497,7 +497,8 @@ impl DiskExport {
             (_, Err(e)) => Some(format!("NBD server: {e}")),
             _ => None,
         };
-        let finished = self.run.finish(if error.is_some() { "failed" } else { "stopped" }, false, error);
+        let finished =
+            self.run.finish(if error.is_some() { RunEnd::Failed } else { RunEnd::Stopped }, false, error);
         flushed?;
         served.map_err(|e| ClientError::Other(format!("NBD server: {e}")))?;
         finished?;
@@ -547,7 +548,7 @@ impl Client {
         // round after taking its own run lock, so two starting at once never both run).
         if is_running(&transient) {
             let e = transient_running();
-            run.finish("failed", false, Some(e.to_string()))?;
+            run.finish(RunEnd::Failed, false, Some(e.to_string()))?;
             return Err(e);
         }
         let result = self
@@ -562,9 +563,9 @@ impl Client {
             _ => Ok(()),
         };
         let (outcome, stored, error) = match (&result, &removed) {
-            (Ok(r), Ok(())) => (r.outcome, r.outcome == "suspended", None),
-            (Ok(r), Err(e)) => ("failed", r.outcome == "suspended", Some(e.to_string())),
-            (Err(e), _) => ("failed", false, Some(e.to_string())),
+            (Ok(r), Ok(())) => (r.outcome, r.outcome == RunEnd::Suspended, None),
+            (Ok(r), Err(e)) => (RunEnd::Failed, r.outcome == RunEnd::Suspended, Some(e.to_string())),
+            (Err(e), _) => (RunEnd::Failed, false, Some(e.to_string())),
         };
         let finished = run.finish(outcome, stored, error);
         let report = result?;
@@ -856,7 +857,8 @@ impl Client {
         stop_nbd().await;
         let flushed = image.close().await;
         let mut report = ResumeReport {
-            outcome: "",
+            // Set below by how the VM ended.
+            outcome: RunEnd::Unknown,
             accel,
             console_log: console,
             restore,
@@ -881,16 +883,16 @@ impl Client {
                 report.memory_image_bytes = info.file_size;
                 (report.memory_chunks_changed, report.memory_chunks) =
                     self.store_memory_image(name, o, &mem_path, &cache, memory_image).await?;
-                report.outcome = "suspended";
+                report.outcome = RunEnd::Suspended;
             }
             Ended::PoweredOff => {
                 drop_memory_image(o.files.dir())?;
-                report.outcome = "powered off";
+                report.outcome = RunEnd::PoweredOff;
             }
             Ended::Exited(exit) => {
                 drop_memory_image(o.files.dir())?;
                 report.outcome =
-                    if exit.guest_initiated() { "shut down by the guest" } else { "QEMU exited" };
+                    if exit.guest_initiated() { RunEnd::GuestShutdown } else { RunEnd::QemuExited };
             }
         }
         private.remove()?;
@@ -1067,7 +1069,7 @@ impl Client {
                 rec.isr_pid,
                 if how == StopRequest::Suspend { " while saving the memory" } else { "" }
             ))),
-            Some(o) if o.outcome == "failed" => Err(ClientError::Other(format!(
+            Some(o) if o.outcome == RunEnd::Failed => Err(ClientError::Other(format!(
                 "{asked} {name} failed: {}. The VM has stopped; {}",
                 o.error.as_deref().unwrap_or("unknown error"),
                 if o.memory_image_stored { "its memory image was stored" } else { next }
@@ -1134,7 +1136,7 @@ impl Client {
         match prepared {
             Ok((image, note)) => Ok(DiskExport { image, read_only: opts.read_only, note, run }),
             Err(e) => {
-                run.finish("failed", false, Some(e.to_string()))?;
+                run.finish(RunEnd::Failed, false, Some(e.to_string()))?;
                 Err(e)
             }
         }

@@ -118,14 +118,79 @@ pub struct LibvirtDomain {
     pub name: String,
 }
 
+/// How a run ended. Stored in `run-outcome.json` as the words shown to the user; a word this version does not
+/// know (written by another version of isr) reads as [`RunEnd::Unknown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "&'static str")]
+pub enum RunEnd {
+    /// The memory image was saved and the VM stopped (`isr suspend`).
+    Suspended,
+    /// Stopped without saving memory (`isr poweroff`).
+    PoweredOff,
+    /// The guest shut itself down.
+    GuestShutdown,
+    /// QEMU exited on its own.
+    QemuExited,
+    /// An `isr disk` export ended.
+    Stopped,
+    /// The run failed (its error is in [`RunOutcome::error`]).
+    Failed,
+    /// A transient run ended as asked, every change dropped.
+    TransientEnded,
+    /// Recorded by another version of isr.
+    Unknown,
+}
+
+impl RunEnd {
+    const ALL: [RunEnd; 7] = [
+        RunEnd::Suspended,
+        RunEnd::PoweredOff,
+        RunEnd::GuestShutdown,
+        RunEnd::QemuExited,
+        RunEnd::Stopped,
+        RunEnd::Failed,
+        RunEnd::TransientEnded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunEnd::Suspended => "suspended",
+            RunEnd::PoweredOff => "powered off",
+            RunEnd::GuestShutdown => "shut down by the guest",
+            RunEnd::QemuExited => "QEMU exited",
+            RunEnd::Stopped => "stopped",
+            RunEnd::Failed => "failed",
+            RunEnd::TransientEnded => "transient run ended: every change dropped",
+            RunEnd::Unknown => "ended",
+        }
+    }
+}
+
+impl From<String> for RunEnd {
+    fn from(s: String) -> RunEnd {
+        RunEnd::ALL.into_iter().find(|e| e.as_str() == s).unwrap_or(RunEnd::Unknown)
+    }
+}
+
+impl From<RunEnd> for &'static str {
+    fn from(e: RunEnd) -> &'static str {
+        e.as_str()
+    }
+}
+
+impl std::fmt::Display for RunEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// How a run ended (`run-outcome.json`), for `isr suspend` and `isr poweroff` to report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunOutcome {
     pub run_id: String,
     /// A new memory image was stored durably (the run was suspended).
     pub memory_image_stored: bool,
-    /// "suspended", "powered off", "shut down by the guest", "QEMU exited", "stopped" or "failed".
-    pub outcome: String,
+    pub outcome: RunEnd,
     /// The error, when the run failed.
     pub error: Option<String>,
 }
@@ -218,16 +283,11 @@ impl Run {
     /// directory is gone and QEMU has exited.
     pub fn finish(
         self,
-        outcome: &str,
+        outcome: RunEnd,
         memory_image_stored: bool,
         error: Option<String>,
     ) -> Result<(), ClientError> {
-        let o = RunOutcome {
-            run_id: self.record.run_id.clone(),
-            memory_image_stored,
-            outcome: outcome.to_owned(),
-            error,
-        };
+        let o = RunOutcome { run_id: self.record.run_id.clone(), memory_image_stored, outcome, error };
         write_json(&self.files.run_outcome(), &o)?;
         remove_if_present(&self.files.run_record())?;
         let _ = std::fs::remove_file(self.files.legacy_run_pid());
@@ -627,11 +687,22 @@ mod tests {
         assert!(is_running(dir.path()));
         assert!(Run::start(dir.path(), RunKind::Disk, None).is_err(), "two runs at once");
         let id = run.record().run_id.clone();
-        run.finish("stopped", false, None).unwrap();
+        run.finish(RunEnd::Stopped, false, None).unwrap();
         assert!(!is_running(dir.path()));
         let o = read_outcome(dir.path()).unwrap().unwrap();
         assert_eq!(o.run_id, id);
         assert!(read_record(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn run_ends_are_stored_as_their_words() {
+        for end in RunEnd::ALL {
+            let json = serde_json::to_string(&end).unwrap();
+            assert_eq!(json, format!("{:?}", end.as_str()));
+            assert_eq!(serde_json::from_str::<RunEnd>(&json).unwrap(), end);
+        }
+        assert_eq!(serde_json::from_str::<RunEnd>("\"stopped\"").unwrap(), RunEnd::Stopped);
+        assert_eq!(serde_json::from_str::<RunEnd>("\"exploded\"").unwrap(), RunEnd::Unknown);
     }
 
     #[test]

@@ -27,12 +27,14 @@ use crate::home::{create_private_dir, rfc3339, valid_parcel_name, write_atomic, 
 use crate::parcel::{is_running, Client};
 use crate::parcel_files::ParcelFiles;
 use crate::resume::{prepare_vm_start, ResumeOptions, ResumeReport, StopRequest};
-use crate::run::{check_runtime_space, default_runtime_dir, private_dir_path, PrivateDir, Run, RunKind};
+use crate::run::{
+    check_runtime_space, default_runtime_dir, private_dir_path, PrivateDir, Run, RunEnd, RunKind,
+};
 use std::path::Path;
 use std::time::Instant;
 
 /// The outcome a transient run records when it ended as asked (`isr suspend` / `isr poweroff` see it).
-pub const TRANSIENT_OUTCOME: &str = "transient run ended: every change dropped";
+pub const TRANSIENT_OUTCOME: RunEnd = RunEnd::TransientEnded;
 
 /// How a transient run ended.
 #[derive(Debug, Clone)]
@@ -121,7 +123,8 @@ impl Client {
             (Ok(_), Ok(())) => None,
             (Err(e), _) | (_, Err(e)) => Some(e.to_string()),
         };
-        let finished = run.finish(if error.is_some() { "failed" } else { TRANSIENT_OUTCOME }, false, error);
+        let finished =
+            run.finish(if error.is_some() { RunEnd::Failed } else { TRANSIENT_OUTCOME }, false, error);
         let report = result?;
         removed?;
         finished?;

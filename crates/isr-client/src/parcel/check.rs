@@ -34,8 +34,10 @@ impl Client {
         for kind in ImageKind::ALL {
             let Some((base, work, _)) = self.keyrings(&o, kind)? else { continue };
             let base_set: HashSet<&Tag> = base.tags().iter().collect();
+            let bar = self.progress.task(&format!("check {}", kind.name()), work.image_len().0);
             for i in 0..work.chunk_count() {
                 let idx = ChunkIndex(i);
+                bar.advance(work.chunk_len(idx) as u64);
                 let Some((tag, key)) = work.get(idx) else { continue };
                 if !checked.insert(tag) {
                     continue;

@@ -6,6 +6,9 @@ use crate::error::ClientError;
 use crate::run::is_running;
 use isr_format::ImageKind;
 
+/// How much of the disk a hoard decodes into the runtime image between two progress reports.
+const DECODE_SLICE: u64 = 64 << 20;
+
 impl Client {
     /// Fetch every chunk of the parcel into the cache, checking it out first when it is not here yet.
     pub async fn hoard(&mut self, name: &str) -> Result<Transfer, ClientError> {
@@ -27,7 +30,18 @@ impl Client {
         // process fills it as the guest reads).
         if !is_running(o.files.dir()) {
             let img = self.working_image_from(&o, ImageKind::Disk, sources)?;
-            img.prefetch(0, img.len()).await.map_err(|e| ClientError::io("filling the runtime image", e))?;
+            // In slices, for progress (each slice fetches and decodes many chunks at a time).
+            let bar = self.progress.task("decode", img.len());
+            let mut offset = 0;
+            while offset < img.len() {
+                let len = DECODE_SLICE.min(img.len() - offset);
+                img.prefetch(offset, len)
+                    .await
+                    .map_err(|e| ClientError::io("filling the runtime image", e))?;
+                bar.advance(len);
+                offset += len;
+            }
+            drop(bar);
             img.close().await?;
         }
         Ok(transfer)
