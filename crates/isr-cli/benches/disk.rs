@@ -178,6 +178,16 @@ fn qemu_nbd_tcp(image: &Path, port: u16) -> Child {
     child
 }
 
+/// A table row for a workload that moves the whole disk once: MB/s of the peer and of isr, and their ratio.
+fn whole_disk_row(name: &str, peer: Duration, isr: Duration) -> Vec<String> {
+    vec![
+        name.to_owned(),
+        format!("{:.0} MB/s", mbps(image(), peer)),
+        format!("{:.0} MB/s", mbps(image(), isr)),
+        format!("{:.2}", peer.as_secs_f64() / isr.as_secs_f64()),
+    ]
+}
+
 fn best(v: &[Duration]) -> Duration {
     *v.iter().min().unwrap()
 }
@@ -254,12 +264,7 @@ fn main() {
             }
             let _ = std::fs::remove_file(&out);
             let (p, i) = (best(&pt), best(&it));
-            rows.push(vec![
-                "nbdcopy of the whole disk to a file (block status on both)".into(),
-                format!("{:.0} MB/s", mbps(image(), p)),
-                format!("{:.0} MB/s", mbps(image(), i)),
-                format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
-            ]);
+            rows.push(whole_disk_row("nbdcopy of the whole disk to a file (block status on both)", p, i));
             eprintln!("nbdcopy: qemu-nbd {pt:?} isr {it:?}");
         }
         // Real data: a different mixed image written over the whole disk, then flushed.
@@ -271,12 +276,11 @@ fn main() {
                 it.push(convert_into(src, &isr_url));
             }
             let (p, i) = (best(&pt), best(&it));
-            rows.push(vec![
-                "seq write of the whole disk, other mixed data (qemu-img convert -n -m 16 -W), +flush".into(),
-                format!("{:.0} MB/s", mbps(image(), p)),
-                format!("{:.0} MB/s", mbps(image(), i)),
-                format!("{:.2}", p.as_secs_f64() / i.as_secs_f64()),
-            ]);
+            rows.push(whole_disk_row(
+                "seq write of the whole disk, other mixed data (qemu-img convert -n -m 16 -W), +flush",
+                p,
+                i,
+            ));
             eprintln!("convert: qemu-nbd {pt:?} isr {it:?}");
         }
         stop(isr);

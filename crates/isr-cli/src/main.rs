@@ -2,7 +2,7 @@
 
 use clap::{CommandFactory, Parser, Subcommand};
 use isr_client::parcel::{is_running, Client, CreateOptions};
-use isr_client::transient::TRANSIENT_OUTCOME;
+use isr_client::run::RunEnd;
 use isr_client::{home::Home, ClientError};
 use isr_format::ChunkSize;
 use std::path::PathBuf;
@@ -572,7 +572,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Suspend { parcel } => {
             use isr_client::resume::StopRequest;
             match c.stop_running(&parcel, StopRequest::Suspend, std::time::Duration::from_secs(600)).await? {
-                Some(o) if o.outcome == TRANSIENT_OUTCOME => {
+                Some(o) if o.outcome == RunEnd::TransientEnded => {
                     println!("stopped the transient run of {parcel}: nothing saved")
                 }
                 Some(_) => println!("suspended {parcel}"),
@@ -582,13 +582,13 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
         Command::Poweroff { parcel } => {
             use isr_client::resume::StopRequest;
             match c.stop_running(&parcel, StopRequest::Poweroff, std::time::Duration::from_secs(120)).await? {
-                Some(o) if o.outcome == TRANSIENT_OUTCOME => {
-                    println!("stopped the transient run of {parcel}: nothing saved")
-                }
-                Some(o) if o.outcome == isr_client::run::RunEnd::PoweredOff => {
-                    println!("powered off {parcel}")
-                }
-                Some(o) => println!("{parcel} stopped ({}); the next resume boots cold", o.outcome),
+                Some(o) => match o.outcome {
+                    RunEnd::TransientEnded => {
+                        println!("stopped the transient run of {parcel}: nothing saved")
+                    }
+                    RunEnd::PoweredOff => println!("powered off {parcel}"),
+                    other => println!("{parcel} stopped ({other}); the next resume boots cold"),
+                },
                 None => {
                     let o = c.open(&parcel)?;
                     c.drop_memory(&o)?;

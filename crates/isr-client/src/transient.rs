@@ -33,9 +33,6 @@ use crate::run::{
 use std::path::Path;
 use std::time::Instant;
 
-/// The outcome a transient run records when it ended as asked (`isr suspend` / `isr poweroff` see it).
-pub const TRANSIENT_OUTCOME: RunEnd = RunEnd::TransientEnded;
-
 /// How a transient run ended.
 #[derive(Debug, Clone)]
 pub struct TransientReport {
@@ -124,7 +121,7 @@ impl Client {
             (Err(e), _) | (_, Err(e)) => Some(e.to_string()),
         };
         let finished =
-            run.finish(if error.is_some() { RunEnd::Failed } else { TRANSIENT_OUTCOME }, false, error);
+            run.finish(if error.is_some() { RunEnd::Failed } else { RunEnd::TransientEnded }, false, error);
         let report = result?;
         removed?;
         finished?;

@@ -2,13 +2,13 @@
 //! batched endpoints need beyond it (ages of chunks, batched presence checks, durability once per commit,
 //! the chunk index of stores that cannot answer presence cheaply).
 //!
-//! - **Chunk files** are written with [`Durability::Batched`] (temp file + rename, no fsync): a PUT is atomic
-//!   but not yet durable. Before a commit's transaction, [`Chunks::make_durable`] syncs the store's file
-//!   system once (`syncfs(2)`: every chunk any server process wrote, with the renames' directory entries);
-//!   inside the transaction the commit's presence check syncs again only if a chunk it needs was renamed
-//!   into place since (a rare race with another writer; then the second sync is short). So a version the
-//!   server reports committed has every chunk durable; a chunk PUT and lost in a crash before any commit is
-//!   simply missing again.
+//! - **Chunk files** are written with [`isr_store::Durability::Batched`] (temp file + rename, write-back
+//!   started, no fsync): a PUT is atomic but not yet durable. Before a commit's transaction,
+//!   [`Chunks::make_durable`] syncs the store's file system once (`syncfs(2)`: every chunk any server
+//!   process wrote, with the renames' directory entries); inside the transaction the commit's presence
+//!   check syncs again only if a chunk it needs was renamed into place since (a rare race with another
+//!   writer; then the second sync is short). So a version the server reports committed has every chunk
+//!   durable; a chunk PUT and lost in a crash before any commit is simply missing again.
 //! - **S3** answers presence from the metadata's chunk index ([`MetaStore::chunk_intent`]): `missing` is a
 //!   few indexed queries instead of a request per tag. A PUT is durable when S3 acknowledges it.
 
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use isr_format::Tag;
 use isr_store::meta::{ChunkPresence, ChunkSweeper};
-use isr_store::{ChunkStore, Durability, FsChunkStore, MetaError, MetaStore, StoreError, VerifyingStore};
+use isr_store::{ChunkStore, FsChunkStore, MetaError, MetaStore, StoreError, VerifyingStore};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -167,7 +167,7 @@ impl Chunks {
     /// Returns when the sync began, for [`Chunks::for_commit`].
     pub async fn make_durable(&self) -> Result<SystemTime, StoreError> {
         let began = SystemTime::now();
-        if let Some(fs) = self.fs.clone().filter(|fs| fs.durability() == Durability::Batched) {
+        if let Some(fs) = self.fs.clone().filter(|fs| fs.durability().needs_sync()) {
             tokio::task::spawn_blocking(move || fs.sync())
                 .await
                 .map_err(|e| StoreError::Backend(format!("chunk sync task failed: {e}")))??;
@@ -308,7 +308,7 @@ impl ChunkPresence for CommitPresence<'_> {
         let Some(fs) = &self.chunks.fs else { return self.chunks.missing(&tags).await };
         let (present, recent) = fs_presence(fs, &tags, Some(self.synced_at)).await?;
         let missing: Vec<Tag> = tags.iter().zip(&present).filter(|(_, p)| !**p).map(|(t, _)| *t).collect();
-        if missing.is_empty() && recent && fs.durability() == Durability::Batched {
+        if missing.is_empty() && recent && fs.durability().needs_sync() {
             // A chunk this commit needs may have been renamed into place after the sync began (another
             // writer re-creating one gc had removed): sync again before the version refers to it.
             self.chunks.make_durable().await?;

@@ -85,6 +85,13 @@ pub enum Durability {
     Batched,
 }
 
+impl Durability {
+    /// Whether a chunk put is durable only after [`FsChunkStore::sync`] (or the OS's own write-back).
+    pub fn needs_sync(self) -> bool {
+        matches!(self, Durability::Rename | Durability::Batched)
+    }
+}
+
 /// Chunks as files `DIR/ab/abcdef...` (first byte of the tag as a fan-out directory), written to
 /// `DIR/tmp/` first and renamed into place. Private to the owner: directories 0700, files 0600, set
 /// explicitly (whatever the umask).
