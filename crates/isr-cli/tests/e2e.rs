@@ -125,6 +125,8 @@ fn kill9_after_flush_keeps_the_write_and_the_cache_checks() {
     let (ok, text) = qemu_io(&sock, &["read -P 0x77 3M 200k"]);
     assert!(ok, "{text}");
     stop_disk(disk);
+    // Reads decode into the runtime image without keeping chunks in the cache; hoard fills the cache.
+    a.ok(&["hoard", "p"]);
     // A corrupted chunk in the client's cache is found by check --full (exit 5).
     let cache = a.home.path().join("cache");
     for d in std::fs::read_dir(&cache).unwrap().flatten() {

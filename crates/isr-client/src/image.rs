@@ -13,12 +13,13 @@ use crate::home::write_atomic;
 use crate::runtime::{state, Entry, Recovery, RuntimeImage};
 use crate::source::{ChunkSources, SourceStats};
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use isr_format::codec;
 use isr_format::{
     ByteOffset, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageLen,
     Keyring, Keyroot, Tag,
 };
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,11 +30,14 @@ const STRIPES: usize = 1024;
 const READ_AHEAD: u64 = 64;
 /// Chunks of one request decoded (or fetched) concurrently.
 const READ_PARALLELISM: usize = 16;
+/// Chunks of one request encrypted and written concurrently.
+const WRITE_PARALLELISM: usize = 8;
 /// Requests up to this size do their pread/pwrite on the async task itself (a page-cache hit costs less than
 /// the hop to a blocking thread); larger ones go to the blocking pool.
 const INLINE_IO: usize = 32 << 10;
-/// Read-ahead fills in flight at once (each a fetch, a decode and a write into the runtime image).
-const FILLS_IN_FLIGHT: usize = 8;
+/// Read-ahead fills in flight at once (each a fetch, a decode and a write into the runtime image): the
+/// fetches in flight of a sequential reader beyond its own requests.
+const FILLS_IN_FLIGHT: usize = 24;
 
 thread_local! {
     static DECODER: std::cell::RefCell<ChunkDecoder> = std::cell::RefCell::new(ChunkDecoder::new());
@@ -56,20 +60,17 @@ fn encode_chunk(
     })
 }
 
-/// Read chunk `tag` from the cache and verify and decode it straight into `out` (exactly the chunk's
-/// length); `Ok(false)` when it is not cached. Blocking. An uncompressed chunk is read from its file directly
-/// into `out` and decrypted there; a compressed one into a reused per-thread buffer, decrypted in place and
+/// Verify and decode chunk `tag`, opened from the cache as `file` of `size` bytes, straight into `out`
+/// (exactly the chunk's length). Blocking. An uncompressed chunk is read from its file directly into `out`
+/// and decrypted there; a compressed one into a reused per-thread buffer, decrypted in place and
 /// decompressed into `out`. On an error `out` holds garbage and must not be returned.
 fn decode_cached_into(
-    cache: &ChunkCache,
+    (mut file, size): (std::fs::File, u64),
     tag: &Tag,
     key: &ChunkKey,
     out: &mut [u8],
-) -> Result<bool, ClientError> {
+) -> Result<(), ClientError> {
     use std::io::Read;
-    let Some((mut file, size)) = cache.open_blocking(tag)? else {
-        return Ok(false);
-    };
     let io = |e: std::io::Error| ClientError::io(format!("reading chunk {tag} from the cache"), e);
     let bad = |e: codec::ChunkError| ClientError::chunk(tag, e);
     let mut header = [0u8; codec::HEADER_LEN];
@@ -81,7 +82,7 @@ fn decode_cached_into(
             file.read_exact(out).map_err(io)?;
             file.read_exact(&mut gcm_tag).map_err(io)?;
             codec::decode_raw_in_place(tag, key, &header, out, &gcm_tag).map_err(bad)?;
-            return Ok(true);
+            return Ok(());
         }
     }
     STORED.with(|stored| {
@@ -98,8 +99,64 @@ fn decode_cached_into(
         if stored.capacity() > 2 * out.len().max(256 << 10) {
             *stored = Vec::new();
         }
-        Ok(true)
+        Ok(())
     })
+}
+
+/// Decode chunk `tag`, just fetched (and verified by tag) from below the cache, into `out`. Blocking.
+fn decode_fetched_into(fetched: Bytes, tag: &Tag, key: &ChunkKey, out: &mut [u8]) -> Result<(), ClientError> {
+    let decoded = match fetched.try_into_mut() {
+        // Ours alone: decrypted where it is (no copy).
+        Ok(mut stored) => DECODER.with(|d| d.borrow_mut().decode_fetched_in_place(key, &mut stored, out)),
+        Err(stored) => DECODER.with(|d| d.borrow_mut().decode_into(tag, key, &stored, out)),
+    };
+    decoded.map_err(|e| ClientError::chunk(tag, e))
+}
+
+/// Store a remote chunk's plaintext in chunk `i` of the runtime image as present and clean (data before the
+/// map entry: a crash in between leaves the chunk absent). Blocking.
+fn install_blocking(rt: &RuntimeImage, i: u64, tag: &Tag, plain: &[u8]) -> Result<(), ClientError> {
+    let mac = rt.plain_mac(i, plain);
+    rt.write_chunk(i, plain)?;
+    rt.set_entry(i, rt.clean_entry(tag, mac))?;
+    Ok(())
+}
+
+/// The plaintext of chunks that read-ahead just filled, for the reader that comes for them next: it takes a
+/// chunk from here instead of reading it back from the runtime image and decrypting it. Clean chunks only (a
+/// write of a chunk drops it here first, under the chunk's lock), at most [`READY_CHUNKS`], oldest dropped
+/// first; in memory only, like every other plaintext of a running image.
+#[derive(Default)]
+struct Ready {
+    chunks: HashMap<u64, Vec<u8>>,
+    order: VecDeque<u64>,
+}
+
+/// Chunks kept in [`Ready`]: two read-ahead windows.
+const READY_CHUNKS: usize = 2 * READ_AHEAD as usize;
+
+impl Ready {
+    fn put(&mut self, i: u64, plain: Vec<u8>) {
+        while self.chunks.len() >= READY_CHUNKS {
+            let Some(old) = self.order.pop_front() else { break };
+            self.chunks.remove(&old);
+        }
+        if self.order.len() > 2 * READY_CHUNKS {
+            let chunks = &self.chunks;
+            self.order.retain(|j| chunks.contains_key(j));
+        }
+        self.chunks.insert(i, plain);
+        self.order.push_back(i);
+    }
+
+    fn take(&mut self, i: u64) -> Option<Vec<u8>> {
+        self.chunks.remove(&i)
+    }
+
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.order.clear();
+    }
 }
 
 /// A chunk encoded by [`WorkingImage::encode_changes`]: its index, keyring entry and clean map entry.
@@ -140,6 +197,7 @@ pub struct WorkingImage {
     /// Read-ahead has considered chunks up to here (exclusive), so it does not re-check them per request.
     ahead_mark: AtomicU64,
     fills_in_flight: AtomicUsize,
+    ready: Mutex<Ready>,
     /// What opening the runtime image found after an unclean end.
     pub recovery: Recovery,
     pub stats: Arc<ImageStats>,
@@ -197,6 +255,7 @@ impl WorkingImage {
             last_read: Mutex::new(None),
             ahead_mark: AtomicU64::new(0),
             fills_in_flight: AtomicUsize::new(0),
+            ready: Mutex::new(Ready::default()),
             recovery,
             stats,
         })
@@ -259,27 +318,40 @@ impl WorkingImage {
         self.held_by(i, &self.runtime.entry(i))
     }
 
-    /// The plaintext of a chunk held only remotely: from the cache, else fetched through the sources
-    /// (joining a read-ahead fetch of it if one is under way); verified and decoded.
-    async fn decode_remote(&self, i: u64, tag: Tag, key: ChunkKey) -> Result<Vec<u8>, ClientError> {
+    /// The plaintext of chunk `i`, held only remotely as `tag`: decoded from the cache, else fetched through
+    /// the sources (verified by tag) and decoded; with `install`, also stored in the runtime image as present
+    /// and clean. The decode and the store are one hop to a blocking thread.
+    async fn obtain(&self, i: u64, tag: Tag, key: ChunkKey, install: bool) -> Result<Vec<u8>, ClientError> {
         let clen = self.chunk_len(i);
-        let (cache, k) = (self.cache.clone(), key.clone());
-        let cached = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, ClientError> {
-            let mut data = vec![0u8; clen];
-            Ok(decode_cached_into(&cache, &tag, &k, &mut data)?.then_some(data))
-        })
-        .await
-        .map_err(join_err)?;
-        match cached {
-            Ok(Some(data)) => return Ok(data),
-            Ok(None) => {}
-            Err(e) => self.drop_bad_cached(&tag, e)?,
+        // An open() that finds nothing costs less than a hop to a blocking thread (a cold read's every chunk).
+        if let Some(file) = self.cache.open_blocking(&tag)? {
+            let (rt, k) = (self.runtime.clone(), key.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                let mut plain = vec![0u8; clen];
+                decode_cached_into(file, &tag, &k, &mut plain)?;
+                if install {
+                    install_blocking(&rt, i, &tag, &plain)?;
+                }
+                Ok(plain)
+            })
+            .await
+            .map_err(join_err)?;
+            match r {
+                Ok(plain) => return Ok(plain),
+                Err(e) => self.drop_bad_cached(&tag, e)?,
+            }
         }
-        let stored = self.sources.get(&tag).await?;
+        // Not cached: fetched and decoded, not kept in the chunk cache (the runtime image keeps the plaintext;
+        // `hoard` is what fills the cache for disconnected use).
+        let fetched = self.sources.get_uncached(&tag).await?.ok_or_else(|| self.sources.nobody_has(&tag))?;
+        let rt = self.runtime.clone();
         tokio::task::spawn_blocking(move || {
-            DECODER
-                .with(|d| d.borrow_mut().decode(&tag, &key, &stored, clen))
-                .map_err(|e| ClientError::chunk(&tag, e))
+            let mut plain = vec![0u8; clen];
+            decode_fetched_into(fetched, &tag, &key, &mut plain)?;
+            if install {
+                install_blocking(&rt, i, &tag, &plain)?;
+            }
+            Ok(plain)
         })
         .await
         .map_err(join_err)?
@@ -294,28 +366,11 @@ impl WorkingImage {
         }
     }
 
-    /// Store a remote chunk's plaintext in the runtime image as present and clean (data before the map entry:
-    /// a crash in between leaves the chunk absent). Returns the plaintext.
-    async fn install(&self, i: u64, tag: Tag, plain: Vec<u8>) -> Result<Vec<u8>, ClientError> {
-        let rt = self.runtime.clone();
-        tokio::task::spawn_blocking(move || {
-            let mac = rt.plain_mac(i, &plain);
-            rt.write_chunk(i, &plain)?;
-            rt.set_entry(i, rt.clean_entry(&tag, mac))?;
-            Ok(plain)
-        })
-        .await
-        .map_err(join_err)?
-    }
-
     /// Make chunk `i` local if it is held only remotely; the caller holds its stripe lock. Returns the
     /// plaintext when it was fetched.
     async fn fill_locked(&self, i: u64) -> Result<Option<Vec<u8>>, ClientError> {
         match self.held(i) {
-            Held::Remote(tag, key) => {
-                let plain = self.decode_remote(i, tag, key).await?;
-                Ok(Some(self.install(i, tag, plain).await?))
-            }
+            Held::Remote(tag, key) => Ok(Some(self.obtain(i, tag, key, true).await?)),
             Held::Zero | Held::Local => Ok(None),
         }
     }
@@ -325,30 +380,21 @@ impl WorkingImage {
         self.fill_locked(i).await.map(drop)
     }
 
+    /// A read-ahead fill of chunk `i`: its plaintext is left for the reader that comes for it next.
+    async fn fill_ahead(&self, i: u64) -> Result<(), ClientError> {
+        let _g = self.stripe(i).lock().await;
+        if let Some(plain) = self.fill_locked(i).await? {
+            self.ready.lock().expect("ready chunks").put(i, plain);
+        }
+        Ok(())
+    }
+
     /// Fill the next chunks of a sequential reader into the runtime image in the background.
     fn read_ahead(self: &Arc<Self>, from: u64) {
         let mark = self.ahead_mark.load(Ordering::Relaxed);
         let start = if (from..from + READ_AHEAD).contains(&mark) { mark } else { from };
         let end = (from + READ_AHEAD).min(self.runtime.chunk_count());
         self.ahead_mark.store(end.max(start), Ordering::Relaxed);
-        // The network first: every chunk of the window not here yet is fetched into the cache, many in flight
-        // (a fill or a demand read joins its fetch); the fills below decode and store a few of them at a time.
-        if self.sources.has_sources_below_cache() {
-            let tags: Vec<(Tag, u64)> = (start..end)
-                .filter_map(|i| match self.held(i) {
-                    Held::Remote(tag, _) if !self.sources.is_fetching(&tag) => Some((tag, 0)),
-                    _ => None,
-                })
-                .collect();
-            if !tags.is_empty() {
-                let sources = self.sources.clone();
-                tokio::spawn(async move {
-                    for (tag, _) in sources.not_cached(&tags).await {
-                        sources.start_fetch(tag);
-                    }
-                });
-            }
-        }
         for i in start..end {
             if !matches!(self.held(i), Held::Remote(..)) {
                 continue;
@@ -362,7 +408,7 @@ impl WorkingImage {
             let me = self.clone();
             tokio::spawn(async move {
                 // A failure here is the demand read's to report (it fetches again).
-                let _ = me.fill(i).await;
+                let _ = me.fill_ahead(i).await;
                 me.fills_in_flight.fetch_sub(1, Ordering::Relaxed);
             });
         }
@@ -382,7 +428,15 @@ impl WorkingImage {
                 Err(e) => return (piece, Err(eio(e))),
             }
         }
-        match self.held(i) {
+        let held = self.held(i);
+        if let Held::Local = held {
+            if let Some(plain) = self.ready.lock().expect("ready chunks").take(i) {
+                let n = piece.len();
+                piece.copy_from_slice(&plain[start..start + n]);
+                return (piece, Ok(()));
+            }
+        }
+        match held {
             Held::Zero => {
                 piece.fill(0);
                 (piece, Ok(()))
@@ -496,6 +550,7 @@ impl WorkingImage {
     ) -> Result<(), ClientError> {
         let clen = self.chunk_len(i);
         let whole = start == 0 && len == clen;
+        self.ready.lock().expect("ready chunks").take(i);
         let e = self.runtime.entry(i);
         // What stays of the entry: a chunk dirty before keeps its flushed mark.
         let flushed = e.state & state::FLUSHED;
@@ -529,7 +584,7 @@ impl WorkingImage {
                 let data = data.map_or_else(|| vec![0u8; len], <[u8]>::to_vec);
                 tokio::task::spawn_blocking(move || {
                     rt.set_entry(i, Entry { state: dirty, ..e })?;
-                    rt.write(i, start, &data)
+                    rt.write_owned(i, start, data)
                 })
                 .await
                 .map_err(join_err)?
@@ -538,7 +593,7 @@ impl WorkingImage {
             Held::Zero | Held::Remote(..) => {
                 // The whole chunk is written: what it was (zeroes or the remote chunk) with this write on it.
                 let mut plain = match held {
-                    Held::Remote(tag, key) if !whole => self.decode_remote(i, tag, key).await?,
+                    Held::Remote(tag, key) if !whole => self.obtain(i, tag, key, false).await?,
                     _ => vec![0u8; clen],
                 };
                 match data {
@@ -549,11 +604,11 @@ impl WorkingImage {
                 tokio::task::spawn_blocking(move || {
                     let entry = Entry { state: dirty, ..Entry::default() };
                     if was_zero {
-                        rt.write_chunk(i, &plain)?;
+                        rt.write_chunk_owned(i, plain)?;
                         rt.set_entry(i, entry)
                     } else {
                         rt.set_entry(i, entry)?;
-                        rt.write_chunk(i, &plain)
+                        rt.write_chunk_owned(i, plain)
                     }
                 })
                 .await
@@ -567,15 +622,23 @@ impl WorkingImage {
     async fn modify(&self, offset: u64, len: u64, data: Option<&[u8]>) -> std::io::Result<()> {
         self.check_range(offset, len)?;
         let cs = self.chunk_size;
+        let mut pieces = Vec::new();
         let mut pos = 0usize;
         for i in cs.chunks_in_range(ByteOffset(offset), len) {
-            let _g = self.stripe(i).lock().await;
             let start = if pos == 0 { cs.offset_in_chunk(ByteOffset(offset)) } else { 0 };
             let n = (self.chunk_len(i) - start).min(len as usize - pos);
-            self.write_chunk_locked(i, start, data.map(|d| &d[pos..pos + n]), n).await.map_err(eio)?;
+            pieces.push((i, start, pos, n));
             pos += n;
         }
-        Ok(())
+        // The chunks of one request are disjoint: encrypted and written concurrently, each under its own lock.
+        futures::stream::iter(pieces)
+            .map(|(i, start, pos, n)| async move {
+                let _g = self.stripe(i).lock().await;
+                self.write_chunk_locked(i, start, data.map(|d| &d[pos..pos + n]), n).await.map_err(eio)
+            })
+            .buffer_unordered(WRITE_PARALLELISM)
+            .try_collect::<()>()
+            .await
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -658,6 +721,7 @@ impl WorkingImage {
 
     /// Drop clean chunks from the runtime image (decoded again when read).
     pub async fn forget(&self, chunks: &[u64]) -> Result<(), ClientError> {
+        self.ready.lock().expect("ready chunks").clear();
         let (rt, chunks) = (self.runtime.clone(), chunks.to_vec());
         tokio::task::spawn_blocking(move || {
             for i in chunks {
@@ -806,5 +870,122 @@ impl isr_nbd::BlockDevice for ImageDevice {
     /// One in-memory state serves every connection, and a flush makes all of it durable.
     fn multi_conn_consistent(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Lookaside;
+
+    const CHUNKS: u64 = 80;
+
+    /// Chunk `i`'s content: distinct per chunk, every fourth one zero.
+    fn content(i: u64, clen: usize) -> Vec<u8> {
+        if i % 4 == 3 {
+            return vec![0; clen];
+        }
+        let mut b = vec![0u8; clen];
+        blake3::Hasher::new().update(&i.to_le_bytes()).finalize_xof().fill(&mut b);
+        b
+    }
+
+    /// An image of [`CHUNKS`] chunks whose stored chunks are only in a lookaside directory (the cold case:
+    /// nothing in the chunk cache).
+    fn cold_image(dir: &std::path::Path) -> Arc<WorkingImage> {
+        let cs = ChunkSize::DEFAULT;
+        let clen = cs.bytes() as usize;
+        let mut keyring = Keyring::new(cs, ImageLen(CHUNKS * clen as u64)).unwrap();
+        let secret = ConvergenceSecret::random();
+        let stick = dir.join("stick");
+        std::fs::create_dir_all(&stick).unwrap();
+        let mut enc = ChunkEncoder::new(secret.clone());
+        for i in 0..CHUNKS {
+            if let Some(e) = enc.encode(&content(i, clen)).unwrap() {
+                std::fs::write(&Lookaside::paths_in(&stick, &e.tag)[1], &e.stored).unwrap();
+                keyring.set(ChunkIndex(i), Some((e.tag, e.key)));
+            }
+        }
+        let cache = ChunkCache::open(&dir.join("cache")).unwrap();
+        let sources = Arc::new(ChunkSources::new(cache, vec![stick], None));
+        let tags = keyring.tags().to_vec();
+        let img = WorkingImage::new(
+            keyring,
+            tags,
+            Keyroot::random(),
+            dir.join("work.keyring"),
+            dir.join("runtime.img"),
+            sources,
+            secret,
+        )
+        .unwrap();
+        Arc::new(img)
+    }
+
+    async fn settle(img: &WorkingImage) {
+        while img.fills_in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cold_read_fills_the_runtime_image_and_not_the_chunk_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = cold_image(dir.path());
+        let clen = img.chunk_size().bytes() as usize;
+        let mut all = Vec::new();
+        for i in 0..CHUNKS {
+            all.extend(content(i, clen));
+        }
+        // 1 MiB requests in order, as a sequential reader (qemu-img, a guest's boot) sends them.
+        let step = 8 * clen;
+        for at in (0..all.len()).step_by(step) {
+            let (got, r) = img.read_owned(at as u64, vec![0; step]).await;
+            r.unwrap();
+            assert!(got == all[at..at + step], "bytes {at}+{step}");
+        }
+        settle(&img).await;
+        assert_eq!(img.remote_chunks(), 0, "every chunk is in the runtime image now");
+        let keyring = img.keyring();
+        let stored: Vec<Tag> = keyring.tags().iter().copied().filter(|t| !t.is_zero()).collect();
+        for t in &stored {
+            assert!(!img.cache.contains_blocking(t), "a fill kept {t} in the chunk cache");
+        }
+        let s = img.stats.sources.snapshot();
+        assert_eq!(s.lookaside_chunks, stored.len() as u64, "each chunk fetched once: {s:?}");
+        // Read again: from the runtime image (the stick may go away).
+        std::fs::remove_dir_all(dir.path().join("stick")).unwrap();
+        let (got, r) = img.read_owned(0, vec![0; all.len()]).await;
+        r.unwrap();
+        assert!(got == all);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_after_read_ahead_is_what_the_next_read_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = cold_image(dir.path());
+        let clen = img.chunk_size().bytes() as usize;
+        // Two chunks read: read-ahead fills the next ones and leaves their plaintext waiting.
+        let (_, r) = img.read_owned(0, vec![0; 2 * clen]).await;
+        r.unwrap();
+        settle(&img).await;
+        assert!(!img.ready.lock().unwrap().chunks.is_empty(), "read-ahead left plaintext for the reader");
+        // Chunk 5 rewritten in part, chunk 6 whole, chunk 9 zeroed: none of the waiting plaintext may be served.
+        let at5 = 5 * clen as u64 + 4096;
+        img.write(at5, &[0xa5; 8192]).await.unwrap();
+        img.write(6 * clen as u64, &vec![0x5a; clen]).await.unwrap();
+        img.write_zeroes(9 * clen as u64, clen as u64).await.unwrap();
+        let (got, r) = img.read_owned(4 * clen as u64, vec![0; 8 * clen]).await;
+        r.unwrap();
+        let chunk = |k: u64| &got[(k - 4) as usize * clen..(k - 3) as usize * clen];
+        assert!(chunk(4) == content(4, clen), "chunk 4 (from the waiting plaintext)");
+        let mut five = content(5, clen);
+        five[4096..4096 + 8192].fill(0xa5);
+        assert!(chunk(5) == five, "chunk 5 shows the partial write");
+        assert!(chunk(6).iter().all(|&b| b == 0x5a), "chunk 6 shows the whole write");
+        assert!(chunk(7) == content(7, clen));
+        assert!(chunk(9).iter().all(|&b| b == 0), "chunk 9 was zeroed");
+        assert!(chunk(10) == content(10, clen));
+        assert_eq!(img.dirty_chunks(), 3);
     }
 }

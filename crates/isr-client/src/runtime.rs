@@ -409,13 +409,31 @@ impl RuntimeImage {
         self.file.write_all_at(&buf, at).map_err(io(what()))
     }
 
+    /// Like [`Self::write`] with a buffer it may encrypt in place (no copy when `offset` and the length are
+    /// whole sectors, as a guest's large writes are).
+    pub fn write_owned(&self, i: u64, offset: usize, mut data: Vec<u8>) -> Result<(), RuntimeError> {
+        if !offset.is_multiple_of(SECTOR) || !data.len().is_multiple_of(SECTOR) {
+            return self.write(i, offset, &data);
+        }
+        self.xts.encrypt_sectors(&mut data, self.first_sector(i, offset));
+        self.file
+            .write_all_at(&data, self.geo.chunk_at(i) + offset as u64)
+            .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
+    }
+
     /// Store the whole plaintext of chunk `i` (its length; the tail of the last sector is zero-padded).
     pub fn write_chunk(&self, i: u64, plain: &[u8]) -> Result<(), RuntimeError> {
-        let mut buf = vec![0u8; self.geo.stored_len(i)];
-        buf[..plain.len()].copy_from_slice(plain);
-        self.xts.encrypt_sectors(&mut buf, self.first_sector(i, 0));
+        let mut buf = Vec::with_capacity(self.geo.stored_len(i));
+        buf.extend_from_slice(plain);
+        self.write_chunk_owned(i, buf)
+    }
+
+    /// [`Self::write_chunk`] encrypting `plain` in place.
+    pub fn write_chunk_owned(&self, i: u64, mut plain: Vec<u8>) -> Result<(), RuntimeError> {
+        plain.resize(self.geo.stored_len(i), 0);
+        self.xts.encrypt_sectors(&mut plain, self.first_sector(i, 0));
         self.file
-            .write_all_at(&buf, self.geo.chunk_at(i))
+            .write_all_at(&plain, self.geo.chunk_at(i))
             .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
     }
 
@@ -597,35 +615,46 @@ impl Xts {
         }
     }
 
-    /// XOR each 16-byte block of `sector` with its tweak (E(tweak key, s) times alpha^j).
-    fn xor_tweaks(&self, sector: &mut [u8], s: u128) {
+    /// The tweak of each 16-byte block of sector `s`: E(tweak key, s) times alpha^j. Computed once per sector
+    /// and applied before and after the block cipher (the multiplications are a serial chain).
+    fn tweaks(&self, s: u128) -> [u128; SECTOR / 16] {
         let mut t = GenericArray::from(s.to_le_bytes());
         self.tweak.encrypt_block(&mut t);
         let mut t = u128::from_le_bytes(t.into());
-        for block in sector.chunks_exact_mut(16) {
-            let x = u128::from_le_bytes(block.try_into().expect("16")) ^ t;
-            block.copy_from_slice(&x.to_le_bytes());
+        let mut out = [0u128; SECTOR / 16];
+        for x in &mut out {
+            *x = t;
             // Multiply by x in GF(2^128) with the XTS polynomial (x^128 + x^7 + x^2 + x + 1).
             let carry = t >> 127;
             t = (t << 1) ^ (carry * 0x87);
+        }
+        out
+    }
+
+    fn xor_tweaks(sector: &mut [u8], tweaks: &[u128; SECTOR / 16]) {
+        for (block, t) in sector.chunks_exact_mut(16).zip(tweaks) {
+            let x = u128::from_le_bytes(block.try_into().expect("16")) ^ t;
+            block.copy_from_slice(&x.to_le_bytes());
         }
     }
 
     fn encrypt_sectors(&self, area: &mut [u8], first: u128) {
         for (k, sector) in area.chunks_exact_mut(SECTOR).enumerate() {
-            self.xor_tweaks(sector, first + k as u128);
+            let tweaks = self.tweaks(first + k as u128);
+            Xts::xor_tweaks(sector, &tweaks);
             let (blocks, _) = InOutBuf::from(&mut *sector).into_chunks();
             self.data.encrypt_blocks_inout(blocks);
-            self.xor_tweaks(sector, first + k as u128);
+            Xts::xor_tweaks(sector, &tweaks);
         }
     }
 
     fn decrypt_sectors(&self, area: &mut [u8], first: u128) {
         for (k, sector) in area.chunks_exact_mut(SECTOR).enumerate() {
-            self.xor_tweaks(sector, first + k as u128);
+            let tweaks = self.tweaks(first + k as u128);
+            Xts::xor_tweaks(sector, &tweaks);
             let (blocks, _) = InOutBuf::from(&mut *sector).into_chunks();
             self.data.decrypt_blocks_inout(blocks);
-            self.xor_tweaks(sector, first + k as u128);
+            Xts::xor_tweaks(sector, &tweaks);
         }
     }
 }

@@ -3,11 +3,14 @@
 //! `resume`, `export`, `check --repair`) asks the same stack, built by [`ChunkSources::new`]:
 //!
 //! ```text
-//! Coalescing ─ one fetch per tag however many readers (and read-aheads) want it
+//! Coalescing ─ one fetch per tag however many readers want it
 //!  └ Cached ─ the local chunk cache; what comes from below is kept in it
 //!     └ Lookaside ─ directories of chunk files (a USB stick, a peer's cache); verified by tag, wrong ones ignored
 //!        └ Remote ─ the server; verified by tag; transient failures retried with backoff
 //! ```
+//!
+//! The runtime image's fills ask the part below the cache ([`ChunkSources::get_uncached`]): a chunk decoded
+//! there lives in the runtime image, and only `hoard` keeps chunks in the cache for disconnected use.
 //!
 //! A source answers `Ok(None)` when it does not hold a chunk, so the layer above can ask the next one; only
 //! the top of the stack turns "nobody has it" into an error.
@@ -228,7 +231,7 @@ impl ChunkSource for Cached {
 type SharedGet = Shared<BoxFuture<'static, Result<Option<Bytes>, Arc<ClientError>>>>;
 
 /// One request below per tag, however many callers want it at once. The request runs to its end even if
-/// every caller gave up on it (a read-ahead has no caller yet).
+/// every caller gave up on it.
 pub struct Coalescing {
     inner: Arc<dyn ChunkSource>,
     inflight: Arc<Mutex<HashMap<Tag, SharedGet>>>,
@@ -261,10 +264,6 @@ impl Coalescing {
         inflight.insert(tag, fut.clone());
         tokio::spawn(fut.clone());
         fut
-    }
-
-    pub fn is_inflight(&self, tag: &Tag) -> bool {
-        self.inflight.lock().expect("in-flight map").contains_key(tag)
     }
 }
 
@@ -322,17 +321,8 @@ impl ChunkSources {
         self.connected || !self.lookaside.dirs.is_empty()
     }
 
-    /// Start fetching `tag` into the cache without waiting for it (read-ahead); it runs to its end.
-    pub fn start_fetch(&self, tag: Tag) {
-        drop(self.top.shared(tag));
-    }
-
-    /// Whether a fetch of `tag` is under way.
-    pub fn is_fetching(&self, tag: &Tag) -> bool {
-        self.top.is_inflight(tag)
-    }
-
-    fn nobody_has(&self, tag: &Tag) -> ClientError {
+    /// The error of a chunk no source holds.
+    pub(crate) fn nobody_has(&self, tag: &Tag) -> ClientError {
         if self.connected {
             ClientError::NotFound(format!("chunk {tag}: the server has no copy (nor the cache or lookaside)"))
         } else {
@@ -361,8 +351,9 @@ impl ChunkSources {
         }
     }
 
-    /// A good copy of `tag` from below the cache, if any source has one (for `check --repair`, after it
-    /// evicted the bad copy).
+    /// A copy of `tag` from below the cache (a lookaside directory or the server, verified by tag), not kept
+    /// in the cache, if any source has one: for the runtime image's fills, which keep the decoded chunk
+    /// themselves, and for `check --repair` after it evicted a bad copy.
     pub async fn get_uncached(&self, tag: &Tag) -> Result<Option<Bytes>, ClientError> {
         self.below_cache.get(tag).await
     }

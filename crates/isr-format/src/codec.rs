@@ -302,6 +302,27 @@ impl ChunkDecoder {
         decompress_into(&mut self.zstd, header[6], payload, out)
     }
 
+    /// Like [`Self::decode_in_place`] for bytes whose tag the caller has just checked with [`verify_tag`]
+    /// (a fetch from the server or a lookaside directory does): the same checks but the tag's hash, which
+    /// would only repeat that one. The AEAD still authenticates every byte under the keyring's key, so a
+    /// chunk that is not the keyring's fails here (`Decrypt`) whatever the caller checked.
+    pub fn decode_fetched_in_place(
+        &mut self,
+        key: &ChunkKey,
+        stored: &mut [u8],
+        out: &mut [u8],
+    ) -> Result<(), ChunkError> {
+        if stored.len() < HEADER_LEN + AEAD_TAG_LEN || stored.len() > MAX_STORED {
+            return Err(ChunkError::BadSize(stored.len()));
+        }
+        let (header, rest) = stored.split_at_mut(HEADER_LEN);
+        let header = check_header(header, out.len())?;
+        let payload = aead(key)
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&header), rest)
+            .map_err(|_| ChunkError::Decrypt)?;
+        decompress_into(&mut self.zstd, header[6], payload, out)
+    }
+
     /// Like [`Self::decode_into`] into a fresh buffer of `expected_len` bytes.
     pub fn decode(
         &mut self,
@@ -383,7 +404,8 @@ mod tests {
         ));
     }
 
-    /// `decode_in_place` and `decode_raw_in_place` accept exactly what `decode_into` accepts.
+    /// `decode_in_place`, `decode_raw_in_place` and (on tag-checked bytes) `decode_fetched_in_place` accept
+    /// exactly what `decode_into` accepts.
     fn in_place_agrees(e: &EncodedChunk, stored: &[u8], tag: &Tag, key: &ChunkKey, len: usize) {
         let mut dec = ChunkDecoder::new();
         let reference = dec.decode(tag, key, stored, len);
@@ -393,6 +415,13 @@ mod tests {
         assert_eq!(r.is_ok(), reference.is_ok());
         if let (Ok(a), Ok(b)) = (&r, &reference) {
             assert_eq!(a, b);
+        }
+        // Bytes that passed `verify_tag` (what a fetch hands over): the fetched decoder agrees too.
+        if verify_tag(tag, stored).is_ok() {
+            let mut copy = stored.to_vec();
+            let mut out = vec![0u8; len];
+            let f = dec.decode_fetched_in_place(key, &mut copy, &mut out).map(|()| out);
+            assert_eq!(f, reference, "fetched decoder disagrees");
         }
         if stored.len() >= HEADER_LEN + AEAD_TAG_LEN && stored.len() - HEADER_LEN - AEAD_TAG_LEN == len {
             let mut payload = stored[HEADER_LEN..stored.len() - AEAD_TAG_LEN].to_vec();
