@@ -170,6 +170,11 @@ impl Home {
         self.root.join("cache")
     }
 
+    /// The KVM probe's verdict for this host's current boot (`--accel auto`).
+    pub fn kvm_probe_verdict(&self) -> PathBuf {
+        self.root.join("kvm-probe.json")
+    }
+
     pub fn identity(&self) -> Result<ClientIdentity, ClientError> {
         let path = self.root.join("client.json");
         if let Some(id) = read_json(&path)? {

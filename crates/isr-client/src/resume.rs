@@ -693,7 +693,8 @@ impl Client {
             AccelChoice::Kvm => Accel::Kvm,
             AccelChoice::Tcg => Accel::Tcg,
             AccelChoice::Auto => {
-                let d = isr_vmm::detect_accel(&qemu).await;
+                // Probed once per boot and QEMU binary (where KVM does not work the probe costs seconds).
+                let d = isr_vmm::detect_accel_remembered(&qemu, &self.home.kvm_probe_verdict()).await;
                 eprintln!("isr: using {} ({})", d.accel, d.reason);
                 d.accel
             }

@@ -8,7 +8,8 @@
 //! - [`VmmDriver`] runs the QEMU behind a [`Vm`]: [`QemuDriver`] as a child process (QEMU-direct), or
 //!   [`LibvirtDriver`] as a transient libvirt domain ([`libvirt`]); the machine and its memory image format are
 //!   the same under both.
-//! - [`detect_accel`] tries KVM and falls back to TCG.
+//! - [`detect_accel`] tries KVM and falls back to TCG; [`detect_accel_remembered`] keeps the verdict for the
+//!   rest of the boot.
 //! - [`qmp`] is the QMP client underneath.
 
 mod accel;
@@ -21,7 +22,7 @@ pub mod libvirt;
 pub mod qmp;
 mod vm;
 
-pub use accel::{detect_accel, AccelDetection, KVM_PROBE_TIMEOUT};
+pub use accel::{detect_accel, detect_accel_remembered, AccelDetection, KVM_PROBE_TIMEOUT};
 pub use agent::GuestAgent;
 pub use config::{Accel, Display, Network, PciSlots, VmConfig, DEFAULT_QEMU, NIC_ID, NIC_MAC};
 pub use driver::{BoxFuture, ProcessExit, QemuDriver, VmmDriver, VmmKind, VmmProcess};
