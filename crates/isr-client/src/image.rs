@@ -322,21 +322,11 @@ impl WorkingImage {
     /// the sources (verified by tag) and decoded; with `install`, also stored in the runtime image as present
     /// and clean. The decode and the store are one hop to a blocking thread.
     async fn obtain(&self, i: u64, tag: Tag, key: ChunkKey, install: bool) -> Result<Vec<u8>, ClientError> {
-        let clen = self.chunk_len(i);
         // An open() that finds nothing costs less than a hop to a blocking thread (a cold read's every chunk).
         if let Some(file) = self.cache.open_blocking(&tag)? {
-            let (rt, k) = (self.runtime.clone(), key.clone());
-            let r = tokio::task::spawn_blocking(move || {
-                let mut plain = vec![0u8; clen];
-                decode_cached_into(file, &tag, &k, &mut plain)?;
-                if install {
-                    install_blocking(&rt, i, &tag, &plain)?;
-                }
-                Ok(plain)
-            })
-            .await
-            .map_err(join_err)?;
-            match r {
+            let k = key.clone();
+            let from_cache = move |plain: &mut [u8]| decode_cached_into(file, &tag, &k, plain);
+            match self.decode_and_install(i, tag, install, from_cache).await {
                 Ok(plain) => return Ok(plain),
                 Err(e) => self.drop_bad_cached(&tag, e)?,
             }
@@ -344,10 +334,23 @@ impl WorkingImage {
         // Not cached: fetched and decoded, not kept in the chunk cache (the runtime image keeps the plaintext;
         // `hoard` is what fills the cache for disconnected use).
         let fetched = self.sources.get_uncached(&tag).await?.ok_or_else(|| self.sources.nobody_has(&tag))?;
-        let rt = self.runtime.clone();
+        let from_fetch = move |plain: &mut [u8]| decode_fetched_into(fetched, &tag, &key, plain);
+        self.decode_and_install(i, tag, install, from_fetch).await
+    }
+
+    /// On a blocking thread: `decode` chunk `i` into a new buffer and, with `install`, store it in the runtime
+    /// image as the clean content of `tag`.
+    async fn decode_and_install(
+        &self,
+        i: u64,
+        tag: Tag,
+        install: bool,
+        decode: impl FnOnce(&mut [u8]) -> Result<(), ClientError> + Send + 'static,
+    ) -> Result<Vec<u8>, ClientError> {
+        let (rt, clen) = (self.runtime.clone(), self.chunk_len(i));
         tokio::task::spawn_blocking(move || {
             let mut plain = vec![0u8; clen];
-            decode_fetched_into(fetched, &tag, &key, &mut plain)?;
+            decode(&mut plain)?;
             if install {
                 install_blocking(&rt, i, &tag, &plain)?;
             }

@@ -294,12 +294,7 @@ impl ChunkDecoder {
         out: &mut [u8],
     ) -> Result<(), ChunkError> {
         verify_tag(tag, stored)?;
-        let (header, rest) = stored.split_at_mut(HEADER_LEN);
-        let header = check_header(header, out.len())?;
-        let payload = aead(key)
-            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&header), rest)
-            .map_err(|_| ChunkError::Decrypt)?;
-        decompress_into(&mut self.zstd, header[6], payload, out)
+        self.decode_fetched_in_place(key, stored, out)
     }
 
     /// Like [`Self::decode_in_place`] for bytes whose tag the caller has just checked with [`verify_tag`]
