@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const STRIPES: usize = 1024;
-/// Chunks fetched ahead of a sequential reader (4 MiB at the default chunk size).
+/// Chunks filled ahead of a sequential reader (8 MiB at the default chunk size).
 const READ_AHEAD: u64 = 64;
 /// Chunks of one request decoded (or fetched) concurrently.
 const READ_PARALLELISM: usize = 16;
@@ -105,12 +105,11 @@ fn decode_cached_into(
 
 /// Decode chunk `tag`, just fetched (and verified by tag) from below the cache, into `out`. Blocking.
 fn decode_fetched_into(fetched: Bytes, tag: &Tag, key: &ChunkKey, out: &mut [u8]) -> Result<(), ClientError> {
-    let decoded = match fetched.try_into_mut() {
-        // Ours alone: decrypted where it is (no copy).
-        Ok(mut stored) => DECODER.with(|d| d.borrow_mut().decode_fetched_in_place(key, &mut stored, out)),
-        Err(stored) => DECODER.with(|d| d.borrow_mut().decode_into(tag, key, &stored, out)),
-    };
-    decoded.map_err(|e| ClientError::chunk(tag, e))
+    // Decrypted where it is when the buffer is ours alone (it is, straight from a fetch), else in a copy.
+    let mut stored = fetched.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+    DECODER
+        .with(|d| d.borrow_mut().decode_fetched_in_place(key, &mut stored, out))
+        .map_err(|e| ClientError::chunk(tag, e))
 }
 
 /// Store a remote chunk's plaintext in chunk `i` of the runtime image as present and clean (data before the

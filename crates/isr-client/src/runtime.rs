@@ -393,8 +393,6 @@ impl RuntimeImage {
         let first = offset / SECTOR * SECTOR;
         let end = (offset + data.len()).div_ceil(SECTOR) * SECTOR;
         let mut buf = vec![0u8; end - first];
-        let what = || format!("writing chunk {i} of {}", self.path.display());
-        let at = self.geo.chunk_at(i) + first as u64;
         let head_partial = first != offset;
         if head_partial {
             self.read(i, first, &mut buf[..SECTOR])?;
@@ -405,20 +403,24 @@ impl RuntimeImage {
             self.read(i, end - SECTOR, &mut buf[last..])?;
         }
         buf[offset - first..offset - first + data.len()].copy_from_slice(data);
-        self.xts.encrypt_sectors(&mut buf, self.first_sector(i, first));
-        self.file.write_all_at(&buf, at).map_err(io(what()))
+        self.store_sectors(i, first, buf)
+    }
+
+    /// Encrypt `sectors` (whole sectors of plaintext) in place and write them at `offset` of chunk `i`.
+    fn store_sectors(&self, i: u64, offset: usize, mut sectors: Vec<u8>) -> Result<(), RuntimeError> {
+        self.xts.encrypt_sectors(&mut sectors, self.first_sector(i, offset));
+        self.file
+            .write_all_at(&sectors, self.geo.chunk_at(i) + offset as u64)
+            .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
     }
 
     /// Like [`Self::write`] with a buffer it may encrypt in place (no copy when `offset` and the length are
     /// whole sectors, as a guest's large writes are).
-    pub fn write_owned(&self, i: u64, offset: usize, mut data: Vec<u8>) -> Result<(), RuntimeError> {
+    pub fn write_owned(&self, i: u64, offset: usize, data: Vec<u8>) -> Result<(), RuntimeError> {
         if !offset.is_multiple_of(SECTOR) || !data.len().is_multiple_of(SECTOR) {
             return self.write(i, offset, &data);
         }
-        self.xts.encrypt_sectors(&mut data, self.first_sector(i, offset));
-        self.file
-            .write_all_at(&data, self.geo.chunk_at(i) + offset as u64)
-            .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
+        self.store_sectors(i, offset, data)
     }
 
     /// Store the whole plaintext of chunk `i` (its length; the tail of the last sector is zero-padded).
@@ -431,10 +433,7 @@ impl RuntimeImage {
     /// [`Self::write_chunk`] encrypting `plain` in place.
     pub fn write_chunk_owned(&self, i: u64, mut plain: Vec<u8>) -> Result<(), RuntimeError> {
         plain.resize(self.geo.stored_len(i), 0);
-        self.xts.encrypt_sectors(&mut plain, self.first_sector(i, 0));
-        self.file
-            .write_all_at(&plain, self.geo.chunk_at(i))
-            .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
+        self.store_sectors(i, 0, plain)
     }
 
     /// Free chunk `i`'s data (its entry says what it is).

@@ -46,17 +46,18 @@ fn probe_bios() -> Vec<u8> {
 /// back to TCG when /dev/kvm cannot be opened, QEMU refuses KVM, or KVM is far too slow (as a nested
 /// hypervisor that cannot run a stock guest kernel is). Takes at most about [`KVM_PROBE_TIMEOUT`].
 pub async fn detect_accel(qemu: &Path) -> AccelDetection {
-    let tcg = |reason: String| AccelDetection { accel: Accel::Tcg, reason };
-    if let Err(e) = open_kvm(Path::new(KVM_DEVICE)) {
-        return tcg(format!("cannot open {KVM_DEVICE}: {e}"));
+    match unopenable(Path::new(KVM_DEVICE)) {
+        Some(tcg) => tcg,
+        None => run_probe(qemu).await.detection,
     }
-    run_probe(qemu).await.into()
 }
 
 const KVM_DEVICE: &str = "/dev/kvm";
 
-fn open_kvm(device: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new().read(true).write(true).open(device)
+/// TCG, and why, when the KVM device cannot be opened read-write (no probe is needed then).
+fn unopenable(device: &Path) -> Option<AccelDetection> {
+    let e = std::fs::OpenOptions::new().read(true).write(true).open(device).err()?;
+    Some(AccelDetection { accel: Accel::Tcg, reason: format!("cannot open {}: {e}", device.display()) })
 }
 
 /// [`detect_accel`], remembering the probe's verdict in `verdict_file` so that only the first run on a host
@@ -125,7 +126,7 @@ impl ProbeIdentity {
     }
 }
 
-/// `qemu` as a path to a file: as given when it names a directory, else searched in `$PATH`.
+/// `qemu` as the canonical path of a file: as given when it has a directory part, else searched in `$PATH`.
 fn resolve(qemu: &Path) -> Option<std::path::PathBuf> {
     if qemu.components().count() > 1 {
         return std::fs::canonicalize(qemu).ok();
@@ -140,8 +141,8 @@ fn resolve(qemu: &Path) -> Option<std::path::PathBuf> {
 const MAX_VERDICT_FILE: u64 = 16 << 10;
 
 async fn detect_remembered(qemu: &Path, verdict_file: &Path, kvm: &Path, boot_id: &str) -> AccelDetection {
-    if let Err(e) = open_kvm(kvm) {
-        return AccelDetection { accel: Accel::Tcg, reason: format!("cannot open {}: {e}", kvm.display()) };
+    if let Some(tcg) = unopenable(kvm) {
+        return tcg;
     }
     let identity = ProbeIdentity::of(qemu, Path::new(boot_id));
     if let Some(id) = &identity {
@@ -178,12 +179,6 @@ fn write_verdict(path: &Path, v: &serde_json::Value) -> std::io::Result<()> {
 struct Probed {
     detection: AccelDetection,
     probed: bool,
-}
-
-impl From<Probed> for AccelDetection {
-    fn from(p: Probed) -> AccelDetection {
-        p.detection
-    }
 }
 
 async fn run_probe(qemu: &Path) -> Probed {
