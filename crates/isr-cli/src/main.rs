@@ -1,7 +1,7 @@
 //! `isr`: the Internet Suspend/Resume client. Thin: parses the command line and calls `isr-client`.
 
 use clap::{CommandFactory, Parser, Subcommand};
-use isr_client::parcel::{is_running, Client, CreateOptions};
+use isr_client::parcel::{is_running, Client, CreateOptions, LocalStateName};
 use isr_client::run::RunEnd;
 use isr_client::{home::Home, ClientError};
 use isr_format::ChunkSize;
@@ -117,6 +117,14 @@ enum Command {
         /// answers). A parcel suspended under one resumes under the other
         #[arg(long, env = "ISR_VMM", default_value = "qemu", value_parser = ["qemu", "libvirt"])]
         vmm: String,
+        /// Bound the background upload of changes while it runs (bytes/s: 20M, 512K, 1G); 0 turns the
+        /// background upload off [default: no bound; it yields to the guest's own fetches]
+        #[arg(long, env = "ISR_UPLOAD_RATE", value_name = "RATE", value_parser = upload_rate)]
+        upload_rate: Option<u64>,
+        /// Commit a crash-consistent version (the disk as of a flush, no memory image) this often while it
+        /// runs (30m, 2h, 90s)
+        #[arg(long, env = "ISR_SYNC_EVERY", value_name = "PERIOD", value_parser = isr_client::running::parse_period)]
+        sync_every: Option<std::time::Duration>,
     },
     /// Ask a running resume to save memory and stop
     Suspend { parcel: String },
@@ -149,6 +157,14 @@ enum Command {
         /// Allow writes on a suspended parcel: drops its memory image, the next resume boots cold
         #[arg(long)]
         force: bool,
+        /// Bound the background upload of changes while it runs (bytes/s: 20M, 512K, 1G); 0 turns the
+        /// background upload off [default: no bound; it yields to the guest's own fetches]
+        #[arg(long, env = "ISR_UPLOAD_RATE", value_name = "RATE", value_parser = upload_rate)]
+        upload_rate: Option<u64>,
+        /// Commit a crash-consistent version (the disk as of a flush, no memory image) this often while it
+        /// runs (30m, 2h, 90s)
+        #[arg(long, env = "ISR_SYNC_EVERY", value_name = "PERIOD", value_parser = isr_client::running::parse_period)]
+        sync_every: Option<std::time::Duration>,
     },
     /// Upload changes as a new version and keep the lock
     Sync {
@@ -238,6 +254,35 @@ fn password() -> Result<String, ClientError> {
 fn vmm_kind(vmm: &str) -> isr_vmm::VmmKind {
     // clap's value_parser allows only the known names
     vmm.parse().unwrap_or_default()
+}
+
+/// What is left to send after a run: the user may leave once the server has everything.
+fn leave_note(parcel: &str, unsent: u64) -> String {
+    if unsent == 0 {
+        format!("every change of {parcel} is on the server: `isr checkin {parcel}` only commits it (safe to leave once it has)")
+    } else {
+        format!(
+            "{} of changes to {parcel} are not on the server yet: `isr checkin {parcel}` sends them (leave once it has finished)",
+            mib(unsent)
+        )
+    }
+}
+
+/// Tell (and record, for `isr ls -l` and `isr suspend`) what a run left to send; a failure to find out is
+/// only reported.
+async fn unsent_note(c: &mut Client, parcel: &str) {
+    match c.pending_upload(parcel).await {
+        Ok(n) => eprintln!("isr: {}", leave_note(parcel, n)),
+        Err(e) => eprintln!("isr: could not tell what is left to send: {e}"),
+    }
+}
+
+/// `--upload-rate`: bytes per second (0 turns the background upload off).
+fn upload_rate(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        return Ok(0);
+    }
+    isr_client::trickle::parse_rate(s)
 }
 
 fn accel_choice(accel: &str) -> isr_client::resume::AccelChoice {
@@ -367,7 +412,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 return Ok(());
             }
             if long {
-                println!("{:<24} {:<10} {:<12} LOCK", "PARCEL", "HEAD", "STATE");
+                println!("{:<24} {:<10} {:<12} {:<10} LOCK", "PARCEL", "HEAD", "STATE", "UNSENT");
             }
             for (p, state) in listing.parcels {
                 if long {
@@ -375,7 +420,19 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                         .lock
                         .map(|l| format!("locked by {} since {}", l.holder, when(l.since_unix)))
                         .unwrap_or_else(|| "unlocked".into());
-                    println!("{:<24} {:<10} {:<12} {}", p.name, p.head, state, lock);
+                    // As last recorded by a process holding the parcel's key (the running one, stat, a run's end).
+                    let unsent = match state {
+                        LocalStateName::Absent => "-".to_owned(),
+                        LocalStateName::Unmodified => mib(0),
+                        _ => {
+                            let files = isr_client::parcel_files::ParcelFiles::new(
+                                c.home.parcel_dir(&c.user, &p.name),
+                            );
+                            isr_client::running::UnsentRecord::read(&files)
+                                .map_or("?".to_owned(), |r| mib(r.bytes))
+                        }
+                    };
+                    println!("{:<24} {:<10} {:<12} {:<10} {}", p.name, p.head, state, unsent, lock);
                 } else {
                     println!("{}", p.name);
                 }
@@ -400,6 +457,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
                 runtime_dir: std::env::var_os("ISR_RUNTIME_DIR").map(PathBuf::from),
                 vmm: vmm_kind(&vmm),
+                upkeep: Default::default(),
             };
             let settings = isr_ui::UiSettings {
                 home: c.home.root().to_owned(),
@@ -475,6 +533,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             } else {
                 println!("parcel:  {}", s.parcel);
                 println!("state:   {}", s.state);
+                if s.state != LocalStateName::Absent && s.offline.is_none() {
+                    println!("unsent:  {}", mib(s.pending_upload_bytes));
+                }
                 match (&s.offline, s.head_version) {
                     (Some(why), _) => println!("head:    unknown (offline: {why})"),
                     (None, v) => println!("head:    {}", v.map(|v| v.to_string()).unwrap_or_default()),
@@ -509,6 +570,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             transient,
             version,
             vmm,
+            upload_rate,
+            sync_every,
         } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
@@ -525,6 +588,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 qemu: std::env::var_os("ISR_QEMU").map(PathBuf::from),
                 runtime_dir,
                 vmm: vmm_kind(&vmm),
+                upkeep: isr_client::running::UpkeepOptions { upload_rate, sync_every },
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             // Handlers installed before the resume starts (and writes the record `isr suspend` reads): a
@@ -568,6 +632,9 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 r.memory_chunks,
                 fetched_summary(&r.fetched)
             );
+            if r.outcome == RunEnd::Suspended && !disconnected {
+                unsent_note(&mut c, &parcel).await;
+            }
         }
         Command::Suspend { parcel } => {
             use isr_client::resume::StopRequest;
@@ -575,7 +642,14 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 Some(o) if o.outcome == RunEnd::TransientEnded => {
                     println!("stopped the transient run of {parcel}: nothing saved")
                 }
-                Some(_) => println!("suspended {parcel}"),
+                Some(_) => {
+                    println!("suspended {parcel}");
+                    let dir = c.home.parcel_dir(&c.user, &parcel);
+                    let files = isr_client::parcel_files::ParcelFiles::new(dir);
+                    if let Some(r) = isr_client::running::UnsentRecord::read(&files) {
+                        eprintln!("isr: {}", leave_note(&parcel, r.bytes));
+                    }
+                }
                 None => return Err(ClientError::Other(format!("{parcel} is not running on this client"))),
             }
         }
@@ -624,9 +698,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             }
             println!("checked out {parcel} at version {}", co.state.base_version);
         }
-        Command::Disk { parcel, nbd, disconnected, read_only, force } => {
+        Command::Disk { parcel, nbd, disconnected, read_only, force, upload_rate, sync_every } => {
             use isr_client::resume::DiskOptions;
-            let export = c.open_disk(&parcel, DiskOptions { disconnected, read_only, force }).await?;
+            let upkeep = isr_client::running::UpkeepOptions { upload_rate, sync_every };
+            let export = c.open_disk(&parcel, DiskOptions { disconnected, read_only, force, upkeep }).await?;
             if let Some(note) = &export.note {
                 eprintln!("isr: {note}");
             }
@@ -637,8 +712,11 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 if read_only { ", read-only" } else { "" },
                 nbd.display()
             );
-            let fetched = export.serve(listener, &nbd, shutdown_signal()).await?;
+            let fetched = export.serve(&mut c, listener, &nbd, shutdown_signal()).await?;
             eprintln!("stopped; fetched {}", fetched_summary(&fetched));
+            if !disconnected && !read_only {
+                unsent_note(&mut c, &parcel).await;
+            }
         }
         Command::Sync { parcel, message } => match c.sync(&parcel, &message).await? {
             Some((v, t)) => {

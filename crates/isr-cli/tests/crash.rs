@@ -5,10 +5,7 @@
 
 mod common;
 use common::*;
-use isr_nbd::proto::{IHAVEOPT, NBDMAGIC, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC};
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,74 +14,6 @@ use std::time::Duration;
 const IMAGE: u64 = 48 << 20;
 const SECTOR: u64 = 4096;
 const ROUNDS: usize = 20;
-
-/// A tiny blocking NBD client (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies): enough for a stream of
-/// writes and flushes whose acknowledgements the test must see itself.
-struct Nbd {
-    s: UnixStream,
-    handle: u64,
-}
-
-impl Nbd {
-    fn connect(sock: &Path) -> std::io::Result<Nbd> {
-        let mut s = UnixStream::connect(sock)?;
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello)?;
-        assert_eq!(u64::from_be_bytes(hello[..8].try_into().unwrap()), NBDMAGIC);
-        assert_eq!(u64::from_be_bytes(hello[8..16].try_into().unwrap()), IHAVEOPT);
-        s.write_all(&3u32.to_be_bytes())?; // fixed newstyle, no zeroes
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME, default export
-        opt.extend_from_slice(&0u32.to_be_bytes());
-        s.write_all(&opt)?;
-        let mut reply = [0u8; 10];
-        s.read_exact(&mut reply)?;
-        assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), IMAGE);
-        Ok(Nbd { s, handle: 0 })
-    }
-
-    fn request(
-        &mut self,
-        kind: u16,
-        offset: u64,
-        len: u32,
-        data: &[u8],
-        out: &mut [u8],
-    ) -> std::io::Result<()> {
-        self.handle += 1;
-        let mut req = Vec::with_capacity(28 + data.len());
-        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&kind.to_be_bytes());
-        req.extend_from_slice(&self.handle.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
-        req.extend_from_slice(data);
-        self.s.write_all(&req)?;
-        let mut rep = [0u8; 16];
-        self.s.read_exact(&mut rep)?;
-        assert_eq!(u32::from_be_bytes(rep[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
-        let error = u32::from_be_bytes(rep[4..8].try_into().unwrap());
-        assert_eq!(u64::from_be_bytes(rep[8..16].try_into().unwrap()), self.handle);
-        if error != 0 {
-            return Err(std::io::Error::other(format!("NBD error {error}")));
-        }
-        self.s.read_exact(out)
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.request(1, offset, data.len() as u32, data, &mut [])
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.request(3, 0, 0, &[], &mut [])
-    }
-    fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-        let mut out = vec![0u8; len];
-        self.request(0, offset, len as u32, &[], &mut out)?;
-        Ok(out)
-    }
-}
 
 /// The content write number `seq` puts into sector `sector`.
 fn sector_data(seq: u64, sector: u64) -> Vec<u8> {
@@ -125,7 +54,7 @@ fn stream(
     next_seq: &Mutex<u64>,
     stop: &AtomicBool,
 ) {
-    let Ok(mut nbd) = Nbd::connect(sock) else { return };
+    let Ok(mut nbd) = Nbd::connect(sock, IMAGE) else { return };
     let mut rng = Rng(seed | 1);
     let sectors = IMAGE / SECTOR;
     let mut since_flush: Vec<u64> = Vec::new();
@@ -212,7 +141,7 @@ fn kill_9_during_writes_and_flushes_loses_no_flushed_write() {
         // Every sector written so far holds its flushed content or a later unflushed one; that is its
         // state from now on.
         let child = a.disk("p", &sock);
-        let mut nbd = Nbd::connect(&sock).unwrap();
+        let mut nbd = Nbd::connect(&sock, IMAGE).unwrap();
         let mut m = model.lock().unwrap();
         let mut lost_unflushed = 0;
         for (&s, e) in m.iter_mut() {
@@ -246,7 +175,7 @@ fn kill_9_during_writes_and_flushes_loses_no_flushed_write() {
     let b = Client::new(&server, "alice");
     b.ok(&["checkout", "p"]);
     let child = b.disk("p", &sock);
-    let mut nbd = Nbd::connect(&sock).unwrap();
+    let mut nbd = Nbd::connect(&sock, IMAGE).unwrap();
     for (&s, e) in model.lock().unwrap().iter() {
         assert_eq!(
             nbd.read(s * SECTOR, SECTOR as usize).unwrap(),

@@ -6,7 +6,8 @@ use common::*;
 #[test]
 fn write_checkin_checkout_elsewhere_read_back() {
     let server = Server::start();
-    let a = Client::new(&server, "alice");
+    // Everything goes at check-in here (tests/trickle.rs covers the background upload).
+    let a = Client::without_trickle(&server, "alice");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     make_image(&img, 256 << 20);
@@ -146,7 +147,8 @@ fn kill9_after_flush_keeps_the_write_and_the_cache_checks() {
 #[test]
 fn kill9_during_checkin_then_rerun_finishes() {
     let server = Server::start();
-    let a = Client::new(&server, "alice");
+    // Everything goes at check-in here, so that the check-in has something to be killed in.
+    let a = Client::without_trickle(&server, "alice");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     make_image(&img, 128 << 20);

@@ -49,6 +49,7 @@ fn client(url: &str) -> Client {
         server: url.into(),
         user: "alice".into(),
         password: PASSWORD.into(),
+        env: Vec::new(),
     }
 }
 

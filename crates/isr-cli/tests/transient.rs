@@ -263,6 +263,7 @@ fn a_transient_run_changes_nothing_anywhere() {
         server: "http://127.0.0.1:9".into(),
         user: a.user.clone(),
         password: a.password.clone(),
+        env: Vec::new(),
     };
     let mut cmd = offline.cmd(&["resume", "vm", "--transient", "--disconnected", "--display", "none"]);
     let mut child = cmd

@@ -86,6 +86,7 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
         server: "http://127.0.0.1:9".into(),
         user: b.user.clone(),
         password: b.password.clone(),
+        env: Vec::new(),
     };
     let run = offline
         .cmd(&["resume", "vm", "--display", "none", "--disconnected"])

@@ -158,8 +158,30 @@ impl Ready {
     }
 }
 
-/// A chunk encoded by [`WorkingImage::encode_changes`]: its index, keyring entry and clean map entry.
-type EncodedChunk = (u64, Option<(Tag, ChunkKey)>, Entry);
+/// A dirty chunk encoded convergently while the image may go on changing ([`WorkingImage::encode_dirty`]):
+/// what a check-in, a trickle upload or a running sync sends, and what [`WorkingImage::settle`] then records
+/// as the chunk's clean content unless the chunk was written again since it was read.
+#[derive(Debug, Clone)]
+pub struct EncodedDirty {
+    pub index: ChunkIndex,
+    /// The chunk's write stamp when it was read (see [`WorkingImage::stamp`]).
+    written: u64,
+    /// The convergent chunk: tag, key and stored bytes; `None` when it is all zero (nothing to send).
+    pub chunk: Option<(Tag, ChunkKey, Bytes)>,
+    plain_mac: [u8; 16],
+    /// The chunk's plaintext length.
+    pub plain_len: usize,
+}
+
+impl EncodedDirty {
+    /// The keyring entry this chunk gets.
+    fn keyring_entry(&self) -> Option<(Tag, ChunkKey)> {
+        self.chunk.as_ref().map(|(t, k, _)| (*t, k.clone()))
+    }
+    fn tag(&self) -> Tag {
+        self.chunk.as_ref().map_or(Tag::ZERO, |(t, _, _)| *t)
+    }
+}
 
 /// Where the current content of a chunk is.
 enum Held {
@@ -183,7 +205,8 @@ pub struct WorkingImage {
     chunk_size: ChunkSize,
     len: ImageLen,
     keyroot: Keyroot,
-    base_tags: Vec<Tag>,
+    /// The base version's tags (replaced when a running sync commits a new base).
+    base_tags: Mutex<Vec<Tag>>,
     work_path: PathBuf,
     cache: ChunkCache,
     sources: Arc<ChunkSources>,
@@ -197,6 +220,20 @@ pub struct WorkingImage {
     ahead_mark: AtomicU64,
     fills_in_flight: AtomicUsize,
     ready: Mutex<Ready>,
+    /// Per chunk, the stamp of its last write ([`Self::stamp`]): an encode of a dirty chunk remembers it, and
+    /// its result is recorded only if no write came since (a chunk rewritten during its own upload stays
+    /// dirty and is sent again).
+    written: Vec<AtomicU64>,
+    /// The last write stamp handed out.
+    write_seq: AtomicU64,
+    /// Every write stamped up to here was covered by a completed flush.
+    flushed_seq: AtomicU64,
+    /// Writes hold it shared; a running sync's snapshot holds it exclusively (no write in flight or starting).
+    gate: tokio::sync::RwLock<()>,
+    /// Chunk fetches for reads and writes in flight (a trickle upload yields to them).
+    demand_fetches: AtomicUsize,
+    /// Told after every flush (a trickle waiting for work wakes up).
+    flushed: tokio::sync::Notify,
     /// What opening the runtime image found after an unclean end.
     pub recovery: Recovery,
     pub stats: Arc<ImageStats>,
@@ -239,11 +276,12 @@ impl WorkingImage {
         )?;
         let stats = Arc::new(ImageStats { sources: sources.stats.clone(), ..Default::default() });
         let cache = sources.cache().clone();
+        let written = (0..runtime.chunk_count()).map(|_| AtomicU64::new(0)).collect();
         Ok(WorkingImage {
             chunk_size: keyring.chunk_size(),
             len: keyring.image_len(),
             keyroot,
-            base_tags,
+            base_tags: Mutex::new(base_tags),
             work_path,
             cache,
             sources,
@@ -255,6 +293,12 @@ impl WorkingImage {
             ahead_mark: AtomicU64::new(0),
             fills_in_flight: AtomicUsize::new(0),
             ready: Mutex::new(Ready::default()),
+            written,
+            write_seq: AtomicU64::new(0),
+            flushed_seq: AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
+            demand_fetches: AtomicUsize::new(0),
+            flushed: tokio::sync::Notify::new(),
             recovery,
             stats,
         })
@@ -332,7 +376,10 @@ impl WorkingImage {
         }
         // Not cached: fetched and decoded, not kept in the chunk cache (the runtime image keeps the plaintext;
         // `hoard` is what fills the cache for disconnected use).
-        let fetched = self.sources.get_uncached(&tag).await?.ok_or_else(|| self.sources.nobody_has(&tag))?;
+        self.demand_fetches.fetch_add(1, Ordering::Relaxed);
+        let fetched = self.sources.get_uncached(&tag).await;
+        self.demand_fetches.fetch_sub(1, Ordering::Relaxed);
+        let fetched = fetched?.ok_or_else(|| self.sources.nobody_has(&tag))?;
         let from_fetch = move |plain: &mut [u8]| decode_fetched_into(fetched, &tag, &key, plain);
         self.decode_and_install(i, tag, install, from_fetch).await
     }
@@ -552,6 +599,7 @@ impl WorkingImage {
     ) -> Result<(), ClientError> {
         let clen = self.chunk_len(i);
         let whole = start == 0 && len == clen;
+        self.stamp(i);
         self.ready.lock().expect("ready chunks").take(i);
         let e = self.runtime.entry(i);
         // What stays of the entry: a chunk dirty before keeps its flushed mark.
@@ -623,6 +671,7 @@ impl WorkingImage {
     /// Write `data` (zeroes when `None`) over `len` bytes at `offset`, chunk by chunk.
     async fn modify(&self, offset: u64, len: u64, data: Option<&[u8]>) -> std::io::Result<()> {
         self.check_range(offset, len)?;
+        let _writing = self.gate.read().await;
         let cs = self.chunk_size;
         let mut pieces = Vec::new();
         let mut pos = 0usize;
@@ -654,70 +703,165 @@ impl WorkingImage {
 
     /// Make every write so far durable: one fdatasync of the runtime image.
     pub async fn flush(&self) -> Result<(), ClientError> {
+        // Every write stamped before this point has completed or is concurrent with the flush request.
+        let covered = self.write_seq.load(Ordering::SeqCst);
         let rt = self.runtime.clone();
         tokio::task::spawn_blocking(move || rt.flush()).await.map_err(join_err)??;
+        self.flushed_seq.fetch_max(covered, Ordering::SeqCst);
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.flushed.notify_waiters();
         Ok(())
     }
 
+    /// Resolves at the next flush (counted from when it is enabled or first polled).
+    pub fn next_flush(&self) -> tokio::sync::futures::Notified<'_> {
+        self.flushed.notified()
+    }
+
+    /// Mark chunk `i` as written now (before its data changes; the caller holds its stripe lock).
+    fn stamp(&self, i: u64) {
+        let s = self.write_seq.fetch_add(1, Ordering::SeqCst) + 1;
+        self.written[i as usize].store(s, Ordering::SeqCst);
+    }
+
+    /// Dirty chunks whose last write a flush has covered (durable here, so worth sending), at most `max`,
+    /// lowest first.
+    pub fn flushed_dirty(&self, max: usize) -> Vec<ChunkIndex> {
+        let flushed = self.flushed_seq.load(Ordering::SeqCst);
+        self.runtime
+            .chunks_with(state::DIRTY)
+            .into_iter()
+            .filter(|&i| self.written[i as usize].load(Ordering::SeqCst) <= flushed)
+            .take(max)
+            .map(ChunkIndex)
+            .collect()
+    }
+
+    /// Plaintext bytes of the chunks changed since the working keyring (not yet encoded, so not sent).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.runtime.chunks_with(state::DIRTY).into_iter().map(|i| self.chunk_len(i) as u64).sum()
+    }
+
+    /// Chunk fetches for the guest's reads and writes in flight now.
+    pub fn demand_fetches(&self) -> usize {
+        self.demand_fetches.load(Ordering::Relaxed)
+    }
+
+    /// Encode dirty chunk `i` convergently as it is now (read under its lock, so no write tears it);
+    /// `None` when it is not dirty (any more). Nothing is recorded: see [`Self::settle`].
+    pub async fn encode_dirty(&self, i: ChunkIndex) -> Result<Option<EncodedDirty>, ClientError> {
+        let _g = self.stripe(i.0).lock().await;
+        self.encode_dirty_locked(i).await
+    }
+
+    async fn encode_dirty_locked(&self, i: ChunkIndex) -> Result<Option<EncodedDirty>, ClientError> {
+        let e = self.runtime.entry(i.0);
+        if !e.is(state::DIRTY) {
+            return Ok(None);
+        }
+        let written = self.written[i.0 as usize].load(Ordering::SeqCst);
+        let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i.0));
+        tokio::task::spawn_blocking(move || {
+            let mut plain = vec![0u8; clen];
+            if !e.is(state::ZERO) {
+                rt.read(i.0, 0, &mut plain)?;
+            }
+            let plain_mac = rt.plain_mac(i.0, &plain);
+            let chunk = encode_chunk(&secret, &plain)
+                .map_err(|e| ClientError::Other(format!("encoding chunk {}: {e}", i.0)))?
+                .map(|enc| (enc.tag, enc.key, Bytes::from(enc.stored)));
+            Ok(Some(EncodedDirty { index: i, written, chunk, plain_mac, plain_len: clen }))
+        })
+        .await
+        .map_err(join_err)?
+    }
+
+    /// Record encoded chunks as the clean content of their chunks, except those written again since they
+    /// were read (they stay dirty, to be encoded again). The working keyring is made durable before any map
+    /// entry says clean; the entries are durable at the next flush (until then a crash leaves them dirty and
+    /// flushed: encoded again). The encoded chunks must be where a later sync finds them (the server, or the
+    /// cache). Returns how many were recorded.
+    pub async fn settle(&self, encoded: &[EncodedDirty]) -> Result<usize, ClientError> {
+        let unchanged = |enc: &EncodedDirty| {
+            self.written[enc.index.0 as usize].load(Ordering::SeqCst) == enc.written
+                && self.runtime.entry(enc.index.0).is(state::DIRTY)
+        };
+        let mut kept = Vec::with_capacity(encoded.len());
+        for enc in encoded {
+            let _g = self.stripe(enc.index.0).lock().await;
+            if unchanged(enc) {
+                self.keyring.lock().expect("image keyring").set(enc.index, enc.keyring_entry());
+                kept.push(enc);
+            }
+        }
+        if kept.is_empty() {
+            return Ok(0);
+        }
+        self.persist().await?;
+        let mut n = 0;
+        for enc in kept {
+            let _g = self.stripe(enc.index.0).lock().await;
+            // Written again after the keyring took it: the entry stays dirty (the keyring's tag is the content
+            // of a flushed state, what a crash falls back to).
+            if unchanged(enc) {
+                self.runtime.set_entry(enc.index.0, self.runtime.clean_entry(&enc.tag(), enc.plain_mac))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// A point-in-time copy for a sync of the running image: no write in flight (new ones wait), everything
+    /// written so far flushed, every dirty chunk encoded. Returns the keyring of that state and the chunks
+    /// encoded for it (to send, then [`Self::settle`]). Writes go on as soon as it returns.
+    pub async fn snapshot(&self) -> Result<(Keyring, Vec<EncodedDirty>), ClientError> {
+        let _quiet = self.gate.write().await;
+        self.flush().await?;
+        let dirty = self.runtime.chunks_with(state::DIRTY);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let encoded: Vec<EncodedDirty> = futures::stream::iter(dirty)
+            .map(|i| self.encode_dirty(ChunkIndex(i)))
+            .buffer_unordered(threads)
+            .try_filter_map(|e| async move { Ok(e) })
+            .try_collect()
+            .await?;
+        let mut keyring = self.keyring();
+        for enc in &encoded {
+            keyring.set(enc.index, enc.keyring_entry());
+        }
+        Ok((keyring, encoded))
+    }
+
+    /// A sync of the running image committed `tags` as the new base: the working keyring is written again
+    /// (or removed, when the image is that base).
+    pub async fn rebase(&self, tags: Vec<Tag>) -> Result<(), ClientError> {
+        *self.base_tags.lock().expect("base tags") = tags;
+        self.persist().await
+    }
+
     /// Encode every dirty chunk convergently into the cache (durably, several at a time), then write the new
-    /// working keyring, then mark those chunks clean. Nothing may write the image meanwhile (sync and
-    /// check-in refuse while the parcel runs). Returns how many chunks were encoded.
+    /// working keyring, then mark those chunks clean ([`Self::settle`]). Returns how many chunks were encoded.
     pub async fn encode_changes(&self) -> Result<usize, ClientError> {
         let dirty = self.runtime.chunks_with(state::DIRTY);
         if dirty.is_empty() {
             return Ok(0);
         }
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-        let encoded: Vec<Result<EncodedChunk, ClientError>> = futures::stream::iter(dirty)
+        let encoded: Vec<EncodedDirty> = futures::stream::iter(dirty)
             .map(|i| async move {
-                let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i));
-                let (encoded, mac) = tokio::task::spawn_blocking(move || {
-                    let e = rt.entry(i);
-                    let mut plain = vec![0u8; clen];
-                    if !e.is(state::ZERO) {
-                        rt.read(i, 0, &mut plain)?;
-                    }
-                    let mac = rt.plain_mac(i, &plain);
-                    let encoded = encode_chunk(&secret, &plain)
-                        .map_err(|e| ClientError::Other(format!("encoding chunk {i}: {e}")))?;
-                    Ok::<_, ClientError>((encoded, mac))
-                })
-                .await
-                .map_err(join_err)??;
-                let entry = match encoded {
-                    Some(enc) => {
-                        self.cache.put_durable(&enc.tag, Bytes::from(enc.stored)).await?;
-                        Some((enc.tag, enc.key))
-                    }
-                    None => None,
-                };
-                let tag = entry.as_ref().map_or(Tag::ZERO, |(t, _)| *t);
-                Ok((i, entry, self.runtime.clean_entry(&tag, mac)))
+                let Some(enc) = self.encode_dirty(ChunkIndex(i)).await? else { return Ok(None) };
+                if let Some((tag, _, stored)) = &enc.chunk {
+                    self.cache.put_durable(tag, stored.clone()).await?;
+                }
+                Ok::<_, ClientError>(Some(enc))
             })
             .buffer_unordered(threads)
-            .collect()
-            .await;
-        let mut clean = Vec::with_capacity(encoded.len());
-        {
-            let mut keyring = self.keyring.lock().expect("image keyring");
-            for r in encoded {
-                let (i, entry, e) = r?;
-                keyring.set(ChunkIndex(i), entry);
-                clean.push((i, e));
-            }
-        }
-        self.persist().await?;
+            .try_filter_map(|e| async move { Ok(e) })
+            .try_collect()
+            .await?;
+        let n = self.settle(&encoded).await?;
         let rt = self.runtime.clone();
-        let n = clean.len();
-        tokio::task::spawn_blocking(move || {
-            for (i, e) in clean {
-                rt.set_entry(i, e)?;
-            }
-            rt.flush()
-        })
-        .await
-        .map_err(join_err)??;
+        tokio::task::spawn_blocking(move || rt.flush()).await.map_err(join_err)??;
         Ok(n)
     }
 
@@ -815,7 +959,7 @@ impl WorkingImage {
     async fn persist(&self) -> Result<(), ClientError> {
         let keyring = self.keyring();
         let path = self.work_path.clone();
-        if keyring.tags() == self.base_tags.as_slice() {
+        if keyring.tags() == self.base_tags.lock().expect("base tags").as_slice() {
             return match std::fs::remove_file(&path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -13,9 +13,15 @@
 //! - [`transient`]: `resume --transient`: a version run without lock or check-in, every change dropped.
 //! - [`network`]: IT's network policy and the network a resume gives the VM.
 //! - [`source`]: where chunks come from: a stack of chunk sources (coalescing, cache, lookaside, server).
+//! - [`control`]: the control socket of a running parcel (a sync while it runs).
+//! - [`running`]: what the process running a parcel does beside the guest (background upload, control
+//!   requests, periodic syncs).
 //! - [`run`]: the run-time records of a running parcel and the cleanup after a run that died.
+//! - [`trickle`]: trickle reintegration: a running image's flushed changes sent to the server in the
+//!   background.
 
 pub mod cache;
+pub mod control;
 pub mod error;
 pub mod home;
 pub mod image;
@@ -26,9 +32,11 @@ pub mod parcel_files;
 pub mod progress;
 pub mod resume;
 pub mod run;
+pub mod running;
 pub mod runtime;
 pub mod source;
 pub mod transient;
 pub mod transport;
+pub mod trickle;
 
 pub use error::ClientError;

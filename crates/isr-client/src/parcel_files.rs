@@ -11,6 +11,8 @@
 //! run.lock                flock held while a disk export or VM runs (crate::run)
 //! run.json                the record of the running (or dead) run
 //! run-outcome.json        how the last run ended
+//! control.sock            the running process's control socket (crate::control), while it runs
+//! unsent.json             bytes of changes not yet on the server, as last recorded (crate::running)
 //! run.pid                 written by resumes before run.json existed (removed when seen)
 //! ```
 //!
@@ -63,6 +65,16 @@ impl ParcelFiles {
     /// The runtime image of `kind` (see [`crate::runtime`]).
     pub fn runtime_image(&self, kind: ImageKind) -> PathBuf {
         self.dir.join("runtime").join(format!("{}.img", kind.name()))
+    }
+
+    /// The control socket of the process running the parcel ([`crate::control`]).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// The bytes of changes not yet on the server, as last recorded ([`crate::running::UnsentRecord`]).
+    pub fn unsent_record(&self) -> PathBuf {
+        self.dir.join("unsent.json")
     }
 
     /// Held (flock) while a disk export or VM of the parcel runs.

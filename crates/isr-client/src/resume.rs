@@ -18,6 +18,7 @@ use crate::run::{
     memory_image_would_resume, private_dir_path, read_outcome, read_record, PrivateDir, Run, RunEnd, RunKind,
     RunOutcome,
 };
+use crate::running::{Upkeep, UpkeepOptions};
 use crate::source::{ChunkSources, SourceCounts};
 use futures::StreamExt;
 use isr_format::{ChunkDecoder, ChunkIndex, ChunkSize, ConvergenceSecret, ImageKind, ImageLen, Keyring, Tag};
@@ -64,6 +65,8 @@ pub struct ResumeOptions {
     pub runtime_dir: Option<PathBuf>,
     /// Who runs QEMU: isr itself or libvirt (the machine and the memory image are the same under both).
     pub vmm: VmmKind,
+    /// The background upload and periodic syncs while the VM runs.
+    pub upkeep: UpkeepOptions,
 }
 
 /// How a resume ended, with timings for the user.
@@ -459,6 +462,8 @@ pub struct DiskOptions {
     pub read_only: bool,
     /// Allow writes on a suspended parcel: its memory image is dropped (the next resume boots cold).
     pub force: bool,
+    /// The background upload and periodic syncs of a connected, writable export.
+    pub upkeep: UpkeepOptions,
 }
 
 /// The disk of a parcel ready to be served over NBD (`isr disk`); it holds the parcel's `run.lock`.
@@ -468,6 +473,8 @@ pub struct DiskExport {
     pub read_only: bool,
     /// For the user, e.g. that `--force` dropped the memory image.
     pub note: Option<String>,
+    /// The background upload and the control socket (connected, writable exports).
+    upkeep: Option<Upkeep>,
     run: Run,
 }
 
@@ -479,17 +486,30 @@ impl DiskExport {
             .map_err(|e| ClientError::io(format!("binding {}", path.display()), e))
     }
 
-    /// Serve until `shutdown`, flush what was written, and release the parcel. Returns where the chunks
-    /// fetched came from.
+    /// Serve until `shutdown`, flush what was written, and release the parcel; meanwhile send flushed
+    /// changes in the background and answer `isr sync` (through `client`). Returns where the chunks fetched
+    /// came from.
     pub async fn serve(
-        self,
+        mut self,
+        client: &mut Client,
         listener: tokio::net::UnixListener,
         socket: &Path,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<SourceCounts, ClientError> {
         let options = isr_nbd::ServeOptions { read_only: self.read_only, ..Default::default() };
         let device = Arc::new(ImageDevice(self.image.clone()));
-        let served = isr_nbd::serve_with_options(listener, device, options, shutdown).await;
+        let nbd = isr_nbd::serve_with_options(listener, device, options, shutdown);
+        futures::pin_mut!(nbd);
+        let served = loop {
+            let Some(upkeep) = self.upkeep.as_mut() else { break nbd.await };
+            tokio::select! {
+                served = &mut nbd => break served,
+                event = upkeep.next() => upkeep.handle(client, event).await,
+            }
+        };
+        if let Some(upkeep) = self.upkeep.take() {
+            upkeep.stop().await;
+        }
         let flushed = self.image.close().await;
         let _ = std::fs::remove_file(socket);
         let error = match (&flushed, &served) {
@@ -812,10 +832,38 @@ impl Client {
                 }
             })
         });
-        let request = tokio::select! {
-            exit = vm.wait() => { Err(exit) }
-            req = stop.recv() => { Ok(req.unwrap_or(StopRequest::Suspend)) }
+        // The disk's flushed changes go to the server while the guest runs; `isr sync` is answered here.
+        let mut upkeep = if opts.disconnected || o.is_transient() {
+            None
+        } else {
+            match Upkeep::start(self, o, image.clone(), memory_image.clone(), opts.upkeep).await {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    eprintln!("isr: no background upload for {name}: {e}");
+                    None
+                }
+            }
         };
+        let request = loop {
+            let event = async {
+                match upkeep.as_mut() {
+                    Some(u) => u.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                exit = vm.wait() => break Err(exit),
+                req = stop.recv() => break Ok(req.unwrap_or(StopRequest::Suspend)),
+                event = event => {
+                    if let Some(u) = upkeep.as_ref() {
+                        u.handle(self, event).await;
+                    }
+                }
+            }
+        };
+        if let Some(u) = upkeep.take() {
+            u.stop().await;
+        }
         if let Some(task) = clock {
             task.abort();
             let _ = task.await;
@@ -882,6 +930,9 @@ impl Client {
         match ended {
             Ended::Suspended(info) => {
                 report.memory_image_bytes = info.file_size;
+                // Opened again: a sync while it ran may have moved the base.
+                let now = if o.is_transient() { None } else { Some(self.open(name)?) };
+                let o = now.as_ref().unwrap_or(o);
                 (report.memory_chunks_changed, report.memory_chunks) =
                     self.store_memory_image(name, o, &mem_path, &cache, memory_image).await?;
                 report.outcome = RunEnd::Suspended;
@@ -1131,11 +1182,18 @@ impl Client {
                 note = Some(format!("--force: dropped the saved memory image of {name}; the next resume boots cold"));
             }
             let image = self.working_image(&o, ImageKind::Disk, opts.disconnected).await?;
-            Ok((image, note))
+            let upkeep = if opts.read_only || opts.disconnected {
+                None
+            } else {
+                Some(Upkeep::start(self, &o, image.clone(), None, opts.upkeep).await?)
+            };
+            Ok((image, note, upkeep))
         }
         .await;
         match prepared {
-            Ok((image, note)) => Ok(DiskExport { image, read_only: opts.read_only, note, run }),
+            Ok((image, note, upkeep)) => {
+                Ok(DiskExport { image, read_only: opts.read_only, note, upkeep, run })
+            }
             Err(e) => {
                 run.finish(RunEnd::Failed, false, Some(e.to_string()))?;
                 Err(e)

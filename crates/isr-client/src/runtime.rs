@@ -286,7 +286,23 @@ impl RuntimeImage {
             .collect())
     }
 
+    /// Plaintext bytes of the chunks the map at `path` says are dirty (changed here, not yet encoded, so not
+    /// on the server); 0 when there is no file. No key needed.
+    pub fn dirty_bytes_in(path: &Path) -> Result<u64, RuntimeError> {
+        let Some((geo, states)) = Self::geometry_and_states(path)? else { return Ok(0) };
+        Ok(states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| *s & state::DIRTY != 0)
+            .map(|(i, _)| geo.chunk_size.chunk_len(geo.image_len, ChunkIndex(i as u64)) as u64)
+            .sum())
+    }
+
     fn states(path: &Path) -> Result<Option<Vec<u8>>, RuntimeError> {
+        Ok(Self::geometry_and_states(path)?.map(|(_, states)| states))
+    }
+
+    fn geometry_and_states(path: &Path) -> Result<Option<(Identity, Vec<u8>)>, RuntimeError> {
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -298,7 +314,7 @@ impl RuntimeImage {
         let geo = parse_identity(&ident).map_err(|w| corrupt(w.into()))?;
         let mut map = vec![0u8; geo.chunk_count as usize * ENTRY_LEN];
         file.read_exact_at(&mut map, MAP_AT).map_err(|e| corrupt(format!("map: {e}")))?;
-        Ok(Some(map.chunks_exact(ENTRY_LEN).map(|e| e[0]).collect()))
+        Ok(Some((geo, map.chunks_exact(ENTRY_LEN).map(|e| e[0]).collect())))
     }
 
     pub fn path(&self) -> &Path {

@@ -3,7 +3,9 @@
 
 pub mod guest;
 
-use std::io::{BufRead, BufReader};
+use isr_nbd::proto::{IHAVEOPT, NBDMAGIC, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -137,6 +139,8 @@ pub struct Client {
     pub server: String,
     pub user: String,
     pub password: String,
+    /// More environment for every command of this client.
+    pub env: Vec<(String, String)>,
 }
 
 impl Client {
@@ -146,7 +150,20 @@ impl Client {
             server: server.url.clone(),
             user: user.into(),
             password: PASSWORD.into(),
+            env: Vec::new(),
         }
+    }
+
+    /// The same client with `var=value` in every command's environment.
+    pub fn with_env(mut self, var: &str, value: &str) -> Client {
+        self.env.push((var.into(), value.into()));
+        self
+    }
+
+    /// A client whose running parcels send nothing in the background (`ISR_UPLOAD_RATE=0`): everything
+    /// goes at check-in, for the tests of that path.
+    pub fn without_trickle(server: &Server, user: &str) -> Client {
+        Client::new(server, user).with_env("ISR_UPLOAD_RATE", "0")
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -157,6 +174,7 @@ impl Client {
             .env("ISR_PASSWORD", &self.password)
             .env("ISR_HOME", self.home.path())
             .env("ISR_ACCEL", "tcg")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }
@@ -263,6 +281,11 @@ impl Server {
     /// Chunk requests the server answered with 200 so far (GETs and PUTs share the route; callers count
     /// around phases that upload nothing).
     pub fn chunk_requests(&self) -> u64 {
+        self.chunk_requests_answered(&["200"])
+    }
+
+    /// Chunk requests answered with any of `statuses` so far (a PUT of a new chunk is answered 201).
+    pub fn chunk_requests_answered(&self, statuses: &[&str]) -> u64 {
         use std::io::{Read, Write};
         let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -271,7 +294,11 @@ impl Server {
         s.read_to_string(&mut body).unwrap();
         body.lines()
             .filter(|l| {
-                l.starts_with("isr_http_requests_total{route=\"/api/v1/chunks/{tag}\",status=\"200\"}")
+                statuses.iter().any(|s| {
+                    l.starts_with(&format!(
+                        "isr_http_requests_total{{route=\"/api/v1/chunks/{{tag}}\",status=\"{s}\"}}"
+                    ))
+                })
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
@@ -312,5 +339,73 @@ impl Collecting {
             }
         });
         Collecting { child, stderr }
+    }
+}
+
+/// A tiny blocking NBD client (used by the tests that must control every request: no flush unless asked) (fixed newstyle, NBD_OPT_EXPORT_NAME, simple replies): enough for a stream of
+/// writes and flushes whose acknowledgements the test must see itself.
+pub struct Nbd {
+    s: UnixStream,
+    handle: u64,
+}
+
+impl Nbd {
+    pub fn connect(sock: &Path, size: u64) -> std::io::Result<Nbd> {
+        let mut s = UnixStream::connect(sock)?;
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello)?;
+        assert_eq!(u64::from_be_bytes(hello[..8].try_into().unwrap()), NBDMAGIC);
+        assert_eq!(u64::from_be_bytes(hello[8..16].try_into().unwrap()), IHAVEOPT);
+        s.write_all(&3u32.to_be_bytes())?; // fixed newstyle, no zeroes
+        let mut opt = Vec::new();
+        opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME, default export
+        opt.extend_from_slice(&0u32.to_be_bytes());
+        s.write_all(&opt)?;
+        let mut reply = [0u8; 10];
+        s.read_exact(&mut reply)?;
+        assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), size);
+        Ok(Nbd { s, handle: 0 })
+    }
+
+    fn request(
+        &mut self,
+        kind: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        out: &mut [u8],
+    ) -> std::io::Result<()> {
+        self.handle += 1;
+        let mut req = Vec::with_capacity(28 + data.len());
+        req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&kind.to_be_bytes());
+        req.extend_from_slice(&self.handle.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(data);
+        self.s.write_all(&req)?;
+        let mut rep = [0u8; 16];
+        self.s.read_exact(&mut rep)?;
+        assert_eq!(u32::from_be_bytes(rep[..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+        let error = u32::from_be_bytes(rep[4..8].try_into().unwrap());
+        assert_eq!(u64::from_be_bytes(rep[8..16].try_into().unwrap()), self.handle);
+        if error != 0 {
+            return Err(std::io::Error::other(format!("NBD error {error}")));
+        }
+        self.s.read_exact(out)
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.request(1, offset, data.len() as u32, data, &mut [])
+    }
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.request(3, 0, 0, &[], &mut [])
+    }
+    pub fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.request(0, offset, len as u32, &[], &mut out)?;
+        Ok(out)
     }
 }

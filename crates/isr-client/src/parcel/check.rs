@@ -31,6 +31,9 @@ impl Client {
         let mut report = CheckReport::default();
         let mut decoder = ChunkDecoder::new();
         let mut checked = HashSet::new();
+        // Made here and not in the cache: sent in the background while the parcel ran (the server has them),
+        // else lost.
+        let mut made_here_uncached = Vec::new();
         for kind in ImageKind::ALL {
             let Some((base, work, _)) = self.keyrings(&o, kind)? else { continue };
             let base_set: HashSet<&Tag> = base.tags().iter().collect();
@@ -45,7 +48,8 @@ impl Client {
                 let what = format!("{} chunk {i} ({tag})", kind.name());
                 let problem = match cache.get(&tag).await? {
                     None if !base_set.contains(&tag) => {
-                        Some(format!("{what} was written here but is missing from the cache"))
+                        made_here_uncached.push((tag, what));
+                        continue;
                     }
                     None => None,
                     Some(stored) => {
@@ -78,6 +82,22 @@ impl Client {
                          uploaded)"
                     )),
                 }
+            }
+        }
+        if !made_here_uncached.is_empty() {
+            let tags: Vec<Tag> = made_here_uncached.iter().map(|(t, _)| *t).collect();
+            match self.connect().await {
+                Ok(t) => {
+                    let missing: HashSet<Tag> = t.missing(&tags).await?.into_iter().collect();
+                    for (tag, what) in made_here_uncached.iter().filter(|(t, _)| missing.contains(t)) {
+                        report.problems.push(format!(
+                            "{what} was written here but is neither in the cache nor on the server ({tag})"
+                        ));
+                    }
+                }
+                // Offline: what the background upload sent cannot be confirmed now; not a fault of this client.
+                Err(ClientError::Unreachable { .. }) => {}
+                Err(e) => return Err(e),
             }
         }
         // The runtime images: opening one checks its blocks and mends what a crash left; --full verifies

@@ -218,20 +218,34 @@ impl Client {
         Ok(status)
     }
 
-    /// Bytes of the chunks made here (not in the base) that the server lacks.
+    /// Bytes of changes the server does not have yet: the chunks made here (not in the base) that it lacks,
+    /// and the plaintext of the runtime images' dirty chunks (not encoded yet: while the parcel runs, the
+    /// background upload sends them once a flush made them durable).
     async fn pending_upload_bytes(&mut self, o: &Opened) -> Result<u64, ClientError> {
-        let diff = self.keyring_diff(o)?;
-        if diff.new_tags.is_empty() {
-            return Ok(0);
+        let mut pending = 0;
+        for kind in ImageKind::ALL {
+            pending += RuntimeImage::dirty_bytes_in(&o.files.runtime_image(kind))?;
         }
-        let t = self.connect().await?;
-        let cache = self.cache()?;
-        Ok(t.missing(&diff.new_tags)
-            .await?
-            .iter()
-            .filter_map(|tag| std::fs::metadata(cache.store().path_of(tag)).ok())
-            .map(|m| m.len())
-            .sum())
+        let diff = self.keyring_diff(o)?;
+        if !diff.new_tags.is_empty() {
+            let t = self.connect().await?;
+            let cache = self.cache()?;
+            pending += t
+                .missing(&diff.new_tags)
+                .await?
+                .iter()
+                .filter_map(|tag| std::fs::metadata(cache.store().path_of(tag)).ok())
+                .map(|m| m.len())
+                .sum::<u64>();
+        }
+        crate::running::UnsentRecord::write(&o.files, pending);
+        Ok(pending)
+    }
+
+    /// Bytes of changes to `name` not yet on the server ([`ParcelStatus::pending_upload_bytes`]).
+    pub async fn pending_upload(&mut self, name: &str) -> Result<u64, ClientError> {
+        let o = self.open(name)?;
+        self.pending_upload_bytes(&o).await
     }
 
     /// The state of every chunk of the disk and memory images of a checked-out parcel, for the chunk map.

@@ -2,14 +2,18 @@
 
 use super::common::*;
 use super::{Client, Opened};
+use crate::control::{ControlReply, ControlRequest, SyncDone};
 use crate::error::ClientError;
 use crate::home::{now_unix, write_atomic};
+use crate::image::WorkingImage;
 use crate::manifests::{self, Asked, ParcelKey};
 use crate::run::is_running;
 use crate::transport::Transport;
+use crate::trickle::Trickle;
 use bytes::Bytes;
 use isr_format::{ImageKind, ImageRef, Manifest, Tag};
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 
 /// One image of the version a sync makes.
 #[derive(Debug, Clone)]
@@ -287,13 +291,13 @@ impl Client {
         Ok(Some((version, transfer)))
     }
 
-    /// Upload local changes as a new version and keep the lock: plan, upload and commit in a row.
+    /// Upload local changes as a new version and keep the lock: plan, upload and commit in a row. A parcel
+    /// that runs here is synced by its own process ([`Self::sync_running`], over its control socket): a
+    /// crash-consistent version of its disk, without a memory image.
     pub async fn sync(&mut self, name: &str, comment: &str) -> Result<Option<(u64, Transfer)>, ClientError> {
         let o = self.open(name)?;
         if is_running(o.files.dir()) {
-            return Err(ClientError::Other(format!(
-                "{name} is running: suspend it (or stop `isr disk`) before syncing"
-            )));
+            return self.ask_running_sync(&o, comment).await;
         }
         let t = self.connect().await?;
         // A broken lock is told before anything is sent; the local changes stay as they are.
@@ -304,5 +308,121 @@ impl Client {
         }
         self.upload_planned(&mut plan).await?;
         self.commit_planned(plan, comment).await
+    }
+
+    async fn ask_running_sync(
+        &mut self,
+        o: &Opened,
+        comment: &str,
+    ) -> Result<Option<(u64, Transfer)>, ClientError> {
+        let name = &o.state.parcel;
+        let sock = o.files.control_socket();
+        if !sock.exists() {
+            return Err(ClientError::Other(format!(
+                "{name} is running, but its process takes no requests (a transient run, a read-only or \
+                 disconnected `isr disk`, or one of an older isr): suspend it (or stop `isr disk`) before syncing"
+            )));
+        }
+        let req = ControlRequest::Sync { message: comment.to_owned() };
+        match crate::control::request(&sock, &req).await? {
+            ControlReply::Synced(SyncDone { version: Some(v), chunks, bytes }) => {
+                Ok(Some((v, Transfer { chunks, bytes, image_bytes: 0 })))
+            }
+            ControlReply::Synced(SyncDone { version: None, .. }) => Ok(None),
+            ControlReply::Failed { message, exit_code } => Err(match exit_code {
+                2 => ClientError::Usage(message),
+                3 => ClientError::Locked(message),
+                4 => ClientError::Auth(message),
+                5 => ClientError::Integrity(message),
+                6 => ClientError::Unreachable { url: self.server_url().unwrap_or_default(), detail: message },
+                _ => ClientError::Other(message),
+            }),
+        }
+    }
+
+    /// Sync a parcel that runs in this process: commit a version whose disk is a point-in-time copy of the
+    /// running `disk` (every write so far flushed, [`Trickle::snapshot_and_send`]) and that has no memory
+    /// image (it boots when resumed), and make it the base. The VM goes on running meanwhile; the chunks
+    /// written since the copy stay dirty for the next sync. `None`: the disk did not change since the base.
+    pub async fn sync_running(
+        &mut self,
+        name: &str,
+        disk: &WorkingImage,
+        memory: Option<&WorkingImage>,
+        trickle: &Trickle,
+        comment: &str,
+    ) -> Result<Option<(u64, Transfer)>, ClientError> {
+        let o = self.open(name)?;
+        self.connect()
+            .await?
+            .confirm_lock(name, &o.state.lock_id)
+            .await
+            .map_err(|e| lock_guidance(name, e))?;
+        let sent_before = trickle.stats.bytes_sent.load(Ordering::Relaxed);
+        let chunks_before = trickle.stats.chunks_sent.load(Ordering::Relaxed);
+        let ring = trickle.snapshot_and_send().await?;
+        let transfer = Transfer {
+            chunks: trickle.stats.chunks_sent.load(Ordering::Relaxed) - chunks_before,
+            bytes: trickle.stats.bytes_sent.load(Ordering::Relaxed) - sent_before,
+            image_bytes: 0,
+        };
+        let mut diff = KeyringDiff::default();
+        let mut seen = HashSet::new();
+        for kind in [ImageKind::Disk, ImageKind::Kernel, ImageKind::Initrd] {
+            let Some((base, work, _)) = self.keyrings(&o, kind)? else { continue };
+            let (ring, changed) = match kind {
+                ImageKind::Disk => {
+                    let changed = ring.tags() != base.tags();
+                    (ring.clone(), changed)
+                }
+                _ => (work, false),
+            };
+            if !changed {
+                let sealed = read_file(&o.files.base_keyring(kind))?;
+                let keyring = Tag(*blake3::hash(&sealed).as_bytes());
+                diff.images.push(PlannedImage {
+                    kind,
+                    image_ref: ImageRef { len: ring.image_len(), keyring },
+                    sealed,
+                    changed,
+                });
+                continue;
+            }
+            diff.modified = true;
+            let base_set: HashSet<&Tag> = base.tags().iter().collect();
+            diff.new_tags.extend(
+                ring.tags()
+                    .iter()
+                    .filter(|t| !t.is_zero() && !base_set.contains(t) && seen.insert(**t))
+                    .copied(),
+            );
+            let sealed = ring.seal(&o.keyroot);
+            let keyring = Tag(*blake3::hash(&sealed).as_bytes());
+            diff.images.push(PlannedImage {
+                kind,
+                image_ref: ImageRef { len: ring.image_len(), keyring },
+                sealed,
+                changed,
+            });
+        }
+        if !diff.modified {
+            return Ok(None);
+        }
+        // The memory of a running VM is not part of this version. Its runtime image stays tied to the keyring
+        // it was decoded from: that keyring becomes the working one, so the next suspend still stores only
+        // the memory chunks that changed.
+        let (base_mem, work_mem) =
+            (o.files.base_keyring(ImageKind::Memory), o.files.work_keyring(ImageKind::Memory));
+        if !o.state.memory_dropped && base_mem.exists() && !work_mem.exists() {
+            write_atomic(&work_mem, &read_file(&base_mem)?)?;
+        }
+        let plan = SyncPlan { opened: o, diff, known_missing: None, uploaded: transfer };
+        let done = self.commit_planned(plan, comment).await?;
+        disk.rebase(ring.tags().to_vec()).await?;
+        if let Some(memory) = memory {
+            // Its base has no memory image now: whatever the suspend stores is a change.
+            memory.rebase(Vec::new()).await?;
+        }
+        Ok(done)
     }
 }
