@@ -35,7 +35,22 @@ fn pending(c: &Client, parcel: &str) -> u64 {
     v["pending_upload_bytes"].as_u64().unwrap()
 }
 
-fn session(c: &Client, parcel: &str, data: &Path, mib: u64, trickle: bool, sock: &Path) -> Outcome {
+/// `mib` MiB of random data never seen before, as 8 MiB files (qemu-io's `write -s` fills each write from
+/// the start of its file).
+fn data_files(dir: &Path, seed: &str, mib: u64) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut xof = blake3::Hasher::new().update(seed.as_bytes()).finalize_xof();
+    let mut buf = vec![0u8; (8 * MIB) as usize];
+    for k in 0..mib.div_ceil(8) {
+        xof.fill(&mut buf);
+        let path = dir.join(format!("{seed}-{k}.bin"));
+        std::fs::write(&path, &buf).unwrap();
+        out.push(path);
+    }
+    out
+}
+
+fn session(c: &Client, parcel: &str, data: &[std::path::PathBuf], trickle: bool, sock: &Path) -> Outcome {
     c.ok(&["checkout", parcel]);
     let _ = std::fs::remove_file(sock);
     let mut args = vec!["disk", parcel, "--nbd", sock.to_str().unwrap()];
@@ -48,9 +63,9 @@ fn session(c: &Client, parcel: &str, data: &Path, mib: u64, trickle: bool, sock:
     let t = Instant::now();
     // 8 MiB writes from the random file, a flush every 64 MiB (as a guest's writeback would).
     let mut cmds = Vec::new();
-    for at in (0..mib).step_by(8) {
-        cmds.push(format!("write -s {} {} 8M", data.display(), (64 + at) * MIB));
-        if (at + 8) % 64 == 0 {
+    for (k, file) in data.iter().enumerate() {
+        cmds.push(format!("write -s {} {} 8M", file.display(), (64 + 8 * k as u64) * MIB));
+        if (k + 1) % 8 == 0 {
             cmds.push("flush".into());
         }
     }
@@ -95,16 +110,14 @@ fn main() {
     let mut rows = Vec::new();
     // Each session writes data never seen before (random, another seed each time): nothing dedups.
     for (k, trickle) in [(0, false), (1, true), (2, false), (3, true)] {
-        let data = dir.path().join(format!("data-{k}.bin"));
-        let mut bytes = vec![0u8; (mib * MIB) as usize];
-        blake3::Hasher::new().update(format!("trickle bench {k}").as_bytes()).finalize_xof().fill(&mut bytes);
-        std::fs::write(&data, &bytes).unwrap();
-        drop(bytes);
-        let o = session(&c, "t", &data, mib, trickle, &sock);
-        let _ = std::fs::remove_file(&data);
+        let data = data_files(dir.path(), &format!("session{k}"), mib);
+        let o = session(&c, "t", &data, trickle, &sock);
+        for f in data {
+            let _ = std::fs::remove_file(f);
+        }
         rows.push(vec![
             if trickle { "trickle (default)" } else { "today's path (--upload-rate 0)" }.to_string(),
-            format!("{mib}"),
+            format!("{}", mib.div_ceil(8) * 8),
             format!("{:.1}", o.write.as_secs_f64()),
             if trickle { format!("{:.1}", o.drain.as_secs_f64()) } else { "-".into() },
             format!("{:.2}", o.stop.as_secs_f64()),

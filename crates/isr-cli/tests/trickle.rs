@@ -183,3 +183,44 @@ fn kill_9_during_the_background_upload_loses_nothing_and_resends_little() {
     assert!(puts <= chunks + 8, "{puts} chunk PUTs for {chunks} changed chunks: {out}");
     assert!(export_head(&server, "p", dir.path()) == expected, "the head holds every write");
 }
+
+#[test]
+fn a_server_restart_during_the_background_upload_loses_nothing() {
+    let server = Server::start();
+    let a = Client::new(&server, "alice");
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    make_image(&img, IMAGE);
+    let mut expected = std::fs::read(&img).unwrap();
+    a.ok(&["create", "p", "--disk", img.to_str().unwrap()]);
+    a.ok(&["checkout", "p"]);
+    let sock = dir.path().join("nbd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = a
+        .cmd(&["disk", "p", "--nbd", sock.to_str().unwrap(), "--upload-rate", "4M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(|| sock.exists(), Duration::from_secs(30), "the NBD socket");
+    let (file, data) = random_file(dir.path(), "changed", 16 << 20);
+    let before = server.chunk_requests_answered(&["200", "201"]);
+    write_flushed(&sock, &file, 8 << 20, 16 << 20);
+    expected[8 << 20..24 << 20].copy_from_slice(&data);
+    wait_for(
+        || server.chunk_requests_answered(&["200", "201"]) > before + 4,
+        Duration::from_secs(60),
+        "the upload to start",
+    );
+    // The server goes away mid-upload and comes back on the same address.
+    let mut server = server;
+    server.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    let server = server.restart_in_place();
+    wait_for(|| pending(&a, "p") == 0, Duration::from_secs(180), "nothing left to send after the restart");
+    let stopped = stop_disk(child);
+    assert!(stopped.contains("every change of p is on the server"), "{stopped}");
+    let out = a.ok(&["checkin", "p"]);
+    assert!(sent_bytes(&out) * 20 <= 16 << 20, "the check-in sent most of it again: {out}");
+    assert!(export_head(&server, "p", dir.path()) == expected, "the head holds every write");
+}

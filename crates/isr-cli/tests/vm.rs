@@ -48,6 +48,19 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
     let console_a = console_of(&a, "vm");
     wait_for(|| counters(&console_a).len() >= 3, Duration::from_secs(120), "the guest's counter on client A");
     assert_eq!(a.stat("vm")["state"], "running");
+    // A sync while it runs: a crash-consistent version of the disk (no memory image), the VM going on.
+    let synced = a.ok(&["sync", "vm", "-m", "while running"]);
+    assert!(synced.contains("synced vm as version 2"), "{synced}");
+    let v2 = dir.path().join("v2.img");
+    a.ok(&["export", "vm", "--version", "2", "--output", v2.to_str().unwrap()]);
+    let fsck = std::process::Command::new("e2fsck").args(["-fy"]).arg(&v2).output().unwrap();
+    assert!(
+        fsck.status.code().unwrap_or(8) < 4,
+        "e2fsck of version 2: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let counted = counters(&console_a).len();
+    wait_for(|| counters(&console_a).len() > counted, Duration::from_secs(120), "the counter after the sync");
     a.ok(&["suspend", "vm"]);
     let text = finish(run);
     assert!(text.contains("suspended"), "{text}");

@@ -81,13 +81,25 @@ impl Server {
         out
     }
 
-    pub fn restart(mut self) -> Server {
+    pub fn restart(self) -> Server {
+        self.restart_listening("127.0.0.1:0")
+    }
+
+    /// Kill and start again on the same address (clients keep their URL).
+    pub fn restart_in_place(self) -> Server {
+        let addr =
+            self.url.trim_start_matches("http://").trim_start_matches("https://").trim_end_matches('/');
+        let addr = addr.to_owned();
+        self.restart_listening(&addr)
+    }
+
+    fn restart_listening(mut self, listen: &str) -> Server {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
         let mut cmd = Command::new(server_bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(self.data());
+        cmd.args(["serve", "--listen", listen, "--data"]).arg(self.data());
         if let Some((cert, key)) = &self.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
