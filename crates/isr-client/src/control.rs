@@ -149,12 +149,12 @@ mod tests {
         let writer = tokio::spawn(async move {
             let _ = b.write_all(&vec![b'x'; MAX_LINE + 10]).await;
         });
-        let e = Incoming::read(a).await.err().expect("refused");
+        let e = Incoming::read(a).await.expect_err("refused");
         assert!(e.to_string().contains("longer than"), "{e}");
         writer.await.unwrap();
         let (a, mut b) = UnixStream::pair().unwrap();
         b.write_all(b"{\"reboot\":{}}\n").await.unwrap();
-        let e = Incoming::read(a).await.err().expect("refused");
+        let e = Incoming::read(a).await.expect_err("refused");
         assert!(e.to_string().contains("malformed control request"), "{e}");
     }
 }
