@@ -4,7 +4,7 @@ use crate::error::{ClientError, LockLoss};
 use base64::Engine;
 use bytes::Bytes;
 use isr_format::Tag;
-use isr_wire::limits::{MAX_COMMENT, MAX_MISSING_TAGS};
+use isr_wire::limits::{MAX_COMMENT, MAX_HELD_TAGS, MAX_MISSING_TAGS};
 use isr_wire::{routes, ApiPath, ErrorBody, ErrorCode, ParcelName, VersionRef};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -494,6 +494,18 @@ impl Transport {
         let r: isr_wire::CommitReply =
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Server(format!("commit reply: {e}")))?;
         Ok(Ok(r.version))
+    }
+
+    /// Keep `tags` from the server's gc for as long as `lock_id` is the parcel's lock (and the gc grace period
+    /// after): chunks uploaded under the lock ahead of the version that will reference them. One request per
+    /// `MAX_HELD_TAGS` tags, none for no tags. A lost lock is `LockLost` or `Locked` (exit 3), as for a commit.
+    pub async fn hold_chunks(&self, name: &str, lock_id: &str, tags: &[Tag]) -> Result<(), ClientError> {
+        let url = self.url(&routes::held(&parcel(name)?), &[])?;
+        for batch in tags.chunks(MAX_HELD_TAGS) {
+            let req = isr_wire::HoldChunks::new(lock_id, batch);
+            self.ok_body(self.http.post(url.clone()).json(&req)).await?;
+        }
+        Ok(())
     }
 
     /// Which of `tags` the server lacks (one round trip per [`MISSING_BATCH`] tags).

@@ -47,12 +47,18 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Unreferenced but younger than the grace period.
     pub spared_young: u64,
+    /// Unreferenced and old enough, but held by a parcel's lock (uploaded ahead of the version that will
+    /// reference them: `POST /parcels/{name}/held`), or by a lock that ended less than the grace period ago.
+    pub spared_held: u64,
+    /// Holds removed: their lock ended at least the grace period ago.
+    pub holds_expired: u64,
     pub keyrings_purged: u64,
 }
 
-/// Mark (every tag of every keyring of every version) and sweep (every other chunk older than `grace`).
-/// Safe to run while servers accept commits: each sweep batch excludes commits and re-checks versions
-/// committed since the mark.
+/// Mark (every tag of every keyring of every version) and sweep (every other chunk older than `grace`,
+/// unless a lock holds it). Safe to run while servers accept commits: each sweep batch excludes commits and
+/// re-checks versions committed since the mark. Then the holds whose lock ended are recorded as ended, and
+/// those that ended `grace` ago or more removed.
 pub async fn gc(storage: &Storage, grace: Duration) -> Result<GcReport, ServerError> {
     let mark = storage.meta.gc_mark().await?;
     let listed = storage.chunks.store().list().await?;
@@ -76,13 +82,17 @@ pub async fn gc(storage: &Storage, grace: Duration) -> Result<GcReport, ServerEr
         .await;
     report.spared_young = aged.iter().filter(|a| a.is_none()).count() as u64;
     let candidates: Vec<(Tag, u64)> = aged.into_iter().flatten().collect();
+    let grace_secs = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
     for batch in candidates.chunks(SWEEP_BATCH) {
         let tags: Vec<Tag> = batch.iter().map(|(t, _)| *t).collect();
-        let deleted: HashSet<Tag> =
-            storage.meta.gc_sweep(&mark, tags, &storage.chunks).await?.into_iter().collect();
+        let swept = storage.meta.gc_sweep(&mark, tags, grace_secs, &storage.chunks).await?;
+        let deleted: HashSet<Tag> = swept.deleted.into_iter().collect();
         report.deleted += deleted.len() as u64;
         report.bytes_freed += batch.iter().filter(|(t, _)| deleted.contains(t)).map(|(_, n)| n).sum::<u64>();
+        report.spared_held += swept.held.len() as u64;
     }
+    // After the sweeps: a lock that ended since the last run protected its chunks in this one too.
+    report.holds_expired = storage.meta.gc_end_holds(grace_secs).await?;
     let before = crate::now_unix() - grace.as_secs() as i64;
     report.keyrings_purged = storage.meta.purge_unreferenced_keyrings(before).await?;
     Ok(report)

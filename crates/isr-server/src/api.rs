@@ -20,7 +20,7 @@ use isr_format::{KeyringTags, Manifest, RecoveryPublicKey, Tag};
 use isr_store::meta::{LockInfo, LockRelease, NewParcel, NewVersion, VersionSel};
 use isr_store::{MetaError, StoreError};
 use isr_wire::limits::{
-    FETCH_ABSENT, MAX_CHUNK_BODY, MAX_COMMENT, MAX_FETCH_TAGS, MAX_HEX_FIELD, MAX_JSON_BODY,
+    FETCH_ABSENT, MAX_CHUNK_BODY, MAX_COMMENT, MAX_FETCH_TAGS, MAX_HELD_TAGS, MAX_HEX_FIELD, MAX_JSON_BODY,
     MAX_KEYRING_BODY, MAX_MISSING_TAGS, MAX_TOKEN, TAG_LEN,
 };
 use isr_wire::{routes, ClientId, DisplayText, ErrorCode, LockId, ParcelName, UserName, VersionRef};
@@ -88,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .route(routes::MANIFEST, get(get_manifest))
         .route(routes::KEYRING, put(put_keyring).get(get_keyring))
         .route(routes::LOCK, post(lock).delete(unlock).get(confirm_lock))
+        .route(routes::HELD, post(hold_chunks))
         .route(routes::CHUNKS_MISSING, post(chunks_missing))
         .route(routes::CHUNKS_FETCH, post(chunks_fetch))
         .route(routes::CHUNK, put(put_chunk).get(get_chunk))
@@ -594,6 +595,31 @@ async fn unlock(
     let forced = matches!(how, LockRelease::Force { .. });
     st.0.storage.meta.release_lock(&user, &name, how).await?;
     tracing::info!(%user, parcel = %name, force = forced, "unlock");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Keeps chunks from gc under the caller's lock: uploaded (or about to be) ahead of the version that will
+/// reference them. The lock is checked as a commit checks it, so a lost lock is told the same way.
+async fn hold_chunks(
+    State(st): State<AppState>,
+    Authed(user): Authed,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    check_name(&name)?;
+    // Someone else's parcel is a missing one, whatever the request holds.
+    st.0.storage.meta.parcel(&user, &name).await?;
+    let req: isr_wire::HoldChunks = read_json(&st, &headers, body).await?;
+    let lock_id = check_lock_id(&req.lock_id)?;
+    if req.tags.len() > MAX_HELD_TAGS {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("more than {MAX_HELD_TAGS} tags in one request"),
+        ));
+    }
+    let tags = req.tags.iter().map(|t| parse_tag(t, "every tag")).collect::<Result<Vec<_>, _>>()?;
+    st.0.storage.meta.hold_chunks(&user, &name, lock_id.as_str(), &tags, crate::now_unix()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

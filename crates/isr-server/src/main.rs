@@ -710,11 +710,12 @@ async fn run(cli: Cli) -> Result<(), Exit> {
                     let grace = config_grace(&file)?;
                     let r = admin::gc(&storage, grace).await?;
                     eprintln!(
-                        "gc: {} chunks deleted ({} bytes), {} unreferenced but younger than {} s kept",
+                        "gc: {} chunks deleted ({} bytes), {} unreferenced but younger than {} s kept, {} held by a lock kept",
                         r.deleted,
                         r.bytes_freed,
                         r.spared_young,
-                        grace.as_secs()
+                        grace.as_secs(),
+                        r.spared_held
                     );
                 }
             }
@@ -726,8 +727,8 @@ async fn run(cli: Cli) -> Result<(), Exit> {
             };
             let r = admin::gc(&storage, Duration::from_secs(grace)).await?;
             eprintln!(
-                "gc: {} chunks stored, {} referenced, {} deleted ({} bytes), {} unreferenced but younger than {grace} s kept, {} abandoned keyrings purged",
-                r.stored, r.referenced, r.deleted, r.bytes_freed, r.spared_young, r.keyrings_purged
+                "gc: {} chunks stored, {} referenced, {} deleted ({} bytes), {} unreferenced but younger than {grace} s kept, {} held by a lock kept, {} abandoned keyrings purged",
+                r.stored, r.referenced, r.deleted, r.bytes_freed, r.spared_young, r.spared_held, r.keyrings_purged
             );
         }
         Cmd::Stats { target, json } => {

@@ -84,6 +84,12 @@ async fn every_endpoint_refuses_without_a_token_and_with_another_users_token(bac
         (Method::DELETE, "/api/v1/parcels/p/lock?force=true".into(), None, None),
         (
             Method::POST,
+            "/api/v1/parcels/p/held".into(),
+            Some(json!({"lock_id": lock, "tags": [t.to_hex()]})),
+            None,
+        ),
+        (
+            Method::POST,
             "/api/v1/parcels/p/versions".into(),
             Some(
                 json!({"lock_id": lock, "base_version": 1, "manifest": "", "client": "x", "comment": "", "bytes_uploaded": 0}),

@@ -272,6 +272,15 @@ pub struct GcMark {
     pub versions_seen: HashSet<i64>,
 }
 
+/// What one gc sweep batch ([`MetaStore::gc_sweep`]) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// The tags deleted.
+    pub deleted: Vec<Tag>,
+    /// Candidates spared because a parcel's lock holds them ([`MetaStore::hold_chunks`]).
+    pub held: Vec<Tag>,
+}
+
 /// Answers which chunks the chunk store lacks; called by [`MetaStore::commit_version`] while it holds the
 /// commit/sweep exclusion.
 #[async_trait]
@@ -398,6 +407,21 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// by commits that never happened). Returns how many.
     async fn purge_unreferenced_keyrings(&self, before_unix: i64) -> Result<u64, MetaError>;
 
+    /// Keeps `tags` from gc on behalf of the parcel's lock `lock_id` ([`check_lock`]: refused unless it is
+    /// the current lock): chunks a client uploads under its lock ahead of the version that will reference
+    /// them (trickle reintegration). A sweep spares a held tag while its lock is the parcel's lock and for
+    /// the gc grace period after a sweep first saw the lock ended (released, broken); see
+    /// [`MetaStore::gc_sweep`]. Holding a tag the same lock already holds changes nothing. Under the shared
+    /// gc exclusion (like a commit), so a sweep step either sees the hold or runs before it.
+    async fn hold_chunks(
+        &self,
+        user: &str,
+        parcel: &str,
+        lock_id: &str,
+        tags: &[Tag],
+        now_unix: i64,
+    ) -> Result<(), MetaError>;
+
     /// Garbage collection, mark phase (no lock held): tags referenced by all versions.
     async fn gc_mark(&self) -> Result<GcMark, MetaError>;
     /// Garbage collection, sweep of one batch: under the commit/sweep exclusion, drops from `candidates` the
@@ -409,12 +433,24 @@ pub trait MetaStore: Send + Sync + std::fmt::Debug + 'static {
     /// committed since the mark and spares every tag that has an index row again (a PUT or `check --repair`
     /// since the first step), then deletes through `sweeper`. So an index row that says present never
     /// outlives its chunk, even if gc dies between the steps.
+    ///
+    /// Both steps also spare the tags a lock holds ([`MetaStore::hold_chunks`]; the rule is
+    /// `rules::hold`): held by the parcel's current lock, by a lock whose end no run of
+    /// [`MetaStore::gc_end_holds`] has recorded yet, or by one recorded ended less than `grace_secs` ago.
+    /// So step 1 keeps their index rows and step 2 their chunks. Returns the tags deleted and those spared
+    /// as held.
     async fn gc_sweep(
         &self,
         mark: &GcMark,
         candidates: Vec<Tag>,
+        grace_secs: i64,
         sweeper: &dyn ChunkSweeper,
-    ) -> Result<Vec<Tag>, MetaError>;
+    ) -> Result<Swept, MetaError>;
+    /// gc's bookkeeping of held chunks, once per run after the sweep batches, under the exclusive gc
+    /// exclusion: every hold whose lock is no longer the parcel's lock gets its end recorded (now), and
+    /// every hold recorded ended at least `grace_secs` ago is removed. Returns how many were removed. A lock
+    /// release needs no hook of its own: the first run after it sees the lock gone.
+    async fn gc_end_holds(&self, grace_secs: i64) -> Result<u64, MetaError>;
 
     /// The chunk index, for chunk stores that cannot answer "which of these 20,000 tags do you have" cheaply
     /// (S3: a request per tag). A row per chunk: *pending* from before the chunk's PUT writes the object,

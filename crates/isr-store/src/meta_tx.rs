@@ -700,17 +700,44 @@ impl<B: Backend> MetaStore for B {
         finish(tx, r).await
     }
 
+    async fn hold_chunks(
+        &self,
+        user: &str,
+        parcel: &str,
+        lock_id: &str,
+        tags: &[Tag],
+        now_unix: i64,
+    ) -> Result<(), MetaError> {
+        // Shared with commits, exclusive of sweeps: a sweep step either sees these holds or runs before them.
+        let mut tx = begin(self, TxKind::Write(Some(rules::HOLD_CHUNKS))).await?;
+        let r = async {
+            // The row locked: a concurrent break of the lock waits for this hold, or this hold sees it.
+            let p = parcel_row(&mut tx, user, parcel, true).await?;
+            p.check_lock(lock_id)?;
+            for t in tags {
+                tx.exec(sql::HOLD_CHUNK, args![p.id, lock_id, t, now_unix]).await?;
+            }
+            Ok(())
+        }
+        .await;
+        finish(tx, r).await
+    }
+
     async fn gc_sweep(
         &self,
         mark: &GcMark,
         candidates: Vec<Tag>,
+        grace_secs: i64,
         sweeper: &dyn ChunkSweeper,
-    ) -> Result<Vec<Tag>, MetaError> {
+    ) -> Result<Swept, MetaError> {
         // Step 1: the verdict, and the index rows of the doomed removed (committed before any object goes).
         let now = now_unix();
         let mut tx = begin(self, TxKind::Write(Some(rules::SWEEP))).await?;
         let r = async {
             let mut doomed = doomed_since_mark(&mut tx, mark, candidates).await?;
+            // Held by a lock: neither the row nor the chunk goes.
+            let held = held_tags(&mut tx, &doomed, now, grace_secs).await?;
+            doomed.retain(|t| !held.contains(t));
             let rows = index_rows(&mut tx, &doomed).await?;
             doomed.retain(|t| {
                 !rows.get(t).is_some_and(|(present, since)| rules::put_in_flight(*present, *since, now))
@@ -718,24 +745,56 @@ impl<B: Backend> MetaStore for B {
             for t in doomed.iter().filter(|t| rows.contains_key(t)) {
                 tx.exec(sql::CHUNK_FORGET, args![t]).await?;
             }
-            Ok(doomed)
+            Ok((doomed, held))
         }
         .await;
-        let doomed = finish(tx, r).await?;
+        let (doomed, mut held) = finish(tx, r).await?;
         // Step 2: re-checked, then deleted while the exclusion is held.
         let mut tx = begin(self, TxKind::Write(Some(rules::SWEEP))).await?;
         let r = async {
             // Read only once the exclusion is held: every version whose commit checked its chunks before this
             // step is seen (commits between the steps included).
             let mut doomed = doomed_since_mark(&mut tx, mark, doomed).await?;
+            // Held since step 1: the chunk stays (its index row may be gone: reported missing, sent again).
+            let held_now = held_tags(&mut tx, &doomed, now, grace_secs).await?;
+            doomed.retain(|t| !held_now.contains(t));
             // A row again: a PUT (or a repair) began after step 1; its object stays.
             let rows = index_rows(&mut tx, &doomed).await?;
             doomed.retain(|t| !rows.contains_key(t));
             sweeper.delete(doomed.clone()).await?;
-            Ok(doomed)
+            Ok((doomed, held_now))
         }
         .await;
         // The transaction wrote nothing: ending it either way releases the exclusion.
+        let (deleted, held_now) = finish(tx, r).await?;
+        held.extend(held_now);
+        let mut held: Vec<Tag> = held.into_iter().collect();
+        held.sort();
+        Ok(Swept { deleted, held })
+    }
+
+    async fn gc_end_holds(&self, grace_secs: i64) -> Result<u64, MetaError> {
+        let now = now_unix();
+        // Exclusive: no hold is added or checked meanwhile.
+        let mut tx = begin(self, TxKind::Write(Some(rules::END_HOLDS))).await?;
+        let r = async {
+            let rows = all(&mut tx, sql::HELD_ALL, args![], sql::held_row).await?;
+            let mut removed = 0;
+            for row in &rows {
+                let key = args![row.parcel_id, &row.lock_id, &row.tag];
+                match rules::hold(row, now, grace_secs) {
+                    rules::Hold::Locked | rules::Hold::Ended => {}
+                    rules::Hold::Ending => {
+                        let mut with_end = key;
+                        with_end.push(Arg::from(now));
+                        tx.exec(sql::HOLD_ENDED, with_end).await?;
+                    }
+                    rules::Hold::Expired => removed += tx.exec(sql::HOLD_FORGET, key).await?,
+                }
+            }
+            Ok(removed)
+        }
+        .await;
         finish(tx, r).await
     }
 
@@ -807,21 +866,41 @@ async fn doomed_since_mark<T: MetaTx + ?Sized>(
     Ok(rules::sweep_doomed(candidates, &referenced))
 }
 
-/// The chunk-index rows of `tags`: tag -> (present, since), in batches of [`sql::IN_BATCH`].
+/// The rows an `... IN ($1, ..., $IN_BATCH)` query of [`crate::sql`] returns for `tags`, in batches of
+/// [`sql::IN_BATCH`].
+async fn rows_in<T: MetaTx + ?Sized>(tx: &mut T, stmt: &'static str, tags: &[Tag]) -> Rows {
+    let mut out = Vec::new();
+    for batch in tags.chunks(sql::IN_BATCH) {
+        let mut params: Vec<Arg> = batch.iter().map(Arg::from).collect();
+        params.resize(sql::IN_BATCH, Arg::from(&batch[0]));
+        out.extend(tx.query(stmt, None, params).await?);
+    }
+    Ok(out)
+}
+
+/// The chunk-index rows of `tags`: tag -> (present, since).
 async fn index_rows<T: MetaTx + ?Sized>(
     tx: &mut T,
     tags: &[Tag],
 ) -> Result<std::collections::HashMap<Tag, (bool, i64)>, MetaError> {
     let mut out = std::collections::HashMap::with_capacity(tags.len());
-    for batch in tags.chunks(sql::IN_BATCH) {
-        let mut params: Vec<Arg> = batch.iter().map(Arg::from).collect();
-        params.resize(sql::IN_BATCH, Arg::from(&batch[0]));
-        for row in tx.query(sql::chunk_rows_in(), None, params).await? {
-            let (t, present, since) = sql::chunk_row(&row)?;
-            out.insert(t, (present, since));
-        }
+    for row in rows_in(tx, sql::chunk_rows_in(), tags).await? {
+        let (t, present, since) = sql::chunk_row(&row)?;
+        out.insert(t, (present, since));
     }
     Ok(out)
+}
+
+/// The tags of `tags` that a lock holds from a sweep ([`rules::hold`]), read under the sweep exclusion.
+async fn held_tags<T: MetaTx + ?Sized>(
+    tx: &mut T,
+    tags: &[Tag],
+    now_unix: i64,
+    grace_secs: i64,
+) -> Result<HashSet<Tag>, MetaError> {
+    let rows = rows_in(tx, sql::held_rows_in(), tags).await?;
+    let held = rows.iter().map(|r| sql::held_row(r)).collect::<Result<Vec<_>, _>>()?;
+    Ok(rules::held_tags(&held, now_unix, grace_secs))
 }
 
 /// The current time (keyring upload ages).

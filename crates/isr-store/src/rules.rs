@@ -427,6 +427,68 @@ pub(crate) const PURGE_KEYRINGS: GcExclusion = GcExclusion::Exclusive;
 /// The exclusion of a chunk PUT's pending index row (it must not slip between a sweep's steps).
 pub(crate) const CHUNK_INTENT: GcExclusion = GcExclusion::Shared;
 
+/// The exclusion of holding chunks for a lock (shared with commits: a sweep step either sees the hold or
+/// runs before it).
+pub(crate) const HOLD_CHUNKS: GcExclusion = GcExclusion::Shared;
+/// The exclusion of gc's bookkeeping of holds (it ends and removes them, so no hold may be added meanwhile).
+pub(crate) const END_HOLDS: GcExclusion = GcExclusion::Exclusive;
+
+/// A row of `held_chunks` as gc reads it: a tag held by a lock of a parcel, with the parcel's current lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct HeldRow {
+    pub parcel_id: i64,
+    pub lock_id: String,
+    pub tag: Tag,
+    /// When a gc run first saw the lock ended; `None` while none has.
+    pub ended_unix: Option<i64>,
+    /// The parcel's lock id now (`None`: unlocked).
+    pub current_lock: Option<String>,
+}
+
+/// What gc makes of a held row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Its lock is the parcel's current lock: the tag is spared.
+    Locked,
+    /// Its lock ended (released, broken) and no gc run has recorded that yet: spared, the end recorded now.
+    Ending,
+    /// Recorded ended less than the grace period ago: spared.
+    Ended,
+    /// Recorded ended at least the grace period ago: not spared, and the row goes.
+    Expired,
+}
+
+impl Hold {
+    /// Whether the row keeps its tag from a sweep.
+    pub(crate) fn spares(self) -> bool {
+        self != Hold::Expired
+    }
+}
+
+/// The gc rule of held chunks: a hold protects its tag while its lock is the parcel's current lock; once it
+/// is not, for the grace period from the first gc run that saw it so (a lock id never becomes current
+/// again: a new lock gets a new id). So a held chunk outlives its lock by at least the grace period, and no
+/// lock-release path needs to know about holds.
+pub(crate) fn hold(row: &HeldRow, now_unix: i64, grace_secs: i64) -> Hold {
+    if row.current_lock.as_deref() == Some(row.lock_id.as_str()) {
+        return Hold::Locked;
+    }
+    match row.ended_unix {
+        None => Hold::Ending,
+        Some(ended) if now_unix - ended < grace_secs => Hold::Ended,
+        Some(_) => Hold::Expired,
+    }
+}
+
+/// The tags of `rows` that a hold spares from a sweep.
+pub(crate) fn held_tags<'a>(
+    rows: impl IntoIterator<Item = &'a HeldRow>,
+    now_unix: i64,
+    grace_secs: i64,
+) -> HashSet<Tag> {
+    rows.into_iter().filter(|r| hold(r, now_unix, grace_secs).spares()).map(|r| r.tag).collect()
+}
+
 /// Whether a chunk-index row stands for a PUT still in flight (pending and recent), which a sweep spares.
 pub(crate) fn put_in_flight(present: bool, since_unix: i64, now_unix: i64) -> bool {
     !present && now_unix - since_unix < crate::meta::PENDING_CHUNK_GRACE_SECS
@@ -704,5 +766,34 @@ mod tests {
         assert!(put_in_flight(false, 100, 100 + 3599), "a recent pending row is a PUT in flight");
         assert!(!put_in_flight(false, 100, 100 + 3600), "a writer that died an hour ago");
         assert!(!put_in_flight(true, 100, 100), "a present row is no PUT");
+    }
+
+    #[test]
+    fn held_chunks_outlive_their_lock_by_the_grace_period() {
+        assert_eq!((HOLD_CHUNKS, END_HOLDS), (GcExclusion::Shared, GcExclusion::Exclusive));
+        let held = |current: Option<&str>, ended_unix: Option<i64>| HeldRow {
+            parcel_id: 7,
+            lock_id: "id-a".into(),
+            tag: Tag([1; 32]),
+            ended_unix,
+            current_lock: current.map(str::to_owned),
+        };
+        // The current lock spares, whatever the grace.
+        assert_eq!(hold(&held(Some("id-a"), None), 1000, 0), Hold::Locked);
+        // A lock that ended (released, or broken and maybe taken by another): spared at first sight, then
+        // for the grace period from there.
+        assert_eq!(hold(&held(None, None), 1000, 0), Hold::Ending);
+        assert_eq!(hold(&held(Some("id-b"), None), 1000, 0), Hold::Ending);
+        assert_eq!(hold(&held(None, Some(1000)), 1000 + 3599, 3600), Hold::Ended);
+        assert_eq!(hold(&held(Some("id-b"), Some(1000)), 1000 + 3600, 3600), Hold::Expired);
+        assert_eq!(hold(&held(None, Some(1000)), 1000, 0), Hold::Expired, "no grace: gone at the next run");
+        assert!(Hold::Locked.spares() && Hold::Ending.spares() && Hold::Ended.spares());
+        assert!(!Hold::Expired.spares());
+        // A tag is spared when any of its holds spares it.
+        let expired = held(None, Some(0));
+        let other_tag = HeldRow { tag: Tag([2; 32]), ..held(Some("id-a"), None) };
+        assert_eq!(held_tags([&expired, &other_tag], 100, 10), HashSet::from([Tag([2; 32])]));
+        let same_tag_next_lock = HeldRow { lock_id: "id-c".into(), ..held(Some("id-c"), None) };
+        assert_eq!(held_tags([&expired, &same_tag_next_lock], 100, 10), HashSet::from([Tag([1; 32])]));
     }
 }

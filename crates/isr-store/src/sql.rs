@@ -8,7 +8,7 @@
 
 use crate::meta::{LockInfo, LoginFailures, MetaError, ParcelDetail, ParcelInfo, UserRecord, VersionInfo};
 use crate::meta_tx::TxKind;
-use crate::rules::ParcelRow;
+use crate::rules::{HeldRow, ParcelRow};
 use isr_format::Tag;
 use std::borrow::Cow;
 
@@ -70,6 +70,7 @@ impl Dialect {
 }
 
 /// The tables as a new database gets them (the columns of [`ADDED_COLUMNS`] follow through the migration).
+/// `IF NOT EXISTS` also adds a newer table (`held_chunks`) to an existing database when it is opened.
 const TABLES: &str = r#"
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
@@ -129,6 +130,14 @@ CREATE TABLE IF NOT EXISTS chunk_index (
     size {int} NOT NULL,
     since_unix {int} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS held_chunks (
+    parcel_id {int} NOT NULL REFERENCES parcels(id) ON DELETE CASCADE,
+    lock_id TEXT NOT NULL,
+    tag {blob} NOT NULL,
+    since_unix {int} NOT NULL,
+    ended_unix {int},
+    PRIMARY KEY (parcel_id, lock_id, tag)
+);
 "#;
 
 /// Columns added after the first release: (table, column, type). Databases created before them get them on
@@ -145,6 +154,7 @@ const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS version_keyrings_by_hash ON version_keyrings (parcel_id, hash);
 CREATE INDEX IF NOT EXISTS tokens_by_expiry ON tokens (expires_unix);
 CREATE INDEX IF NOT EXISTS tokens_by_user ON tokens (user_id);
+CREATE INDEX IF NOT EXISTS held_chunks_by_tag ON held_chunks (tag);
 ";
 
 /// `CREATE TABLE IF NOT EXISTS` of every table, in `d`.
@@ -172,7 +182,7 @@ pub(crate) const SETTING: &str = "SELECT value FROM settings WHERE key = $1";
 pub(crate) const ADD_USER: &str = "INSERT INTO users (name, login_hash, created_unix) VALUES ($1, $2, $3)
      ON CONFLICT (name) DO NOTHING";
 pub(crate) const SET_LOGIN_HASH: &str = "UPDATE users SET login_hash = $2, failed_logins = 0 WHERE name = $1";
-/// Cascades: tokens, parcels -> keyrings, versions -> version_keyrings.
+/// Cascades: tokens, parcels -> keyrings, held_chunks, versions -> version_keyrings.
 pub(crate) const REMOVE_USER: &str = "DELETE FROM users WHERE name = $1";
 /// Decoded by [`user_record`].
 pub(crate) const LIST_USERS: &str = "SELECT name, login_hash, created_unix FROM users ORDER BY name";
@@ -224,6 +234,7 @@ pub(crate) const SET_WRAPPED_KEYROOT: &str = "UPDATE parcels SET wrapped_keyroot
 /// `$1/$2` user and parcel; 0 rows for no such parcel.
 pub(crate) const SET_NETWORK_POLICY: &str = "UPDATE parcels SET network_policy = $3 WHERE id =
      (SELECT p.id FROM parcels p JOIN users u ON u.id = p.user_id WHERE u.name = $1 AND p.name = $2)";
+/// Cascades: keyrings, versions, held chunks.
 pub(crate) const DELETE_PARCEL: &str = "DELETE FROM parcels WHERE id = $1";
 
 pub(crate) const SET_LOCK: &str =
@@ -291,17 +302,55 @@ pub(crate) const CHUNK_FORGET: &str = "DELETE FROM chunk_index WHERE tag = $1";
 pub(crate) const CHUNK_FORGET_PRESENT: &str = "DELETE FROM chunk_index WHERE tag = $1 AND present = 1";
 pub(crate) const CHUNK_INDEX_ALL: &str = "SELECT tag, present, since_unix FROM chunk_index";
 
-/// Tags per [`chunk_rows_in`] query (a shorter batch repeats its first tag).
+/// Tags per [`chunk_rows_in`] or [`held_rows_in`] query (a shorter batch repeats its first tag).
 pub(crate) const IN_BATCH: usize = 256;
 
+/// `$1, $2, ..., $IN_BATCH`.
+fn in_batch_params() -> String {
+    (1..=IN_BATCH).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
 static CHUNK_ROWS_IN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let params: Vec<String> = (1..=IN_BATCH).map(|i| format!("${i}")).collect();
-    format!("SELECT tag, present, since_unix FROM chunk_index WHERE tag IN ({})", params.join(", "))
+    format!("SELECT tag, present, since_unix FROM chunk_index WHERE tag IN ({})", in_batch_params())
 });
 
 /// The index rows (tag, present, since) of [`IN_BATCH`] tags.
 pub(crate) fn chunk_rows_in() -> &'static str {
     CHUNK_ROWS_IN.as_str()
+}
+
+// Chunks held by a parcel's lock ahead of the version that will reference them (`MetaStore::hold_chunks`);
+// gc decides on each row with `rules::hold`.
+
+/// A hold; one the same lock already has stays as it is.
+pub(crate) const HOLD_CHUNK: &str = "INSERT INTO held_chunks (parcel_id, lock_id, tag, since_unix)
+     VALUES ($1, $2, $3, $4) ON CONFLICT (parcel_id, lock_id, tag) DO NOTHING";
+/// Every hold with its parcel's current lock, decoded by [`held_row`].
+pub(crate) const HELD_ALL: &str = "SELECT h.parcel_id, h.lock_id, h.tag, h.ended_unix, p.lock_id
+     FROM held_chunks h JOIN parcels p ON p.id = h.parcel_id";
+/// A gc run records that a hold's lock ended.
+pub(crate) const HOLD_ENDED: &str =
+    "UPDATE held_chunks SET ended_unix = $4 WHERE parcel_id = $1 AND lock_id = $2 AND tag = $3";
+pub(crate) const HOLD_FORGET: &str =
+    "DELETE FROM held_chunks WHERE parcel_id = $1 AND lock_id = $2 AND tag = $3";
+
+static HELD_ROWS_IN: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{HELD_ALL} WHERE h.tag IN ({})", in_batch_params()));
+
+/// The holds of [`IN_BATCH`] tags, decoded by [`held_row`].
+pub(crate) fn held_rows_in() -> &'static str {
+    HELD_ROWS_IN.as_str()
+}
+
+/// A row of [`HELD_ALL`] or [`held_rows_in`].
+pub(crate) fn held_row(r: &dyn Columns) -> Result<HeldRow, MetaError> {
+    Ok(HeldRow {
+        parcel_id: r.int(0)?,
+        lock_id: r.text(1)?,
+        tag: tag(&r.blob(2)?)?,
+        ended_unix: r.opt_int(3)?,
+        current_lock: r.opt_text(4)?,
+    })
 }
 
 /// A row of [`chunk_rows_in`] or [`CHUNK_INDEX_ALL`]: tag, present, since.

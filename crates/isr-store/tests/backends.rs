@@ -390,8 +390,12 @@ async fn meta_commits(m: &dyn MetaStore) {
     assert!(m.keyring("u", "p", k2).await.unwrap().is_some(), "referenced keyrings stay");
 }
 
-/// One full gc over `chunks`: mark, candidates, sweep. Returns the tags deleted.
-async fn gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) -> Vec<Tag> {
+/// The gc grace period of the tests that hold no chunks (it matters only to holds).
+const GRACE: i64 = 3600;
+
+/// One sweep over `chunks`: mark, candidates, sweep with `grace_secs` for holds. Deleted and held tags are
+/// sorted.
+async fn sweep(m: &dyn MetaStore, chunks: &dyn ChunkStore, grace_secs: i64) -> Swept {
     let mark = m.gc_mark().await.unwrap();
     let candidates: Vec<Tag> = chunks
         .list()
@@ -401,7 +405,86 @@ async fn gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) -> Vec<Tag> {
         .map(|(t, _)| t)
         .filter(|t| !mark.referenced.contains(t))
         .collect();
-    m.gc_sweep(&mark, candidates, &Sweeper(chunks)).await.unwrap()
+    let mut swept = m.gc_sweep(&mark, candidates, grace_secs, &Sweeper(chunks)).await.unwrap();
+    swept.deleted.sort();
+    swept
+}
+
+/// One full gc over `chunks`: mark, candidates, sweep. Returns the tags deleted.
+async fn gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) -> Vec<Tag> {
+    sweep(m, chunks, GRACE).await.deleted
+}
+
+fn sorted<const N: usize>(tags: [Tag; N]) -> Vec<Tag> {
+    let mut v = tags.to_vec();
+    v.sort();
+    v
+}
+
+/// Chunks held by a lock (uploaded ahead of the version that will reference them) survive gc while the lock
+/// lasts and for the grace period after a gc run first saw it ended; the index rows of held tags stay too.
+async fn meta_held_chunks(m: &dyn MetaStore, chunks: &dyn ChunkStore) {
+    m.add_user("u", "h", 1).await.unwrap();
+    m.add_user("v", "h", 1).await.unwrap();
+    let l = lock("c1");
+    m.create_parcel(new_parcel("u", "p", l.clone())).await.unwrap();
+    let [(a, da), (b, db), (c, dc)] = [(); 3].map(|_| fake_chunk());
+    // Only the parcel's current lock holds, as only it commits; another user's parcel is a missing one.
+    assert!(matches!(m.hold_chunks("u", "p", "wrong", &[a], 10).await, Err(MetaError::Locked { .. })));
+    assert!(matches!(
+        m.hold_chunks("u", "nope", &l.lock_id, &[a], 10).await,
+        Err(MetaError::NoSuchParcel(_))
+    ));
+    assert!(matches!(m.hold_chunks("v", "p", &l.lock_id, &[a], 10).await, Err(MetaError::NoSuchParcel(_))));
+    m.hold_chunks("u", "p", &l.lock_id, &[a, b], 10).await.unwrap();
+    m.hold_chunks("u", "p", &l.lock_id, &[b], 11).await.unwrap();
+    m.hold_chunks("u", "p", &l.lock_id, &[], 11).await.unwrap();
+    // Uploaded as a PUT does (index rows as on S3), after the hold.
+    m.chunk_intent(&[a, b, c], now()).await.unwrap();
+    for (t, d) in [(a, da.clone()), (b, db), (c, dc)] {
+        chunks.put(&t, d).await.unwrap();
+    }
+    m.chunk_stored(&[(a, 1), (b, 1), (c, 1)]).await.unwrap();
+
+    // Locked: held tags survive sweeps with no grace at all, index rows included; c is not held.
+    let swept = sweep(m, chunks, 0).await;
+    assert_eq!((swept.deleted, swept.held), (vec![c], sorted([a, b])));
+    assert_eq!(m.chunks_indexed(&[a, b, c]).await.unwrap(), HashSet::from([a, b]));
+    assert_eq!(m.gc_end_holds(0).await.unwrap(), 0, "the lock is current");
+    assert_eq!(sweep(m, chunks, 0).await.held, sorted([a, b]));
+
+    // Released: the first sweep spares them (no run has recorded the end yet), whatever the grace.
+    m.release_lock("u", "p", LockRelease::Id(l.lock_id.clone())).await.unwrap();
+    assert!(matches!(m.hold_chunks("u", "p", &l.lock_id, &[c], 12).await, Err(MetaError::LockMismatch(_))));
+    assert_eq!(sweep(m, chunks, 0).await, Swept { deleted: vec![], held: sorted([a, b]) });
+    assert_eq!(m.gc_end_holds(GRACE).await.unwrap(), 0, "ended now: recorded, kept for the grace");
+    // Within the grace period from that record: spared.
+    assert_eq!(sweep(m, chunks, GRACE).await, Swept { deleted: vec![], held: sorted([a, b]) });
+    assert_eq!(m.gc_end_holds(GRACE).await.unwrap(), 0);
+    // Past it: deleted with their index rows, and the holds go.
+    assert_eq!(sweep(m, chunks, 0).await, Swept { deleted: sorted([a, b]), held: vec![] });
+    assert!(!chunks.contains(&a).await.unwrap() && !chunks.contains(&b).await.unwrap());
+    assert!(m.chunks_indexed(&[a, b]).await.unwrap().is_empty());
+    assert_eq!(m.gc_end_holds(0).await.unwrap(), 2);
+
+    // A broken lock's holds end the same way; the parcel's next lock holds on its own.
+    let l2 = m.acquire_lock("u", "p", lock("c2")).await.unwrap();
+    m.hold_chunks("u", "p", &l2.lock_id, &[a], 20).await.unwrap();
+    chunks.put(&a, da).await.unwrap();
+    m.release_lock("u", "p", force()).await.unwrap();
+    assert!(matches!(
+        m.hold_chunks("u", "p", &l2.lock_id, &[a], 21).await,
+        Err(MetaError::LockBroken { .. })
+    ));
+    assert_eq!(sweep(m, chunks, 0).await.held, vec![a], "broken, its end not recorded yet");
+    assert_eq!(m.gc_end_holds(0).await.unwrap(), 0, "l2's end recorded");
+    let l3 = m.acquire_lock("u", "p", lock("c3")).await.unwrap();
+    m.hold_chunks("u", "p", &l3.lock_id, &[a], 22).await.unwrap();
+    assert_eq!(sweep(m, chunks, 0).await.held, vec![a], "l2's hold has expired, l3's holds");
+    assert_eq!(m.gc_end_holds(0).await.unwrap(), 1, "l2's hold removed, l3's kept");
+    // Deleting the parcel (an undone create) removes its holds.
+    m.delete_parcel("u", "p", Some("c3")).await.unwrap();
+    assert_eq!(sweep(m, chunks, 0).await, Swept { deleted: vec![a], held: vec![] });
 }
 
 async fn meta_gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) {
@@ -432,7 +515,7 @@ async fn meta_gc(m: &dyn MetaStore, chunks: &dyn ChunkStore) {
     m.put_keyring("u", "p", &l.lock_id, k2, kd2).await.unwrap();
     m.commit_version(new_version("u", "p", &l.lock_id, 1, vec![k2]), &present(chunks)).await.unwrap();
     let stale_candidates = vec![c];
-    assert_eq!(m.gc_sweep(&mark, stale_candidates, &Sweeper(chunks)).await.unwrap(), vec![]);
+    assert_eq!(m.gc_sweep(&mark, stale_candidates, GRACE, &Sweeper(chunks)).await.unwrap(), Swept::default());
     assert!(chunks.contains(&c).await.unwrap());
 
     // After a prune, chunks only the pruned version named are garbage.
@@ -483,6 +566,17 @@ async fn meta_sqlite_gc() {
 #[tokio::test]
 async fn meta_pg_gc_with_s3_chunks() {
     meta_gc(&pg_store().await.0, &s3_store()).await;
+}
+
+#[tokio::test]
+async fn meta_sqlite_held_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    meta_held_chunks(&SqliteMetaStore::open(dir.path().join("m.db")).unwrap(), &MemChunkStore::new()).await;
+}
+
+#[tokio::test]
+async fn meta_pg_held_chunks_with_s3_chunks() {
+    meta_held_chunks(&pg_store().await.0, &s3_store()).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -925,7 +1019,7 @@ fn indexes_of_sqlite(path: &std::path::Path) -> Vec<String> {
 async fn meta_backends_have_the_same_indexes() {
     let (_, url) = pg_store().await;
     let pg = indexes_of_pg(&url).await;
-    assert_eq!(pg, ["tokens_by_expiry", "tokens_by_user", "version_keyrings_by_hash"]);
+    assert_eq!(pg, ["held_chunks_by_tag", "tokens_by_expiry", "tokens_by_user", "version_keyrings_by_hash"]);
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("m.db");
     SqliteMetaStore::open(&fresh).unwrap();
@@ -933,6 +1027,7 @@ async fn meta_backends_have_the_same_indexes() {
     let old = dir.path().join("old.db");
     rusqlite::Connection::open(&old).unwrap().execute_batch(OLD_SCHEMA).unwrap();
     SqliteMetaStore::open(&old).unwrap();
+    // Including the index of a table the old schema lacked (held_chunks): the table was added on open.
     assert_eq!(indexes_of_sqlite(&old), pg);
 }
 
@@ -1018,7 +1113,7 @@ async fn meta_chunk_index(m: &dyn MetaStore) {
     // A PUT that begins after the mark (a pending row) keeps its object from that mark's sweep.
     let mark = m.gc_mark().await.unwrap();
     m.chunk_intent(&[c], now()).await.unwrap();
-    assert_eq!(m.gc_sweep(&mark, vec![c], &Sweeper(&chunks)).await.unwrap(), Vec::<Tag>::new());
+    assert_eq!(m.gc_sweep(&mark, vec![c], GRACE, &Sweeper(&chunks)).await.unwrap(), Swept::default());
     assert!(chunks.contains(&c).await.unwrap());
 
     // check --repair removes present rows of chunks the store lacks.

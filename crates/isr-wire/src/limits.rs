@@ -9,6 +9,8 @@ pub const MAX_KEYRING_BODY: usize = 64 << 20;
 pub const MAX_CHUNK_BODY: usize = isr_format::codec::MAX_STORED;
 /// Most tags in one `POST /chunks/missing`.
 pub const MAX_MISSING_TAGS: usize = 1 << 20;
+/// Most tags in one `POST /parcels/{name}/held` (a client sends more in several requests).
+pub const MAX_HELD_TAGS: usize = 4096;
 /// Most tags in one `POST /chunks/fetch`.
 pub const MAX_FETCH_TAGS: usize = 256;
 /// Longest display text (holder, client, breaker) and client id, in bytes.

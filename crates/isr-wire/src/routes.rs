@@ -17,6 +17,8 @@ pub const VERSIONS: &str = "/api/v1/parcels/{name}/versions";
 pub const MANIFEST: &str = "/api/v1/parcels/{name}/versions/{n}/manifest";
 pub const KEYRING: &str = "/api/v1/parcels/{name}/keyrings/{hash}";
 pub const LOCK: &str = "/api/v1/parcels/{name}/lock";
+/// Chunks uploaded under the parcel's lock ahead of the version that will reference them, kept from gc.
+pub const HELD: &str = "/api/v1/parcels/{name}/held";
 pub const CHUNKS_MISSING: &str = "/api/v1/chunks/missing";
 pub const CHUNKS_FETCH: &str = "/api/v1/chunks/fetch";
 pub const CHUNK: &str = "/api/v1/chunks/{tag}";
@@ -34,6 +36,7 @@ pub const ALL: &[&str] = &[
     MANIFEST,
     KEYRING,
     LOCK,
+    HELD,
     CHUNKS_MISSING,
     CHUNKS_FETCH,
     CHUNK,
@@ -123,6 +126,9 @@ pub fn keyring(name: &ParcelName, hash: &Tag) -> ApiPath {
 pub fn lock(name: &ParcelName) -> ApiPath {
     ApiPath::of(&["parcels", name.as_str(), "lock"])
 }
+pub fn held(name: &ParcelName) -> ApiPath {
+    ApiPath::of(&["parcels", name.as_str(), "held"])
+}
 pub fn chunks_missing() -> ApiPath {
     ApiPath::of(&["chunks", "missing"])
 }
@@ -159,6 +165,7 @@ mod tests {
             (manifest(&p, VersionRef::Number(3)), MANIFEST),
             (keyring(&p, &t), KEYRING),
             (lock(&p), LOCK),
+            (held(&p), HELD),
             (chunks_missing(), CHUNKS_MISSING),
             (chunks_fetch(), CHUNKS_FETCH),
             (chunk(&t), CHUNK),
@@ -175,6 +182,7 @@ mod tests {
             "/api/v1/parcels/my-vm_1.0/versions/3/manifest"
         );
         assert_eq!(chunk(&t).to_string(), format!("/api/v1/chunks/{}", "07".repeat(32)));
+        assert_eq!(held(&p).to_string(), "/api/v1/parcels/my-vm_1.0/held");
         assert!(ALL.iter().all(|r| r.starts_with(API_PREFIX) || *r == METRICS));
     }
 

@@ -178,6 +178,23 @@ impl UnlockQuery {
     }
 }
 
+/// `POST /parcels/{name}/held`: keep these chunks (uploaded, or about to be, under the caller's lock and not
+/// yet referenced by any version) from gc while the lock lasts. At most
+/// [`crate::limits::MAX_HELD_TAGS`] tags per request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldChunks {
+    pub lock_id: String,
+    /// The chunk tags, 64 hex digits each.
+    pub tags: Vec<String>,
+}
+
+impl HoldChunks {
+    /// The request for `tags` under the lock `lock_id`.
+    pub fn new(lock_id: &str, tags: &[Tag]) -> HoldChunks {
+        HoldChunks { lock_id: lock_id.to_owned(), tags: tags.iter().map(Tag::to_hex).collect() }
+    }
+}
+
 /// An error answer: `{"error": message, "code": code, ...}` with the extra fields some codes carry.
 ///
 /// `code` stays a string so that a client can read the message of a code it does not know (a newer
@@ -278,6 +295,10 @@ mod golden {
         pin(
             LockRequest { holder: "h".into(), client_id: "c9".into() },
             json!({"holder": "h", "client_id": "c9"}),
+        );
+        pin(
+            HoldChunks::new("1f", &[Tag([1; 32]), Tag([0xab; 32])]),
+            json!({"lock_id": "1f", "tags": ["01".repeat(32), "ab".repeat(32)]}),
         );
     }
 

@@ -47,6 +47,11 @@ pub struct TestServer {
     pub storage: Storage,
     pub backend: Backend,
     pub dir: tempfile::TempDir,
+    /// Where the stores are (for [`TestServer::start_sharing`]): the directory holding `meta.sqlite` and
+    /// `chunks/` (its own `dir`, or the first server's), the PostgreSQL database, the S3 prefix.
+    data: std::path::PathBuf,
+    pg_url: Option<String>,
+    s3_url: Option<String>,
     /// The S3 chunk store's age shifter (see [`TestServer::age_all_chunks`]).
     aged: Option<Arc<AgedStore>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -67,22 +72,46 @@ impl TestServer {
 
     /// A server on `backend` with `settings`.
     pub async fn start_with(backend: Backend, settings: ServerSettings) -> TestServer {
+        TestServer::start_stores(backend, settings, None).await
+    }
+
+    /// A second server process of the same deployment: the same database and chunk store (the scale-out
+    /// deployment's servers behind one address; on the embedded default, the same data directory, as an
+    /// administrator's `isr-server gc` opens it next to `serve`). Its own connections, caches and port.
+    pub async fn start_sharing(&self) -> TestServer {
+        TestServer::start_stores(self.backend, ServerSettings::default(), Some(self)).await
+    }
+
+    async fn start_stores(
+        backend: Backend,
+        settings: ServerSettings,
+        share: Option<&TestServer>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let meta: Arc<dyn MetaStore> = if backend.pg() {
-            let url = isr_testkit::services().fresh_pg_database().await;
-            Arc::new(PgMetaStore::open(&url).await.unwrap())
-        } else {
-            Arc::new(SqliteMetaStore::open(dir.path().join("meta.sqlite")).unwrap())
+        let data = share.map_or_else(|| dir.path().to_owned(), |s| s.data.clone());
+        let pg_url = match (backend.pg(), share) {
+            (false, _) => None,
+            (true, Some(s)) => s.pg_url.clone(),
+            (true, None) => Some(isr_testkit::services().fresh_pg_database().await),
+        };
+        let s3_url = match (backend.s3(), share) {
+            (false, _) => None,
+            (true, Some(s)) => s.s3_url.clone(),
+            (true, None) => Some(isr_testkit::services().fresh_s3_url()),
+        };
+        let meta: Arc<dyn MetaStore> = match &pg_url {
+            Some(url) => Arc::new(PgMetaStore::open(url).await.unwrap()),
+            None => Arc::new(SqliteMetaStore::open(data.join("meta.sqlite")).unwrap()),
         };
         let mut aged = None;
-        let chunks = if backend.s3() {
-            let svc = isr_testkit::services();
-            let s3 = S3ChunkStore::from_url_with(&svc.fresh_s3_url(), svc.s3_builder()).unwrap();
-            let a = Arc::new(AgedStore::new(Arc::new(VerifyingStore::new(s3))));
-            aged = Some(a.clone());
-            Chunks::indexed(a)
-        } else {
-            Chunks::fs(FsChunkStore::open(dir.path().join("chunks"), Durability::Batched).unwrap())
+        let chunks = match &s3_url {
+            Some(url) => {
+                let s3 = S3ChunkStore::from_url_with(url, isr_testkit::services().s3_builder()).unwrap();
+                let a = Arc::new(AgedStore::new(Arc::new(VerifyingStore::new(s3))));
+                aged = Some(a.clone());
+                Chunks::indexed(a)
+            }
+            None => Chunks::fs(FsChunkStore::open(data.join("chunks"), Durability::Batched).unwrap()),
         };
         let storage = Storage::from_stores(meta, chunks).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -96,7 +125,18 @@ impl TestServer {
             .await
             .unwrap();
         });
-        TestServer { url, storage, backend, dir, aged, stop: Some(tx), handle: Some(handle) }
+        TestServer {
+            url,
+            storage,
+            backend,
+            dir,
+            data,
+            pg_url,
+            s3_url,
+            aged,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
     }
 
     /// Makes every chunk stored now look `by` older to gc: file times for chunk files; for S3, whose
@@ -108,7 +148,7 @@ impl TestServer {
             }
             return;
         }
-        let root = self.dir.path().join("chunks");
+        let root = self.data.join("chunks");
         for d in std::fs::read_dir(&root).unwrap().flatten() {
             if d.file_name().len() != 2 {
                 continue;
