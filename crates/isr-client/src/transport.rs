@@ -521,11 +521,6 @@ impl Transport {
         Ok(out)
     }
 
-    // MERGE-STUB: replaced by branch `held`
-    pub async fn hold_chunks(&self, _name: &str, _lock_id: &str, _tags: &[Tag]) -> Result<(), ClientError> {
-        Ok(())
-    }
-
     pub async fn put_chunk(&self, tag: &Tag, stored: Bytes) -> Result<(), ClientError> {
         let url = self.url(&routes::chunk(tag), &[])?;
         self.ok_body(self.http.put(url).body(stored)).await?;
