@@ -174,6 +174,11 @@ pub struct EncodedDirty {
 }
 
 impl EncodedDirty {
+    /// The same without its stored bytes (sent already: the tag is what is recorded).
+    pub fn without_bytes(self) -> EncodedDirty {
+        EncodedDirty { chunk: self.chunk.map(|(t, k, _)| (t, k, Bytes::new())), ..self }
+    }
+
     /// The keyring entry this chunk gets.
     fn keyring_entry(&self) -> Option<(Tag, ChunkKey)> {
         self.chunk.as_ref().map(|(t, k, _)| (*t, k.clone()))
@@ -740,6 +745,11 @@ impl WorkingImage {
     /// Plaintext bytes of the chunks changed since the working keyring (not yet encoded, so not sent).
     pub fn dirty_bytes(&self) -> u64 {
         self.runtime.chunks_with(state::DIRTY).into_iter().map(|i| self.chunk_len(i) as u64).sum()
+    }
+
+    /// How many chunks the image has.
+    pub fn chunk_count(&self) -> u64 {
+        self.runtime.chunk_count()
     }
 
     /// Chunk fetches for the guest's reads and writes in flight now.

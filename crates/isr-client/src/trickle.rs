@@ -23,9 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Chunks encoded and sent per round (16 MiB at the default chunk size): large enough that the working
-/// keyring (rewritten once per round) costs little per chunk.
-const ROUND_CHUNKS: usize = 128;
+/// Chunks encoded and sent per batch (4 MiB at the default chunk size): what is held in memory at once.
+const BATCH_CHUNKS: usize = 32;
+/// A round records what it sent by rewriting the working keyring once: a round covers at least this many
+/// chunks, and at least 1/16 of the image (so the keyring, 64 bytes a chunk, costs under 1% of what a round
+/// sends).
+const MIN_ROUND_CHUNKS: usize = 256;
+/// Rounds a running sync runs before its point-in-time copy (the rest goes into the copy).
+const SYNC_DRAIN_ROUNDS: usize = 8;
 /// Uploads in flight at once.
 const UPLOADS_IN_FLIGHT: usize = 4;
 /// How long an idle trickle waits before it looks again (a flush wakes it sooner).
@@ -174,45 +179,87 @@ impl Trickle {
         Trickle { image, sink, busy: tokio::sync::Mutex::new(()), stats: TrickleStats::default() }
     }
 
-    /// Encode, send and record up to [`ROUND_CHUNKS`] flushed dirty chunks; returns how many were recorded
-    /// as sent (0: nothing was waiting).
+    /// Encode, send and record a round of flushed dirty chunks, batch by batch (ending early, with what it
+    /// sent recorded, once `stop` says so); returns how many were recorded as sent (0: nothing was waiting).
     pub async fn round(&self) -> Result<usize, ClientError> {
+        self.round_until(&|| false).await
+    }
+
+    async fn round_until(&self, stop: &(dyn Fn() -> bool + Sync)) -> Result<usize, ClientError> {
         let _one = self.busy.lock().await;
-        let candidates = self.image.flushed_dirty(ROUND_CHUNKS);
+        let round = MIN_ROUND_CHUNKS.max(self.image.chunk_count() as usize / 16);
+        let candidates = self.image.flushed_dirty(round);
         if candidates.is_empty() {
             return Ok(0);
         }
-        // One encode at a time: the other core stays with the guest and its reads.
-        let mut encoded = Vec::with_capacity(candidates.len());
-        for i in candidates {
-            if let Some(enc) = self.image.encode_dirty(i).await? {
-                encoded.push(enc);
+        let mut sent = Vec::with_capacity(candidates.len());
+        let mut failed = None;
+        for batch in candidates.chunks(BATCH_CHUNKS) {
+            // One encode at a time: the other core stays with the guest and its reads.
+            let mut encoded = Vec::with_capacity(batch.len());
+            for &i in batch {
+                match self.image.encode_dirty(i).await {
+                    Ok(Some(enc)) => encoded.push(enc),
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+            match self.sink.send(&unique_chunks(&encoded)).await {
+                Ok(n) => self.stats.bytes_sent.fetch_add(n, Ordering::Relaxed),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            // Sent: only the tags are kept until the round records them.
+            sent.extend(encoded.into_iter().map(EncodedDirty::without_bytes));
+            if stop() {
+                break;
             }
         }
-        self.send_and_settle(&encoded).await
+        // What was sent is recorded even when a later batch failed.
+        let settled = self.settle(&sent).await?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(settled),
+        }
     }
 
-    async fn send_and_settle(&self, encoded: &[EncodedDirty]) -> Result<usize, ClientError> {
-        let chunks = unique_chunks(encoded);
-        let sent = self.sink.send(&chunks).await?;
-        self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
-        let settled = self.image.settle(encoded).await?;
+    async fn settle(&self, sent: &[EncodedDirty]) -> Result<usize, ClientError> {
+        let settled = self.image.settle(sent).await?;
         self.stats.chunks_sent.fetch_add(settled as u64, Ordering::Relaxed);
-        self.stats.chunks_superseded.fetch_add((encoded.len() - settled) as u64, Ordering::Relaxed);
+        self.stats.chunks_superseded.fetch_add((sent.len() - settled) as u64, Ordering::Relaxed);
         Ok(settled)
     }
 
-    /// Rounds until nothing flushed is left to send (for a running sync, tests and benchmarks).
-    pub async fn drain(&self) -> Result<(), ClientError> {
-        while self.round().await? > 0 {}
+    async fn send_and_settle(&self, encoded: &[EncodedDirty]) -> Result<usize, ClientError> {
+        let sent = self.sink.send(&unique_chunks(encoded)).await?;
+        self.stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        self.settle(encoded).await
+    }
+
+    /// Rounds until nothing flushed is left to send, at most `max_rounds`.
+    pub async fn drain(&self, max_rounds: usize) -> Result<(), ClientError> {
+        for _ in 0..max_rounds {
+            if self.round().await? == 0 {
+                break;
+            }
+        }
         Ok(())
     }
 
     /// A running sync's point-in-time state: every write so far flushed and encoded, what the server lacks
     /// sent, and the keyring of that state (the chunks written since stay dirty for the next round).
     pub async fn snapshot_and_send(&self) -> Result<Keyring, ClientError> {
-        // Most of the work first, while the guest writes on: what is flushed already.
-        self.drain().await?;
+        // Most of the work first, while the guest writes on: what is flushed already (bounded: a guest that
+        // keeps writing would keep it going).
+        self.drain(SYNC_DRAIN_ROUNDS).await?;
         let _one = self.busy.lock().await;
         let (keyring, encoded) = self.image.snapshot().await?;
         self.send_and_settle(&encoded).await?;
@@ -233,7 +280,8 @@ impl Trickle {
             let flush = self.image.next_flush();
             futures::pin_mut!(flush);
             flush.as_mut().enable();
-            let (pause, idle) = match self.round().await {
+            let stopping = || *stop.borrow();
+            let (pause, idle) = match self.round_until(&stopping).await {
                 Ok(0) => (IDLE_WAIT, true),
                 Ok(_) => {
                     backoff = BACKOFF.0;
