@@ -112,6 +112,10 @@ fn sync_of_a_running_parcel_commits_the_disk_at_that_moment() {
     expected[..4 << 20].copy_from_slice(&noon_data);
     let out = a.ok(&["sync", "p", "-m", "noon"]);
     assert!(out.contains("synced p as version 2"), "{out}");
+    // Synced while running, yes; checked in (leaving this client) while running, no.
+    let (code, err) = a.code(&["checkin", "p"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is running"), "{err}");
     // After the sync: not in version 2, flushed or not.
     let (later, _) = random_file(dir.path(), "later", 4 << 20);
     write_flushed(&sock, &later, 0, 4 << 20);

@@ -19,6 +19,14 @@ impl Client {
     /// Sync, then release the lock; the parcel leaves this client (its chunks stay in the cache). A parcel
     /// without local changes whose lock was broken meanwhile just leaves (there is nothing to keep).
     pub async fn checkin(&mut self, name: &str, comment: &str) -> Result<CheckinOutcome, ClientError> {
+        // A running parcel can be synced (its own process does it), not checked in: it cannot leave.
+        let dir = self.home.parcel_dir(&self.user, name);
+        if is_running(&dir) {
+            return Err(ClientError::Other(format!(
+                "{name} is running: suspend it (or stop `isr disk`) before checking it in; `isr sync {name}` \
+                 commits a version while it runs"
+            )));
+        }
         let synced = match self.sync(name, comment).await {
             Ok(s) => s,
             Err(ClientError::LockLost(loss))
