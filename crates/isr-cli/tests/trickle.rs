@@ -54,17 +54,45 @@ fn kill_9(mut child: Child) {
     child.wait().unwrap();
 }
 
-#[test]
-fn flushed_changes_go_up_while_running_and_checkin_sends_little() {
+/// A server, a client that has checked out parcel `p` (a [`make_image`] of [`IMAGE`] bytes), the image's
+/// bytes (what the head must hold), and where its NBD socket goes.
+struct Setup {
+    server: Server,
+    a: Client,
+    dir: tempfile::TempDir,
+    expected: Vec<u8>,
+    sock: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
     let server = Server::start();
     let a = Client::new(&server, "alice");
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.raw");
     make_image(&img, IMAGE);
-    let mut expected = std::fs::read(&img).unwrap();
+    let expected = std::fs::read(&img).unwrap();
     a.ok(&["create", "p", "--disk", img.to_str().unwrap()]);
     a.ok(&["checkout", "p"]);
     let sock = dir.path().join("nbd.sock");
+    Setup { server, a, dir, expected, sock }
+}
+
+/// `isr disk p` whose background upload goes at 4 MiB/s (so that a kill or a restart lands in the middle).
+fn slow_disk(a: &Client, sock: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    let child = a
+        .cmd(&["disk", "p", "--nbd", sock.to_str().unwrap(), "--upload-rate", "4M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(|| sock.exists(), Duration::from_secs(30), "the NBD socket");
+    child
+}
+
+#[test]
+fn flushed_changes_go_up_while_running_and_checkin_sends_little() {
+    let Setup { server, a, dir, mut expected, sock } = setup();
     let child = a.disk("p", &sock);
     let (file, data) = random_file(dir.path(), "changed", CHANGED);
     write_flushed(&sock, &file, 8 << 20, CHANGED);
@@ -97,15 +125,7 @@ fn flushed_changes_go_up_while_running_and_checkin_sends_little() {
 
 #[test]
 fn sync_of_a_running_parcel_commits_the_disk_at_that_moment() {
-    let server = Server::start();
-    let a = Client::new(&server, "alice");
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    make_image(&img, IMAGE);
-    let mut expected = std::fs::read(&img).unwrap();
-    a.ok(&["create", "p", "--disk", img.to_str().unwrap()]);
-    a.ok(&["checkout", "p"]);
-    let sock = dir.path().join("nbd.sock");
+    let Setup { server, a, dir, mut expected, sock } = setup();
     let child = a.disk("p", &sock);
     let (noon, noon_data) = random_file(dir.path(), "noon", 4 << 20);
     write_flushed(&sock, &noon, 0, 4 << 20);
@@ -144,24 +164,9 @@ fn sync_of_a_running_parcel_commits_the_disk_at_that_moment() {
 
 #[test]
 fn kill_9_during_the_background_upload_loses_nothing_and_resends_little() {
-    let server = Server::start();
-    let a = Client::new(&server, "alice");
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    make_image(&img, IMAGE);
-    let mut expected = std::fs::read(&img).unwrap();
-    a.ok(&["create", "p", "--disk", img.to_str().unwrap()]);
-    a.ok(&["checkout", "p"]);
-    let sock = dir.path().join("nbd.sock");
+    let Setup { server, a, dir, mut expected, sock } = setup();
     // Slowly (4 MiB/s), so that the kill lands in the middle of it.
-    let _ = std::fs::remove_file(&sock);
-    let slow = a
-        .cmd(&["disk", "p", "--nbd", sock.to_str().unwrap(), "--upload-rate", "4M"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(|| sock.exists(), Duration::from_secs(30), "the NBD socket");
+    let slow = slow_disk(&a, &sock);
     let (file, data) = random_file(dir.path(), "changed", CHANGED);
     let before = server.chunk_requests_answered(&["200", "201"]);
     write_flushed(&sock, &file, 8 << 20, CHANGED);
@@ -190,23 +195,8 @@ fn kill_9_during_the_background_upload_loses_nothing_and_resends_little() {
 
 #[test]
 fn a_server_restart_during_the_background_upload_loses_nothing() {
-    let server = Server::start();
-    let a = Client::new(&server, "alice");
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    make_image(&img, IMAGE);
-    let mut expected = std::fs::read(&img).unwrap();
-    a.ok(&["create", "p", "--disk", img.to_str().unwrap()]);
-    a.ok(&["checkout", "p"]);
-    let sock = dir.path().join("nbd.sock");
-    let _ = std::fs::remove_file(&sock);
-    let child = a
-        .cmd(&["disk", "p", "--nbd", sock.to_str().unwrap(), "--upload-rate", "4M"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(|| sock.exists(), Duration::from_secs(30), "the NBD socket");
+    let Setup { server, a, dir, mut expected, sock } = setup();
+    let child = slow_disk(&a, &sock);
     let (file, data) = random_file(dir.path(), "changed", 16 << 20);
     let before = server.chunk_requests_answered(&["200", "201"]);
     write_flushed(&sock, &file, 8 << 20, 16 << 20);

@@ -11,7 +11,7 @@ use crate::run::is_running;
 use crate::transport::Transport;
 use crate::trickle::Trickle;
 use bytes::Bytes;
-use isr_format::{ImageKind, ImageRef, Manifest, Tag};
+use isr_format::{ImageKind, ImageLen, ImageRef, Manifest, Tag};
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
@@ -23,6 +23,14 @@ pub(super) struct PlannedImage {
     /// The sealed keyring (the working one when the image changed, else the base's).
     sealed: Vec<u8>,
     changed: bool,
+}
+
+impl PlannedImage {
+    /// An image of `len` bytes whose sealed keyring is `sealed`.
+    fn new(kind: ImageKind, len: ImageLen, sealed: Vec<u8>, changed: bool) -> PlannedImage {
+        let keyring = Tag(*blake3::hash(&sealed).as_bytes());
+        PlannedImage { kind, image_ref: ImageRef { len, keyring }, sealed, changed }
+    }
 }
 
 /// The keyring diff of an opened parcel against its base, from local files alone: every image of the
@@ -120,13 +128,7 @@ impl Client {
             } else {
                 read_file(&o.files.base_keyring(kind))?
             };
-            let keyring = Tag(*blake3::hash(&sealed).as_bytes());
-            diff.images.push(PlannedImage {
-                kind,
-                image_ref: ImageRef { len: work.image_len(), keyring },
-                sealed,
-                changed: modified,
-            });
+            diff.images.push(PlannedImage::new(kind, work.image_len(), sealed, modified));
         }
         Ok(diff)
     }
@@ -377,33 +379,20 @@ impl Client {
                 }
                 _ => (work, false),
             };
-            if !changed {
-                let sealed = read_file(&o.files.base_keyring(kind))?;
-                let keyring = Tag(*blake3::hash(&sealed).as_bytes());
-                diff.images.push(PlannedImage {
-                    kind,
-                    image_ref: ImageRef { len: ring.image_len(), keyring },
-                    sealed,
-                    changed,
-                });
-                continue;
-            }
-            diff.modified = true;
-            let base_set: HashSet<&Tag> = base.tags().iter().collect();
-            diff.new_tags.extend(
-                ring.tags()
-                    .iter()
-                    .filter(|t| !t.is_zero() && !base_set.contains(t) && seen.insert(**t))
-                    .copied(),
-            );
-            let sealed = ring.seal(&o.keyroot);
-            let keyring = Tag(*blake3::hash(&sealed).as_bytes());
-            diff.images.push(PlannedImage {
-                kind,
-                image_ref: ImageRef { len: ring.image_len(), keyring },
-                sealed,
-                changed,
-            });
+            let sealed = if changed {
+                diff.modified = true;
+                let base_set: HashSet<&Tag> = base.tags().iter().collect();
+                diff.new_tags.extend(
+                    ring.tags()
+                        .iter()
+                        .filter(|t| !t.is_zero() && !base_set.contains(t) && seen.insert(**t))
+                        .copied(),
+                );
+                ring.seal(&o.keyroot)
+            } else {
+                read_file(&o.files.base_keyring(kind))?
+            };
+            diff.images.push(PlannedImage::new(kind, ring.image_len(), sealed, changed));
         }
         if !diff.modified {
             return Ok(None);
