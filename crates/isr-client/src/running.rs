@@ -25,8 +25,7 @@ pub struct UpkeepOptions {
 }
 
 /// The bytes of a parcel's changes that are not on the server yet, as last recorded by a process that could
-/// tell (it holds the parcel's key): the running process after each background upload round, `isr stat`,
-/// the end of a run, a sync. Read without the key (`isr ls -l`). Not secret: the server learns the sizes of
+/// tell (it holds the parcel's key): the running process every second, the end of a run, a sync. Read without the key (`isr ls -l`). Not secret: the server learns the sizes of
 /// the chunks it is sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UnsentRecord {

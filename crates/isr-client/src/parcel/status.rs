@@ -238,14 +238,16 @@ impl Client {
                 .map(|m| m.len())
                 .sum::<u64>();
         }
-        crate::running::UnsentRecord::write(&o.files, pending);
         Ok(pending)
     }
 
-    /// Bytes of changes to `name` not yet on the server ([`ParcelStatus::pending_upload_bytes`]).
+    /// Bytes of changes to `name` not yet on the server ([`ParcelStatus::pending_upload_bytes`]), recorded
+    /// for `isr ls -l` (at the end of a run; `stat` itself writes nothing).
     pub async fn pending_upload(&mut self, name: &str) -> Result<u64, ClientError> {
         let o = self.open(name)?;
-        self.pending_upload_bytes(&o).await
+        let pending = self.pending_upload_bytes(&o).await?;
+        crate::running::UnsentRecord::write(&o.files, pending);
+        Ok(pending)
     }
 
     /// The state of every chunk of the disk and memory images of a checked-out parcel, for the chunk map.

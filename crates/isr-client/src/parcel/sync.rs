@@ -309,7 +309,11 @@ impl Client {
             return Ok(None);
         }
         self.upload_planned(&mut plan).await?;
-        self.commit_planned(plan, comment).await
+        let files = plan.opened.files.clone();
+        let done = self.commit_planned(plan, comment).await?;
+        // Everything is on the server now (`isr ls -l`).
+        crate::running::UnsentRecord::write(&files, 0);
+        Ok(done)
     }
 
     async fn ask_running_sync(
