@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How long a stop waits for the background upload's batch in flight.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
 /// How a running parcel keeps the server up to date.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UpkeepOptions {
@@ -217,8 +220,13 @@ impl Upkeep {
     /// Stop the background upload (a round in flight finishes first) and the control socket.
     pub async fn stop(mut self) {
         let _ = self.stop_tx.send(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.task.take() {
+            // A round ends between batches; one stuck on a server that does not answer is cut off (safe at any
+            // point: nothing counts as sent before its upload succeeded).
+            if tokio::time::timeout(STOP_WAIT, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
         }
         if let Some(task) = self.reporter.take() {
             let _ = task.await;
