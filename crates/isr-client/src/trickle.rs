@@ -267,9 +267,8 @@ impl Trickle {
     }
 
     /// Run rounds until `stop`: right after each productive round, else at the next flush or after
-    /// [`IDLE_WAIT`]; a failed round
-    /// is retried after a growing pause (a lost lock ends the trickle: nothing more can be committed by
-    /// this client, and every change stays here).
+    /// [`IDLE_WAIT`]. A failed round is retried after a growing pause; a lost lock ends the trickle (nothing
+    /// more can be committed by this client, and every change stays here).
     pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut backoff = BACKOFF.0;
         loop {
