@@ -102,8 +102,8 @@ enum Command {
         /// VNC display for --display vnc
         #[arg(long, default_value = "127.0.0.1:0")]
         vnc: String,
-        /// Directory for the private plaintext directory (memory image, kernel, initrd); needs room for the
-        /// guest RAM [default: /dev/shm, else /tmp]
+        /// Directory for the private plaintext directory (device state, kernel, initrd; and the guest RAM
+        /// when it is loaded rather than served on demand) [default: /dev/shm, else /tmp]
         #[arg(long, env = "ISR_RUNTIME_DIR", value_name = "DIR")]
         runtime_dir: Option<PathBuf>,
         /// Run a version without taking the lock and without checking anything in; every change is dropped
@@ -125,6 +125,10 @@ enum Command {
         /// runs (30m, 2h, 90s)
         #[arg(long, env = "ISR_SYNC_EVERY", value_name = "PERIOD", value_parser = isr_client::running::parse_period)]
         sync_every: Option<std::time::Duration>,
+        /// Guest RAM under --vmm qemu: auto serves it on demand (FUSE) where /dev/fuse works, else loads it
+        /// before the guest starts; loaded always loads it first
+        #[arg(long, env = "ISR_RAM", default_value = "auto", value_parser = ["auto", "loaded"])]
+        ram: String,
     },
     /// Ask a running resume to save memory and stop
     Suspend { parcel: String },
@@ -458,6 +462,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 runtime_dir: std::env::var_os("ISR_RUNTIME_DIR").map(PathBuf::from),
                 vmm: vmm_kind(&vmm),
                 upkeep: Default::default(),
+                ram: Default::default(),
             };
             let settings = isr_ui::UiSettings {
                 home: c.home.root().to_owned(),
@@ -572,6 +577,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             vmm,
             upload_rate,
             sync_every,
+            ram,
         } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
@@ -589,6 +595,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 runtime_dir,
                 vmm: vmm_kind(&vmm),
                 upkeep: isr_client::running::UpkeepOptions { upload_rate, sync_every },
+                ram: ram.parse().map_err(ClientError::Usage)?,
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             // Handlers installed before the resume starts (and writes the record `isr suspend` reads): a

@@ -23,6 +23,7 @@
 pub mod cache;
 pub mod control;
 pub mod error;
+pub mod guest_ram;
 pub mod home;
 pub mod image;
 pub mod manifests;

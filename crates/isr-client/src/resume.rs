@@ -8,6 +8,7 @@
 
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
+use crate::guest_ram::{copy_changes_into, image_to_file, layout, GuestRam, RamMode};
 use crate::home::{valid_parcel_name, write_atomic};
 use crate::image::{ImageDevice, WorkingImage};
 use crate::network::{effective_network, SeenPolicy};
@@ -67,6 +68,29 @@ pub struct ResumeOptions {
     pub vmm: VmmKind,
     /// The background upload and periodic syncs while the VM runs.
     pub upkeep: UpkeepOptions,
+    /// How the guest's RAM is provided (QEMU-direct).
+    pub ram: RamChoice,
+}
+
+/// `--ram`: how the guest's RAM is provided under QEMU-direct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RamChoice {
+    /// On demand through FUSE where that works, else loaded before start.
+    #[default]
+    Auto,
+    /// Always loaded before start.
+    Loaded,
+}
+
+impl std::str::FromStr for RamChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(RamChoice::Auto),
+            "loaded" => Ok(RamChoice::Loaded),
+            other => Err(format!("unknown --ram {other:?} (auto or loaded)")),
+        }
+    }
 }
 
 /// How a resume ended, with timings for the user.
@@ -275,72 +299,6 @@ pub async fn write_image_files(
     Ok(())
 }
 
-/// Encode a file into the cache (durably) on all cores and return its keyring.
-/// Write the whole of `img` into a new file at `path` (zero ranges left as holes), several pieces at a time.
-async fn image_to_file(img: &Arc<WorkingImage>, path: &Path) -> Result<(), ClientError> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::create(path)
-        .map_err(|e| ClientError::io(format!("creating {}", path.display()), e))?;
-    file.set_len(img.len()).map_err(|e| ClientError::io(format!("sizing {}", path.display()), e))?;
-    let file = Arc::new(file);
-    let piece = 4 * img.chunk_size().as_usize() as u64;
-    let results: Vec<Result<(), ClientError>> = futures::stream::iter((0..img.len()).step_by(piece as usize))
-        .map(|off| {
-            let (img, file) = (img.clone(), file.clone());
-            async move {
-                let n = piece.min(img.len() - off) as usize;
-                let (buf, r) = img.read_owned(off, vec![0u8; n]).await;
-                r.map_err(|e| ClientError::io(format!("reading the memory image at {off}"), e))?;
-                if isr_format::codec::is_zero(&buf) {
-                    return Ok(());
-                }
-                tokio::task::spawn_blocking(move || file.write_all_at(&buf, off))
-                    .await
-                    .map_err(|e| ClientError::Other(format!("writer task: {e}")))?
-                    .map_err(|e| ClientError::io("writing the memory image", e))
-            }
-        })
-        .buffer_unordered(4)
-        .collect()
-        .await;
-    results.into_iter().collect()
-}
-
-/// Write into `img` every chunk of the file at `path` (of the same length) that differs from it.
-async fn copy_changes_into(img: &Arc<WorkingImage>, path: &Path) -> Result<(), ClientError> {
-    use std::os::unix::fs::FileExt;
-    let file = Arc::new(
-        std::fs::File::open(path).map_err(|e| ClientError::io(format!("opening {}", path.display()), e))?,
-    );
-    let chunk = img.chunk_size().as_usize() as u64;
-    let results: Vec<Result<(), ClientError>> = futures::stream::iter((0..img.len()).step_by(chunk as usize))
-        .map(|off| {
-            let (img, file) = (img.clone(), file.clone());
-            async move {
-                let n = chunk.min(img.len() - off) as usize;
-                let new = tokio::task::spawn_blocking(move || {
-                    let mut b = vec![0u8; n];
-                    file.read_exact_at(&mut b, off).map(|()| b)
-                })
-                .await
-                .map_err(|e| ClientError::Other(format!("reader task: {e}")))?
-                .map_err(|e| ClientError::io("reading the saved memory image", e))?;
-                let (old, r) = img.read_owned(off, vec![0u8; n]).await;
-                r.map_err(|e| ClientError::io(format!("reading the memory runtime image at {off}"), e))?;
-                if old != new {
-                    img.write(off, &new)
-                        .await
-                        .map_err(|e| ClientError::io("writing the memory runtime image", e))?;
-                }
-                Ok(())
-            }
-        })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    results.into_iter().collect()
-}
-
 /// Remove the runtime image of a parcel's memory image (it belongs to a memory image that is gone).
 pub(crate) fn remove_runtime_memory(dir: &Path) -> Result<(), ClientError> {
     let path = ParcelFiles::new(dir).runtime_image(ImageKind::Memory);
@@ -351,6 +309,7 @@ pub(crate) fn remove_runtime_memory(dir: &Path) -> Result<(), ClientError> {
     }
 }
 
+/// Encode a file into the cache (durably) on all cores and return its keyring.
 pub async fn store_image_file(
     path: &Path,
     chunk_size: ChunkSize,
@@ -377,6 +336,63 @@ pub async fn store_image_file(
     }
     producer.await.map_err(|e| ClientError::Other(format!("reader task: {e}")))??;
     Ok((ring, stored))
+}
+
+/// The parcel's saved memory image, as found at a resume.
+enum Saved {
+    Nothing,
+    /// RAM and device state ([`layout`]), with the device state read out.
+    Devices(Arc<WorkingImage>, Vec<u8>),
+    /// A whole QEMU memory image (RAM inside; from an earlier isr, or saved under libvirt).
+    Whole(Arc<WorkingImage>),
+}
+
+/// Write plaintext that QEMU reads into the private directory (0600).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| ClientError::io(format!("writing {}", path.display()), e))
+}
+
+/// Turn a memory image of the shared-RAM layout into a whole QEMU memory image at `out` (for libvirt, whose
+/// RAM cannot be a file of ours): a paused QEMU of the same machine loads the RAM (a plaintext file in `dir`)
+/// and the device state (at `out`), and saves both as one image. Nothing of the guest runs.
+async fn whole_image_for_libvirt(
+    config: &VmConfig,
+    img: &Arc<WorkingImage>,
+    ram_len: u64,
+    out: &Path,
+    dir: &Path,
+) -> Result<(), ClientError> {
+    let work = dir.join("convert");
+    std::fs::create_dir(&work).map_err(|e| ClientError::io(format!("creating {}", work.display()), e))?;
+    let devices = work.join("devices");
+    std::fs::rename(out, &devices).map_err(|e| ClientError::io(format!("moving {}", out.display()), e))?;
+    let ram = GuestRam::load(img.clone(), ram_len, &work).await?;
+    let mut helper = config.clone();
+    helper.shared_ram = Some(ram.path().to_owned());
+    helper.display = Display::None;
+    helper.console_log = None;
+    helper.console_socket = None;
+    helper.agent_socket = None;
+    helper.runtime_dir = Some(work.clone());
+    let converted = async {
+        let mut vm = Vm::start_paused(helper, Start::Incoming { memory_image_path: devices.clone() }).await?;
+        let saved = vm.save_whole(out).await;
+        let _ = vm.poweroff().await;
+        saved
+    }
+    .await;
+    let _ = ram.discard().await;
+    let _ = std::fs::remove_dir_all(&work);
+    converted.map(drop).map_err(vmm_error)
 }
 
 fn vmm_error(e: VmmError) -> ClientError {
@@ -575,6 +591,7 @@ impl Client {
             .run_vm(name, &o, opts, driver.as_ref(), &mut stop, &runtime_dir, &private_path, &mut run, t0)
             .await;
         // The private directory is gone on every path (its guard removes it); make sure and say so if not.
+        crate::guest_ram::detach_mounts_under(&private_path);
         let removed = match std::fs::remove_dir_all(&private_path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ClientError::io(
                 format!("removing the private directory {} (it holds plaintext)", private_path.display()),
@@ -610,9 +627,12 @@ impl Client {
         run: &mut Run,
         t0: Instant,
     ) -> Result<ResumeReport, ClientError> {
-        // Room for the plaintext before anything starts.
+        // Room for the plaintext before anything starts: guest RAM only where it is not served on demand.
         let vm = &o.manifest.vm;
-        let needed = (u64::from(vm.memory_mib) << 20)
+        let ram_on_demand = driver.kind() == VmmKind::Qemu
+            && opts.ram == RamChoice::Auto
+            && crate::guest_ram::fuse_available().is_ok();
+        let needed = if ram_on_demand { 0 } else { u64::from(vm.memory_mib) << 20 }
             + o.manifest.kernel.map_or(0, |r| r.len.0)
             + o.manifest.initrd.map_or(0, |r| r.len.0)
             + RUNTIME_SLACK;
@@ -674,21 +694,67 @@ impl Client {
         } else {
             self.keyrings(o, ImageKind::Memory)?.map(|(_, w, _)| w)
         };
-        let mem_path = private.path().join("memory");
         let files: std::collections::HashMap<ImageKind, PathBuf> =
             rings.iter().map(|(kind, _)| (*kind, private.path().join(kind.name()))).collect();
         let outputs: Vec<(&Keyring, &Path)> =
             rings.iter().filter_map(|(kind, ring)| Some((ring, files.get(kind)?.as_path()))).collect();
         write_image_files(&outputs, &sources).await?;
-        // The memory image through its runtime image, like the disk: decoded chunks are read back with a
-        // decrypt; the others are decoded once and kept there for the next resume and for the suspend.
-        let memory_image = match &memory {
+
+        // The memory image through its runtime image, like the disk. Under QEMU-direct the guest's RAM is a
+        // shared file served from that runtime image (on demand through FUSE, or loaded first), and the image
+        // QEMU loads is the device state only; libvirt makes the RAM itself, so there QEMU loads a whole
+        // memory image (RAM included) from a plaintext file.
+        let ram_len = u64::from(vm.memory_mib) << 20;
+        let shared_ram = driver.kind() == VmmKind::Qemu;
+        let saved = match memory {
+            None => Saved::Nothing,
             Some(_) => {
                 let img = self.working_image_from(o, ImageKind::Memory, sources.clone())?;
-                image_to_file(&img, &mem_path).await?;
-                Some(img)
+                match layout::read_device_state(&img, ram_len).await? {
+                    Some(state) => Saved::Devices(img, state),
+                    None => Saved::Whole(img),
+                }
             }
-            None => None,
+        };
+        // The file QEMU loads (`-incoming`), plaintext in the private directory until QEMU has read it.
+        let mem_path = private.path().join("memory");
+        let resumes = !matches!(saved, Saved::Nothing);
+        let mut to_convert = None;
+        let mut ram = None;
+        let memory_image = if shared_ram {
+            let img = match saved {
+                Saved::Nothing => self.fresh_memory_image(o, ram_len, sources.clone())?,
+                Saved::Devices(img, state) => {
+                    write_private(&mem_path, &state)?;
+                    img
+                }
+                Saved::Whole(old) => {
+                    // Saved by an earlier isr or under libvirt: QEMU loads its RAM into the shared file, and
+                    // the suspend stores the new layout.
+                    image_to_file(&old, &mem_path, old.len()).await?;
+                    old.close().await?;
+                    drop(old);
+                    self.fresh_memory_image(o, ram_len, sources.clone())?
+                }
+            };
+            let served = self.guest_ram(img.clone(), ram_len, private.path(), opts).await?;
+            eprintln!("isr: guest RAM of {name}: {}", served.1);
+            ram = Some(served.0);
+            Some(img)
+        } else {
+            match saved {
+                Saved::Nothing => None,
+                Saved::Whole(img) => {
+                    image_to_file(&img, &mem_path, img.len()).await?;
+                    Some(img)
+                }
+                Saved::Devices(img, state) => {
+                    // Converted below, once the machine is known.
+                    write_private(&mem_path, &state)?;
+                    to_convert = Some(img.clone());
+                    Some(img)
+                }
+            }
         };
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: images decoded");
 
@@ -721,7 +787,7 @@ impl Client {
         };
         let mut config = VmConfig::new(vm.memory_mib, &sock);
         config.name = Some(format!("isr-{}-{name}", self.user));
-        if memory.is_some() {
+        if resumes {
             // The machine type the image was saved from (a concrete `pc-i440fx-X.Y`, the same under either
             // driver), so that it also loads into a newer QEMU whose `pc` means a newer machine.
             if let Some(machine) = isr_vmm::inspect_memory_image(&mem_path).ok().and_then(|i| i.machine_type)
@@ -746,6 +812,9 @@ impl Client {
         if !config.nic {
             eprintln!("isr: {name} was created before VMs had a network card: its VM runs without network");
         }
+        if let Some(ram) = &ram {
+            config.shared_ram = Some(ram.path().to_owned());
+        }
         let agent_socket = config.agent_channel.then(|| private.path().join("qga.sock"));
         config.agent_socket = agent_socket.clone();
         // The serial console goes to the log in every display mode; the log is outside the parcel directory,
@@ -759,6 +828,14 @@ impl Client {
         config.console_log = Some(console.clone());
         config.console_socket = Some(private.path().join(CONSOLE_SOCKET));
         eprintln!("isr: console of {name}: {}", console.display());
+        if let Some(img) = to_convert.take() {
+            // libvirt makes its own RAM: a QEMU of our own loads RAM and device state and saves them as one
+            // whole memory image for it.
+            eprintln!(
+                "isr: {name} was saved with its RAM beside the device state: converting it for libvirt"
+            );
+            whole_image_for_libvirt(&config, &img, ram_len, &mem_path, private.path()).await?;
+        }
         let prepare = t0.elapsed();
         tracing::debug!(elapsed = ?prepare, "resume: prepared");
 
@@ -766,7 +843,7 @@ impl Client {
         // is polled by the runtime's `block_on` thread or a worker, both living as long as the resume. Never
         // move the start into `spawn_blocking`, whose threads end when idle.
         let t_restore = Instant::now();
-        let started = if memory.is_some() {
+        let started = if resumes {
             match Vm::start_paused_with(
                 driver,
                 config,
@@ -777,8 +854,13 @@ impl Client {
                 Ok(mut vm) => {
                     // Before the guest runs: from here on the saved image no longer matches the disk, however
                     // this run ends, unless it stores a new one.
-                    let consumed =
-                        run.set_vm(vm.pid(), vm.domain()).and_then(|()| run.consume_memory_image());
+                    let consumed = run.set_vm(vm.pid(), vm.domain()).and_then(|()| {
+                        if shared_ram {
+                            run.consume_memory_image_in_use()
+                        } else {
+                            run.consume_memory_image()
+                        }
+                    });
                     match consumed {
                         Ok(()) => vm.cont().await.map(|()| vm).map_err(vmm_error),
                         Err(e) => {
@@ -790,8 +872,24 @@ impl Client {
                 Err(e) => Err(vmm_error(e)),
             }
         } else {
-            match Vm::start_with(driver, config, Start::Cold).await {
-                Ok(vm) => run.set_vm(vm.pid(), vm.domain()).map(|()| vm),
+            match Vm::start_paused_with(driver, config, Start::Cold).await {
+                Ok(mut vm) => {
+                    // RAM in the memory runtime image: a run that dies leaves it to be dropped.
+                    let recorded = run.set_vm(vm.pid(), vm.domain()).and_then(|()| {
+                        if shared_ram {
+                            run.consume_memory_image_in_use()
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    match recorded {
+                        Ok(()) => vm.cont().await.map(|()| vm).map_err(vmm_error),
+                        Err(e) => {
+                            let _ = vm.poweroff().await;
+                            Err(e)
+                        }
+                    }
+                }
                 Err(e) => Err(vmm_error(e)),
             }
         };
@@ -801,6 +899,9 @@ impl Client {
             Ok(vm) => vm,
             Err(e) => {
                 stop_nbd().await;
+                if let Some(ram) = ram.take() {
+                    let _ = ram.discard().await;
+                }
                 return Err(e);
             }
         };
@@ -923,18 +1024,36 @@ impl Client {
             (Err(e), _) | (Ok(_), Err(e)) => {
                 // No memory image that matches the disk: the next resume boots cold.
                 let _ = std::fs::remove_file(&mem_path);
+                if let Some(ram) = ram.take() {
+                    let _ = ram.discard().await;
+                }
                 drop_memory_image(o.files.dir())?;
                 return Err(e);
             }
         };
+        if !matches!(ended, Ended::Suspended(_)) {
+            // The RAM is not kept: it goes with the memory image below.
+            if let Some(ram) = ram.take() {
+                ram.discard().await?;
+            }
+            if let Some(img) = &memory_image {
+                img.close().await?;
+            }
+        }
         match ended {
             Ended::Suspended(info) => {
                 report.memory_image_bytes = info.file_size;
                 // Opened again: a sync while it ran may have moved the base.
                 let now = if o.is_transient() { None } else { Some(self.open(name)?) };
                 let o = now.as_ref().unwrap_or(o);
-                (report.memory_chunks_changed, report.memory_chunks) =
-                    self.store_memory_image(name, o, &mem_path, &cache, memory_image).await?;
+                (report.memory_chunks_changed, report.memory_chunks) = match ram.take() {
+                    Some(ram) => {
+                        report.memory_image_bytes += ram_len;
+                        let img = memory_image.clone().expect("shared RAM has a memory image");
+                        self.store_shared_memory(name, o, &mem_path, ram, img, ram_len).await?
+                    }
+                    None => self.store_memory_image(name, o, &mem_path, &cache, memory_image).await?,
+                };
                 report.outcome = RunEnd::Suspended;
             }
             Ended::PoweredOff => {
@@ -950,6 +1069,97 @@ impl Client {
         private.remove()?;
         report.suspend = t_suspend.elapsed();
         Ok(report)
+    }
+
+    /// A memory image of the shared-RAM layout for `ram_len` bytes of RAM with nothing in it (zero), in a new
+    /// runtime image (the old one, if any, belongs to no memory image that will resume).
+    fn fresh_memory_image(
+        &self,
+        o: &Opened,
+        ram_len: u64,
+        sources: Arc<ChunkSources>,
+    ) -> Result<Arc<WorkingImage>, ClientError> {
+        remove_runtime_memory(o.files.dir())?;
+        let ring = Keyring::new(o.manifest.chunk_size, ImageLen(layout::image_len(ram_len)))?;
+        let base_tags =
+            self.keyrings(o, ImageKind::Memory)?.map(|(b, _, _)| b.tags().to_vec()).unwrap_or_default();
+        Ok(Arc::new(WorkingImage::new(
+            ring,
+            base_tags,
+            o.keyroot.clone(),
+            o.files.work_keyring(ImageKind::Memory),
+            o.files.runtime_image(ImageKind::Memory),
+            sources,
+            self.convergence_secret_pub()?,
+        )?))
+    }
+
+    /// The guest's RAM file for this run: on demand through FUSE where that works (and `--ram` allows it),
+    /// else loaded first. Returns it with what the user is told.
+    async fn guest_ram(
+        &self,
+        img: Arc<WorkingImage>,
+        ram_len: u64,
+        dir: &Path,
+        opts: &ResumeOptions,
+    ) -> Result<(GuestRam, String), ClientError> {
+        let why_not = match opts.ram {
+            RamChoice::Loaded => "--ram loaded".to_owned(),
+            RamChoice::Auto => match crate::guest_ram::fuse_available() {
+                Err(why) => why,
+                Ok(()) => match GuestRam::serve(img.clone(), ram_len, dir) {
+                    Ok(ram) => {
+                        let note = format!(
+                            "{} (FUSE; {})",
+                            RamMode::OnDemand,
+                            ram.writeback_note.as_deref().unwrap_or("write-back limits as they are")
+                        );
+                        return Ok((ram, note));
+                    }
+                    Err(e) => e.to_string(),
+                },
+            },
+        };
+        let ram = GuestRam::load(img, ram_len, dir).await?;
+        Ok((ram, format!("{} ({why_not})", RamMode::Loaded)))
+    }
+
+    /// Store the memory of a VM whose RAM was a shared file: the RAM's changes into its runtime image, the
+    /// device state QEMU saved at `devices` after it, and the changed chunks encoded. On failure the parcel
+    /// has no memory image (it was consumed by the run) and the error says so.
+    async fn store_shared_memory(
+        &mut self,
+        name: &str,
+        o: &Opened,
+        devices: &Path,
+        ram: GuestRam,
+        img: Arc<WorkingImage>,
+        ram_len: u64,
+    ) -> Result<(u64, u64), ClientError> {
+        let stored = async {
+            ram.write_back().await?;
+            let state = std::fs::read(devices)
+                .map_err(|e| ClientError::io(format!("reading {}", devices.display()), e))?;
+            layout::write_device_state(&img, ram_len, &state).await?;
+            let changed = img.encode_changes().await?;
+            img.close().await?;
+            let mut st = self
+                .home
+                .local_state(&self.user, name)?
+                .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
+            st.memory_dropped = false;
+            self.home.save_local_state(&st)?;
+            Ok::<_, ClientError>((changed as u64, img.chunk_count()))
+        }
+        .await;
+        let _ = std::fs::remove_file(devices);
+        stored.or_else(|e| {
+            drop_memory_image(o.files.dir())?;
+            Err(ClientError::Other(format!(
+                "storing the memory image of {name} failed: {e}; the VM has stopped, and {}",
+                next_resume_note(o.files.dir())
+            )))
+        })
     }
 
     /// Encode the saved memory image into the cache and make it the parcel's working memory image. On failure
@@ -981,7 +1191,7 @@ impl Client {
                 Some(img) => {
                     // The same RAM layout (mapped-ram: pages at fixed offsets): only the chunks that changed
                     // become dirty, and only they are encoded.
-                    copy_changes_into(&img, mem_path).await?;
+                    copy_changes_into(&img, mem_path, len).await?;
                     let changed = img.encode_changes().await?;
                     img.close().await?;
                     (changed as u64, img.chunk_size().chunk_count(ImageLen(len)))

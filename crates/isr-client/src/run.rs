@@ -279,6 +279,18 @@ impl Run {
         drop_memory_image(self.files.dir())
     }
 
+    /// Like [`Run::consume_memory_image`] for a run whose guest RAM lives in the memory runtime image (a
+    /// shared file): the memory image stops being one to resume (durably, before the guest runs), but its
+    /// runtime image stays: it is the guest's RAM now. A run that dies leaves it to be dropped.
+    pub fn consume_memory_image_in_use(&mut self) -> Result<(), ClientError> {
+        if self.record.kind == RunKind::Transient {
+            return Ok(());
+        }
+        self.record.memory_consumed = true;
+        write_json(&self.files.run_record(), &self.record)?;
+        drop_memory_keyrings(self.files.dir())
+    }
+
     /// Record how the run ended, remove the record and release `run.lock`. Call it after the private
     /// directory is gone and QEMU has exited.
     pub fn finish(
@@ -327,6 +339,13 @@ pub fn memory_image_would_resume(dir: &Path) -> Result<bool, ClientError> {
 /// Drop the parcel's saved memory image: the state says so first (durably), then the working memory keyring
 /// goes; a crash in between still boots cold. Idempotent.
 pub fn drop_memory_image(dir: &Path) -> Result<(), ClientError> {
+    drop_memory_keyrings(dir)?;
+    // Its runtime image may hold changes of the memory image that is dropped here.
+    crate::resume::remove_runtime_memory(dir)
+}
+
+/// [`drop_memory_image`] but for its runtime image, which a running VM may be using.
+fn drop_memory_keyrings(dir: &Path) -> Result<(), ClientError> {
     let files = ParcelFiles::new(dir);
     let path = files.state();
     // As JSON, touching only this one field of the state (`home::LocalState`).
@@ -343,8 +362,7 @@ pub fn drop_memory_image(dir: &Path) -> Result<(), ClientError> {
         remove_if_present(&work)?;
         sync_dir(&files.keyrings_dir())?;
     }
-    // Its runtime image may hold changes of the memory image that is dropped here.
-    crate::resume::remove_runtime_memory(dir)
+    Ok(())
 }
 
 /// Clean up after a dead run of the parcel in `dir`, if there was one and nothing runs it now; says on stderr
@@ -383,6 +401,8 @@ fn clean_locked(dir: &Path) -> Result<Option<String>, ClientError> {
             done.push(format!("stopped its QEMU (pid {pid})"));
         }
         if private.exists() {
+            // Its guest RAM mount (FUSE, served by the dead process) first.
+            crate::guest_ram::detach_mounts_under(private);
             std::fs::remove_dir_all(private).map_err(|e| {
                 ClientError::io(format!("removing the private directory {}", private.display()), e)
             })?;
@@ -505,6 +525,7 @@ impl PrivateDir {
     /// Remove it now, reporting a failure (dropping only logs one).
     pub fn remove(mut self) -> Result<(), ClientError> {
         self.removed = true;
+        crate::guest_ram::detach_mounts_under(&self.path);
         match std::fs::remove_dir_all(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -518,6 +539,7 @@ impl PrivateDir {
 impl Drop for PrivateDir {
     fn drop(&mut self) {
         if !self.removed {
+            crate::guest_ram::detach_mounts_under(&self.path);
             if let Err(e) = std::fs::remove_dir_all(&self.path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!("removing {}: {e}", self.path.display());

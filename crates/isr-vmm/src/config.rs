@@ -158,7 +158,15 @@ pub struct VmConfig {
     pub qemu: PathBuf,
     /// More arguments appended verbatim.
     pub extra_args: Vec<OsString>,
+    /// Guest RAM as a shared mapping of this file (`memory-backend-file,share=on`, QEMU-direct only), e.g. a
+    /// file that isr serves on demand through FUSE. Then [`crate::Vm::suspend`] saves only the device state
+    /// (`x-ignore-shared`): the RAM stays in the file. `None`: QEMU's own anonymous RAM, saved whole.
+    pub shared_ram: Option<PathBuf>,
 }
+
+/// The id of the RAM backend (and so of QEMU's RAM block): `pc.ram`, as QEMU's own RAM of a `pc` machine,
+/// so that a memory image with the RAM in it loads into a VM whose RAM is a shared file.
+pub const RAM_BACKEND_ID: &str = "pc.ram";
 
 impl VmConfig {
     /// A headless TCG VM with `memory_mib` MiB, one CPU, and its disk on `disk_nbd_socket`.
@@ -186,6 +194,7 @@ impl VmConfig {
             accel: Accel::Tcg,
             qemu: PathBuf::from(DEFAULT_QEMU),
             extra_args: Vec::new(),
+            shared_ram: None,
         }
     }
 
@@ -195,7 +204,21 @@ impl VmConfig {
         a.push("-nodefaults");
         a.push("-no-user-config");
         a.pair("-name", "isr,process=isr-qemu");
-        a.pair("-machine", format!("{},accel={}", self.machine, self.accel));
+        match &self.shared_ram {
+            Some(path) => {
+                a.pair(
+                    "-machine",
+                    format!("{},accel={},memory-backend={RAM_BACKEND_ID}", self.machine, self.accel),
+                );
+                let mut object = OsString::from(format!(
+                    "memory-backend-file,id={RAM_BACKEND_ID},size={}M,share=on,mem-path=",
+                    self.memory_mib
+                ));
+                object.push(escape_opt(path.as_os_str()));
+                a.pair("-object", object);
+            }
+            None => a.pair("-machine", format!("{},accel={}", self.machine, self.accel)),
+        }
         if let Some(cpu) = &self.cpu {
             a.pair("-cpu", cpu);
         }
@@ -333,6 +356,19 @@ mod tests {
 
     fn value_of<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn shared_ram_is_a_file_backend_named_like_qemus_own_ram() {
+        let mut c = VmConfig::new(384, "/run/isr/disk.sock");
+        c.shared_ram = Some("/run/a,b/ram/guest-ram".into());
+        let a = strings(&c.qemu_args(Path::new("/run/isr/qmp.sock"), false));
+        assert_eq!(value_of(&a, "-machine"), ["pc,accel=tcg,memory-backend=pc.ram"]);
+        assert_eq!(
+            value_of(&a, "-object"),
+            ["memory-backend-file,id=pc.ram,size=384M,share=on,mem-path=/run/a,,b/ram/guest-ram"]
+        );
+        assert_eq!(value_of(&a, "-m"), ["384M"]);
     }
 
     #[test]

@@ -12,6 +12,16 @@ pub struct MemoryImageInfo {
     pub machine_type: Option<String>,
     /// Size of the main RAM block (`pc.ram`) in bytes, i.e. the VM's memory size.
     pub ram_bytes: Option<u64>,
+    /// The migration capabilities it was saved with (its configuration section lists them), e.g.
+    /// `mapped-ram`, or `x-ignore-shared` for an image of the device state only (the RAM was a shared file).
+    pub capabilities: Vec<String>,
+}
+
+impl MemoryImageInfo {
+    /// Saved with `x-ignore-shared`: the image holds no RAM, which must come from the shared RAM file.
+    pub fn devices_only(&self) -> bool {
+        self.capabilities.iter().any(|c| c == "x-ignore-shared")
+    }
 }
 
 const MAGIC: &[u8; 4] = b"QEVM";
@@ -40,6 +50,19 @@ fn parse_header(head: &[u8]) -> Option<MemoryImageInfo> {
             info.machine_type = std::str::from_utf8(name).ok().map(str::to_owned);
         }
     }
+    // the capabilities subsection: 0x05, u8 len, name, be32 version, be32 count, count x (u8 len, name)
+    const CAPS: &[u8] = b"\x05\x1aconfiguration/capabilities";
+    if let Some(at) = head.windows(CAPS.len()).position(|w| w == CAPS) {
+        let mut p = at + CAPS.len() + 4;
+        let count = head.get(p..p + 4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        p += 4;
+        for _ in 0..count.unwrap_or(0).min(64) {
+            let Some(&len) = head.get(p) else { break };
+            let Some(name) = head.get(p + 1..p + 1 + len as usize) else { break };
+            info.capabilities.push(String::from_utf8_lossy(name).into_owned());
+            p += 1 + len as usize;
+        }
+    }
     // the RAM section lists its blocks as: u8 idlen, id, be64 used_length
     const BLOCK: &[u8] = b"\x06pc.ram";
     if let Some(at) = head.windows(BLOCK.len()).position(|w| w == BLOCK) {
@@ -62,6 +85,25 @@ mod tests {
         let info = parse_header(&h).unwrap();
         assert_eq!(info.machine_type.as_deref(), Some("pc-i440fx-10.0"));
         assert_eq!(info.ram_bytes, Some(256 << 20));
+        assert_eq!(info.capabilities, ["mapped-ram"]);
+        assert!(!info.devices_only());
+    }
+
+    #[test]
+    fn parses_a_device_state_header() {
+        // the first bytes of a real image saved with x-ignore-shared (RAM in a shared file)
+        let mut h = b"QEVM\0\0\0\x03\x07\0\0\0\x0epc-i440fx-10.0\x05\x1aconfiguration/capabilities".to_vec();
+        h.extend_from_slice(
+            b"\0\0\0\x01\0\0\0\x01\x0fx-ignore-shared\x01\0\0\0\x01\x03ram\0\0\0\0\0\0\0\x04",
+        );
+        h.extend_from_slice(b"\0\0\0\0\x10\x08\x20\x04\x06pc.ram\0\0\0\0\x10\0\0\0\0\0\0\0\0\0");
+        let info = parse_header(&h).unwrap();
+        assert_eq!(info.capabilities, ["x-ignore-shared"]);
+        assert!(info.devices_only());
+        assert_eq!(info.ram_bytes, Some(256 << 20));
+        // a count that runs past the end stops quietly
+        let cut = &h[..h.windows(4).position(|w| w == b"x-ig").unwrap() + 2];
+        assert!(parse_header(cut).unwrap().capabilities.is_empty());
     }
 
     #[test]

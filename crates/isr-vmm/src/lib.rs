@@ -24,7 +24,9 @@ mod vm;
 
 pub use accel::{detect_accel, detect_accel_remembered, AccelDetection, KVM_PROBE_TIMEOUT};
 pub use agent::GuestAgent;
-pub use config::{Accel, Display, Network, PciSlots, VmConfig, DEFAULT_QEMU, NIC_ID, NIC_MAC};
+pub use config::{
+    Accel, Display, Network, PciSlots, VmConfig, DEFAULT_QEMU, NIC_ID, NIC_MAC, RAM_BACKEND_ID,
+};
 pub use driver::{BoxFuture, ProcessExit, QemuDriver, VmmDriver, VmmKind, VmmProcess};
 pub use error::VmmError;
 pub use image::{inspect_memory_image, MemoryImageInfo};

@@ -651,6 +651,12 @@ fn pci(slot: u8) -> String {
 /// The domain XML for `config`: the machine of [`VmConfig::qemu_args`] (same machine type, devices,
 /// properties and PCI addresses), and the extra QMP monitor isr drives. Pure: no I/O.
 pub fn domain_xml(config: &VmConfig, s: &DomainSettings<'_>) -> Result<String, VmmError> {
+    if config.shared_ram.is_some() {
+        // libvirt makes the RAM backend itself (`pc.ram`), so it cannot be isr's file.
+        return Err(VmmError::Unsupported(
+            "guest RAM as a shared file (RAM on demand) under libvirt: libvirt makes the RAM itself".into(),
+        ));
+    }
     let slots = PciSlots::of(config);
     let mut x = String::new();
     let kind = match config.accel {

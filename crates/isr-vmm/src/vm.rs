@@ -158,9 +158,10 @@ impl Vm {
             // a socket left by an earlier QEMU in the same directory
             let _ = std::fs::remove_file(&qmp_socket);
         }
-        if let Start::Incoming { memory_image_path } = &start {
-            check_image(memory_image_path, &config)?;
-        }
+        let saved_with = match &start {
+            Start::Incoming { memory_image_path } => check_image(memory_image_path, &config)?.capabilities,
+            Start::Cold => Vec::new(),
+        };
         let incoming = matches!(start, Start::Incoming { .. });
         let mut process = driver.launch(&config, &qmp_socket, incoming).await?;
 
@@ -207,7 +208,7 @@ impl Vm {
             }
         }
         if let Start::Incoming { memory_image_path } = start {
-            if let Err(e) = vm.incoming(&memory_image_path).await {
+            if let Err(e) = vm.incoming(&memory_image_path, &saved_with).await {
                 let _ = vm.poweroff().await;
                 return Err(e);
             }
@@ -245,9 +246,11 @@ impl Vm {
         }
     }
 
-    async fn incoming(&mut self, path: &Path) -> Result<(), VmmError> {
+    /// Loads the memory image at `path`, with the migration capabilities it was saved with.
+    async fn incoming(&mut self, path: &Path, saved_with: &[String]) -> Result<(), VmmError> {
         let rejected = |reason: String| VmmError::MemoryImageRejected { path: path.to_owned(), reason };
-        self.set_migration_caps().await?;
+        let has = |cap: &str| saved_with.iter().any(|c| c == cap);
+        self.set_migration_caps(has(MAPPED_RAM), has(IGNORE_SHARED)).await?;
         let uri = file_uri(path);
         match self.qmp.execute("migrate-incoming", Some(json!({"uri": uri, "exit-on-error": false}))).await {
             Ok(_) => {}
@@ -269,11 +272,17 @@ impl Vm {
         Ok(())
     }
 
-    async fn set_migration_caps(&mut self) -> Result<(), VmmError> {
-        // mapped-ram: RAM pages at fixed offsets of a sparse file (zero pages are holes); it must be set on
-        // both sides. multifd is optional for mapped-ram and not used (one channel is fast enough for a
-        // stopped guest and keeps the file layout independent of thread counts).
-        let caps = json!({"capabilities": [{"capability": "mapped-ram", "state": true}]});
+    /// The capabilities a memory image is saved with and must be loaded with (both sides must agree):
+    /// - `mapped-ram`: RAM pages at fixed offsets of a sparse file (zero pages are holes). multifd is optional
+    ///   for mapped-ram and not used (one channel is fast enough for a stopped guest and keeps the file layout
+    ///   independent of thread counts).
+    /// - `x-ignore-shared`: RAM that is a shared file ([`VmConfig::shared_ram`]) is not saved at all: the
+    ///   image is the device state only.
+    async fn set_migration_caps(&mut self, mapped_ram: bool, ignore_shared: bool) -> Result<(), VmmError> {
+        let caps = json!({"capabilities": [
+            {"capability": MAPPED_RAM, "state": mapped_ram},
+            {"capability": IGNORE_SHARED, "state": ignore_shared},
+        ]});
         match self.qmp.execute("migrate-set-capabilities", Some(caps)).await {
             Ok(_) => Ok(()),
             Err(e) => Err(self.died_or(e.into()).await),
@@ -296,12 +305,25 @@ impl Vm {
         }
     }
 
-    /// Saves the guest's memory and device state to `memory_image_path` and stops QEMU.
+    /// Saves the guest's memory and device state to `memory_image_path` and stops QEMU. With
+    /// [`VmConfig::shared_ram`] only the device state is saved: the RAM is in its file, complete once QEMU
+    /// has exited (the caller writes back what the guest dirtied, e.g. with an fsync of the file).
     ///
     /// The image is written to `PATH.partial`, synced, then renamed over `PATH`, so `PATH` is either the
     /// previous image or the new complete one. On failure the guest is resumed and keeps running, and
     /// [`VmmError::SuspendFailed`] is returned.
     pub async fn suspend(&mut self, memory_image_path: &Path) -> Result<SuspendInfo, VmmError> {
+        let whole = self.config.shared_ram.is_none();
+        self.save(memory_image_path, whole).await
+    }
+
+    /// Like [`Vm::suspend`], but the image holds the RAM too even when it is a shared file: a whole memory
+    /// image, which loads into a VM with QEMU's own RAM (e.g. under libvirt).
+    pub async fn save_whole(&mut self, memory_image_path: &Path) -> Result<SuspendInfo, VmmError> {
+        self.save(memory_image_path, true).await
+    }
+
+    async fn save(&mut self, memory_image_path: &Path, whole: bool) -> Result<SuspendInfo, VmmError> {
         self.ensure_running()?;
         let started = Instant::now();
         let mut partial = memory_image_path.as_os_str().to_owned();
@@ -313,7 +335,7 @@ impl Vm {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(failed(format!("removing {}: {e}", partial.display()))),
         }
-        self.set_migration_caps().await?;
+        self.set_migration_caps(whole, !whole).await?;
         if let Err(e) = self.qmp.execute("stop", None).await {
             return Err(self.died_or(e.into()).await);
         }
@@ -512,19 +534,32 @@ enum MigrationEnd {
 
 /// Refuses an image that is unreadable, not a QEMU memory image, or of a VM with another memory size (which
 /// QEMU 10 would load without complaint when the image uses mapped-ram).
-fn check_image(path: &Path, config: &VmConfig) -> Result<(), VmmError> {
+/// An image saved with `x-ignore-shared` (device state only) needs the RAM file it was saved beside.
+fn check_image(path: &Path, config: &VmConfig) -> Result<crate::image::MemoryImageInfo, VmmError> {
     let rejected = |reason: String| VmmError::MemoryImageRejected { path: path.to_owned(), reason };
     let info = crate::image::inspect_memory_image(path).map_err(|e| rejected(e.to_string()))?;
     let want = u64::from(config.memory_mib) << 20;
     match info.ram_bytes {
-        Some(have) if have != want => Err(rejected(format!(
-            "it was saved from a VM with {} MiB of memory, this VM has {} MiB",
-            have >> 20,
-            config.memory_mib
-        ))),
-        _ => Ok(()),
+        Some(have) if have != want => {
+            return Err(rejected(format!(
+                "it was saved from a VM with {} MiB of memory, this VM has {} MiB",
+                have >> 20,
+                config.memory_mib
+            )))
+        }
+        _ => {}
     }
+    if info.devices_only() && config.shared_ram.is_none() {
+        return Err(rejected(
+            "it holds the device state only (its RAM was a shared file), and this VM has no shared RAM file"
+                .into(),
+        ));
+    }
+    Ok(info)
 }
+
+const MAPPED_RAM: &str = "mapped-ram";
+const IGNORE_SHARED: &str = "x-ignore-shared";
 
 fn file_uri(path: &Path) -> String {
     format!("file:{}", path.display())
