@@ -7,8 +7,9 @@ CARGO ?= cargo
 # scripts (`bash -n`, `zsh -n`, `fish -n`) and the systemd unit (`systemd-analyze verify`).
 # libvirt (the `--vmm libvirt` driver and its test): the system daemon with its users and configuration
 # (libvirt-daemon-system), the QEMU driver, and virsh. libnbd-bin, python3-libnbd: nbdcopy and nbdsh (NBD tests).
+# fuse3: fusermount3, with which a user other than root mounts the guest RAM file (root mounts it directly).
 DEB_PACKAGES := zstd e2fsprogs nginx restic pkg-config build-essential openssl chromium libnbd-bin python3-libnbd \
-	man-db zsh fish systemd libvirt-daemon-system libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+	man-db zsh fish systemd libvirt-daemon-system libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients fuse3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FUZZ_SECONDS ?= 30
 DEMO_MIB ?= 512

@@ -173,6 +173,32 @@ for w in $(cat /proc/cmdline); do
         ;;
     esac
 done
+# Optional, for the RAM benchmarks (kernel command line):
+# - isr_fill=MIB keeps MIB of random data in a tmpfs (RAM in use), then prints `isr-fill done`.
+# - isr_tick prints `isr-tick N` every 0.1 s: the first tick after a resume is the guest running again.
+# - isr_scan reads (checksums) the isr_fill data again and again and prints `isr-scan N` after each pass (a workload
+#   that needs the RAM it keeps).
+# - isr_memloop=MIB overwrites a MIB tmpfs file again and again and prints `isr-memloop N T` after each
+#   pass (T: the guest's uptime in 1/100 s), a memory-write rate the host reads off the console.
+for w in $(cat /proc/cmdline); do
+    case "$w" in
+    isr_fill=*)
+        mkdir -p /fill && mount -t tmpfs -o size=90% fill /fill
+        dd if=/dev/urandom of=/fill/data bs=1M count="${w#isr_fill=}" 2>/dev/null
+        echo "isr-fill done"
+        case " $(cat /proc/cmdline) " in *" isr_scan "*)
+            (n=0; while true; do md5sum /fill/data >/dev/null; n=$((n + 1)); echo "isr-scan $n"; sleep 1; done) & ;;
+        esac ;;
+    isr_tick)
+        (n=0; while true; do n=$((n + 1)); echo "isr-tick $n"; usleep 100000; done) & ;;
+    isr_memloop=*)
+        mkdir -p /loop && mount -t tmpfs -o size=90% loop /loop
+        (n=0; while true; do
+            dd if=/dev/zero of=/loop/data bs=1M count="${w#isr_memloop=}" conv=notrunc 2>/dev/null
+            n=$((n + 1)); echo "isr-memloop $n $(cut -d' ' -f1 /proc/uptime | tr -d .)"
+        done) & ;;
+    esac
+done
 # A small stand-in for qemu-guest-agent on the virtio-serial port org.qemu.guest_agent.0: guest-sync,
 # guest-ping, guest-get-time, guest-set-time, and guest-exec of a page-cache drop.
 agent() {

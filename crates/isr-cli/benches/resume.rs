@@ -1,9 +1,10 @@
-//! Hoarded `isr resume` of the test guest (256 MiB memory) vs QEMU restoring the very same memory image from a
-//! plain local file through isr_vmm (the limit), interleaved in the same run, best of 3.
+//! Hoarded `isr resume` of the test guest (256 MiB memory) vs QEMU restoring the very same memory image from
+//! plain local files through isr_vmm (the limit), interleaved in the same run, best of 3.
 //!
-//! Each round: decode the parcel's current memory image (and disk) to plain files; restore them with
-//! `Vm::start(.., Start::Incoming)` (disk from qemu-nbd on a raw copy) and power off; then `isr resume`
-//! the parcel, wait until the guest's counter advances, `isr suspend`.
+//! Each round: decode the parcel's current memory image (and disk) to plain files, the RAM in one and the
+//! device state in another; restore them with `Vm::start(.., Start::Incoming)` (RAM a shared file in tmpfs,
+//! disk from qemu-nbd on a raw copy) and power off; then `isr resume` the parcel (its RAM on demand), wait
+//! until the guest's counter advances, `isr suspend`.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p isr-cli --bench resume`. Needs QEMU.
 
@@ -51,7 +52,8 @@ fn secs_after(text: &str, key: &str) -> f64 {
 }
 
 /// Decode the parcel's working memory and disk images to plain files with the client library.
-async fn decode_images(home: &Path, url: &str, mem: &Path, disk: &Path) -> (u32, u32) {
+/// Decode the memory image into `mem` (the RAM, as QEMU maps it) and `devices` (the device state), and the disk.
+async fn decode_images(home: &Path, url: &str, mem: &Path, devices: &Path, disk: &Path) -> (u32, u32) {
     let mut lib = Lib::new(
         Home::open(home).unwrap(),
         "alice".into(),
@@ -65,6 +67,17 @@ async fn decode_images(home: &Path, url: &str, mem: &Path, disk: &Path) -> (u32,
         let (_, work, _) = lib.keyrings(&o, kind).unwrap().expect("image present");
         isr_client::resume::write_image_file(&work, &sources, path).await.unwrap();
     }
+    use isr_client::guest_ram::layout::{Header, HEADER_LEN};
+    use std::os::unix::fs::FileExt;
+    let ram_len = u64::from(o.manifest.vm.memory_mib) << 20;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(mem).unwrap();
+    let mut page = vec![0u8; HEADER_LEN];
+    file.read_exact_at(&mut page, ram_len).unwrap();
+    let header = Header::parse(&page).expect("a memory image with RAM and device state").unwrap();
+    let mut state = vec![0u8; header.state_len as usize];
+    file.read_exact_at(&mut state, ram_len + HEADER_LEN as u64).unwrap();
+    std::fs::write(devices, state).unwrap();
+    file.set_len(ram_len).unwrap();
     (o.manifest.vm.memory_mib, o.manifest.vm.cpus)
 }
 
@@ -119,6 +132,7 @@ async fn main() {
     let shm = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
     let plain = tempfile::Builder::new().prefix("isr-bench-resume-").tempdir_in(shm).unwrap();
     let (mem, disk_raw) = (plain.path().join("memory"), d.join("limit-disk.raw"));
+    let devices = plain.path().join("devices");
     let limit_console = d.join("limit-console.log");
     let sock = d.join("limit.sock");
 
@@ -126,7 +140,7 @@ async fn main() {
     let mut mem_bytes = 0;
     for round in 0..ROUNDS {
         // The limit: QEMU restores the same memory image from a plain file.
-        let (memory_mib, cpus) = decode_images(&a.home, &server.url, &mem, &disk_raw).await;
+        let (memory_mib, cpus) = decode_images(&a.home, &server.url, &mem, &devices, &disk_raw).await;
         mem_bytes = std::fs::metadata(&mem).unwrap().len();
         let _ = std::fs::remove_file(&sock);
         let nbd = Command::new("qemu-nbd")
@@ -145,8 +159,9 @@ async fn main() {
         config.accel = Accel::Tcg;
         config.display = Display::None;
         config.console_log = Some(limit_console.clone());
+        config.shared_ram = Some(mem.clone());
         let t = Instant::now();
-        let mut vm = Vm::start(config, Start::Incoming { memory_image_path: mem.clone() })
+        let mut vm = Vm::start(config, Start::Incoming { memory_image_path: devices.clone() })
             .await
             .expect("limit restore");
         limit.push(t.elapsed());

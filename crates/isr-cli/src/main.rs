@@ -129,6 +129,10 @@ enum Command {
         /// before the guest starts; loaded always loads it first
         #[arg(long, env = "ISR_RAM", default_value = "auto", value_parser = ["auto", "loaded"])]
         ram: String,
+        /// Fetch in the background the memory and disk chunks the last run touched, in the order it first
+        /// touched them (the guest's own fetches go first)
+        #[arg(long, env = "ISR_PREFETCH", default_value = "on", value_parser = ["on", "off"])]
+        prefetch: String,
     },
     /// Ask a running resume to save memory and stop
     Suspend { parcel: String },
@@ -463,6 +467,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 vmm: vmm_kind(&vmm),
                 upkeep: Default::default(),
                 ram: Default::default(),
+                prefetch: true,
             };
             let settings = isr_ui::UiSettings {
                 home: c.home.root().to_owned(),
@@ -578,6 +583,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             upload_rate,
             sync_every,
             ram,
+            prefetch,
         } => {
             use isr_client::resume::{ResumeOptions, StopRequest};
             let display = match display.as_str() {
@@ -596,6 +602,7 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 vmm: vmm_kind(&vmm),
                 upkeep: isr_client::running::UpkeepOptions { upload_rate, sync_every },
                 ram: ram.parse().map_err(ClientError::Usage)?,
+                prefetch: prefetch == "on",
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             // Handlers installed before the resume starts (and writes the record `isr suspend` reads): a

@@ -64,6 +64,8 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
     a.ok(&["suspend", "vm"]);
     let text = finish(run);
     assert!(text.contains("suspended"), "{text}");
+    // Its RAM was a file served on demand (FUSE) from the memory runtime image.
+    assert!(text.contains("guest RAM of vm: on demand (FUSE"), "{text}");
     let before = counters(&console_a);
     let last = *before.last().unwrap();
     assert_eq!(before, (before[0]..=last).collect::<Vec<_>>(), "counter skipped on A");
@@ -86,6 +88,8 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
     b.ok(&["suspend", "vm"]);
     let text = finish(run);
     // ... and encodes only what changed since the memory image it resumed from (its runtime image has the rest).
+    // B fetched in the background, in the order A's run first touched them, the chunks B did not have.
+    assert!(text.contains("in the order its last run touched them"), "{text}");
     let (changed, total) = memory_chunks_changed(&text);
     println!("second suspend: {changed} of {total} memory chunks changed");
     assert!(total >= 2048 && changed < total / 2, "{changed} of {total} memory chunks encoded: {text}");
@@ -102,7 +106,8 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
         env: Vec::new(),
     };
     let run = offline
-        .cmd(&["resume", "vm", "--display", "none", "--disconnected"])
+        // RAM loaded before start (the fallback where FUSE is missing): the same memory image.
+        .cmd(&["resume", "vm", "--display", "none", "--disconnected", "--ram", "loaded"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -113,7 +118,8 @@ fn suspend_on_one_client_resume_on_another_continues_the_counter() {
         "the counter while disconnected",
     );
     offline.ok(&["suspend", "vm"]);
-    finish(run);
+    let text = finish(run);
+    assert!(text.contains("guest RAM of vm: loaded before start (--ram loaded)"), "{text}");
     let all = counters(&console_b);
     let resumed_at = all.iter().position(|&c| c == before_disconnected).unwrap() + 1;
     assert_eq!(all[resumed_at], before_disconnected + 1, "disconnected resume did not continue: {all:?}");

@@ -165,6 +165,9 @@ fn killed_resumes_leave_no_vm_and_no_plaintext_and_suspend_tells_the_truth() {
     let resumed = console_after(&console, from);
     assert_eq!(counters_in(&resumed)[0], last + 1, "did not resume from memory:\n{resumed}");
     assert!(!resumed.contains("isr-boot"), "booted instead of resuming:\n{resumed}");
+    // Its RAM is served on demand from the memory runtime image (FUSE, below the private directory).
+    assert!(run.stderr().contains("guest RAM of vm: on demand"), "{}", run.stderr());
+    assert_eq!(mounts_under(rt.path()).len(), 1, "the guest RAM mount");
     run.kill9();
     wait_for(
         || qemus_naming(rt.path()).is_empty(),
@@ -179,6 +182,7 @@ fn killed_resumes_leave_no_vm_and_no_plaintext_and_suspend_tells_the_truth() {
     eprintln!("stat after kill -9 of the resume:\n{err}");
     assert!(err.contains("removed its private directory") && err.contains("boots cold"), "{err}");
     assert!(private_dirs(rt.path()).is_empty(), "left after cleanup: {:?}", private_dirs(rt.path()));
+    assert!(mounts_under(rt.path()).is_empty(), "the dead run's RAM mount: {:?}", mounts_under(rt.path()));
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(st["memory_image"], false, "the consumed memory image would resume over the newer disk");
 
@@ -215,6 +219,31 @@ fn killed_resumes_leave_no_vm_and_no_plaintext_and_suspend_tells_the_truth() {
         private_dirs(rt.path())
     );
     assert_eq!(a.stat("vm")["memory_image"], false);
+
+    // The kill -9 during the run whose RAM was on demand left the version it resumed intact: another client
+    // resumes it, and the guest goes on from where A's suspend left it.
+    let c = Client::new(&server, "alice");
+    c.ok(&["unlock", "vm", "--force"]);
+    let console_c = console_of(&c, "vm");
+    let run = Resume::start(&c, "vm", rt.path());
+    wait_for(|| !counters(&console_c).is_empty(), BOOT, "the counter on another client");
+    let after = std::fs::read_to_string(&console_c).unwrap();
+    assert_eq!(counters(&console_c)[0], last + 1, "the last suspended version did not resume:\n{after}");
+    assert!(!after.contains("isr-boot"), "booted instead of resuming:\n{after}");
+    c.ok(&["suspend", "vm"]);
+    run.finish();
+    c.ok(&["check", "vm", "--full"]);
+}
+
+/// Mount points at or below `dir`.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.to_str().unwrap();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(dir))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Unmounts on drop.
@@ -245,8 +274,15 @@ fn too_little_runtime_space_fails_before_anything_starts() {
 
     let dir = small.path().to_str().unwrap();
     for out in [
-        a.cmd(&["resume", "p", "--display", "none", "--runtime-dir", dir]).output().unwrap(),
-        a.cmd(&["resume", "p", "--display", "none"]).env("ISR_RUNTIME_DIR", dir).output().unwrap(),
+        // RAM served on demand needs no room there: loaded, it does.
+        a.cmd(&["resume", "p", "--display", "none", "--ram", "loaded", "--runtime-dir", dir])
+            .output()
+            .unwrap(),
+        a.cmd(&["resume", "p", "--display", "none"])
+            .env("ISR_RUNTIME_DIR", dir)
+            .env("ISR_RAM", "loaded")
+            .output()
+            .unwrap(),
     ] {
         let err = String::from_utf8_lossy(&out.stderr);
         eprintln!("resume with too little space:\n{err}");

@@ -239,6 +239,8 @@ pub struct WorkingImage {
     demand_fetches: AtomicUsize,
     /// Told after every flush (a trickle waiting for work wakes up).
     flushed: tokio::sync::Notify,
+    /// Records first touches for the access-order prefetch, once set ([`Self::record_touches`]).
+    touches: std::sync::OnceLock<crate::access_trace::TouchRecorder>,
     /// What opening the runtime image found after an unclean end.
     pub recovery: Recovery,
     pub stats: Arc<ImageStats>,
@@ -304,6 +306,7 @@ impl WorkingImage {
             gate: tokio::sync::RwLock::new(()),
             demand_fetches: AtomicUsize::new(0),
             flushed: tokio::sync::Notify::new(),
+            touches: std::sync::OnceLock::new(),
             recovery,
             stats,
         })
@@ -360,6 +363,31 @@ impl WorkingImage {
             Some((tag, _)) if e.is(state::PRESENT) && e.tag_mac == self.runtime.tag_mac(&tag) => local(e),
             Some((tag, key)) => Held::Remote(tag, key.clone()),
         }
+    }
+
+    /// Record from now on the first touch of each chunk (a read or a write) into `trace` as `image`.
+    pub fn record_touches(
+        &self,
+        trace: Arc<crate::access_trace::AccessTrace>,
+        image: crate::access_trace::TracedImage,
+    ) {
+        let _ = self.touches.set(crate::access_trace::TouchRecorder::new(
+            trace,
+            image,
+            self.runtime.chunk_count(),
+        ));
+    }
+
+    fn touched(&self, offset: u64, len: u64) {
+        if let Some(t) = self.touches.get() {
+            let r = self.chunk_size.chunks_in_range(ByteOffset(offset), len);
+            t.touched(r.start..r.end);
+        }
+    }
+
+    /// Whether chunk `i` needs no fetch (it is in the runtime image, or zero).
+    pub fn is_local(&self, i: u64) -> bool {
+        !matches!(self.held(i), Held::Remote(..))
     }
 
     fn held(&self, i: u64) -> Held {
@@ -529,6 +557,7 @@ impl WorkingImage {
         if let Err(e) = self.check_range(offset, buf.len() as u64) {
             return (buf, Err(e));
         }
+        self.touched(offset, buf.len() as u64);
         let cs = self.chunk_size;
         let range = cs.chunks_in_range(ByteOffset(offset), buf.len() as u64);
         if range.is_empty() {
@@ -676,6 +705,7 @@ impl WorkingImage {
     /// Write `data` (zeroes when `None`) over `len` bytes at `offset`, chunk by chunk.
     async fn modify(&self, offset: u64, len: u64, data: Option<&[u8]>) -> std::io::Result<()> {
         self.check_range(offset, len)?;
+        self.touched(offset, len);
         let _writing = self.gate.read().await;
         let cs = self.chunk_size;
         let mut pieces = Vec::new();

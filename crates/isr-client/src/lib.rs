@@ -20,6 +20,7 @@
 //! - [`trickle`]: trickle reintegration: a running image's flushed changes sent to the server in the
 //!   background.
 
+pub mod access_trace;
 pub mod cache;
 pub mod control;
 pub mod error;

@@ -6,6 +6,7 @@
 //! `/dev/shm`), removed on every exit of the resume; after a `kill -9`, by the next isr command of the parcel
 //! ([`crate::run`]). QEMU dies with the resume (`PR_SET_PDEATHSIG`).
 
+use crate::access_trace::{AccessTrace, TracedImage};
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::guest_ram::{copy_changes_into, image_to_file, layout, GuestRam, RamMode};
@@ -70,6 +71,9 @@ pub struct ResumeOptions {
     pub upkeep: UpkeepOptions,
     /// How the guest's RAM is provided (QEMU-direct).
     pub ram: RamChoice,
+    /// Fetch in the background, in the order the last run first touched them, the memory and disk chunks
+    /// that are not here yet.
+    pub prefetch: bool,
 }
 
 /// `--ram`: how the guest's RAM is provided under QEMU-direct.
@@ -341,8 +345,8 @@ pub async fn store_image_file(
 /// The parcel's saved memory image, as found at a resume.
 enum Saved {
     Nothing,
-    /// RAM and device state ([`layout`]), with the device state read out.
-    Devices(Arc<WorkingImage>, Vec<u8>),
+    /// RAM and device state ([`layout`]), with the device state and access trace read out.
+    Devices(Arc<WorkingImage>, layout::Saved),
     /// A whole QEMU memory image (RAM inside; from an earlier isr, or saved under libvirt).
     Whole(Arc<WorkingImage>),
 }
@@ -710,8 +714,8 @@ impl Client {
             None => Saved::Nothing,
             Some(_) => {
                 let img = self.working_image_from(o, ImageKind::Memory, sources.clone())?;
-                match layout::read_device_state(&img, ram_len).await? {
-                    Some(state) => Saved::Devices(img, state),
+                match layout::read_saved(&img, ram_len).await? {
+                    Some(saved) => Saved::Devices(img, saved),
                     None => Saved::Whole(img),
                 }
             }
@@ -721,11 +725,14 @@ impl Client {
         let resumes = !matches!(saved, Saved::Nothing);
         let mut to_convert = None;
         let mut ram = None;
+        // The order in which the last run touched memory and disk first (fetched in that order below).
+        let mut last_trace = Vec::new();
         let memory_image = if shared_ram {
             let img = match saved {
                 Saved::Nothing => self.fresh_memory_image(o, ram_len, sources.clone())?,
-                Saved::Devices(img, state) => {
-                    write_private(&mem_path, &state)?;
+                Saved::Devices(img, saved) => {
+                    write_private(&mem_path, &saved.state)?;
+                    last_trace = saved.trace;
                     img
                 }
                 Saved::Whole(old) => {
@@ -748,9 +755,9 @@ impl Client {
                     image_to_file(&img, &mem_path, img.len()).await?;
                     Some(img)
                 }
-                Saved::Devices(img, state) => {
+                Saved::Devices(img, saved) => {
                     // Converted below, once the machine is known.
-                    write_private(&mem_path, &state)?;
+                    write_private(&mem_path, &saved.state)?;
                     to_convert = Some(img.clone());
                     Some(img)
                 }
@@ -760,6 +767,26 @@ impl Client {
 
         // The disk over NBD from this process.
         let image = self.working_image_from(o, ImageKind::Disk, sources.clone())?;
+        // First touches of this run, for the next resume's prefetch (RAM only where it is served here).
+        let trace = AccessTrace::new();
+        image.record_touches(trace.clone(), TracedImage::Disk);
+        if let Some(img) = memory_image.as_ref().filter(|_| ram.is_some()) {
+            img.record_touches(trace.clone(), TracedImage::Memory);
+        }
+        let prefetch = match memory_image.as_ref().filter(|_| opts.prefetch && !last_trace.is_empty()) {
+            Some(mem) => {
+                eprintln!(
+                    "isr: fetching {} chunks of {name} in the order its last run touched them",
+                    last_trace.len()
+                );
+                let (order, disk, mem) = (std::mem::take(&mut last_trace), image.clone(), mem.clone());
+                Some(tokio::spawn(async move {
+                    let n = crate::access_trace::prefetch_in_order(order, disk, mem).await;
+                    tracing::debug!(fetched = n, "access-order prefetch done");
+                }))
+            }
+            None => None,
+        };
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: working disk image opened");
         let sock = private.path().join("disk.sock");
         let listener = tokio::net::UnixListener::bind(&sock)
@@ -965,6 +992,10 @@ impl Client {
         if let Some(u) = upkeep.take() {
             u.stop().await;
         }
+        if let Some(task) = prefetch {
+            task.abort();
+            let _ = task.await;
+        }
         if let Some(task) = clock {
             task.abort();
             let _ = task.await;
@@ -1050,7 +1081,8 @@ impl Client {
                     Some(ram) => {
                         report.memory_image_bytes += ram_len;
                         let img = memory_image.clone().expect("shared RAM has a memory image");
-                        self.store_shared_memory(name, o, &mem_path, ram, img, ram_len).await?
+                        let touched = crate::access_trace::merge(&trace.touches(), &last_trace);
+                        self.store_shared_memory(name, o, &mem_path, ram, img, ram_len, touched).await?
                     }
                     None => self.store_memory_image(name, o, &mem_path, &cache, memory_image).await?,
                 };
@@ -1127,6 +1159,7 @@ impl Client {
     /// Store the memory of a VM whose RAM was a shared file: the RAM's changes into its runtime image, the
     /// device state QEMU saved at `devices` after it, and the changed chunks encoded. On failure the parcel
     /// has no memory image (it was consumed by the run) and the error says so.
+    #[allow(clippy::too_many_arguments)]
     async fn store_shared_memory(
         &mut self,
         name: &str,
@@ -1135,12 +1168,13 @@ impl Client {
         ram: GuestRam,
         img: Arc<WorkingImage>,
         ram_len: u64,
+        trace: Vec<crate::access_trace::Touch>,
     ) -> Result<(u64, u64), ClientError> {
         let stored = async {
             ram.write_back().await?;
             let state = std::fs::read(devices)
                 .map_err(|e| ClientError::io(format!("reading {}", devices.display()), e))?;
-            layout::write_device_state(&img, ram_len, &state).await?;
+            layout::write_saved(&img, ram_len, &layout::Saved { state, trace }).await?;
             let changed = img.encode_changes().await?;
             img.close().await?;
             let mut st = self

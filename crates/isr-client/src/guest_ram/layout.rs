@@ -6,7 +6,8 @@
 //! 0                           ram_len           guest RAM, byte for byte (QEMU's `pc.ram`)
 //! ram_len                     4096              header (below)
 //! ram_len + 4096              state_len         device state: a QEMU migration stream without the RAM
-//! ram_len + 4096 + state_len  up to the end     zero
+//! ram_len + 4096 + state_len  trace_len         access trace: the order of first touches ([`crate::access_trace`])
+//! ... + trace_len             up to the end     zero
 //! image length: ram_len + DEVICE_REGION (64 MiB)
 //!
 //! header      offset  length  field
@@ -16,7 +17,9 @@
 //!             24      8       ram_len, u64 LE (the VM's memory size; a multiple of 1 MiB)
 //!             32      8       state_len, u64 LE (at most DEVICE_REGION - 4096)
 //!             40      32      BLAKE3 of the device state
-//!             72      4024    zero
+//!             72      8       trace_len, u64 LE (a multiple of 8; state_len + trace_len <= DEVICE_REGION - 4096)
+//!             80      32      BLAKE3 of the access trace
+//!             112     3984    zero
 //! ```
 //!
 //! With the default chunk size (128 KiB) `ram_len` (whole MiB) ends on a chunk boundary, so no RAM shares a
@@ -51,11 +54,28 @@ pub struct Header {
     pub ram_len: u64,
     pub state_len: u64,
     pub state_hash: [u8; 32],
+    pub trace_len: u64,
+    pub trace_hash: [u8; 32],
+}
+
+/// What the device region holds besides the RAM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    /// QEMU's device state (a migration stream without the RAM).
+    pub state: Vec<u8>,
+    /// The access trace of the run that saved it.
+    pub trace: Vec<crate::access_trace::Touch>,
 }
 
 impl Header {
-    pub fn of(ram_len: u64, state: &[u8]) -> Header {
-        Header { ram_len, state_len: state.len() as u64, state_hash: *blake3::hash(state).as_bytes() }
+    pub fn of(ram_len: u64, state: &[u8], trace: &[u8]) -> Header {
+        Header {
+            ram_len,
+            state_len: state.len() as u64,
+            state_hash: *blake3::hash(state).as_bytes(),
+            trace_len: trace.len() as u64,
+            trace_hash: *blake3::hash(trace).as_bytes(),
+        }
     }
 
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
@@ -65,6 +85,8 @@ impl Header {
         b[24..32].copy_from_slice(&self.ram_len.to_le_bytes());
         b[32..40].copy_from_slice(&self.state_len.to_le_bytes());
         b[40..72].copy_from_slice(&self.state_hash);
+        b[72..80].copy_from_slice(&self.trace_len.to_le_bytes());
+        b[80..112].copy_from_slice(&self.trace_hash);
         b
     }
 
@@ -77,26 +99,29 @@ impl Header {
         let version = u32::from_le_bytes(b[16..20].try_into().expect("4 bytes"));
         Some(if version != VERSION {
             Err(format!("format version {version} (this isr reads {VERSION}: upgrade isr)"))
-        } else if b[20..24] != [0; 4] || b[72..HEADER_LEN].iter().any(|&x| x != 0) {
+        } else if b[20..24] != [0; 4] || b[112..HEADER_LEN].iter().any(|&x| x != 0) {
             Err("reserved bytes are not zero".into())
-        } else if u64_at(32) > MAX_STATE {
-            Err(format!("a device state of {} bytes does not fit its region", u64_at(32)))
+        } else if u64_at(32).checked_add(u64_at(72)).is_none_or(|n| n > MAX_STATE) {
+            Err(format!(
+                "a device state of {} bytes and a trace of {} do not fit their region",
+                u64_at(32),
+                u64_at(72)
+            ))
         } else {
             Ok(Header {
                 ram_len: u64_at(24),
                 state_len: u64_at(32),
                 state_hash: b[40..72].try_into().expect("32"),
+                trace_len: u64_at(72),
+                trace_hash: b[80..112].try_into().expect("32"),
             })
         })
     }
 }
 
-/// The device state of `img` when it is a memory image of this layout for `ram_len` bytes of RAM (verified
-/// against its header); `None` when it is not of this layout (a whole QEMU memory image).
-pub async fn read_device_state(
-    img: &Arc<WorkingImage>,
-    ram_len: u64,
-) -> Result<Option<Vec<u8>>, ClientError> {
+/// The device state and trace of `img` when it is a memory image of this layout for `ram_len` bytes of RAM
+/// (verified against its header); `None` when it is not of this layout (a whole QEMU memory image).
+pub async fn read_saved(img: &Arc<WorkingImage>, ram_len: u64) -> Result<Option<Saved>, ClientError> {
     if img.len() != image_len(ram_len) {
         return Ok(None);
     }
@@ -116,18 +141,32 @@ pub async fn read_device_state(
             ram_len >> 20
         )));
     }
-    let (state, r) = img.read_owned(ram_len + HEADER_LEN as u64, vec![0u8; header.state_len as usize]).await;
+    let at = ram_len + HEADER_LEN as u64;
+    let (mut both, r) = img.read_owned(at, vec![0u8; (header.state_len + header.trace_len) as usize]).await;
     r.map_err(|e| ClientError::io("reading the memory image's device state", e))?;
+    let trace_bytes = both.split_off(header.state_len as usize);
+    let state = both;
     if blake3::hash(&state).as_bytes() != &header.state_hash {
         return Err(ClientError::Integrity(
             "the memory image's device state does not match its header".into(),
         ));
     }
-    Ok(Some(state))
+    if blake3::hash(&trace_bytes).as_bytes() != &header.trace_hash {
+        return Err(ClientError::Integrity(
+            "the memory image's access trace does not match its header".into(),
+        ));
+    }
+    let trace = crate::access_trace::decode(&trace_bytes)
+        .map_err(|why| ClientError::Integrity(format!("the memory image's access trace: {why}")))?;
+    Ok(Some(Saved { state, trace }))
 }
 
-/// Store `state` after the RAM of `img` (a memory image of this layout), and zero the rest of the region.
-pub async fn write_device_state(img: &WorkingImage, ram_len: u64, state: &[u8]) -> Result<(), ClientError> {
+/// Store `saved` after the RAM of `img` (a memory image of this layout), and zero the rest of the region.
+pub async fn write_saved(img: &WorkingImage, ram_len: u64, saved: &Saved) -> Result<(), ClientError> {
+    let state = &saved.state;
+    let mut trace = crate::access_trace::encode(&saved.trace);
+    // The trace is a hint: cut to what fits beside the state.
+    trace.truncate((MAX_STATE.saturating_sub(state.len() as u64) as usize) / 8 * 8);
     if img.len() != image_len(ram_len) {
         return Err(ClientError::Other(format!(
             "the memory image is {} bytes, not {} for {} MiB of RAM",
@@ -143,8 +182,9 @@ pub async fn write_device_state(img: &WorkingImage, ram_len: u64, state: &[u8]) 
             MAX_STATE >> 20
         )));
     }
-    let mut region = Header::of(ram_len, state).to_bytes().to_vec();
+    let mut region = Header::of(ram_len, state, &trace).to_bytes().to_vec();
     region.extend_from_slice(state);
+    region.extend_from_slice(&trace);
     let end = ram_len + region.len() as u64;
     img.write(ram_len, &region).await.map_err(|e| ClientError::io("writing the device state", e))?;
     img.write_zeroes(end, img.len() - end)
@@ -159,14 +199,16 @@ mod tests {
 
     #[test]
     fn header_bytes_are_as_documented() {
-        let h = Header::of(256 << 20, b"QEVM state");
+        let h = Header::of(256 << 20, b"QEVM state", &[7, 0, 0, 0, 1, 0, 0, 0]);
         let b = h.to_bytes();
         assert_eq!(&b[..16], b"isr-ram+devices\0");
         assert_eq!(b[16..20], [1, 0, 0, 0]);
         assert_eq!(b[24..32], (256u64 << 20).to_le_bytes());
         assert_eq!(b[32..40], 10u64.to_le_bytes());
         assert_eq!(&b[40..72], blake3::hash(b"QEVM state").as_bytes());
-        assert!(b[72..].iter().all(|&x| x == 0));
+        assert_eq!(b[72..80], 8u64.to_le_bytes());
+        assert_eq!(&b[80..112], blake3::hash(&[7, 0, 0, 0, 1, 0, 0, 0]).as_bytes());
+        assert!(b[112..].iter().all(|&x| x == 0));
         assert_eq!(Header::parse(&b), Some(Ok(h)));
     }
 
@@ -174,7 +216,7 @@ mod tests {
     fn other_bytes_are_not_a_header_and_damage_is_named() {
         assert_eq!(Header::parse(&[0u8; HEADER_LEN]), None);
         assert_eq!(Header::parse(b"isr-ram+devices\0"), None, "too short");
-        let good = Header::of(1 << 20, b"x").to_bytes();
+        let good = Header::of(1 << 20, b"x", b"").to_bytes();
         let mut v2 = good;
         v2[16] = 2;
         assert!(Header::parse(&v2).unwrap().unwrap_err().contains("version 2"));
@@ -183,6 +225,9 @@ mod tests {
         assert!(Header::parse(&junk).unwrap().unwrap_err().contains("reserved"));
         let mut huge = good;
         huge[32..40].copy_from_slice(&DEVICE_REGION.to_le_bytes());
-        assert!(Header::parse(&huge).unwrap().unwrap_err().contains("does not fit"));
+        assert!(Header::parse(&huge).unwrap().unwrap_err().contains("do not fit"));
+        let mut wraps = good;
+        wraps[72..80].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(Header::parse(&wraps).unwrap().unwrap_err().contains("do not fit"));
     }
 }

@@ -194,10 +194,12 @@ impl GuestRam {
 impl Drop for GuestRam {
     fn drop(&mut self) {
         match &mut self.backing {
-            // Dropping the session unmounts.
+            // Only on an error path (the normal ends unmount first). A lazy unmount returns at once: a
+            // blocking one could wait for write-backs that need this thread's runtime.
             Backing::Fuse { session, mountpoint } => {
-                if session.take().is_some() {
+                if session.is_some() {
                     detach_mounts_under(mountpoint);
+                    drop(session.take());
                 }
             }
             Backing::File => {

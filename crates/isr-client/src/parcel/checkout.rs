@@ -96,8 +96,8 @@ impl Client {
     }
 
     /// Fetch a version (default: the head) into `dir` as a checked-out parcel's files (manifest, base
-    /// keyrings; the chunks of the memory image, kernel and initrd into the cache) and return its local state,
-    /// not yet saved. `dir` is replaced.
+    /// keyrings; the chunks of the kernel and initrd into the cache) and return its local state, not yet
+    /// saved. `dir` is replaced. The disk and the memory image come on demand (`hoard` fetches them all).
     pub(crate) async fn fetch_version_into(
         &mut self,
         t: &Transport,
@@ -124,8 +124,8 @@ impl Client {
             let bytes = t.keyring(name, &r.keyring).await?;
             let ring = Keyring::open(&bytes, &keyroot)?;
             write_atomic(&files.base_keyring(kind), &bytes)?;
-            if kind != ImageKind::Disk {
-                // Memory, kernel and initrd are needed whole to start the VM.
+            if matches!(kind, ImageKind::Kernel | ImageKind::Initrd) {
+                // Needed whole to start the VM (the guest's RAM and disk are fetched as it touches them).
                 fetch_missing(
                     self.progress.as_ref(),
                     &sources,
