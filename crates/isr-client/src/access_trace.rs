@@ -62,17 +62,23 @@ impl AccessTrace {
 pub struct TouchRecorder {
     trace: Arc<AccessTrace>,
     image: TracedImage,
+    chunks: u64,
     seen: Vec<AtomicU64>,
 }
 
 impl TouchRecorder {
     pub fn new(trace: Arc<AccessTrace>, image: TracedImage, chunks: u64) -> TouchRecorder {
-        TouchRecorder { trace, image, seen: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect() }
+        TouchRecorder {
+            trace,
+            image,
+            chunks,
+            seen: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
     /// Note that chunks `range` were touched; the first touch of each goes into the trace.
     pub fn touched(&self, range: std::ops::Range<u64>) {
-        for i in range {
+        for i in range.start..range.end.min(self.chunks) {
             let Some(word) = self.seen.get((i / 64) as usize) else { return };
             let bit = 1u64 << (i % 64);
             // Cheap when seen before: a load, no read-modify-write.

@@ -773,20 +773,6 @@ impl Client {
         if let Some(img) = memory_image.as_ref().filter(|_| ram.is_some()) {
             img.record_touches(trace.clone(), TracedImage::Memory);
         }
-        let prefetch = match memory_image.as_ref().filter(|_| opts.prefetch && !last_trace.is_empty()) {
-            Some(mem) => {
-                eprintln!(
-                    "isr: fetching {} chunks of {name} in the order its last run touched them",
-                    last_trace.len()
-                );
-                let (order, disk, mem) = (std::mem::take(&mut last_trace), image.clone(), mem.clone());
-                Some(tokio::spawn(async move {
-                    let n = crate::access_trace::prefetch_in_order(order, disk, mem).await;
-                    tracing::debug!(fetched = n, "access-order prefetch done");
-                }))
-            }
-            None => None,
-        };
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: working disk image opened");
         let sock = private.path().join("disk.sock");
         let listener = tokio::net::UnixListener::bind(&sock)
@@ -933,6 +919,21 @@ impl Client {
             }
         };
         let restore = t_restore.elapsed();
+        // Once the guest runs (its own faults first): the chunks the last run touched, in that order.
+        let prefetch = match memory_image.as_ref().filter(|_| opts.prefetch && !last_trace.is_empty()) {
+            Some(mem) => {
+                eprintln!(
+                    "isr: fetching {} chunks of {name} in the order its last run touched them",
+                    last_trace.len()
+                );
+                let (order, disk, mem) = (last_trace.clone(), image.clone(), mem.clone());
+                Some(tokio::spawn(async move {
+                    let n = crate::access_trace::prefetch_in_order(order, disk, mem).await;
+                    tracing::debug!(fetched = n, "access-order prefetch done");
+                }))
+            }
+            None => None,
+        };
 
         if let Display::Vnc { listen } = &opts.display {
             if !listen.starts_with("unix:") {
