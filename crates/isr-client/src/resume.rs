@@ -342,6 +342,18 @@ pub async fn store_image_file(
     Ok((ring, stored))
 }
 
+/// A suspend's memory image could not be stored: the parcel has none now (the run consumed it); the error says
+/// so and what the next resume does.
+fn memory_store_failed(o: &Opened, name: &str, e: ClientError) -> ClientError {
+    if let Err(dropped) = drop_memory_image(o.files.dir()) {
+        return dropped;
+    }
+    ClientError::Other(format!(
+        "storing the memory image of {name} failed: {e}; the VM has stopped, and {}",
+        next_resume_note(o.files.dir())
+    ))
+}
+
 /// The parcel's saved memory image, as found at a resume.
 enum Saved {
     Nothing,
@@ -767,10 +779,12 @@ impl Client {
 
         // The disk over NBD from this process.
         let image = self.working_image_from(o, ImageKind::Disk, sources.clone())?;
-        // First touches of this run, for the next resume's prefetch (RAM only where it is served here).
+        // First touches of this run, for the next resume's prefetch (RAM only where it is served on demand:
+        // loaded, the guest's accesses never reach the image).
         let trace = AccessTrace::new();
         image.record_touches(trace.clone(), TracedImage::Disk);
-        if let Some(img) = memory_image.as_ref().filter(|_| ram.is_some()) {
+        let on_demand = ram.as_ref().is_some_and(|r: &GuestRam| r.mode() == RamMode::OnDemand);
+        if let Some(img) = memory_image.as_ref().filter(|_| on_demand) {
             img.record_touches(trace.clone(), TracedImage::Memory);
         }
         tracing::debug!(elapsed = ?t0.elapsed(), "resume: working disk image opened");
@@ -1178,23 +1192,12 @@ impl Client {
             layout::write_saved(&img, ram_len, &layout::Saved { state, trace }).await?;
             let changed = img.encode_changes().await?;
             img.close().await?;
-            let mut st = self
-                .home
-                .local_state(&self.user, name)?
-                .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
-            st.memory_dropped = false;
-            self.home.save_local_state(&st)?;
+            self.mark_memory_stored(name)?;
             Ok::<_, ClientError>((changed as u64, img.chunk_count()))
         }
         .await;
         let _ = std::fs::remove_file(devices);
-        stored.or_else(|e| {
-            drop_memory_image(o.files.dir())?;
-            Err(ClientError::Other(format!(
-                "storing the memory image of {name} failed: {e}; the VM has stopped, and {}",
-                next_resume_note(o.files.dir())
-            )))
-        })
+        stored.map_err(|e| memory_store_failed(o, name, e))
     }
 
     /// Encode the saved memory image into the cache and make it the parcel's working memory image. On failure
@@ -1247,26 +1250,22 @@ impl Client {
                     (ring.chunk_count(), ring.chunk_count())
                 }
             };
-            let mut st = self
-                .home
-                .local_state(&self.user, name)?
-                .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
-            st.memory_dropped = false;
-            self.home.save_local_state(&st)?;
+            self.mark_memory_stored(name)?;
             Ok::<_, ClientError>(counts)
         }
         .await;
         let _ = std::fs::remove_file(mem_path);
-        match stored {
-            Ok(n) => Ok(n),
-            Err(e) => {
-                drop_memory_image(o.files.dir())?;
-                Err(ClientError::Other(format!(
-                    "storing the memory image of {name} failed: {e}; the VM has stopped, and {}",
-                    next_resume_note(o.files.dir())
-                )))
-            }
-        }
+        stored.map_err(|e| memory_store_failed(o, name, e))
+    }
+
+    /// The parcel has a memory image to resume again (after a suspend stored one).
+    fn mark_memory_stored(&self, name: &str) -> Result<(), ClientError> {
+        let mut st = self
+            .home
+            .local_state(&self.user, name)?
+            .ok_or_else(|| ClientError::Other("local state vanished".into()))?;
+        st.memory_dropped = false;
+        self.home.save_local_state(&st)
     }
 
     /// The serial console socket of the running VM of `name` (for `isr console`).
