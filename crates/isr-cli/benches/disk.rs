@@ -125,6 +125,18 @@ fn copy_on_read_all(overlay: &Path) -> Duration {
     took
 }
 
+/// Read every file under `dir` (into the page cache).
+fn read_all_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            read_all_files(&p);
+        } else if p.is_file() {
+            let _ = std::io::copy(&mut std::fs::File::open(&p).unwrap(), &mut std::io::sink());
+        }
+    }
+}
+
 /// `nbdcopy URL FILE` (a fresh file each time); the time it took.
 fn nbdcopy(url: &str, out: &Path) -> Duration {
     let _ = std::fs::remove_file(out);
@@ -303,6 +315,9 @@ fn main() {
         for rep in 0..REPS {
             let b = Client::new(&server, &d.join(format!("home-cold-{rep}")));
             b.ok(&["checkout", "cold"]);
+            // The server's chunk files in the page cache, as the peer's raw file is (its qemu-nbd TCP run
+            // reads it just before): this machine pages out what was not used for a while.
+            read_all_files(&server.data);
             let sock = d.join(format!("cold-{rep}.sock"));
             let child = b.disk("cold", &sock);
             cold.push(qemu_img_bench(&format!("nbd+unix:///?socket={}", sock.display()), &read_all));

@@ -49,9 +49,9 @@ fn block_status_shows_zero_chunks_as_holes_and_cache_fetches() {
     let b = Client::new(&server, "alice");
     let sock = scratch.path().join("d.sock");
     let disk = b.disk("d", &sock);
-    let before = server.chunk_requests();
+    let before = server.chunks_fetched();
     let m = map(&sock);
-    assert_eq!(server.chunk_requests(), before, "block status fetched chunks");
+    assert_eq!(server.chunks_fetched(), before, "block status fetched chunks");
     assert!(all(&m, 0, 4 << 20, true), "{m:?}");
     assert!(all(&m, 4 << 20, 64 << 20, false), "{m:?}");
     assert!(all(&m, 64 << 20, 65 << 20, true), "{m:?}");
@@ -66,7 +66,7 @@ fn block_status_shows_zero_chunks_as_holes_and_cache_fetches() {
 
     // libnbd (another client implementation) sees the flags, and NBD_CMD_CACHE of the 64 MiB text region
     // fetches its chunks once; reading it afterwards fetches nothing.
-    let before = server.chunk_requests();
+    let before = server.chunks_fetched();
     let script = "assert h.can_cache()\nassert h.can_multi_conn()\nassert h.can_fast_zero()\n\
                   assert h.can_meta_context('base:allocation')\nh.cache(1024 * 1024, 64 * 1024 * 1024)\n";
     // Debian's python3 (nbdsh's module is installed for it, not for another python3 on the PATH).
@@ -77,10 +77,10 @@ fn block_status_shows_zero_chunks_as_holes_and_cache_fetches() {
         .output()
         .expect("nbdsh (libnbd-bin, python3-libnbd)");
     assert!(out.status.success(), "nbdsh: {}", String::from_utf8_lossy(&out.stderr));
-    let cached = server.chunk_requests() - before;
+    let cached = server.chunks_fetched() - before;
     assert_eq!(cached, 8, "1 MiB of 128 KiB chunks, each fetched once");
     let (ok, text) = qemu_io(&sock, &["read -P 0x74 64M 1"]); // the "t" of "the"
     assert!(ok, "{text}");
-    assert_eq!(server.chunk_requests() - before, cached, "a read after the cache request fetched again");
+    assert_eq!(server.chunks_fetched() - before, cached, "a read after the cache request fetched again");
     stop_disk(disk);
 }

@@ -110,7 +110,7 @@ fn the_static_isr_runs_from_a_stick_with_an_empty_environment_and_resumes_from_i
     assert!(version.status.success(), "{}", String::from_utf8_lossy(&version.stderr));
 
     // Resume on the stick's fresh home: the guest continues; no chunk comes from the server.
-    let before = server.chunk_requests();
+    let before = server.chunks_fetched();
     let run = pocket(&["resume", "vm", "--display", "none"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -127,7 +127,7 @@ fn the_static_isr_runs_from_a_stick_with_an_empty_environment_and_resumes_from_i
     let suspend = pocket(&["suspend", "vm"]).output().unwrap();
     assert!(suspend.status.success(), "{}", String::from_utf8_lossy(&suspend.stderr));
     let out = finish(run);
-    assert_eq!(server.chunk_requests(), before, "chunks came from the server, not the stick: {out}");
+    assert_eq!(server.chunks_fetched(), before, "chunks came from the server, not the stick: {out}");
     assert!(out.contains("0 chunks (0.0 MiB) from the server"), "{out}");
     assert!(out.contains("from lookaside"), "{out}");
     // Its home is on the stick, and the checkout and the memory image went there.

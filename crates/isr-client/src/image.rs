@@ -496,15 +496,21 @@ impl WorkingImage {
         }
     }
 
-    /// Fill `piece` with bytes `start..start + piece.len()` of chunk `i`.
-    async fn read_piece(&self, i: u64, start: usize, mut piece: BytesMut) -> (BytesMut, std::io::Result<()>) {
+    /// Fill `piece` with bytes `start..start + piece.len()` of chunk `i`; `Ok(true)` when they are the
+    /// zeroes of a zero chunk (a hole for a sparse read).
+    async fn read_piece(
+        &self,
+        i: u64,
+        start: usize,
+        mut piece: BytesMut,
+    ) -> (BytesMut, std::io::Result<bool>) {
         if let Held::Remote(..) = self.held(i) {
             let _g = self.stripe(i).lock().await;
             match self.fill_locked(i).await {
                 Ok(Some(plain)) => {
                     let n = piece.len();
                     piece.copy_from_slice(&plain[start..start + n]);
-                    return (piece, Ok(()));
+                    return (piece, Ok(false));
                 }
                 Ok(None) => {}
                 Err(e) => return (piece, Err(eio(e))),
@@ -515,18 +521,18 @@ impl WorkingImage {
             if let Some(plain) = self.ready.lock().expect("ready chunks").take(i) {
                 let n = piece.len();
                 piece.copy_from_slice(&plain[start..start + n]);
-                return (piece, Ok(()));
+                return (piece, Ok(false));
             }
         }
         match held {
             Held::Zero => {
                 piece.fill(0);
-                (piece, Ok(()))
+                (piece, Ok(true))
             }
             Held::Local | Held::Remote(..) if piece.len() <= INLINE_IO => {
                 // A few sectors from the page cache: cheaper here than a hop to a blocking thread.
                 let r = self.runtime.read(i, start, &mut piece).map_err(eio);
-                (piece, r)
+                (piece, r.map(|()| false))
             }
             Held::Local | Held::Remote(..) => {
                 let rt = self.runtime.clone();
@@ -536,7 +542,7 @@ impl WorkingImage {
                 })
                 .await
                 {
-                    Ok((piece, r)) => (piece, r.map_err(eio)),
+                    Ok((piece, r)) => (piece, r.map(|()| false).map_err(eio)),
                     Err(e) => (BytesMut::new(), Err(eio(e))),
                 }
             }
@@ -554,14 +560,29 @@ impl WorkingImage {
     /// unspecified and must not be used). The chunks of one request are read concurrently, each into its
     /// own piece of `buf`.
     pub async fn read_owned(self: &Arc<Self>, offset: u64, buf: Vec<u8>) -> (Vec<u8>, std::io::Result<()>) {
+        let (buf, r) = self.read_sparse_owned(offset, buf).await;
+        (buf, r.map(drop))
+    }
+
+    /// Like [`Self::read_owned`], and the ranges of `buf` that hold zero chunks' zeroes (in order, merged
+    /// when adjacent): a structured NBD reply sends them as holes, without their bytes.
+    pub async fn read_sparse_owned(
+        self: &Arc<Self>,
+        offset: u64,
+        buf: Vec<u8>,
+    ) -> (Vec<u8>, std::io::Result<Vec<std::ops::Range<u32>>>) {
         if let Err(e) = self.check_range(offset, buf.len() as u64) {
+            return (buf, Err(e));
+        }
+        if buf.len() > u32::MAX as usize {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "a read is at most 4 GiB");
             return (buf, Err(e));
         }
         self.touched(offset, buf.len() as u64);
         let cs = self.chunk_size;
         let range = cs.chunks_in_range(ByteOffset(offset), buf.len() as u64);
         if range.is_empty() {
-            return (buf, Ok(()));
+            return (buf, Ok(Vec::new()));
         }
         let sequential = {
             let mut last = self.last_read.lock().expect("last read");
@@ -576,7 +597,9 @@ impl WorkingImage {
             // One chunk (the common case): no split.
             let start = cs.offset_in_chunk(ByteOffset(offset));
             let (piece, r) = self.read_piece(range.start, start, BytesMut::from(Bytes::from(buf))).await;
-            return (Vec::from(piece), r);
+            let whole = 0..piece.len() as u32;
+            let holes = r.map(|zero| if zero { std::iter::once(whole).collect() } else { Vec::new() });
+            return (Vec::from(piece), holes);
         }
         // One owned piece of `buf` per chunk (no copy: they share `buf`'s memory and are joined again).
         let mut rest = match Bytes::from(buf).try_into_mut() {
@@ -592,7 +615,7 @@ impl WorkingImage {
             pos += n as u64;
         }
         drop(rest);
-        let mut done: Vec<Option<BytesMut>> = vec![None; parts.len()];
+        let mut done: Vec<Option<(BytesMut, bool)>> = vec![None; parts.len()];
         let mut pending = parts.into_iter();
         let mut running = futures::stream::FuturesUnordered::new();
         let piece = |(k, i, start, piece): (usize, u64, usize, BytesMut)| async move {
@@ -604,20 +627,28 @@ impl WorkingImage {
         }
         let mut result = Ok(());
         while let Some((k, bytes, r)) = running.next().await {
-            done[k] = Some(bytes);
-            if result.is_ok() {
-                result = r;
+            let zero = *r.as_ref().unwrap_or(&false);
+            done[k] = Some((bytes, zero));
+            if let (Ok(()), Err(e)) = (&result, r) {
+                result = Err(e);
             }
             if let Some(p) = pending.next() {
                 running.push(piece(p));
             }
         }
         let mut whole = BytesMut::new();
-        for p in done.into_iter().flatten() {
+        let mut holes: Vec<std::ops::Range<u32>> = Vec::new();
+        for (p, zero) in done.into_iter().flatten() {
+            let (at, n) = (whole.len() as u32, p.len() as u32);
+            match holes.last_mut() {
+                Some(h) if zero && h.end == at => h.end = at + n,
+                _ if zero => holes.push(at..at + n),
+                _ => {}
+            }
             // Adjacent pieces of one buffer join without a copy.
             whole.unsplit(p);
         }
-        (Vec::from(whole), result)
+        (Vec::from(whole), result.map(|()| holes))
     }
 
     /// Write `data` (or zeroes, when `None`) at `start` of chunk `i`; the caller holds its stripe lock.
@@ -1030,6 +1061,13 @@ impl isr_nbd::BlockDevice for ImageDevice {
     }
     async fn read_owned(&self, offset: u64, buf: Vec<u8>) -> (Vec<u8>, std::io::Result<()>) {
         self.0.read_owned(offset, buf).await
+    }
+    async fn read_sparse_owned(
+        &self,
+        offset: u64,
+        buf: Vec<u8>,
+    ) -> (Vec<u8>, std::io::Result<Vec<std::ops::Range<u32>>>) {
+        self.0.read_sparse_owned(offset, buf).await
     }
     async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.0.write(offset, data).await

@@ -176,6 +176,11 @@ pub struct RuntimeImage {
     xts: Xts,
     mac_key: [u8; 32],
     entries: Mutex<Vec<Entry>>,
+    /// Held around every write of the file. A buffered write holds the file's inode lock in the kernel,
+    /// so writes never ran in parallel anyway; but threads waiting there spin on the CPU (ext4's rwsem
+    /// spins while its owner runs), and a write that allocates page cache can take long. Waiting here
+    /// sleeps instead, leaving the CPU to decodes and the guest.
+    writes: Mutex<()>,
     /// Tests simulate a crash by dropping without the clean close.
     #[cfg(test)]
     crashed: std::sync::atomic::AtomicBool,
@@ -257,6 +262,7 @@ impl RuntimeImage {
             xts,
             mac_key,
             entries: Mutex::new(entries),
+            writes: Mutex::new(()),
             #[cfg(test)]
             crashed: Default::default(),
         };
@@ -362,6 +368,7 @@ impl RuntimeImage {
             return Ok(());
         }
         // Written while the lock is held, so the file's entry never goes back to an older one.
+        let _w = self.writes.lock().expect("runtime writes");
         self.file
             .write_all_at(&e.encode(), MAP_AT + i * ENTRY_LEN as u64)
             .map_err(io(format!("writing the map of {}", self.path.display())))?;
@@ -425,6 +432,7 @@ impl RuntimeImage {
     /// Encrypt `sectors` (whole sectors of plaintext) in place and write them at `offset` of chunk `i`.
     fn store_sectors(&self, i: u64, offset: usize, mut sectors: Vec<u8>) -> Result<(), RuntimeError> {
         self.xts.encrypt_sectors(&mut sectors, self.first_sector(i, offset));
+        let _w = self.writes.lock().expect("runtime writes");
         self.file
             .write_all_at(&sectors, self.geo.chunk_at(i) + offset as u64)
             .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
@@ -468,6 +476,7 @@ impl RuntimeImage {
     pub fn flush(&self) -> Result<(), RuntimeError> {
         {
             let mut entries = self.entries.lock().expect("runtime map");
+            let _w = self.writes.lock().expect("runtime writes");
             for (i, e) in entries.iter_mut().enumerate() {
                 if e.is(state::DIRTY) && !e.is(state::FLUSHED) {
                     e.state |= state::FLUSHED;

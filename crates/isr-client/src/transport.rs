@@ -4,7 +4,7 @@ use crate::error::{ClientError, LockLoss};
 use base64::Engine;
 use bytes::Bytes;
 use isr_format::Tag;
-use isr_wire::limits::{MAX_COMMENT, MAX_HELD_TAGS, MAX_MISSING_TAGS};
+use isr_wire::limits::{MAX_COMMENT, MAX_FETCH_TAGS, MAX_HELD_TAGS, MAX_MISSING_TAGS};
 use isr_wire::{routes, ApiPath, ErrorBody, ErrorCode, ParcelName, VersionRef};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -533,6 +533,42 @@ impl Transport {
         let body = self.ok_body(self.http.get(url)).await?;
         isr_format::codec::verify_tag(tag, &body).map_err(|e| ClientError::chunk(tag, e))?;
         Ok(body)
+    }
+
+    /// Many chunks in one request (`POST chunks/fetch`, at most [`MAX_FETCH_TAGS`]): `each(k, chunk)` is
+    /// called for `tags[k]`, in order, as soon as its last byte has arrived: its stored bytes verified against
+    /// the tag, `Ok(None)` when the server has no copy, or the integrity error of a copy that is not the
+    /// tag's. An `Err` from this function (the server could not be reached, the answer broke off or is
+    /// malformed) concerns the tags not handed to `each` yet.
+    pub async fn fetch_chunks(
+        &self,
+        tags: &[Tag],
+        mut each: impl FnMut(usize, Result<Option<Bytes>, ClientError>),
+    ) -> Result<(), ClientError> {
+        assert!(tags.len() <= MAX_FETCH_TAGS, "at most {MAX_FETCH_TAGS} tags per chunks/fetch");
+        let url = self.url(&routes::chunks_fetch(), &[])?;
+        let mut resp = self.send(self.http.post(url).body(isr_wire::encode_tags(tags))).await?;
+        if !resp.status().is_success() {
+            return Err(self.error_of(resp).await);
+        }
+        let malformed = |e: isr_wire::fetch::FrameError| ClientError::Server(e.to_string());
+        let mut frames = isr_wire::fetch::FetchFrames::new(tags.len());
+        let mut next = 0;
+        while let Some(piece) = resp.chunk().await.map_err(|e| self.transport_error(e))? {
+            frames.push(&piece).map_err(malformed)?;
+            while let Some(frame) = frames.pop() {
+                let tag = &tags[next];
+                let verified = match frame {
+                    Some(b) => isr_format::codec::verify_tag(tag, &b)
+                        .map(|()| Some(b))
+                        .map_err(|e| ClientError::chunk(tag, e)),
+                    None => Ok(None),
+                };
+                each(next, verified);
+                next += 1;
+            }
+        }
+        frames.finish().map_err(malformed)
     }
 }
 

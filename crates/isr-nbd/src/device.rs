@@ -3,6 +3,7 @@
 //! (a raw image file, used by the benchmark).
 
 use std::io;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -79,6 +80,15 @@ pub trait BlockDevice: Send + Sync + 'static {
         (buf, r)
     }
 
+    /// Owned-buffer read for a structured reply, which may leave out what reads as zeroes: fill `buf` from
+    /// `offset` except, if the device likes, ranges that read as zeroes, and return those ranges (relative to
+    /// `offset`, in order, apart, within `buf`). The server sends them as holes (`NBD_REPLY_TYPE_OFFSET_HOLE`),
+    /// without their bytes. Default: no holes ([`read_owned`](Self::read_owned)).
+    async fn read_sparse_owned(&self, offset: u64, buf: Vec<u8>) -> (Vec<u8>, io::Result<Vec<Range<u32>>>) {
+        let (buf, r) = self.read_owned(offset, buf).await;
+        (buf, r.map(|()| Vec::new()))
+    }
+
     /// Owned-buffer write: write all of `data` at `offset` and hand it back.
     async fn write_owned(&self, offset: u64, data: Vec<u8>) -> (Vec<u8>, io::Result<()>) {
         let r = self.write(offset, &data).await;
@@ -93,10 +103,30 @@ fn check_range(size: u64, offset: u64, len: u64) -> io::Result<(usize, usize)> {
     }
 }
 
+/// The runs of whole zero blocks of `block` bytes in `buf` (blocks counted from its start; a shorter last
+/// block counts too), merged, for [`BlockDevice::read_sparse_owned`].
+pub fn zero_runs(buf: &[u8], block: usize) -> Vec<Range<u32>> {
+    let mut runs: Vec<Range<u32>> = Vec::new();
+    for (k, b) in buf.chunks(block.max(1)).enumerate() {
+        if b.iter().any(|&x| x != 0) {
+            continue;
+        }
+        let start = (k * block) as u32;
+        let end = start + b.len() as u32;
+        match runs.last_mut() {
+            Some(r) if r.end == start => r.end = end,
+            _ => runs.push(start..end),
+        }
+    }
+    runs
+}
+
 /// An in-memory device (a `Vec<u8>` behind a lock).
 #[derive(Debug, Default)]
 pub struct MemDevice {
     data: RwLock<Vec<u8>>,
+    /// Report zero 4 KiB blocks of a read as holes.
+    sparse: bool,
 }
 
 impl MemDevice {
@@ -106,7 +136,11 @@ impl MemDevice {
     }
     /// A device with the given contents.
     pub fn from_vec(data: Vec<u8>) -> Self {
-        MemDevice { data: RwLock::new(data) }
+        MemDevice { data: RwLock::new(data), sparse: false }
+    }
+    /// A device with the given contents whose structured reads send zero 4 KiB blocks as holes.
+    pub fn sparse(data: Vec<u8>) -> Self {
+        MemDevice { data: RwLock::new(data), sparse: true }
     }
     /// A copy of the current contents.
     pub fn contents(&self) -> Vec<u8> {
@@ -150,6 +184,15 @@ impl BlockDevice for MemDevice {
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.fill(offset, len, 0)
+    }
+    async fn read_sparse_owned(
+        &self,
+        offset: u64,
+        mut buf: Vec<u8>,
+    ) -> (Vec<u8>, io::Result<Vec<Range<u32>>>) {
+        let r = self.read(offset, &mut buf).await;
+        let holes = if self.sparse { zero_runs(&buf, 4096) } else { Vec::new() };
+        (buf, r.map(|()| holes))
     }
 }
 
@@ -269,6 +312,16 @@ impl BlockDevice for FileDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_runs_merge_whole_zero_blocks() {
+        let mut b = vec![0u8; 4 * 4096 + 100];
+        b[4096 + 7] = 1;
+        assert_eq!(zero_runs(&b, 4096), vec![0..4096, 8192..(4 * 4096 + 100)]);
+        b[4 * 4096 + 99] = 1;
+        assert_eq!(zero_runs(&b, 4096), vec![0..4096, 8192..4 * 4096]);
+        assert_eq!(zero_runs(&[], 4096), Vec::<Range<u32>>::new());
+    }
 
     async fn exercise(dev: &dyn BlockDevice) {
         dev.write(10, b"hello").await.unwrap();

@@ -18,7 +18,10 @@
 //! context `base:allocation`); every other option gets `NBD_REP_ERR_UNSUP`
 //! (no TLS, no extended headers). Commands: `READ`, `WRITE`, `DISC`, `FLUSH`,
 //! `TRIM`, `WRITE_ZEROES` with `FUA`, `NO_HOLE` and `FAST_ZERO`, `CACHE`,
-//! `BLOCK_STATUS` (with `REQ_ONE`); others get `EINVAL`. `CAN_MULTI_CONN` is
+//! `BLOCK_STATUS` (with `REQ_ONE`); others get `EINVAL`. A structured read
+//! without `DF` sends the ranges the device reports as zeroes
+//! ([`BlockDevice::read_sparse_owned`]) as `OFFSET_HOLE` chunks, without
+//! their bytes. `CAN_MULTI_CONN` is
 //! advertised for a read-only export or a device that says every connection
 //! sees one consistent state ([`BlockDevice::multi_conn_consistent`]).
 //!
@@ -32,7 +35,7 @@ mod device;
 pub mod proto;
 mod server;
 
-pub use device::{BlockDevice, FileDevice, MemDevice};
+pub use device::{zero_runs, BlockDevice, FileDevice, MemDevice};
 pub use server::{handle_connection, handle_split, serve, serve_with_options, ServeOptions};
 
 /// Errors that end an NBD connection (or the server).

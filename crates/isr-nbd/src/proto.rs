@@ -780,14 +780,41 @@ pub fn encode_structured_header(flags: u16, ty: u16, handle: u64, len: u32) -> [
 /// Server: final `OFFSET_DATA` chunk header (header + offset); `data_len`
 /// bytes of data follow.
 pub fn encode_offset_data_header(handle: u64, offset: u64, data_len: u32) -> [u8; OFFSET_DATA_HEADER_LEN] {
+    encode_offset_data_chunk_header(reply::FLAG_DONE, handle, offset, data_len)
+}
+
+/// Server: `OFFSET_DATA` chunk header with `flags` (header + offset); `data_len` bytes of data follow.
+pub fn encode_offset_data_chunk_header(
+    flags: u16,
+    handle: u64,
+    offset: u64,
+    data_len: u32,
+) -> [u8; OFFSET_DATA_HEADER_LEN] {
     let mut b = [0u8; OFFSET_DATA_HEADER_LEN];
     b[..STRUCTURED_HEADER_LEN].copy_from_slice(&encode_structured_header(
-        reply::FLAG_DONE,
+        flags,
         reply::TYPE_OFFSET_DATA,
         handle,
         data_len + 8,
     ));
     b[STRUCTURED_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+    b
+}
+
+/// Length of an `OFFSET_HOLE` chunk (header, offset, hole length).
+pub const OFFSET_HOLE_LEN: usize = STRUCTURED_HEADER_LEN + 12;
+
+/// Server: `OFFSET_HOLE` chunk with `flags`: `len` bytes at `offset` read as zeroes.
+pub fn encode_offset_hole(flags: u16, handle: u64, offset: u64, len: u32) -> [u8; OFFSET_HOLE_LEN] {
+    let mut b = [0u8; OFFSET_HOLE_LEN];
+    b[..STRUCTURED_HEADER_LEN].copy_from_slice(&encode_structured_header(
+        flags,
+        reply::TYPE_OFFSET_HOLE,
+        handle,
+        12,
+    ));
+    b[STRUCTURED_HEADER_LEN..STRUCTURED_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
+    b[STRUCTURED_HEADER_LEN + 8..].copy_from_slice(&len.to_be_bytes());
     b
 }
 

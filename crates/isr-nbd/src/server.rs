@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, BytesMut};
@@ -409,15 +410,71 @@ struct Outgoing {
     head: [u8; 32],
     head_len: u8,
     body: Body,
+    /// A sparse read's reply: structured chunks, each a header and a range of `body` (empty for a hole),
+    /// sent after `head` in place of the whole body.
+    pieces: Vec<Piece>,
     _permit: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// One structured chunk of a sparse read's reply.
+struct Piece {
+    head: [u8; 32],
+    head_len: u8,
+    data: Range<usize>,
 }
 
 impl Outgoing {
     fn new(head: &[u8], body: Body) -> Self {
         let mut h = [0u8; 32];
         h[..head.len()].copy_from_slice(head);
-        Outgoing { head: h, head_len: head.len() as u8, body, _permit: None, _bytes: None }
+        Outgoing {
+            head: h,
+            head_len: head.len() as u8,
+            body,
+            pieces: Vec::new(),
+            _permit: None,
+            _bytes: None,
+        }
+    }
+
+    /// The reply to a structured read of `buf` at `offset` in which `holes` (relative to `offset`, in
+    /// order, apart, within `buf`, none empty) read as zeroes: `OFFSET_DATA` and `OFFSET_HOLE` chunks in
+    /// order, the last one flagged done.
+    fn sparse_read(handle: u64, offset: u64, buf: Vec<u8>, holes: &[Range<u32>]) -> Self {
+        let len = buf.len();
+        let mut spans: Vec<(bool, Range<usize>)> = Vec::with_capacity(2 * holes.len() + 1);
+        let mut at = 0;
+        for h in holes {
+            let (start, end) = (h.start as usize, h.end as usize);
+            if start > at {
+                spans.push((false, at..start));
+            }
+            spans.push((true, start..end));
+            at = end;
+        }
+        if at < len {
+            spans.push((false, at..len));
+        }
+        let last = spans.len() - 1;
+        let pieces = spans
+            .into_iter()
+            .enumerate()
+            .map(|(k, (hole, r))| {
+                let flags = if k == last { proto::reply::FLAG_DONE } else { 0 };
+                let at = offset + r.start as u64;
+                let mut head = [0u8; 32];
+                if hole {
+                    head.copy_from_slice(&proto::encode_offset_hole(flags, handle, at, r.len() as u32));
+                    Piece { head, head_len: 32, data: 0..0 }
+                } else {
+                    let h = proto::encode_offset_data_chunk_header(flags, handle, at, r.len() as u32);
+                    head[..h.len()].copy_from_slice(&h);
+                    Piece { head, head_len: h.len() as u8, data: r }
+                }
+            })
+            .collect();
+        Outgoing { head: [0; 32], head_len: 0, body: Body::Pooled(buf), pieces, _permit: None, _bytes: None }
     }
     fn body(&self) -> &[u8] {
         match &self.body {
@@ -430,10 +487,21 @@ impl Outgoing {
 async fn write_batch<W: AsyncWrite + Unpin + ?Sized>(wr: &mut W, batch: &[Outgoing]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
     for o in batch {
-        slices.push(IoSlice::new(&o.head[..o.head_len as usize]));
+        if o.head_len > 0 {
+            slices.push(IoSlice::new(&o.head[..o.head_len as usize]));
+        }
         let b = o.body();
-        if !b.is_empty() {
-            slices.push(IoSlice::new(b));
+        if o.pieces.is_empty() {
+            if !b.is_empty() {
+                slices.push(IoSlice::new(b));
+            }
+            continue;
+        }
+        for p in &o.pieces {
+            slices.push(IoSlice::new(&p.head[..p.head_len as usize]));
+            if !p.data.is_empty() {
+                slices.push(IoSlice::new(&b[p.data.clone()]));
+            }
         }
     }
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
@@ -614,6 +682,30 @@ impl Conn {
         barrier: u64,
     ) -> Outgoing {
         let out = match req.command {
+            Command::Read if self.structured && req.len > 0 && req.flags & cflags::DF == 0 => {
+                let (buf, r) = self.dev.read_sparse_owned(req.offset, payload).await;
+                match r {
+                    Err(e) => {
+                        self.pool.put(buf);
+                        self.io_error_reply(&req, &e)
+                    }
+                    Ok(_) if buf.len() != req.len as usize => {
+                        self.pool.put(buf);
+                        self.error_reply(&req, errno::EIO, "device returned a short buffer")
+                    }
+                    Ok(holes) if holes.is_empty() => Outgoing::new(
+                        &proto::encode_offset_data_header(req.handle, req.offset, req.len),
+                        Body::Pooled(buf),
+                    ),
+                    Ok(holes) => match valid_holes(&holes, req.len) {
+                        true => Outgoing::sparse_read(req.handle, req.offset, buf, &holes),
+                        false => {
+                            self.pool.put(buf);
+                            self.error_reply(&req, errno::EIO, "device returned malformed holes")
+                        }
+                    },
+                }
+            }
             Command::Read => {
                 let (buf, r) = self.dev.read_owned(req.offset, payload).await;
                 match r {
@@ -699,6 +791,17 @@ impl Conn {
             Err(e) => self.io_error_reply(req, &e),
         }
     }
+}
+
+/// Whether a device's holes for a read of `len` bytes are what [`Outgoing::sparse_read`] needs: in order,
+/// apart, none empty, none past `len`.
+fn valid_holes(holes: &[Range<u32>], len: u32) -> bool {
+    let mut at = 0;
+    holes.iter().all(|h| {
+        let ok = h.start >= at && h.start < h.end && h.end <= len;
+        at = h.end;
+        ok
+    })
 }
 
 /// At most this many extents in one block status reply.

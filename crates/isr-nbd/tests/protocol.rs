@@ -456,6 +456,91 @@ async fn fatal_transmission_errors() {
     assert!(matches!(task.await.unwrap(), Err(NbdError::UnexpectedEof)));
 }
 
+#[tokio::test]
+async fn structured_reads_send_zeroes_as_holes() {
+    let mut data = vec![0u8; 1 << 20];
+    data[4096..8192].fill(7);
+    let (mut c, task) = start(Arc::new(MemDevice::sparse(data)), ServeOptions::default());
+    c.connect(true).await;
+    let chunk = |flags, ty, offset: u64, tail: &[u8]| {
+        let mut payload = offset.to_be_bytes().to_vec();
+        payload.extend_from_slice(tail);
+        Rep::Chunk { flags, ty, handle: 1, payload }
+    };
+    c.request(Command::Read, 0, 1, 0, 16384, &[]).await;
+    assert_eq!(c.reply().await, chunk(0, reply::TYPE_OFFSET_HOLE, 0, &4096u32.to_be_bytes()));
+    assert_eq!(c.reply().await, chunk(0, reply::TYPE_OFFSET_DATA, 4096, &[7; 4096]));
+    assert_eq!(
+        c.reply().await,
+        chunk(reply::FLAG_DONE, reply::TYPE_OFFSET_HOLE, 8192, &8192u32.to_be_bytes())
+    );
+    // All zero: one hole.
+    c.request(Command::Read, 0, 1, 65536, 4096, &[]).await;
+    assert_eq!(
+        c.reply().await,
+        chunk(reply::FLAG_DONE, reply::TYPE_OFFSET_HOLE, 65536, &4096u32.to_be_bytes())
+    );
+    // DF (don't fragment): the bytes, zeroes included, in one data chunk.
+    c.request(Command::Read, cflags::DF, 1, 0, 8192, &[]).await;
+    let mut both = vec![0u8; 4096];
+    both.extend_from_slice(&[7; 4096]);
+    assert_eq!(c.reply().await, chunk(reply::FLAG_DONE, reply::TYPE_OFFSET_DATA, 0, &both));
+    drop(c);
+    let _ = task.await;
+}
+
+/// A device whose sparse reads report holes that overlap or run past the read.
+struct BadHolesDevice(MemDevice);
+
+#[async_trait::async_trait]
+impl BlockDevice for BadHolesDevice {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write(offset, data).await
+    }
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len).await
+    }
+    async fn read_sparse_owned(
+        &self,
+        offset: u64,
+        buf: Vec<u8>,
+    ) -> (Vec<u8>, io::Result<Vec<std::ops::Range<u32>>>) {
+        let len = buf.len() as u32;
+        let holes = if offset == 0 { vec![0..8, 4..len] } else { vec![0..4, 8..len + 1] };
+        (buf, Ok(holes))
+    }
+}
+
+#[tokio::test]
+async fn malformed_holes_are_an_error_not_a_protocol_violation() {
+    let (mut c, task) = start(Arc::new(BadHolesDevice(MemDevice::new(1 << 20))), ServeOptions::default());
+    c.connect(true).await;
+    for (handle, offset) in [(1, 0), (2, 4096)] {
+        c.request(Command::Read, 0, handle, offset, 4096, &[]).await;
+        match c.reply().await {
+            Rep::Chunk { flags, ty, handle: h, payload } => {
+                assert_eq!((flags, ty, h), (reply::FLAG_DONE, reply::TYPE_ERROR, handle));
+                assert_eq!(&payload[..4], &errno::EIO.to_be_bytes());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(c);
+    let _ = task.await;
+}
+
 /// MemDevice whose reads at or after `fail_from` fail.
 struct FlakyDevice {
     inner: MemDevice,

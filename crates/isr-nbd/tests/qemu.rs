@@ -274,6 +274,40 @@ async fn qemu_img_info_convert_bench() {
     srv.stop().await;
 }
 
+/// QEMU's client reads holes as zeroes: a device with zero and data regions, read through `qemu-io`
+/// patterns and copied out with `qemu-img convert`, gives back exactly its contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_reads_holes_as_zeroes() {
+    let size = 4 * MIB;
+    let mut data = vec![0u8; size];
+    data[MIB..2 * MIB].fill(0x5a);
+    data[3 * MIB + 4096..3 * MIB + 8192].fill(0x5a);
+    let srv = Server::start(Arc::new(MemDevice::sparse(data.clone())), ServeOptions::default()).await;
+    let out = qemu_io(
+        &srv.url(),
+        &[],
+        &[
+            "read -P 0 0 1M",
+            "read -P 0x5a 1M 1M",
+            "read -P 0 2M 1M",
+            "read -P 0x5a 3149824 4k",
+            "read -P 0 0 4k",
+        ],
+    )
+    .await;
+    assert_clean(&out);
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("dst.img");
+    let out = run(
+        "qemu-img",
+        &["convert".into(), "-f".into(), "raw".into(), "-O".into(), "raw".into(), srv.url(), p(&dst)],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(std::fs::read(&dst).unwrap() == data, "copied contents differ");
+    srv.stop().await;
+}
+
 fn p(path: &Path) -> String {
     path.display().to_string()
 }

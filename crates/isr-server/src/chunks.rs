@@ -130,6 +130,22 @@ impl Chunks {
         }
     }
 
+    /// The stored bytes of each of `tags`, in order, as [`Self::read`] (a batched fetch): a filesystem
+    /// store reads them on one blocking thread, any other store is asked for them concurrently. Each has its
+    /// own result: one unreadable chunk fails only itself.
+    pub async fn read_many(&self, tags: Vec<Tag>) -> Vec<Result<Option<Bytes>, StoreError>> {
+        match &self.fs {
+            Some(fs) => {
+                let n = tags.len();
+                fs.get_many(tags).await.unwrap_or_else(|e| {
+                    let msg = e.to_string();
+                    (0..n).map(|_| Err(StoreError::Backend(msg.clone()))).collect()
+                })
+            }
+            None => futures::future::join_all(tags.iter().map(|t| self.store.get(t))).await,
+        }
+    }
+
     /// The tags of `tags` that the store lacks, in request order (`POST /chunks/missing`): from the chunk
     /// index when there is one.
     pub async fn missing(&self, tags: &[Tag]) -> Result<Vec<Tag>, MetaError> {

@@ -14,6 +14,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Chunks sent (by `GET /chunks/{tag}` or in a batched `chunks/fetch`).
+    pub chunks_sent: AtomicU64,
     pub logins_failed: AtomicU64,
     /// Login requests received (well-formed ones).
     pub login_attempts: AtomicU64,
@@ -44,6 +46,10 @@ impl Metrics {
 
     pub fn add_out(&self, n: usize) {
         self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn chunk_sent(&self) {
+        self.chunks_sent.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn chunk_stored(&self, bytes: usize) {
@@ -154,6 +160,12 @@ impl Metrics {
             "counter",
             "Response body bytes sent for chunks, keyrings and manifests.",
             self.bytes_out.load(Ordering::Relaxed).into(),
+        );
+        one(
+            "isr_chunks_sent_total",
+            "counter",
+            "Chunks sent to clients, one by one or in batched fetches.",
+            self.chunks_sent.load(Ordering::Relaxed).into(),
         );
         one(
             "isr_chunks_stored",

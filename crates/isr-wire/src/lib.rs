@@ -2,6 +2,7 @@
 //! client.
 //!
 //! - [`types`]: the JSON request and reply bodies, query strings, the error body, binary tag lists.
+//! - [`fetch`]: the framed answer of `chunks/fetch` (writer's header, reader's incremental parser).
 //! - [`codes`]: [`ErrorCode`], every documented error code with its status.
 //! - [`limits`]: body sizes and counts the server enforces and the client stays within.
 //! - [`routes`]: route patterns for the server's router, path builders for the client.
@@ -10,6 +11,7 @@
 //! It has no HTTP stack and no storage: the client links it without linking any server backend.
 
 pub mod codes;
+pub mod fetch;
 pub mod limits;
 pub mod names;
 pub mod routes;

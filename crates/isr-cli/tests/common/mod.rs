@@ -290,21 +290,38 @@ pub fn sent_chunks(output: &str) -> u64 {
 }
 
 impl Server {
-    /// Chunk requests the server answered with 200 so far (GETs and PUTs share the route; callers count
-    /// around phases that upload nothing).
-    pub fn chunk_requests(&self) -> u64 {
-        self.chunk_requests_answered(&["200"])
+    /// Chunks the server sent so far (one by one or in batched fetches).
+    pub fn chunks_fetched(&self) -> u64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("isr_chunks_sent_total ")?.parse().ok())
+            .expect("isr_chunks_sent_total in /metrics")
     }
 
-    /// Chunk requests answered with any of `statuses` so far (a PUT of a new chunk is answered 201).
-    pub fn chunk_requests_answered(&self, statuses: &[&str]) -> u64 {
+    /// Batched fetch requests (`POST chunks/fetch`) the server answered so far.
+    pub fn fetch_requests(&self) -> u64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with("isr_http_requests_total{route=\"/api/v1/chunks/fetch\","))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn metrics(&self) -> String {
         use std::io::{Read, Write};
         let addr = self.url.trim_start_matches("http://").trim_end_matches('/');
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
-        body.lines()
+        body
+    }
+
+    /// Requests on `/chunks/{tag}` (uploads; the client fetches in batches) answered with any of `statuses`
+    /// so far (a PUT of a new chunk is answered 201).
+    pub fn chunk_requests_answered(&self, statuses: &[&str]) -> u64 {
+        self.metrics()
+            .lines()
             .filter(|l| {
                 statuses.iter().any(|s| {
                     l.starts_with(&format!(
