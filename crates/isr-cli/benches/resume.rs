@@ -53,7 +53,13 @@ fn secs_after(text: &str, key: &str) -> f64 {
 
 /// Decode the parcel's working memory and disk images to plain files with the client library.
 /// Decode the memory image into `mem` (the RAM, as QEMU maps it) and `devices` (the device state), and the disk.
-async fn decode_images(home: &Path, url: &str, mem: &Path, devices: &Path, disk: &Path) -> (u32, u32) {
+async fn decode_images(
+    home: &Path,
+    url: &str,
+    mem: &Path,
+    devices: &Path,
+    disk: &Path,
+) -> (u32, u32, isr_format::manifest::DeviceModel) {
     let mut lib = Lib::new(
         Home::open(home).unwrap(),
         "alice".into(),
@@ -62,7 +68,9 @@ async fn decode_images(home: &Path, url: &str, mem: &Path, devices: &Path, disk:
         Box::new(|| Ok(PASSWORD.to_owned())),
     );
     let o = lib.open("vm").unwrap();
-    let sources = lib.sources(None).unwrap();
+    // Connected: the chunks a suspend changed are on the server after the round's sync.
+    let server = lib.connect().await.unwrap();
+    let sources = lib.sources(Some(server)).unwrap();
     for (kind, path) in [(ImageKind::Memory, mem), (ImageKind::Disk, disk)] {
         let (_, work, _) = lib.keyrings(&o, kind).unwrap().expect("image present");
         isr_client::resume::write_image_file(&work, &sources, path).await.unwrap();
@@ -78,7 +86,7 @@ async fn decode_images(home: &Path, url: &str, mem: &Path, devices: &Path, disk:
     file.read_exact_at(&mut state, ram_len + HEADER_LEN as u64).unwrap();
     std::fs::write(devices, state).unwrap();
     file.set_len(ram_len).unwrap();
-    (o.manifest.vm.memory_mib, o.manifest.vm.cpus)
+    (o.manifest.vm.memory_mib, o.manifest.vm.cpus, o.manifest.vm.devices)
 }
 
 #[tokio::main]
@@ -140,7 +148,7 @@ async fn main() {
     let mut mem_bytes = 0;
     for round in 0..ROUNDS {
         // The limit: QEMU restores the same memory image from a plain file.
-        let (memory_mib, cpus) = decode_images(&a.home, &server.url, &mem, &devices, &disk_raw).await;
+        let (memory_mib, cpus, model) = decode_images(&a.home, &server.url, &mem, &devices, &disk_raw).await;
         mem_bytes = std::fs::metadata(&mem).unwrap().len();
         let _ = std::fs::remove_file(&sock);
         let nbd = Command::new("qemu-nbd")
@@ -160,6 +168,16 @@ async fn main() {
         config.display = Display::None;
         config.console_log = Some(limit_console.clone());
         config.shared_ram = Some(mem.clone());
+        // The devices the state was saved with (as `isr resume` sets them): the parcel's device model and the
+        // machine type the image names.
+        config.vga = model.has_display();
+        config.agent_channel = model.has_agent_channel();
+        config.nic = model.has_nic();
+        config.agent_socket = config.agent_channel.then(|| plain.path().join("qga.sock"));
+        config.runtime_dir = Some(plain.path().to_owned());
+        if let Some(machine) = isr_vmm::inspect_memory_image(&devices).ok().and_then(|i| i.machine_type) {
+            config.machine = machine;
+        }
         let t = Instant::now();
         let mut vm = Vm::start(config, Start::Incoming { memory_image_path: devices.clone() })
             .await
@@ -184,6 +202,9 @@ async fn main() {
         );
         a.ok(&["suspend", "vm"]);
         let text = finish(child);
+        // The suspend left the changed chunks in the runtime images; the next round's limit decodes the
+        // images from chunks, so they are encoded (and uploaded) first.
+        a.ok(&["sync", "vm"]);
         let (p, r) = (secs_after(&text, "prepare "), secs_after(&text, "start/restore "));
         prep.push(p);
         rest.push(r);
