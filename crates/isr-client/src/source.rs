@@ -126,18 +126,22 @@ impl Remote {
     }
 }
 
-/// A batch task's place in [`Batches::running`]. Dropped without [`Self::retire`] (its task was cancelled:
-/// the runtime is shutting down), it gives the place back and fails the fetches still waiting, whose waiters
-/// would otherwise wait for a task that never comes.
-struct BatchSlot(Arc<RemoteInner>, bool);
+/// A batch task's place in [`Batches::running`]. Given back by [`Self::next_batch`] once nothing waits. Dropped
+/// before that (its task was cancelled: the runtime is shutting down), it gives the place back itself and,
+/// when no other batch task is left, fails the fetches still waiting (their senders are dropped), whose
+/// waiters would otherwise wait for a task that never comes.
+struct BatchSlot {
+    remote: Arc<RemoteInner>,
+    given_back: bool,
+}
 
 impl BatchSlot {
     /// The next batch, or `None` (and the place given back) when nothing waits.
     fn next_batch(&mut self) -> Option<Vec<(Tag, Reply)>> {
-        let mut b = self.0.batches.lock().expect("batch queue");
+        let mut b = self.remote.batches.lock().expect("batch queue");
         if b.waiting.is_empty() {
             b.running -= 1;
-            self.1 = true;
+            self.given_back = true;
             return None;
         }
         let n = b.waiting.len().min(BATCH_TAGS);
@@ -147,8 +151,8 @@ impl BatchSlot {
 
 impl Drop for BatchSlot {
     fn drop(&mut self) {
-        if !self.1 {
-            let mut b = self.0.batches.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.given_back {
+            let mut b = self.remote.batches.lock().unwrap_or_else(|e| e.into_inner());
             b.running -= 1;
             if b.running == 0 {
                 b.waiting.clear();
@@ -160,7 +164,7 @@ impl Drop for BatchSlot {
 impl RemoteInner {
     /// Run batches until nothing waits.
     async fn run_batches(self: Arc<Self>) {
-        let mut slot = BatchSlot(self.clone(), false);
+        let mut slot = BatchSlot { remote: self.clone(), given_back: false };
         while let Some(batch) = slot.next_batch() {
             self.fetch_batch(batch).await;
         }

@@ -244,12 +244,7 @@ async fn qemu_img_info_convert_bench() {
 
     // and back out of the export
     let dst = dir.path().join("dst.img");
-    let out = run(
-        "qemu-img",
-        &["convert".into(), "-f".into(), "raw".into(), "-O".into(), "raw".into(), srv.url(), p(&dst)],
-    )
-    .await;
-    assert!(out.status.success(), "{}", text(&out));
+    convert_out(&srv.url(), &dst).await;
     assert!(std::fs::read(&dst).unwrap() == data, "exported contents differ");
 
     // compare
@@ -298,14 +293,19 @@ async fn qemu_reads_holes_as_zeroes() {
     assert_clean(&out);
     let dir = tempfile::tempdir().unwrap();
     let dst = dir.path().join("dst.img");
+    convert_out(&srv.url(), &dst).await;
+    assert!(std::fs::read(&dst).unwrap() == data, "copied contents differ");
+    srv.stop().await;
+}
+
+/// `qemu-img convert` of the export at `url` into the raw file `dst`.
+async fn convert_out(url: &str, dst: &Path) {
     let out = run(
         "qemu-img",
-        &["convert".into(), "-f".into(), "raw".into(), "-O".into(), "raw".into(), srv.url(), p(&dst)],
+        &["convert".into(), "-f".into(), "raw".into(), "-O".into(), "raw".into(), url.into(), p(dst)],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out));
-    assert!(std::fs::read(&dst).unwrap() == data, "copied contents differ");
-    srv.stop().await;
 }
 
 fn p(path: &Path) -> String {
