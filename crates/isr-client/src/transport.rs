@@ -527,14 +527,6 @@ impl Transport {
         Ok(())
     }
 
-    /// A chunk's stored bytes, verified against its tag before they are returned.
-    pub async fn get_chunk(&self, tag: &Tag) -> Result<Bytes, ClientError> {
-        let url = self.url(&routes::chunk(tag), &[])?;
-        let body = self.ok_body(self.http.get(url)).await?;
-        isr_format::codec::verify_tag(tag, &body).map_err(|e| ClientError::chunk(tag, e))?;
-        Ok(body)
-    }
-
     /// Many chunks in one request (`POST chunks/fetch`, at most [`MAX_FETCH_TAGS`]): `each(k, chunk)` is
     /// called for `tags[k]`, in order, as soon as its last byte has arrived: its stored bytes verified against
     /// the tag, `Ok(None)` when the server has no copy, or the integrity error of a copy that is not the

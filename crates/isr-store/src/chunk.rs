@@ -301,6 +301,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
 }
 
+/// A chunk file's bytes, or `None` when there is no such file. Blocking.
+fn read_chunk_file(path: &Path) -> Result<Option<Bytes>, StoreError> {
+    match std::fs::read(path) {
+        Ok(v) => Ok(Some(Bytes::from(v))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(path, e)),
+    }
+}
+
 impl FsChunkStore {
     /// The stored bytes of each of `tags`, in order, read one after the other on one blocking thread (a
     /// batched fetch: one hop for many small reads from the page cache, not one each).
@@ -309,20 +318,7 @@ impl FsChunkStore {
         tags: Vec<Tag>,
     ) -> Result<Vec<Result<Option<Bytes>, StoreError>>, StoreError> {
         let s = self.clone();
-        blocking(move || {
-            Ok(tags
-                .iter()
-                .map(|tag| {
-                    let path = s.path_of(tag);
-                    match std::fs::read(&path) {
-                        Ok(v) => Ok(Some(Bytes::from(v))),
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                        Err(e) => Err(StoreError::io(&path, e)),
-                    }
-                })
-                .collect())
-        })
-        .await
+        blocking(move || Ok(tags.iter().map(|tag| read_chunk_file(&s.path_of(tag))).collect())).await
     }
 }
 
@@ -335,12 +331,7 @@ impl ChunkStore for FsChunkStore {
 
     async fn get(&self, tag: &Tag) -> Result<Option<Bytes>, StoreError> {
         let path = self.path_of(tag);
-        blocking(move || match std::fs::read(&path) {
-            Ok(v) => Ok(Some(Bytes::from(v))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError::io(&path, e)),
-        })
-        .await
+        blocking(move || read_chunk_file(&path)).await
     }
 
     async fn contains(&self, tag: &Tag) -> Result<bool, StoreError> {
