@@ -317,6 +317,10 @@ fn main() {
         let port = free_port();
         let tcp = qemu_nbd_tcp(&peer_img, port);
         let (mut cold, mut tcp_t, mut cor_t) = (Vec::new(), Vec::new(), Vec::new());
+        // CPU time of every process of each run (isr: `isr disk`, isr-server, qemu-img; copy-on-read:
+        // qemu-io, qemu-nbd), summed over the rounds: what a machine's cores must supply per read.
+        let (mut cold_cpu, mut cor_cpu) = (Duration::ZERO, Duration::ZERO);
+        let me = std::process::id();
         let mut fetched = String::new();
         for rep in 0..COLD_ROUNDS {
             let b = Client::new(&server, &d.join(format!("home-cold-{rep}")));
@@ -326,7 +330,10 @@ fn main() {
             read_all_files(&server.data);
             let sock = d.join(format!("cold-{rep}.sock"));
             let child = b.disk("cold", &sock);
+            let before = cpu_time(child.id(), false) + cpu_time(server.pid(), false) + cpu_time(me, true);
             cold.push(qemu_img_bench(&format!("nbd+unix:///?socket={}", sock.display()), &read_all));
+            cold_cpu +=
+                cpu_time(child.id(), false) + cpu_time(server.pid(), false) + cpu_time(me, true) - before;
             stop(child);
             fetched = b
                 .ok(&["stat", "cold"])
@@ -348,11 +355,20 @@ fn main() {
                     .arg(&overlay),
                 "qemu-img create overlay",
             );
+            let before = cpu_time(tcp.id(), false) + cpu_time(me, true);
             cor_t.push(copy_on_read_all(&overlay));
+            cor_cpu += cpu_time(tcp.id(), false) + cpu_time(me, true) - before;
             let _ = std::fs::remove_file(&overlay);
         }
         stop(tcp);
         eprintln!("cold: isr {cold:?} (last: {fetched}); qemu-nbd tcp {tcp_t:?}; copy-on-read {cor_t:?}");
+        let rounds = COLD_ROUNDS as u32;
+        let (isr_cpu, peer_cpu) = (cold_cpu / rounds, cor_cpu / rounds);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
+        let (isr_wall, cor_wall) = (mean(&cold), mean(&cor_t));
+        // The best ratio this CPU cost allows: every core busy with the read the whole time.
+        let ceiling = cor_wall.as_secs_f64() * cores / isr_cpu.as_secs_f64();
         let (c, p, cor) =
             (mbps(image(), best(&cold)), mbps(image(), best(&tcp_t)), mbps(image(), best(&cor_t)));
         print_table(
@@ -363,6 +379,27 @@ fn main() {
                 vec!["QEMU copy-on-read (qcow2 overlay) over loopback NBD from qemu-nbd, cold overlay (same run)".into(), format!("{cor:.0}"), format!("{:.2}", c / cor)],
                 vec!["qemu-nbd over loopback TCP, raw file in page cache (same run)".into(), format!("{p:.0}"), format!("{:.2}", c / p)],
             ],
+        );
+        print_table(
+            &format!("CPU cost of the cold read, mean of {COLD_ROUNDS} rounds ({cores} cores)"),
+            &["reader", "wall s", "CPU s, all its processes", "CPU s per wall s"],
+            &[
+                vec![
+                    "isr (isr disk + isr-server + qemu-img)".into(),
+                    format!("{:.2}", isr_wall.as_secs_f64()),
+                    format!("{:.2}", isr_cpu.as_secs_f64()),
+                    format!("{:.2}", isr_cpu.as_secs_f64() / isr_wall.as_secs_f64()),
+                ],
+                vec![
+                    "copy-on-read (qemu-io + qemu-nbd)".into(),
+                    format!("{:.2}", cor_wall.as_secs_f64()),
+                    format!("{:.2}", peer_cpu.as_secs_f64()),
+                    format!("{:.2}", peer_cpu.as_secs_f64() / cor_wall.as_secs_f64()),
+                ],
+            ],
+        );
+        println!(
+            "ceiling of isr / copy-on-read at this CPU cost: {ceiling:.2}x (copy-on-read's mean wall time x {cores} cores / isr's CPU time)"
         );
     }
 }

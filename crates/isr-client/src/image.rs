@@ -60,26 +60,32 @@ fn encode_chunk(
     })
 }
 
-/// Verify and decode chunk `tag`, opened from the cache as `file` of `size` bytes, straight into `out`
-/// (exactly the chunk's length). Blocking. An uncompressed chunk is read from its file directly into `out`
-/// and decrypted there; a compressed one into a reused per-thread buffer, decrypted in place and
-/// decompressed into `out`. On an error `out` holds garbage and must not be returned.
+/// Verify and decode chunk `tag`, opened from the cache as `file` of `size` bytes, into `out` (its contents
+/// replaced by the chunk's `len` bytes). Blocking. An uncompressed chunk is read from its file directly
+/// into `out` and decrypted there; a compressed one into a reused per-thread buffer, decrypted in place
+/// and decompressed into `out`. On an error `out` holds garbage and must not be returned.
 fn decode_cached_into(
     (mut file, size): (std::fs::File, u64),
     tag: &Tag,
     key: &ChunkKey,
-    out: &mut [u8],
+    out: &mut Vec<u8>,
+    len: usize,
 ) -> Result<(), ClientError> {
     use std::io::Read;
     let io = |e: std::io::Error| ClientError::io(format!("reading chunk {tag} from the cache"), e);
     let bad = |e: codec::ChunkError| ClientError::chunk(tag, e);
     let mut header = [0u8; codec::HEADER_LEN];
-    let raw_size = codec::raw_stored_len(out.len()) as u64;
+    let raw_size = codec::raw_stored_len(len) as u64;
     if size == raw_size {
         file.read_exact(&mut header).map_err(io)?;
         if header[6] == codec::COMPRESSION_NONE {
             let mut gcm_tag = [0u8; codec::AEAD_TAG_LEN];
-            file.read_exact(out).map_err(io)?;
+            out.clear();
+            // Read into `out`'s capacity: no zero-fill of bytes the file overwrites.
+            (&mut file).take(len as u64).read_to_end(out).map_err(io)?;
+            if out.len() != len {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
             file.read_exact(&mut gcm_tag).map_err(io)?;
             codec::decode_raw_in_place(tag, key, &header, out, &gcm_tag).map_err(bad)?;
             return Ok(());
@@ -94,30 +100,43 @@ fn decode_cached_into(
         // Never buffer more than one byte past the largest valid chunk: the decoder rejects it by its size.
         let limit = (codec::MAX_STORED + 1).saturating_sub(stored.len()) as u64;
         (&mut file).take(limit).read_to_end(&mut stored).map_err(io)?;
-        DECODER.with(|d| d.borrow_mut().decode_in_place(tag, key, &mut stored, out)).map_err(bad)?;
+        DECODER.with(|d| d.borrow_mut().decode_in_place(tag, key, &mut stored, out, len)).map_err(bad)?;
         // The thread keeps its buffer, but not one far larger than this image's chunks.
-        if stored.capacity() > 2 * out.len().max(256 << 10) {
+        if stored.capacity() > 2 * len.max(256 << 10) {
             *stored = Vec::new();
         }
         Ok(())
     })
 }
 
-/// Decode chunk `tag`, just fetched (and verified by tag) from below the cache, into `out`. Blocking.
-fn decode_fetched_into(fetched: Bytes, tag: &Tag, key: &ChunkKey, out: &mut [u8]) -> Result<(), ClientError> {
+/// Decode chunk `tag`, just fetched (and verified by tag) from below the cache, into `out` (its contents
+/// replaced by the chunk's `len` bytes). Blocking.
+fn decode_fetched_into(
+    fetched: Bytes,
+    tag: &Tag,
+    key: &ChunkKey,
+    out: &mut Vec<u8>,
+    len: usize,
+) -> Result<(), ClientError> {
     // Decrypted where it is when the buffer is ours alone (it is, straight from a fetch), else in a copy.
     let mut stored = fetched.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
     DECODER
-        .with(|d| d.borrow_mut().decode_fetched_in_place(key, &mut stored, out))
+        .with(|d| d.borrow_mut().decode_fetched_in_place(key, &mut stored, out, len))
         .map_err(|e| ClientError::chunk(tag, e))
 }
 
 /// Store a remote chunk's plaintext in chunk `i` of the runtime image as present and clean (data before the
 /// map entry: a crash in between leaves the chunk absent). Blocking.
-fn install_blocking(rt: &RuntimeImage, i: u64, tag: &Tag, plain: &[u8]) -> Result<(), ClientError> {
-    let mac = rt.plain_mac(i, plain);
+/// `plain` was decoded with the keyring's `key` (the AEAD proved it), so its content MAC needs no hash of it.
+fn install_blocking(
+    rt: &RuntimeImage,
+    i: u64,
+    tag: &Tag,
+    key: &ChunkKey,
+    plain: &[u8],
+) -> Result<(), ClientError> {
     rt.write_chunk(i, plain)?;
-    rt.set_entry(i, rt.clean_entry(tag, mac))?;
+    rt.set_entry(i, rt.clean_entry(i, tag, key))?;
     Ok(())
 }
 
@@ -168,7 +187,6 @@ pub struct EncodedDirty {
     written: u64,
     /// The convergent chunk: tag, key and stored bytes; `None` when it is all zero (nothing to send).
     pub chunk: Option<(Tag, ChunkKey, Bytes)>,
-    plain_mac: [u8; 16],
     /// The chunk's plaintext length.
     pub plain_len: usize,
 }
@@ -182,9 +200,6 @@ impl EncodedDirty {
     /// The keyring entry this chunk gets.
     fn keyring_entry(&self) -> Option<(Tag, ChunkKey)> {
         self.chunk.as_ref().map(|(t, k, _)| (*t, k.clone()))
-    }
-    fn tag(&self) -> Tag {
-        self.chunk.as_ref().map_or(Tag::ZERO, |(t, _, _)| *t)
     }
 }
 
@@ -277,6 +292,7 @@ impl WorkingImage {
         let (runtime, recovery) = RuntimeImage::open(
             &runtime_path,
             &keyroot,
+            &secret,
             keyring.chunk_size(),
             keyring.image_len(),
             keyring.tags(),
@@ -401,8 +417,8 @@ impl WorkingImage {
         // An open() that finds nothing costs less than a hop to a blocking thread (a cold read's every chunk).
         if let Some(file) = self.cache.open_blocking(&tag)? {
             let k = key.clone();
-            let from_cache = move |plain: &mut [u8]| decode_cached_into(file, &tag, &k, plain);
-            match self.decode_and_install(i, tag, install, from_cache).await {
+            let from_cache = move |plain: &mut Vec<u8>, len| decode_cached_into(file, &tag, &k, plain, len);
+            match self.decode_and_install(i, tag, key.clone(), install, from_cache).await {
                 Ok(plain) => return Ok(plain),
                 Err(e) => self.drop_bad_cached(&tag, e)?,
             }
@@ -413,25 +429,27 @@ impl WorkingImage {
         let fetched = self.sources.get_uncached(&tag).await;
         self.demand_fetches.fetch_sub(1, Ordering::Relaxed);
         let fetched = fetched?.ok_or_else(|| self.sources.nobody_has(&tag))?;
-        let from_fetch = move |plain: &mut [u8]| decode_fetched_into(fetched, &tag, &key, plain);
-        self.decode_and_install(i, tag, install, from_fetch).await
+        let k = key.clone();
+        let from_fetch = move |plain: &mut Vec<u8>, len| decode_fetched_into(fetched, &tag, &k, plain, len);
+        self.decode_and_install(i, tag, key, install, from_fetch).await
     }
 
-    /// On a blocking thread: `decode` chunk `i` into a new buffer and, with `install`, store it in the runtime
-    /// image as the clean content of `tag`.
+    /// On a blocking thread: `decode` chunk `i` (under `key`) into a new buffer and, with `install`, store
+    /// it in the runtime image as the clean content of `tag`.
     async fn decode_and_install(
         &self,
         i: u64,
         tag: Tag,
+        key: ChunkKey,
         install: bool,
-        decode: impl FnOnce(&mut [u8]) -> Result<(), ClientError> + Send + 'static,
+        decode: impl FnOnce(&mut Vec<u8>, usize) -> Result<(), ClientError> + Send + 'static,
     ) -> Result<Vec<u8>, ClientError> {
         let (rt, clen) = (self.runtime.clone(), self.chunk_len(i));
         tokio::task::spawn_blocking(move || {
-            let mut plain = vec![0u8; clen];
-            decode(&mut plain)?;
+            let mut plain = Vec::with_capacity(clen);
+            decode(&mut plain, clen)?;
             if install {
-                install_blocking(&rt, i, &tag, &plain)?;
+                install_blocking(&rt, i, &tag, &key, &plain)?;
             }
             Ok(plain)
         })
@@ -497,12 +515,14 @@ impl WorkingImage {
     }
 
     /// Fill `piece` with bytes `start..start + piece.len()` of chunk `i`; `Ok(true)` when they are the
-    /// zeroes of a zero chunk (a hole for a sparse read).
+    /// zeroes of a zero chunk (a hole for a sparse read, which leaves `piece` as it is: the reply sends
+    /// no bytes for it).
     async fn read_piece(
         &self,
         i: u64,
         start: usize,
         mut piece: BytesMut,
+        sparse: bool,
     ) -> (BytesMut, std::io::Result<bool>) {
         if let Held::Remote(..) = self.held(i) {
             let _g = self.stripe(i).lock().await;
@@ -526,7 +546,9 @@ impl WorkingImage {
         }
         match held {
             Held::Zero => {
-                piece.fill(0);
+                if !sparse {
+                    piece.fill(0);
+                }
                 (piece, Ok(true))
             }
             Held::Local | Held::Remote(..) if piece.len() <= INLINE_IO => {
@@ -560,16 +582,28 @@ impl WorkingImage {
     /// unspecified and must not be used). The chunks of one request are read concurrently, each into its
     /// own piece of `buf`.
     pub async fn read_owned(self: &Arc<Self>, offset: u64, buf: Vec<u8>) -> (Vec<u8>, std::io::Result<()>) {
-        let (buf, r) = self.read_sparse_owned(offset, buf).await;
+        let (buf, r) = self.read_pieces(offset, buf, false).await;
         (buf, r.map(drop))
     }
 
-    /// Like [`Self::read_owned`], and the ranges of `buf` that hold zero chunks' zeroes (in order, merged
-    /// when adjacent): a structured NBD reply sends them as holes, without their bytes.
+    /// Like [`Self::read_owned`], and the ranges of `buf` that are zero chunks (in order, merged when
+    /// adjacent): a structured NBD reply sends them as holes, without their bytes, so `buf` is left as it
+    /// was there.
     pub async fn read_sparse_owned(
         self: &Arc<Self>,
         offset: u64,
         buf: Vec<u8>,
+    ) -> (Vec<u8>, std::io::Result<Vec<std::ops::Range<u32>>>) {
+        self.read_pieces(offset, buf, true).await
+    }
+
+    /// A read of `buf.len()` bytes at `offset`, chunk by chunk, and its zero chunks' ranges; with `sparse`
+    /// those ranges of `buf` are not written.
+    async fn read_pieces(
+        self: &Arc<Self>,
+        offset: u64,
+        buf: Vec<u8>,
+        sparse: bool,
     ) -> (Vec<u8>, std::io::Result<Vec<std::ops::Range<u32>>>) {
         if let Err(e) = self.check_range(offset, buf.len() as u64) {
             return (buf, Err(e));
@@ -596,7 +630,8 @@ impl WorkingImage {
         if range.end - range.start == 1 {
             // One chunk (the common case): no split.
             let start = cs.offset_in_chunk(ByteOffset(offset));
-            let (piece, r) = self.read_piece(range.start, start, BytesMut::from(Bytes::from(buf))).await;
+            let (piece, r) =
+                self.read_piece(range.start, start, BytesMut::from(Bytes::from(buf)), sparse).await;
             let whole = 0..piece.len() as u32;
             let holes = r.map(|zero| if zero { std::iter::once(whole).collect() } else { Vec::new() });
             return (Vec::from(piece), holes);
@@ -619,7 +654,7 @@ impl WorkingImage {
         let mut pending = parts.into_iter();
         let mut running = futures::stream::FuturesUnordered::new();
         let piece = |(k, i, start, piece): (usize, u64, usize, BytesMut)| async move {
-            let (piece, r) = self.read_piece(i, start, piece).await;
+            let (piece, r) = self.read_piece(i, start, piece, sparse).await;
             (k, piece, r)
         };
         for p in pending.by_ref().take(READ_PARALLELISM) {
@@ -837,11 +872,10 @@ impl WorkingImage {
             if !e.is(state::ZERO) {
                 rt.read(i.0, 0, &mut plain)?;
             }
-            let plain_mac = rt.plain_mac(i.0, &plain);
             let chunk = encode_chunk(&secret, &plain)
                 .map_err(|e| ClientError::Other(format!("encoding chunk {}: {e}", i.0)))?
                 .map(|enc| (enc.tag, enc.key, Bytes::from(enc.stored)));
-            Ok(Some(EncodedDirty { index: i, written, chunk, plain_mac, plain_len: clen }))
+            Ok(Some(EncodedDirty { index: i, written, chunk, plain_len: clen }))
         })
         .await
         .map_err(join_err)?
@@ -875,7 +909,8 @@ impl WorkingImage {
             // Written again after the keyring took it: the entry stays dirty (the keyring's tag is the content
             // of a flushed state, what a crash falls back to).
             if unchanged(enc) {
-                self.runtime.set_entry(enc.index.0, self.runtime.clean_entry(&enc.tag(), enc.plain_mac))?;
+                let (tag, key) = enc.keyring_entry().unwrap_or((Tag::ZERO, ChunkKey([0; 32])));
+                self.runtime.set_entry(enc.index.0, self.runtime.clean_entry(enc.index.0, &tag, &key))?;
                 n += 1;
             }
         }

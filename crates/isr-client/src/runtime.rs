@@ -13,16 +13,16 @@
 //!              offsets, the XTS key sealed (AES-256-GCM) under a key derived from the parcel keyroot,
 //!              BLAKE3 checksum. Written once, when the file is made.
 //! 4096   4096  session block: open flag, boot id of the session that opened it, checksum.
-//! 8192   32*N  map: per chunk [state u8][3 zero][tag MAC 12][plaintext MAC 16].
+//! 8192   32*N  map: per chunk [state u8][MAC form u8][2 zero][tag MAC 12][content MAC 16].
 //! D      ...   data: chunk i at D + i * chunk_size, sector s of the image encrypted with tweak s.
 //! ```
 //! Crash rules (see [`RuntimeImage::open`]): a chunk dirtied after the last flush is dropped after a crash
 //! (its last flushed content is the keyring's), and after a crash of the host every present clean chunk is
-//! verified against its plaintext MAC.
+//! verified against its content MAC.
 
 use aes::cipher::{generic_array::GenericArray, inout::InOutBuf, BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::Aes256;
-use isr_format::{ChunkIndex, ChunkSize, ImageLen, Keyroot, Tag};
+use isr_format::{ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageLen, Keyroot, Tag};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -77,14 +77,26 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RuntimeError {
     move |source| RuntimeError::Io { what, source }
 }
 
+/// What a present clean chunk's content MAC covers (byte 1 of its map entry).
+pub mod mac_form {
+    /// The plaintext itself: entries written before the chunk-key form (still verified, never written).
+    pub const PLAINTEXT: u8 = 0;
+    /// The chunk's convergent key, itself a keyed BLAKE3 of the plaintext: known without hashing the
+    /// plaintext when a chunk is filled from the keyring or encoded, recomputed from it when verified.
+    pub const CHUNK_KEY: u8 = 1;
+}
+
 /// One chunk's map entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Entry {
     pub state: u8,
+    /// What `content_mac` covers ([`mac_form`]).
+    pub mac_form: u8,
     /// Keyed MAC of the tag whose content a present clean chunk holds.
     pub tag_mac: [u8; 12],
-    /// Keyed MAC of a present clean chunk's plaintext (checked after a crash of the host).
-    pub plain_mac: [u8; 16],
+    /// Keyed MAC of a present clean chunk's content and index (checked after a crash of the host, and by
+    /// `isr check --full`).
+    pub content_mac: [u8; 16],
 }
 
 impl Entry {
@@ -94,15 +106,17 @@ impl Entry {
     fn encode(&self) -> [u8; ENTRY_LEN] {
         let mut b = [0u8; ENTRY_LEN];
         b[0] = self.state;
+        b[1] = self.mac_form;
         b[4..16].copy_from_slice(&self.tag_mac);
-        b[16..32].copy_from_slice(&self.plain_mac);
+        b[16..32].copy_from_slice(&self.content_mac);
         b
     }
     fn decode(b: &[u8]) -> Entry {
         Entry {
             state: b[0],
+            mac_form: b[1],
             tag_mac: b[4..16].try_into().expect("12"),
-            plain_mac: b[16..32].try_into().expect("16"),
+            content_mac: b[16..32].try_into().expect("16"),
         }
     }
 }
@@ -116,7 +130,7 @@ pub struct Recovery {
     pub host_crashed: bool,
     /// Chunks dirtied after the last flush, dropped (back to the keyring's content).
     pub dropped_unflushed: u64,
-    /// Present clean chunks whose plaintext did not match their MAC, dropped (fetched again when read).
+    /// Present clean chunks whose content did not match their MAC, dropped (fetched again when read).
     pub dropped_unverified: u64,
     /// Present chunks of another keyring state (after a discard or a new base), dropped.
     pub dropped_stale: u64,
@@ -175,6 +189,8 @@ pub struct RuntimeImage {
     geo: Geometry,
     xts: Xts,
     mac_key: [u8; 32],
+    /// The deployment's convergence secret: a chunk's key, the content MAC's input, is derived under it.
+    secret: ConvergenceSecret,
     entries: Mutex<Vec<Entry>>,
     /// Held around every write of the file. A buffered write holds the file's inode lock in the kernel,
     /// so writes never ran in parallel anyway; but threads waiting there spin on the CPU (ext4's rwsem
@@ -202,6 +218,7 @@ impl RuntimeImage {
     pub fn open(
         path: &Path,
         keyroot: &Keyroot,
+        secret: &ConvergenceSecret,
         chunk_size: ChunkSize,
         image_len: ImageLen,
         tags: &[Tag],
@@ -255,12 +272,19 @@ impl RuntimeImage {
                 entries[i].state
             )));
         }
+        if let Some(i) = entries.iter().position(|e| e.mac_form > mac_form::CHUNK_KEY) {
+            return Err(corrupt(format!(
+                "map entry of chunk {i} has an unknown MAC form {}",
+                entries[i].mac_form
+            )));
+        }
         let img = RuntimeImage {
             path: path.into(),
             file,
             geo,
             xts,
             mac_key,
+            secret: secret.clone(),
             entries: Mutex::new(entries),
             writes: Mutex::new(()),
             #[cfg(test)]
@@ -348,7 +372,18 @@ impl RuntimeImage {
         h.finalize().as_bytes()[..12].try_into().expect("12")
     }
 
-    pub fn plain_mac(&self, i: u64, plaintext: &[u8]) -> [u8; 16] {
+    /// The content MAC of chunk `i` holding the plaintext whose convergent key is `key`
+    /// ([`mac_form::CHUNK_KEY`]).
+    pub fn content_mac(&self, i: u64, key: &ChunkKey) -> [u8; 16] {
+        let mut h = blake3::Hasher::new_keyed(&self.mac_key);
+        h.update(b"chunk key");
+        h.update(&i.to_le_bytes());
+        h.update(&key.0);
+        h.finalize().as_bytes()[..16].try_into().expect("16")
+    }
+
+    /// The content MAC of the older form ([`mac_form::PLAINTEXT`]), for entries that have it.
+    fn plaintext_mac(&self, i: u64, plaintext: &[u8]) -> [u8; 16] {
         let mut h = blake3::Hasher::new_keyed(&self.mac_key);
         h.update(b"chunk");
         h.update(&i.to_le_bytes());
@@ -376,14 +411,15 @@ impl RuntimeImage {
         Ok(())
     }
 
-    /// Chunk `i` as present and clean, holding the content of `tag` whose plaintext MAC is `plain_mac`
-    /// ([`Self::plain_mac`]; unused for the zero tag).
-    pub fn clean_entry(&self, tag: &Tag, plain_mac: [u8; 16]) -> Entry {
+    /// Chunk `i` as present and clean, holding the content of `tag` whose convergent key is `key` (unused
+    /// for the zero tag). The caller vouches for the pair: the keyring's, or just encoded.
+    pub fn clean_entry(&self, i: u64, tag: &Tag, key: &ChunkKey) -> Entry {
         let zero = tag.is_zero();
         Entry {
             state: state::PRESENT | if zero { state::ZERO } else { 0 },
+            mac_form: mac_form::CHUNK_KEY,
             tag_mac: self.tag_mac(tag),
-            plain_mac: if zero { [0; 16] } else { plain_mac },
+            content_mac: if zero { [0; 16] } else { self.content_mac(i, key) },
         }
     }
 
@@ -448,10 +484,30 @@ impl RuntimeImage {
     }
 
     /// Store the whole plaintext of chunk `i` (its length; the tail of the last sector is zero-padded).
+    /// Encrypted into a reused per-thread buffer: the plaintext is read once, no copy of it is made.
     pub fn write_chunk(&self, i: u64, plain: &[u8]) -> Result<(), RuntimeError> {
-        let mut buf = Vec::with_capacity(self.geo.stored_len(i));
-        buf.extend_from_slice(plain);
-        self.write_chunk_owned(i, buf)
+        thread_local! {
+            static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let stored = self.geo.stored_len(i);
+        SEALED.with(|sealed| {
+            let mut sealed = sealed.borrow_mut();
+            let whole = plain.len() / SECTOR * SECTOR;
+            // Every byte is overwritten below: only growth is zero-filled.
+            sealed.resize(stored, 0);
+            self.xts.encrypt_sectors_from(&plain[..whole], &mut sealed[..whole], self.first_sector(i, 0));
+            if whole < stored {
+                // The zero-padded last sector.
+                let (tail, pad) = sealed[whole..].split_at_mut(plain.len() - whole);
+                tail.copy_from_slice(&plain[whole..]);
+                pad.fill(0);
+                self.xts.encrypt_sectors(&mut sealed[whole..], self.first_sector(i, whole));
+            }
+            let _w = self.writes.lock().expect("runtime writes");
+            self.file
+                .write_all_at(&sealed, self.geo.chunk_at(i))
+                .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
+        })
     }
 
     /// [`Self::write_chunk`] encrypting `plain` in place.
@@ -500,7 +556,7 @@ impl RuntimeImage {
         self.sync()
     }
 
-    /// Whether chunk `i`'s stored plaintext matches its MAC (present clean chunks only).
+    /// Whether chunk `i`'s stored plaintext matches its content MAC (present clean chunks only).
     pub fn verify(&self, i: u64, e: &Entry) -> Result<bool, RuntimeError> {
         if e.is(state::ZERO) {
             return Ok(true);
@@ -508,7 +564,10 @@ impl RuntimeImage {
         let clen = self.geo.chunk_size.chunk_len(self.geo.image_len, ChunkIndex(i));
         let mut buf = vec![0u8; clen];
         match self.read(i, 0, &mut buf) {
-            Ok(()) => Ok(self.plain_mac(i, &buf) == e.plain_mac),
+            Ok(()) => Ok(match e.mac_form {
+                mac_form::PLAINTEXT => self.plaintext_mac(i, &buf) == e.content_mac,
+                _ => self.content_mac(i, &ChunkKey::derive(&self.secret, &buf)) == e.content_mac,
+            }),
             Err(RuntimeError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Ok(false)
             }
@@ -672,6 +731,21 @@ impl Xts {
         }
     }
 
+    /// [`Self::encrypt_sectors`] of `plain` into `out` (the same length): the first tweak pass doubles as
+    /// the copy.
+    fn encrypt_sectors_from(&self, plain: &[u8], out: &mut [u8], first: u128) {
+        for (k, (src, sector)) in plain.chunks_exact(SECTOR).zip(out.chunks_exact_mut(SECTOR)).enumerate() {
+            let tweaks = self.tweaks(first + k as u128);
+            for ((b, s), t) in sector.chunks_exact_mut(16).zip(src.chunks_exact(16)).zip(&tweaks) {
+                let x = u128::from_le_bytes(s.try_into().expect("16")) ^ t;
+                b.copy_from_slice(&x.to_le_bytes());
+            }
+            let (blocks, _) = InOutBuf::from(&mut *sector).into_chunks();
+            self.data.encrypt_blocks_inout(blocks);
+            Xts::xor_tweaks(sector, &tweaks);
+        }
+    }
+
     fn decrypt_sectors(&self, area: &mut [u8], first: u128) {
         for (k, sector) in area.chunks_exact_mut(SECTOR).enumerate() {
             let tweaks = self.tweaks(first + k as u128);
@@ -760,6 +834,12 @@ fn create(path: &Path, keyroot: &Keyroot, geo: Geometry) -> Result<(), RuntimeEr
 mod tests {
     use super::*;
 
+    const SECRET: ConvergenceSecret = ConvergenceSecret([4; 32]);
+
+    fn key_of(plain: &[u8]) -> ChunkKey {
+        ChunkKey::derive(&SECRET, plain)
+    }
+
     fn setup(len: u64) -> (tempfile::TempDir, PathBuf, Keyroot, Vec<Tag>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.rt");
@@ -768,9 +848,42 @@ mod tests {
     }
 
     #[test]
+    fn encrypting_into_a_buffer_is_encrypting_in_place() {
+        let xts = Xts::new(&[3u8; 64]);
+        let plain: Vec<u8> = (0..3 * SECTOR).map(|i| (i * 7 % 253) as u8).collect();
+        let mut in_place = plain.clone();
+        xts.encrypt_sectors(&mut in_place, 41);
+        let mut out = vec![0xEE; plain.len()];
+        xts.encrypt_sectors_from(&plain, &mut out, 41);
+        assert_eq!(out, in_place);
+        assert_ne!(out, plain);
+        xts.decrypt_sectors(&mut out, 41);
+        assert_eq!(out, plain);
+    }
+
+    #[test]
+    fn a_short_last_chunk_is_stored_zero_padded_and_reads_back() {
+        let len = (1 << 20) + 1000;
+        let (_d, path, kr, tags) = setup(len);
+        let (img, _) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(len), &tags).unwrap();
+        let last = img.chunk_count() - 1;
+        // A longer chunk first: the per-thread buffer must not carry its bytes into the short one.
+        img.write_chunk(0, &[0x5A; 128 * 1024]).unwrap();
+        img.write_chunk(last, &[0xC3; 1000]).unwrap();
+        let mut back = vec![0u8; 1000];
+        img.read(last, 0, &mut back).unwrap();
+        assert_eq!(back, vec![0xC3; 1000]);
+        let mut sector = vec![0u8; SECTOR];
+        img.read(last, 0, &mut sector).unwrap();
+        assert!(sector[1000..].iter().all(|&b| b == 0), "the pad is zeroes");
+    }
+
+    #[test]
     fn sectors_round_trip_and_are_encrypted_at_rest() {
         let (_d, path, kr, tags) = setup(1 << 20);
-        let (img, r) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let (img, r) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
         assert!(!r.unclean);
         let plain: Vec<u8> = (0..128 * 1024).map(|i| (i % 251) as u8).collect();
         img.write_chunk(3, &plain).unwrap();
@@ -812,35 +925,46 @@ mod tests {
     #[test]
     fn wrong_key_and_second_opener_are_refused() {
         let (_d, path, kr, tags) = setup(1 << 20);
-        let (img, _) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
-        let busy = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap_err();
+        let (img, _) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let busy = RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags)
+            .unwrap_err();
         assert!(matches!(busy, RuntimeError::Busy { .. }), "{busy}");
         drop(img);
-        let wrong =
-            RuntimeImage::open(&path, &Keyroot([8; 32]), ChunkSize::DEFAULT, ImageLen(1 << 20), &tags)
-                .unwrap_err();
+        let wrong = RuntimeImage::open(
+            &path,
+            &Keyroot([8; 32]),
+            &SECRET,
+            ChunkSize::DEFAULT,
+            ImageLen(1 << 20),
+            &tags,
+        )
+        .unwrap_err();
         assert!(matches!(wrong, RuntimeError::WrongKey { .. }), "{wrong}");
-        let geo = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(2 << 20), &tags).unwrap_err();
+        let geo = RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(2 << 20), &tags)
+            .unwrap_err();
         assert!(matches!(geo, RuntimeError::Geometry { .. }), "{geo}");
     }
 
     #[test]
     fn a_crash_drops_unflushed_dirty_chunks_and_keeps_flushed_ones() {
         let (_d, path, kr, tags) = setup(1 << 20);
-        let (img, _) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let (img, _) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
         let dirty = Entry { state: state::PRESENT | state::DIRTY, ..Default::default() };
         img.set_entry(1, dirty).unwrap();
         img.write_chunk(1, &[5; 128 * 1024]).unwrap();
         img.flush().unwrap();
         img.set_entry(2, dirty).unwrap();
         img.write_chunk(2, &[6; 128 * 1024]).unwrap();
-        let clean = img.clean_entry(&tags[4], img.plain_mac(4, &[9; 128 * 1024]));
+        let clean = img.clean_entry(4, &tags[4], &key_of(&[9; 128 * 1024]));
         img.write_chunk(4, &[9; 128 * 1024]).unwrap();
         img.set_entry(4, clean).unwrap();
         // A crash: the file is not closed cleanly.
         img.crashed.store(true, std::sync::atomic::Ordering::Relaxed);
         drop(img);
-        let (img, r) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let (img, r) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
         assert!(r.unclean);
         assert_eq!(r.dropped_unflushed, 1);
         assert!(img.entry(1).is(state::DIRTY | state::FLUSHED));
@@ -851,18 +975,59 @@ mod tests {
         drop(img);
         let mut other = tags.clone();
         other[4] = Tag([2; 32]);
-        let (img, r) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &other).unwrap();
+        let (img, r) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &other).unwrap();
         assert_eq!((r.unclean, r.dropped_stale), (false, 1));
         assert_eq!(img.entry(4), Entry::default());
     }
 
     #[test]
+    fn verification_checks_the_content_against_its_index_and_both_mac_forms() {
+        let (_d, path, kr, tags) = setup(1 << 20);
+        let (img, _) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let (a, b) = (vec![1u8; 128 * 1024], vec![2u8; 128 * 1024]);
+        img.write_chunk(0, &a).unwrap();
+        img.set_entry(0, img.clean_entry(0, &tags[0], &key_of(&a))).unwrap();
+        // The older form, a MAC of the plaintext, still verifies.
+        img.write_chunk(1, &b).unwrap();
+        let legacy = Entry {
+            mac_form: mac_form::PLAINTEXT,
+            content_mac: img.plaintext_mac(1, &b),
+            ..img.clean_entry(1, &tags[1], &key_of(&b))
+        };
+        img.set_entry(1, legacy).unwrap();
+        // Another chunk's content, or the key of other content: both fail.
+        img.write_chunk(2, &a).unwrap();
+        img.set_entry(2, img.clean_entry(2, &tags[2], &key_of(&b))).unwrap();
+        img.write_chunk(3, &b).unwrap();
+        img.set_entry(
+            3,
+            Entry {
+                content_mac: img.content_mac(0, &key_of(&b)),
+                ..img.clean_entry(3, &tags[3], &key_of(&b))
+            },
+        )
+        .unwrap();
+        img.write_chunk(4, &a).unwrap();
+        img.set_entry(4, Entry { content_mac: img.plaintext_mac(4, &b), ..legacy }).unwrap();
+        assert_eq!(img.verify_all().unwrap(), vec![2, 3, 4]);
+        // An unknown MAC form is a corrupt map, refused at open.
+        img.set_entry(5, Entry { mac_form: 2, ..legacy }).unwrap();
+        drop(img);
+        let e = RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown MAC form"), "{e}");
+    }
+
+    #[test]
     fn verification_finds_a_tampered_clean_chunk() {
         let (_d, path, kr, tags) = setup(1 << 20);
-        let (img, _) = RuntimeImage::open(&path, &kr, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
+        let (img, _) =
+            RuntimeImage::open(&path, &kr, &SECRET, ChunkSize::DEFAULT, ImageLen(1 << 20), &tags).unwrap();
         let plain = vec![3u8; 128 * 1024];
         img.write_chunk(0, &plain).unwrap();
-        img.set_entry(0, img.clean_entry(&tags[0], img.plain_mac(0, &plain))).unwrap();
+        img.set_entry(0, img.clean_entry(0, &tags[0], &key_of(&plain))).unwrap();
         // One byte of ciphertext flipped (not overwritten: a random key makes any given value possible).
         let at = img.geo.chunk_at(0) + 100;
         let mut b = [0u8];

@@ -242,6 +242,37 @@ fn decompress_into(
     Ok(())
 }
 
+/// [`decompress_into`] replacing the contents of `out` with exactly `len` plaintext bytes, written into its
+/// spare capacity: no zero-fill of memory the decompressor overwrites anyway.
+fn decompress_into_vec(
+    zstd: &mut zstd::bulk::Decompressor<'static>,
+    compression: u8,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+    len: usize,
+) -> Result<(), ChunkError> {
+    out.clear();
+    match compression {
+        COMPRESSION_NONE => {
+            if payload.len() != len {
+                return Err(ChunkError::LengthMismatch { expected: len, actual: payload.len() });
+            }
+            out.extend_from_slice(payload);
+        }
+        COMPRESSION_ZSTD => {
+            out.reserve(len);
+            // A frame longer than `len` fails here or below; `out`'s capacity bounds what it may write.
+            let n = zstd.decompress_to_buffer(payload, out).map_err(|_| ChunkError::Decompress)?;
+            if n != len {
+                out.clear();
+                return Err(ChunkError::LengthMismatch { expected: len, actual: n });
+            }
+        }
+        _ => return Err(ChunkError::BadHeader("unknown compression")),
+    }
+    Ok(())
+}
+
 /// Decodes chunks; holds a reusable zstd context, so keep one per thread.
 pub struct ChunkDecoder {
     zstd: zstd::bulk::Decompressor<'static>,
@@ -285,16 +316,19 @@ impl ChunkDecoder {
     }
 
     /// Like [`Self::decode_into`], but decrypts in place in `stored` (whose contents are destroyed, even on
-    /// failure) instead of copying the ciphertext to an internal buffer first. Same checks, same order.
+    /// failure) instead of copying the ciphertext to an internal buffer first, and replaces the contents of
+    /// `out` with the `len` plaintext bytes (written into its capacity, never zero-filled first). Same
+    /// checks, same order. On failure `out` holds no plaintext that may be used.
     pub fn decode_in_place(
         &mut self,
         tag: &Tag,
         key: &ChunkKey,
         stored: &mut [u8],
-        out: &mut [u8],
+        out: &mut Vec<u8>,
+        len: usize,
     ) -> Result<(), ChunkError> {
         verify_tag(tag, stored)?;
-        self.decode_fetched_in_place(key, stored, out)
+        self.decode_fetched_in_place(key, stored, out, len)
     }
 
     /// Like [`Self::decode_in_place`] for bytes whose tag the caller has just checked with [`verify_tag`]
@@ -305,17 +339,22 @@ impl ChunkDecoder {
         &mut self,
         key: &ChunkKey,
         stored: &mut [u8],
-        out: &mut [u8],
+        out: &mut Vec<u8>,
+        len: usize,
     ) -> Result<(), ChunkError> {
+        out.clear();
+        if len > MAX_PLAINTEXT {
+            return Err(ChunkError::TooLarge(len));
+        }
         if stored.len() < HEADER_LEN + AEAD_TAG_LEN || stored.len() > MAX_STORED {
             return Err(ChunkError::BadSize(stored.len()));
         }
         let (header, rest) = stored.split_at_mut(HEADER_LEN);
-        let header = check_header(header, out.len())?;
+        let header = check_header(header, len)?;
         let payload = aead(key)
             .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&header), rest)
             .map_err(|_| ChunkError::Decrypt)?;
-        decompress_into(&mut self.zstd, header[6], payload, out)
+        decompress_into_vec(&mut self.zstd, header[6], payload, out, len)
     }
 
     /// Like [`Self::decode_into`] into a fresh buffer of `expected_len` bytes.
@@ -405,8 +444,9 @@ mod tests {
         let mut dec = ChunkDecoder::new();
         let reference = dec.decode(tag, key, stored, len);
         let mut copy = stored.to_vec();
-        let mut out = vec![0u8; len];
-        let r = dec.decode_in_place(tag, key, &mut copy, &mut out).map(|()| out);
+        // A reused buffer's old contents and capacity must not leak into a result.
+        let mut out = vec![7u8; 2 * len + 1];
+        let r = dec.decode_in_place(tag, key, &mut copy, &mut out, len).map(|()| out);
         assert_eq!(r.is_ok(), reference.is_ok());
         if let (Ok(a), Ok(b)) = (&r, &reference) {
             assert_eq!(a, b);
@@ -414,8 +454,8 @@ mod tests {
         // Bytes that passed `verify_tag` (what a fetch hands over): the fetched decoder agrees too.
         if verify_tag(tag, stored).is_ok() {
             let mut copy = stored.to_vec();
-            let mut out = vec![0u8; len];
-            let f = dec.decode_fetched_in_place(key, &mut copy, &mut out).map(|()| out);
+            let mut out = Vec::new();
+            let f = dec.decode_fetched_in_place(key, &mut copy, &mut out, len).map(|()| out);
             assert_eq!(f, reference, "fetched decoder disagrees");
         }
         if stored.len() >= HEADER_LEN + AEAD_TAG_LEN && stored.len() - HEADER_LEN - AEAD_TAG_LEN == len {

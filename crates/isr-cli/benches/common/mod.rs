@@ -47,6 +47,10 @@ pub struct Server {
 }
 
 impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start(data: &Path) -> Server {
         let out = Command::new(server_bin())
             .args(["user", "add", "alice", "--data"])
@@ -122,6 +126,19 @@ impl Client {
         wait_for(|| sock.exists(), Duration::from_secs(60), "the isr disk socket");
         child
     }
+}
+
+/// CPU time (user + system) that process `pid` has used so far, from `/proc/PID/stat`; with
+/// `reaped_children`, that of its children it has waited for instead.
+pub fn cpu_time(pid: u32, reaped_children: bool) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), which ends at the last ')'.
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // utime, stime are fields 14 and 15 of the line, cutime, cstime 16 and 17; `rest` starts at field 3.
+    let at = if reaped_children { 13 } else { 11 };
+    let ticks: u64 = rest[at].parse::<u64>().unwrap() + rest[at + 1].parse::<u64>().unwrap();
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 pub fn check(out: &Output, what: &str) {

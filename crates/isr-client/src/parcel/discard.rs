@@ -21,6 +21,7 @@ impl Client {
                     let (img, _) = RuntimeImage::open(
                         &rt,
                         &o.keyroot,
+                        &self.convergence_secret()?,
                         base.chunk_size(),
                         base.image_len(),
                         base.tags(),
