@@ -203,6 +203,19 @@ impl EncodedDirty {
     }
 }
 
+/// Where a chunk's decode and store run.
+#[derive(Clone, Copy)]
+enum Hop {
+    /// On the calling task's thread: for a fetched chunk, whose decode is a fraction of a millisecond of CPU
+    /// and whose store is a write into the page cache. On a cold read, a hop per chunk to the blocking pool
+    /// cost more than that work: wake-ups, and context switches among dozens of pool threads, each with its
+    /// own cold codec buffers. Doing it here took a quarter off a cold read's time (docs/performance.md,
+    /// session 10).
+    None,
+    /// On a blocking thread: for work that reads a file (a chunk from the cache).
+    Blocking,
+}
+
 /// Where the current content of a chunk is.
 enum Held {
     /// All zero (a zero chunk of the keyring, or zeroed here).
@@ -412,13 +425,14 @@ impl WorkingImage {
 
     /// The plaintext of chunk `i`, held only remotely as `tag`: decoded from the cache, else fetched through
     /// the sources (verified by tag) and decoded; with `install`, also stored in the runtime image as present
-    /// and clean. The decode and the store are one hop to a blocking thread.
+    /// and clean. A cached chunk's read, decode and store are one hop to a blocking thread; a fetched chunk's
+    /// decode and store run right here (see [`Self::decode_and_install`]).
     async fn obtain(&self, i: u64, tag: Tag, key: ChunkKey, install: bool) -> Result<Vec<u8>, ClientError> {
         // An open() that finds nothing costs less than a hop to a blocking thread (a cold read's every chunk).
         if let Some(file) = self.cache.open_blocking(&tag)? {
             let k = key.clone();
             let from_cache = move |plain: &mut Vec<u8>, len| decode_cached_into(file, &tag, &k, plain, len);
-            match self.decode_and_install(i, tag, key.clone(), install, from_cache).await {
+            match self.decode_and_install(i, tag, key.clone(), install, Hop::Blocking, from_cache).await {
                 Ok(plain) => return Ok(plain),
                 Err(e) => self.drop_bad_cached(&tag, e)?,
             }
@@ -431,30 +445,33 @@ impl WorkingImage {
         let fetched = fetched?.ok_or_else(|| self.sources.nobody_has(&tag))?;
         let k = key.clone();
         let from_fetch = move |plain: &mut Vec<u8>, len| decode_fetched_into(fetched, &tag, &k, plain, len);
-        self.decode_and_install(i, tag, key, install, from_fetch).await
+        self.decode_and_install(i, tag, key, install, Hop::None, from_fetch).await
     }
 
-    /// On a blocking thread: `decode` chunk `i` (under `key`) into a new buffer and, with `install`, store
-    /// it in the runtime image as the clean content of `tag`.
+    /// `decode` chunk `i` (under `key`) into a new buffer and, with `install`, store it in the runtime image
+    /// as the clean content of `tag`; on a blocking thread or, with [`Hop::None`], on this task's thread.
     async fn decode_and_install(
         &self,
         i: u64,
         tag: Tag,
         key: ChunkKey,
         install: bool,
+        hop: Hop,
         decode: impl FnOnce(&mut Vec<u8>, usize) -> Result<(), ClientError> + Send + 'static,
     ) -> Result<Vec<u8>, ClientError> {
         let (rt, clen) = (self.runtime.clone(), self.chunk_len(i));
-        tokio::task::spawn_blocking(move || {
+        let work = move || {
             let mut plain = Vec::with_capacity(clen);
             decode(&mut plain, clen)?;
             if install {
                 install_blocking(&rt, i, &tag, &key, &plain)?;
             }
             Ok(plain)
-        })
-        .await
-        .map_err(join_err)?
+        };
+        match hop {
+            Hop::None => work(),
+            Hop::Blocking => tokio::task::spawn_blocking(work).await.map_err(join_err)?,
+        }
     }
 
     /// A cached chunk failed verification: when another source could have a good copy (the server, a lookaside
@@ -909,6 +926,7 @@ impl WorkingImage {
             // Written again after the keyring took it: the entry stays dirty (the keyring's tag is the content
             // of a flushed state, what a crash falls back to).
             if unchanged(enc) {
+                // An all-zero chunk has no convergent chunk: its entry is the zero tag's, which takes no key.
                 let (tag, key) = enc.keyring_entry().unwrap_or((Tag::ZERO, ChunkKey([0; 32])));
                 self.runtime.set_entry(enc.index.0, self.runtime.clean_entry(enc.index.0, &tag, &key))?;
                 n += 1;
