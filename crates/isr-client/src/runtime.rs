@@ -681,10 +681,6 @@ impl Drop for RuntimeImage {
     }
 }
 
-/// AES-256-XTS over whole 4 KiB sectors (IEEE 1619, the tweak of sector s is s as a 128-bit little-endian
-/// number, as dm-crypt's `plain64`). Written here rather than with `xts_mode` directly because that crate
-/// encrypts one AES block at a time; this one hands each sector's 256 blocks to AES at once, which the `aes`
-/// crate pipelines with AES-NI. The unit tests check it against `xts_mode` byte for byte.
 /// For each byte h shifted out of the top of a tweak by a multiplication by x^8: h times x^128 reduced by the
 /// XTS polynomial, i.e. the carry-less product of h and 0x87 (at most 15 bits, so no further reduction).
 const FOLD8: [u16; 256] = {
@@ -705,6 +701,10 @@ const FOLD8: [u16; 256] = {
     table
 };
 
+/// AES-256-XTS over whole 4 KiB sectors (IEEE 1619, the tweak of sector s is s as a 128-bit little-endian
+/// number, as dm-crypt's `plain64`). Written here rather than with `xts_mode` directly because that crate
+/// encrypts one AES block at a time; this one hands each sector's 256 blocks to AES at once, which the `aes`
+/// crate pipelines with AES-NI. The unit tests check it against `xts_mode` byte for byte.
 struct Xts {
     data: Aes256,
     tweak: Aes256,
