@@ -19,6 +19,7 @@ use isr_format::{
     ByteOffset, ChunkDecoder, ChunkEncoder, ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageLen,
     Keyring, Keyroot, Tag,
 };
+use isr_nbd::ReadSpan;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
@@ -148,6 +149,28 @@ fn install_blocking(
 struct Ready {
     chunks: HashMap<u64, Vec<u8>>,
     order: VecDeque<u64>,
+}
+
+/// What [`WorkingImage::read_piece`] did with its piece of a read.
+enum Part {
+    /// The bytes are in the piece.
+    Written,
+    /// The bytes are a zero chunk's.
+    Zero,
+    /// The bytes are these, a slice of a plaintext just decoded.
+    Shared(Bytes),
+}
+
+impl Part {
+    /// The span of a piece of `n` bytes: a zero chunk is a hole only in a sparse read (else its zeroes were
+    /// written into the piece).
+    fn span(self, n: u32, sparse: bool) -> ReadSpan {
+        match self {
+            Part::Zero if sparse => ReadSpan::Hole(n),
+            Part::Written | Part::Zero => ReadSpan::Buffer(n),
+            Part::Shared(b) => ReadSpan::Shared(b),
+        }
+    }
 }
 
 /// Chunks kept in [`Ready`]: two read-ahead windows.
@@ -531,24 +554,31 @@ impl WorkingImage {
         }
     }
 
-    /// Fill `piece` with bytes `start..start + piece.len()` of chunk `i`; `Ok(true)` when they are the
-    /// zeroes of a zero chunk (a hole for a sparse read, which leaves `piece` as it is: the reply sends
-    /// no bytes for it).
+    /// Bytes `start..start + piece.len()` of chunk `i`: written into `piece` ([`Part::Written`]), the
+    /// zeroes of a zero chunk ([`Part::Zero`]: `piece` is zero-filled unless `sparse`, for which the reply
+    /// sends a hole) or, with `scatter`, a slice of a plaintext just decoded ([`Part::Shared`]: the reply
+    /// sends it from there, without a copy into `piece`).
     async fn read_piece(
         &self,
         i: u64,
         start: usize,
         mut piece: BytesMut,
         sparse: bool,
-    ) -> (BytesMut, std::io::Result<bool>) {
+        scatter: bool,
+    ) -> (BytesMut, std::io::Result<Part>) {
+        let n = piece.len();
+        let hand_over = |mut piece: BytesMut, plain: Vec<u8>| {
+            if scatter {
+                (piece, Ok(Part::Shared(Bytes::from(plain).slice(start..start + n))))
+            } else {
+                piece.copy_from_slice(&plain[start..start + n]);
+                (piece, Ok(Part::Written))
+            }
+        };
         if let Held::Remote(..) = self.held(i) {
             let _g = self.stripe(i).lock().await;
             match self.fill_locked(i).await {
-                Ok(Some(plain)) => {
-                    let n = piece.len();
-                    piece.copy_from_slice(&plain[start..start + n]);
-                    return (piece, Ok(false));
-                }
+                Ok(Some(plain)) => return hand_over(piece, plain),
                 Ok(None) => {}
                 Err(e) => return (piece, Err(eio(e))),
             }
@@ -556,9 +586,7 @@ impl WorkingImage {
         let held = self.held(i);
         if let Held::Local = held {
             if let Some(plain) = self.ready.lock().expect("ready chunks").take(i) {
-                let n = piece.len();
-                piece.copy_from_slice(&plain[start..start + n]);
-                return (piece, Ok(false));
+                return hand_over(piece, plain);
             }
         }
         match held {
@@ -566,12 +594,12 @@ impl WorkingImage {
                 if !sparse {
                     piece.fill(0);
                 }
-                (piece, Ok(true))
+                (piece, Ok(Part::Zero))
             }
             Held::Local | Held::Remote(..) if piece.len() <= INLINE_IO => {
                 // A few sectors from the page cache: cheaper here than a hop to a blocking thread.
                 let r = self.runtime.read(i, start, &mut piece).map_err(eio);
-                (piece, r.map(|()| false))
+                (piece, r.map(|()| Part::Written))
             }
             Held::Local | Held::Remote(..) => {
                 let rt = self.runtime.clone();
@@ -581,7 +609,7 @@ impl WorkingImage {
                 })
                 .await
                 {
-                    Ok((piece, r)) => (piece, r.map(|()| false).map_err(eio)),
+                    Ok((piece, r)) => (piece, r.map(|()| Part::Written).map_err(eio)),
                     Err(e) => (BytesMut::new(), Err(eio(e))),
                 }
             }
@@ -599,7 +627,7 @@ impl WorkingImage {
     /// unspecified and must not be used). The chunks of one request are read concurrently, each into its
     /// own piece of `buf`.
     pub async fn read_owned(self: &Arc<Self>, offset: u64, buf: Vec<u8>) -> (Vec<u8>, std::io::Result<()>) {
-        let (buf, r) = self.read_pieces(offset, buf, false).await;
+        let (buf, r) = self.read_pieces(offset, buf, false, false).await;
         (buf, r.map(drop))
     }
 
@@ -611,17 +639,42 @@ impl WorkingImage {
         offset: u64,
         buf: Vec<u8>,
     ) -> (Vec<u8>, std::io::Result<Vec<std::ops::Range<u32>>>) {
-        self.read_pieces(offset, buf, true).await
+        let (buf, r) = self.read_pieces(offset, buf, true, false).await;
+        let holes = r.map(|spans| {
+            let mut at = 0u32;
+            let mut holes = Vec::new();
+            for s in spans {
+                let n = s.len() as u32;
+                if let ReadSpan::Hole(_) = s {
+                    holes.push(at..at + n);
+                }
+                at += n;
+            }
+            holes
+        });
+        (buf, holes)
     }
 
-    /// A read of `buf.len()` bytes at `offset`, chunk by chunk, and its zero chunks' ranges; with `sparse`
-    /// those ranges of `buf` are not written.
+    /// Like [`Self::read_sparse_owned`], and a chunk just decoded (fetched now or by read-ahead) is not
+    /// copied into `buf`: its span is a slice of the plaintext, which the NBD reply sends from there.
+    pub async fn read_scattered(
+        self: &Arc<Self>,
+        offset: u64,
+        buf: Vec<u8>,
+    ) -> (Vec<u8>, std::io::Result<Vec<ReadSpan>>) {
+        self.read_pieces(offset, buf, true, true).await
+    }
+
+    /// A read of `buf.len()` bytes at `offset`, chunk by chunk, as spans in order (adjacent ones of the same
+    /// kind merged): with `sparse` zero chunks are holes and their ranges of `buf` are not written; with
+    /// `scatter` a chunk just decoded is a [`ReadSpan::Shared`] slice of its plaintext instead of a copy.
     async fn read_pieces(
         self: &Arc<Self>,
         offset: u64,
         buf: Vec<u8>,
         sparse: bool,
-    ) -> (Vec<u8>, std::io::Result<Vec<std::ops::Range<u32>>>) {
+        scatter: bool,
+    ) -> (Vec<u8>, std::io::Result<Vec<ReadSpan>>) {
         if let Err(e) = self.check_range(offset, buf.len() as u64) {
             return (buf, Err(e));
         }
@@ -648,10 +701,9 @@ impl WorkingImage {
             // One chunk (the common case): no split.
             let start = cs.offset_in_chunk(ByteOffset(offset));
             let (piece, r) =
-                self.read_piece(range.start, start, BytesMut::from(Bytes::from(buf)), sparse).await;
-            let whole = 0..piece.len() as u32;
-            let holes = r.map(|zero| if zero { std::iter::once(whole).collect() } else { Vec::new() });
-            return (Vec::from(piece), holes);
+                self.read_piece(range.start, start, BytesMut::from(Bytes::from(buf)), sparse, scatter).await;
+            let n = piece.len() as u32;
+            return (Vec::from(piece), r.map(|part| vec![part.span(n, sparse)]));
         }
         // One owned piece of `buf` per chunk (no copy: they share `buf`'s memory and are joined again).
         let mut rest = match Bytes::from(buf).try_into_mut() {
@@ -667,11 +719,11 @@ impl WorkingImage {
             pos += n as u64;
         }
         drop(rest);
-        let mut done: Vec<Option<(BytesMut, bool)>> = vec![None; parts.len()];
+        let mut done: Vec<Option<(BytesMut, Part)>> = (0..parts.len()).map(|_| None).collect();
         let mut pending = parts.into_iter();
         let mut running = futures::stream::FuturesUnordered::new();
         let piece = |(k, i, start, piece): (usize, u64, usize, BytesMut)| async move {
-            let (piece, r) = self.read_piece(i, start, piece, sparse).await;
+            let (piece, r) = self.read_piece(i, start, piece, sparse, scatter).await;
             (k, piece, r)
         };
         for p in pending.by_ref().take(READ_PARALLELISM) {
@@ -679,28 +731,33 @@ impl WorkingImage {
         }
         let mut result = Ok(());
         while let Some((k, bytes, r)) = running.next().await {
-            let zero = *r.as_ref().unwrap_or(&false);
-            done[k] = Some((bytes, zero));
-            if let (Ok(()), Err(e)) = (&result, r) {
-                result = Err(e);
-            }
+            let part = match r {
+                Ok(part) => part,
+                Err(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                    Part::Written
+                }
+            };
+            done[k] = Some((bytes, part));
             if let Some(p) = pending.next() {
                 running.push(piece(p));
             }
         }
         let mut whole = BytesMut::new();
-        let mut holes: Vec<std::ops::Range<u32>> = Vec::new();
-        for (p, zero) in done.into_iter().flatten() {
-            let (at, n) = (whole.len() as u32, p.len() as u32);
-            match holes.last_mut() {
-                Some(h) if zero && h.end == at => h.end = at + n,
-                _ if zero => holes.push(at..at + n),
-                _ => {}
+        let mut spans: Vec<ReadSpan> = Vec::new();
+        for (p, part) in done.into_iter().flatten() {
+            let span = part.span(p.len() as u32, sparse);
+            match (spans.last_mut(), span) {
+                (Some(ReadSpan::Hole(a)), ReadSpan::Hole(b))
+                | (Some(ReadSpan::Buffer(a)), ReadSpan::Buffer(b)) => *a += b,
+                (_, span) => spans.push(span),
             }
             // Adjacent pieces of one buffer join without a copy.
             whole.unsplit(p);
         }
-        (Vec::from(whole), result.map(|()| holes))
+        (Vec::from(whole), result.map(|()| spans))
     }
 
     /// Write `data` (or zeroes, when `None`) at `start` of chunk `i`; the caller holds its stripe lock.
@@ -1122,6 +1179,9 @@ impl isr_nbd::BlockDevice for ImageDevice {
     ) -> (Vec<u8>, std::io::Result<Vec<std::ops::Range<u32>>>) {
         self.0.read_sparse_owned(offset, buf).await
     }
+    async fn read_scattered(&self, offset: u64, buf: Vec<u8>) -> (Vec<u8>, std::io::Result<Vec<ReadSpan>>) {
+        self.0.read_scattered(offset, buf).await
+    }
     async fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         self.0.write(offset, data).await
     }
@@ -1235,6 +1295,61 @@ mod tests {
         let (got, r) = img.read_owned(0, vec![0; all.len()]).await;
         r.unwrap();
         assert!(got == all);
+    }
+
+    /// The bytes a read's spans stand for: `buf` where they say so, zeroes for holes, shared slices as they are.
+    fn join_spans(buf: &[u8], spans: &[ReadSpan]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(buf.len());
+        for s in spans {
+            let at = out.len();
+            match s {
+                ReadSpan::Buffer(n) => out.extend_from_slice(&buf[at..at + *n as usize]),
+                ReadSpan::Hole(n) => out.resize(at + *n as usize, 0),
+                ReadSpan::Shared(b) => out.extend_from_slice(b),
+            }
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scattered_read_hands_over_decoded_chunks_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = cold_image(dir.path());
+        let clen = img.chunk_size().bytes() as usize;
+        let all: Vec<u8> = (0..CHUNKS).flat_map(|i| content(i, clen)).collect();
+        // Cold, 1 MiB at a time from a mid-chunk offset: fetched and read-ahead chunks come as shared
+        // slices, zero chunks as holes; the poisoned buffer shows through nowhere.
+        let (step, first) = (8 * clen, 4096);
+        let mut shared = 0;
+        for at in (first..all.len() - step).step_by(step) {
+            let (buf, r) = img.read_scattered(at as u64, vec![0xee; step]).await;
+            let spans = r.unwrap();
+            assert_eq!(spans.iter().map(ReadSpan::len).sum::<usize>(), step);
+            assert!(spans.iter().all(|s| !s.is_empty()));
+            assert!(join_spans(&buf, &spans) == all[at..at + step], "bytes {at}+{step}");
+            shared += spans.iter().filter(|s| matches!(s, ReadSpan::Shared(_))).count();
+            for w in spans.windows(2) {
+                let same = matches!((&w[0], &w[1]), (ReadSpan::Hole(_), ReadSpan::Hole(_)))
+                    || matches!((&w[0], &w[1]), (ReadSpan::Buffer(_), ReadSpan::Buffer(_)));
+                assert!(!same, "adjacent spans of one kind are merged: {spans:?}");
+            }
+        }
+        assert!(shared > 0, "no decoded chunk was handed over");
+        settle(&img).await;
+        // Warm: every chunk from the runtime image into the buffer, zero chunks still holes.
+        let (buf, r) = img.read_scattered(0, vec![0xee; 16 * clen]).await;
+        let spans = r.unwrap();
+        assert!(join_spans(&buf, &spans) == all[..16 * clen]);
+        assert!(spans.iter().any(|s| matches!(s, ReadSpan::Hole(_))));
+        // The sparse read sees the same bytes, its holes where the zero chunks are.
+        let (buf, r) = img.read_sparse_owned(0, vec![0xee; 16 * clen]).await;
+        let holes = r.unwrap();
+        assert_eq!(holes, [3, 7, 11, 15].map(|k| (k * clen) as u32..((k + 1) * clen) as u32));
+        let mut expect = all[..16 * clen].to_vec();
+        for h in &holes {
+            expect[h.start as usize..h.end as usize].fill(0xee);
+        }
+        assert!(buf == expect);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

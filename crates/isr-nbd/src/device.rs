@@ -89,11 +89,72 @@ pub trait BlockDevice: Send + Sync + 'static {
         (buf, r.map(|()| Vec::new()))
     }
 
+    /// Owned-buffer read for a structured reply whose bytes may stay where the device holds them already:
+    /// spans covering the read in order, each bytes of `buf` at the same position, a hole (reads as zeroes,
+    /// sent without bytes) or a buffer of the device's own (sent from there: no copy into `buf`). The
+    /// server writes them with one vectored write. Default: [`read_sparse_owned`](Self::read_sparse_owned),
+    /// its holes as holes and the rest from `buf`.
+    async fn read_scattered(&self, offset: u64, buf: Vec<u8>) -> (Vec<u8>, io::Result<Vec<ReadSpan>>) {
+        let (buf, r) = self.read_sparse_owned(offset, buf).await;
+        let spans = r.and_then(|holes| {
+            spans_of_holes(&holes, buf.len())
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "device returned malformed holes"))
+        });
+        (buf, spans)
+    }
+
     /// Owned-buffer write: write all of `data` at `offset` and hand it back.
     async fn write_owned(&self, offset: u64, data: Vec<u8>) -> (Vec<u8>, io::Result<()>) {
         let r = self.write(offset, &data).await;
         (data, r)
     }
+}
+
+/// One part of a scattered read ([`BlockDevice::read_scattered`]), in the request's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadSpan {
+    /// The next this many bytes are in the read's buffer, at the same position.
+    Buffer(u32),
+    /// The next this many bytes read as zeroes: a hole, sent without its bytes.
+    Hole(u32),
+    /// The next bytes are these, which the device holds already: sent from here, not copied into the buffer.
+    Shared(bytes::Bytes),
+}
+
+impl ReadSpan {
+    /// How many bytes of the read this span covers.
+    pub fn len(&self) -> usize {
+        match self {
+            ReadSpan::Buffer(n) | ReadSpan::Hole(n) => *n as usize,
+            ReadSpan::Shared(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The spans of a read of `len` bytes whose `holes` read as zeroes and whose other bytes are in the buffer;
+/// `None` unless the holes are in order, apart, none empty and none past `len`.
+pub fn spans_of_holes(holes: &[Range<u32>], len: usize) -> Option<Vec<ReadSpan>> {
+    let mut spans = Vec::with_capacity(2 * holes.len() + 1);
+    let mut at = 0usize;
+    for h in holes {
+        let (start, end) = (h.start as usize, h.end as usize);
+        if start < at || start >= end || end > len {
+            return None;
+        }
+        if start > at {
+            spans.push(ReadSpan::Buffer((start - at) as u32));
+        }
+        spans.push(ReadSpan::Hole(h.end - h.start));
+        at = end;
+    }
+    if at < len {
+        spans.push(ReadSpan::Buffer(u32::try_from(len - at).ok()?));
+    }
+    Some(spans)
 }
 
 fn check_range(size: u64, offset: u64, len: u64) -> io::Result<(usize, usize)> {

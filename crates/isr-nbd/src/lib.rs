@@ -20,8 +20,9 @@
 //! `TRIM`, `WRITE_ZEROES` with `FUA`, `NO_HOLE` and `FAST_ZERO`, `CACHE`,
 //! `BLOCK_STATUS` (with `REQ_ONE`); others get `EINVAL`. A structured read
 //! without `DF` sends the ranges the device reports as zeroes
-//! ([`BlockDevice::read_sparse_owned`]) as `OFFSET_HOLE` chunks, without
-//! their bytes. `CAN_MULTI_CONN` is
+//! ([`BlockDevice::read_scattered`]) as `OFFSET_HOLE` chunks, without
+//! their bytes, and bytes the device holds in its own buffers straight
+//! from those (one vectored write, no copy). `CAN_MULTI_CONN` is
 //! advertised for a read-only export or a device that says every connection
 //! sees one consistent state ([`BlockDevice::multi_conn_consistent`]).
 //!
@@ -35,7 +36,7 @@ mod device;
 pub mod proto;
 mod server;
 
-pub use device::{zero_runs, BlockDevice, FileDevice, MemDevice};
+pub use device::{spans_of_holes, zero_runs, BlockDevice, FileDevice, MemDevice, ReadSpan};
 pub use server::{handle_connection, handle_split, serve, serve_with_options, ServeOptions};
 
 /// Errors that end an NBD connection (or the server).

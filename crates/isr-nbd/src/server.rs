@@ -6,14 +6,14 @@ use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, ReadSpan};
 use crate::proto::{self, cflags, errno, info, opt, rep, tflags, ClientOption, Command, Request};
 use crate::NbdError;
 
@@ -410,18 +410,27 @@ struct Outgoing {
     head: [u8; 32],
     head_len: u8,
     body: Body,
-    /// A sparse read's reply: structured chunks, each a header and a range of `body` (empty for a hole),
-    /// sent after `head` in place of the whole body.
+    /// A scattered read's reply: structured chunks, each a header and its bytes (from `body` or a buffer of
+    /// the device's; none for a hole), sent after `head` in place of the whole body.
     pieces: Vec<Piece>,
     _permit: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
-/// One structured chunk of a sparse read's reply.
+/// One part of a scattered read's reply: a chunk header (`head_len` 0 for the further bytes of a data chunk
+/// that comes from more than one buffer) and the bytes that follow it.
 struct Piece {
     head: [u8; 32],
     head_len: u8,
-    data: Range<usize>,
+    data: PieceData,
+}
+
+enum PieceData {
+    None,
+    /// A range of the reply's `body`.
+    Body(Range<usize>),
+    /// A buffer the device held already ([`ReadSpan::Shared`]).
+    Shared(Bytes),
 }
 
 impl Outgoing {
@@ -438,44 +447,85 @@ impl Outgoing {
         }
     }
 
-    /// The reply to a structured read of `buf` at `offset` in which `holes` (relative to `offset`, in
-    /// order, apart, within `buf`, none empty) read as zeroes: `OFFSET_DATA` and `OFFSET_HOLE` chunks in
-    /// order, the last one flagged done.
-    fn sparse_read(handle: u64, offset: u64, buf: Vec<u8>, holes: &[Range<u32>]) -> Self {
-        let len = buf.len();
-        let mut spans: Vec<(bool, Range<usize>)> = Vec::with_capacity(2 * holes.len() + 1);
+    /// The reply to a structured read of `len` bytes at `offset` that the device answered with `spans`
+    /// (bytes of `buf`, holes, buffers of its own): an `OFFSET_DATA` chunk per run of data spans (its bytes
+    /// written from where they are) and an `OFFSET_HOLE` chunk per hole, in order, the last one flagged
+    /// done. `Err(buf)` when the spans do not cover exactly `len` bytes, or one is empty.
+    fn scattered_read(
+        handle: u64,
+        offset: u64,
+        buf: Vec<u8>,
+        spans: Vec<ReadSpan>,
+        len: u32,
+    ) -> Result<Self, Vec<u8>> {
+        let total = spans.iter().try_fold(0usize, |at, s| (!s.is_empty()).then(|| at + s.len()));
+        if total != Some(len as usize) || buf.len() != len as usize {
+            return Err(buf);
+        }
+        if let [ReadSpan::Buffer(_)] = spans[..] {
+            return Ok(Outgoing::new(
+                &proto::encode_offset_data_header(handle, offset, len),
+                Body::Pooled(buf),
+            ));
+        }
+        // Chunks: a hole each, or a run of data spans (start and end in `spans`, byte range).
+        let mut chunks: Vec<(bool, Range<usize>, Range<usize>)> = Vec::new();
         let mut at = 0;
-        for h in holes {
-            let (start, end) = (h.start as usize, h.end as usize);
-            if start > at {
-                spans.push((false, at..start));
-            }
-            spans.push((true, start..end));
-            at = end;
-        }
-        if at < len {
-            spans.push((false, at..len));
-        }
-        let last = spans.len() - 1;
-        let pieces = spans
-            .into_iter()
-            .enumerate()
-            .map(|(k, (hole, r))| {
-                let flags = if k == last { proto::reply::FLAG_DONE } else { 0 };
-                let at = offset + r.start as u64;
-                let mut head = [0u8; 32];
-                if hole {
-                    head.copy_from_slice(&proto::encode_offset_hole(flags, handle, at, r.len() as u32));
-                    Piece { head, head_len: 32, data: 0..0 }
-                } else {
-                    let h = proto::encode_offset_data_chunk_header(flags, handle, at, r.len() as u32);
-                    head[..h.len()].copy_from_slice(&h);
-                    Piece { head, head_len: h.len() as u8, data: r }
+        for (k, s) in spans.iter().enumerate() {
+            let hole = matches!(s, ReadSpan::Hole(_));
+            match chunks.last_mut() {
+                Some((false, ks, bytes)) if !hole => {
+                    ks.end = k + 1;
+                    bytes.end = at + s.len();
                 }
-            })
-            .collect();
-        Outgoing { head: [0; 32], head_len: 0, body: Body::Pooled(buf), pieces, _permit: None, _bytes: None }
+                _ => chunks.push((hole, k..k + 1, at..at + s.len())),
+            }
+            at += s.len();
+        }
+        let last = chunks.len() - 1;
+        let mut pieces = Vec::with_capacity(spans.len() + chunks.len());
+        let mut spans = spans.into_iter();
+        let mut at = 0;
+        for (c, (hole, ks, bytes)) in chunks.into_iter().enumerate() {
+            let flags = if c == last { proto::reply::FLAG_DONE } else { 0 };
+            let pos = offset + bytes.start as u64;
+            let n = bytes.len() as u32;
+            let mut head = [0u8; 32];
+            if hole {
+                head.copy_from_slice(&proto::encode_offset_hole(flags, handle, pos, n));
+                pieces.push(Piece { head, head_len: 32, data: PieceData::None });
+                spans.next();
+                at += n as usize;
+                continue;
+            }
+            let h = proto::encode_offset_data_chunk_header(flags, handle, pos, n);
+            head[..h.len()].copy_from_slice(&h);
+            let mut head_len = h.len() as u8;
+            for s in spans.by_ref().take(ks.len()) {
+                let data = match s {
+                    ReadSpan::Buffer(n) => PieceData::Body(at..at + n as usize),
+                    ReadSpan::Shared(b) => PieceData::Shared(b),
+                    ReadSpan::Hole(_) => unreachable!("a data run holds no hole"),
+                };
+                at += match &data {
+                    PieceData::Body(r) => r.len(),
+                    PieceData::Shared(b) => b.len(),
+                    PieceData::None => 0,
+                };
+                pieces.push(Piece { head, head_len, data });
+                head_len = 0;
+            }
+        }
+        Ok(Outgoing {
+            head: [0; 32],
+            head_len: 0,
+            body: Body::Pooled(buf),
+            pieces,
+            _permit: None,
+            _bytes: None,
+        })
     }
+
     fn body(&self) -> &[u8] {
         match &self.body {
             Body::None => &[],
@@ -498,9 +548,13 @@ async fn write_batch<W: AsyncWrite + Unpin + ?Sized>(wr: &mut W, batch: &[Outgoi
             continue;
         }
         for p in &o.pieces {
-            slices.push(IoSlice::new(&p.head[..p.head_len as usize]));
-            if !p.data.is_empty() {
-                slices.push(IoSlice::new(&b[p.data.clone()]));
+            if p.head_len > 0 {
+                slices.push(IoSlice::new(&p.head[..p.head_len as usize]));
+            }
+            match &p.data {
+                PieceData::None => {}
+                PieceData::Body(r) => slices.push(IoSlice::new(&b[r.clone()])),
+                PieceData::Shared(bytes) => slices.push(IoSlice::new(bytes)),
             }
         }
     }
@@ -683,7 +737,7 @@ impl Conn {
     ) -> Outgoing {
         let out = match req.command {
             Command::Read if self.structured && req.len > 0 && req.flags & cflags::DF == 0 => {
-                let (buf, r) = self.dev.read_sparse_owned(req.offset, payload).await;
+                let (buf, r) = self.dev.read_scattered(req.offset, payload).await;
                 match r {
                     Err(e) => {
                         self.pool.put(buf);
@@ -693,17 +747,15 @@ impl Conn {
                         self.pool.put(buf);
                         self.error_reply(&req, errno::EIO, "device returned a short buffer")
                     }
-                    Ok(holes) if holes.is_empty() => Outgoing::new(
-                        &proto::encode_offset_data_header(req.handle, req.offset, req.len),
-                        Body::Pooled(buf),
-                    ),
-                    Ok(holes) => match valid_holes(&holes, req.len) {
-                        true => Outgoing::sparse_read(req.handle, req.offset, buf, &holes),
-                        false => {
-                            self.pool.put(buf);
-                            self.error_reply(&req, errno::EIO, "device returned malformed holes")
+                    Ok(spans) => {
+                        match Outgoing::scattered_read(req.handle, req.offset, buf, spans, req.len) {
+                            Ok(out) => out,
+                            Err(buf) => {
+                                self.pool.put(buf);
+                                self.error_reply(&req, errno::EIO, "device returned malformed read spans")
+                            }
                         }
-                    },
+                    }
                 }
             }
             Command::Read => {
@@ -791,17 +843,6 @@ impl Conn {
             Err(e) => self.io_error_reply(req, &e),
         }
     }
-}
-
-/// Whether a device's holes for a read of `len` bytes are what [`Outgoing::sparse_read`] needs: in order,
-/// apart, none empty, none past `len`.
-fn valid_holes(holes: &[Range<u32>], len: u32) -> bool {
-    let mut at = 0;
-    holes.iter().all(|h| {
-        let ok = h.start >= at && h.start < h.end && h.end <= len;
-        at = h.end;
-        ok
-    })
 }
 
 /// At most this many extents in one block status reply.

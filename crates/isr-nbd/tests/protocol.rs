@@ -541,6 +541,101 @@ async fn malformed_holes_are_an_error_not_a_protocol_violation() {
     let _ = task.await;
 }
 
+/// A device that answers a read with its own buffers where it can: each 4 KiB page of the read alternately
+/// from a buffer it holds (page index even), from the read's buffer (odd), and zero pages as holes; and,
+/// at offset 1 MiB - 4 KiB, spans that do not add up to the read.
+struct ScatterDevice(MemDevice);
+
+#[async_trait::async_trait]
+impl BlockDevice for ScatterDevice {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write(offset, data).await
+    }
+    async fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len).await
+    }
+    async fn read_scattered(
+        &self,
+        offset: u64,
+        mut buf: Vec<u8>,
+    ) -> (Vec<u8>, io::Result<Vec<isr_nbd::ReadSpan>>) {
+        use isr_nbd::ReadSpan;
+        if offset == (1 << 20) - 4096 {
+            return (buf, Ok(vec![ReadSpan::Buffer(100), ReadSpan::Hole(100)]));
+        }
+        let mut spans = Vec::new();
+        for (k, page) in buf.chunks_mut(4096).enumerate() {
+            let at = offset + (k * 4096) as u64;
+            let data = self.0.slice(at as usize, page.len());
+            let n = page.len() as u32;
+            if data.iter().all(|&b| b == 0) {
+                spans.push(ReadSpan::Hole(n));
+            } else if (at / 4096).is_multiple_of(2) {
+                spans.push(ReadSpan::Shared(bytes::Bytes::from(data)));
+            } else {
+                page.copy_from_slice(&data);
+                spans.push(ReadSpan::Buffer(n));
+            }
+        }
+        (buf, Ok(spans))
+    }
+}
+
+#[tokio::test]
+async fn scattered_reads_send_device_buffers_and_holes_in_order() {
+    // Pages 0-3: data; 4: zero; 5-6: data; 7: zero.
+    let mut data = vec![0u8; 1 << 20];
+    for p in [0usize, 1, 2, 3, 5, 6] {
+        data[p * 4096..(p + 1) * 4096].fill(p as u8 + 1);
+    }
+    let (mut c, task) =
+        start(Arc::new(ScatterDevice(MemDevice::from_vec(data.clone()))), ServeOptions::default());
+    c.connect(true).await;
+    let chunk = |flags, ty, offset: u64, tail: &[u8]| {
+        let mut payload = offset.to_be_bytes().to_vec();
+        payload.extend_from_slice(tail);
+        Rep::Chunk { flags, ty, handle: 1, payload }
+    };
+    // One data chunk from four spans (shared, buffer, shared, buffer), a hole, data again, a hole.
+    c.request(Command::Read, 0, 1, 0, 8 * 4096, &[]).await;
+    assert_eq!(c.reply().await, chunk(0, reply::TYPE_OFFSET_DATA, 0, &data[..4 * 4096]));
+    assert_eq!(c.reply().await, chunk(0, reply::TYPE_OFFSET_HOLE, 4 * 4096, &4096u32.to_be_bytes()));
+    assert_eq!(c.reply().await, chunk(0, reply::TYPE_OFFSET_DATA, 5 * 4096, &data[5 * 4096..7 * 4096]));
+    assert_eq!(
+        c.reply().await,
+        chunk(reply::FLAG_DONE, reply::TYPE_OFFSET_HOLE, 7 * 4096, &4096u32.to_be_bytes())
+    );
+    // A read that starts mid-page and ends in a shared page.
+    c.request(Command::Read, 0, 1, 4000, 4096 + 200, &[]).await;
+    assert_eq!(c.reply().await, chunk(reply::FLAG_DONE, reply::TYPE_OFFSET_DATA, 4000, &data[4000..8296]));
+    // Spans that do not cover the read: an error, not a malformed reply.
+    c.request(Command::Read, 0, 2, (1 << 20) - 4096, 4096, &[]).await;
+    match c.reply().await {
+        Rep::Chunk { flags, ty, handle, payload } => {
+            assert_eq!((flags, ty, handle), (reply::FLAG_DONE, reply::TYPE_ERROR, 2));
+            assert_eq!(&payload[..4], &errno::EIO.to_be_bytes());
+        }
+        other => panic!("{other:?}"),
+    }
+    // DF: the device's read, one data chunk.
+    c.request(Command::Read, cflags::DF, 1, 0, 8 * 4096, &[]).await;
+    assert_eq!(c.reply().await, chunk(reply::FLAG_DONE, reply::TYPE_OFFSET_DATA, 0, &data[..8 * 4096]));
+    drop(c);
+    let _ = task.await;
+}
+
 /// MemDevice whose reads at or after `fail_from` fail.
 struct FlakyDevice {
     inner: MemDevice,
