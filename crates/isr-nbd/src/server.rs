@@ -468,50 +468,46 @@ impl Outgoing {
                 Body::Pooled(buf),
             ));
         }
-        // Chunks: a hole each, or a run of data spans (start and end in `spans`, byte range).
-        let mut chunks: Vec<(bool, Range<usize>, Range<usize>)> = Vec::new();
+        // The reply's chunks: each a hole or a run of data spans, with its number of spans and its bytes.
+        let mut chunks: Vec<(bool, usize, Range<usize>)> = Vec::new();
         let mut at = 0;
-        for (k, s) in spans.iter().enumerate() {
+        for s in &spans {
             let hole = matches!(s, ReadSpan::Hole(_));
             match chunks.last_mut() {
-                Some((false, ks, bytes)) if !hole => {
-                    ks.end = k + 1;
-                    bytes.end = at + s.len();
+                Some((false, count, bytes)) if !hole => {
+                    *count += 1;
+                    bytes.end += s.len();
                 }
-                _ => chunks.push((hole, k..k + 1, at..at + s.len())),
+                _ => chunks.push((hole, 1, at..at + s.len())),
             }
             at += s.len();
         }
         let last = chunks.len() - 1;
         let mut pieces = Vec::with_capacity(spans.len() + chunks.len());
         let mut spans = spans.into_iter();
-        let mut at = 0;
-        for (c, (hole, ks, bytes)) in chunks.into_iter().enumerate() {
+        for (c, (hole, count, bytes)) in chunks.into_iter().enumerate() {
             let flags = if c == last { proto::reply::FLAG_DONE } else { 0 };
-            let pos = offset + bytes.start as u64;
-            let n = bytes.len() as u32;
+            let (pos, n) = (offset + bytes.start as u64, bytes.len() as u32);
             let mut head = [0u8; 32];
             if hole {
                 head.copy_from_slice(&proto::encode_offset_hole(flags, handle, pos, n));
                 pieces.push(Piece { head, head_len: 32, data: PieceData::None });
                 spans.next();
-                at += n as usize;
                 continue;
             }
             let h = proto::encode_offset_data_chunk_header(flags, handle, pos, n);
             head[..h.len()].copy_from_slice(&h);
+            // The chunk's header goes before its first span only.
             let mut head_len = h.len() as u8;
-            for s in spans.by_ref().take(ks.len()) {
+            let mut at = bytes.start;
+            for s in spans.by_ref().take(count) {
+                let n = s.len();
                 let data = match s {
-                    ReadSpan::Buffer(n) => PieceData::Body(at..at + n as usize),
+                    ReadSpan::Buffer(_) => PieceData::Body(at..at + n),
                     ReadSpan::Shared(b) => PieceData::Shared(b),
-                    ReadSpan::Hole(_) => unreachable!("a data run holds no hole"),
+                    ReadSpan::Hole(_) => unreachable!("a run of data spans holds no hole"),
                 };
-                at += match &data {
-                    PieceData::Body(r) => r.len(),
-                    PieceData::Shared(b) => b.len(),
-                    PieceData::None => 0,
-                };
+                at += n;
                 pieces.push(Piece { head, head_len, data });
                 head_len = 0;
             }
@@ -1032,5 +1028,98 @@ async fn read_requests<R: AsyncRead + Unpin>(
             out._bytes = byte_permit;
             conn.sink.send(out).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Write `out` as the server would and parse it back as a client: the read's bytes (zeroes for holes),
+    /// after checking the chunks are in order, cover the read, never empty, the last one alone flagged done.
+    fn reply_bytes(out: &Outgoing, handle: u64, offset: u64, len: usize) -> Vec<u8> {
+        let mut wire = Vec::new();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(write_batch(&mut wire, std::slice::from_ref(out))).unwrap();
+        let mut got = Vec::with_capacity(len);
+        let mut rest = &wire[..];
+        loop {
+            let (rep, used) = proto::parse_reply(rest, u32::MAX - 8).unwrap().expect("a whole chunk");
+            let proto::ReplyHeader::Structured { flags, ty, handle: h, payload } = rep else {
+                panic!("a structured read answered with a simple reply")
+            };
+            assert_eq!(h, handle);
+            let at = u64::from_be_bytes(payload[..8].try_into().unwrap());
+            assert_eq!(at, offset + got.len() as u64, "chunks in order, none missing");
+            match ty {
+                proto::reply::TYPE_OFFSET_DATA => {
+                    assert!(payload.len() > 8, "an empty data chunk");
+                    got.extend_from_slice(&payload[8..]);
+                }
+                proto::reply::TYPE_OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(payload[8..12].try_into().unwrap()) as usize;
+                    assert!(n > 0, "an empty hole");
+                    got.resize(got.len() + n, 0);
+                }
+                other => panic!("chunk type {other}"),
+            }
+            rest = &rest[used..];
+            if flags & proto::reply::FLAG_DONE != 0 {
+                assert!(rest.is_empty(), "bytes after the chunk flagged done");
+                return got;
+            }
+            assert!(!rest.is_empty(), "no chunk flagged done");
+        }
+    }
+
+    /// A span kind (0 buffer, 1 hole, 2 shared) and a length, in bytes.
+    fn spans_strategy() -> impl Strategy<Value = Vec<(u8, u16)>> {
+        proptest::collection::vec((0u8..3, 1u16..3000), 1..12)
+    }
+
+    proptest! {
+        #[test]
+        fn a_scattered_reply_carries_exactly_the_spans_bytes(kinds in spans_strategy(), offset in 0u64..1 << 40) {
+            let len: usize = kinds.iter().map(|&(_, n)| n as usize).sum();
+            // The device's view: byte i of the read is i * 7 + 1 (never 0) except in holes.
+            let byte = |i: usize| (i * 7 % 255 + 1) as u8;
+            let mut buf = vec![0xeeu8; len];
+            let (mut spans, mut expect, mut at) = (Vec::new(), Vec::with_capacity(len), 0);
+            for &(kind, n) in &kinds {
+                let n = n as usize;
+                let bytes: Vec<u8> = (at..at + n).map(byte).collect();
+                match kind {
+                    0 => {
+                        buf[at..at + n].copy_from_slice(&bytes);
+                        spans.push(ReadSpan::Buffer(n as u32));
+                        expect.extend_from_slice(&bytes);
+                    }
+                    1 => {
+                        spans.push(ReadSpan::Hole(n as u32));
+                        expect.resize(expect.len() + n, 0);
+                    }
+                    _ => {
+                        spans.push(ReadSpan::Shared(Bytes::from(bytes.clone())));
+                        expect.extend_from_slice(&bytes);
+                    }
+                }
+                at += n;
+            }
+            let out = Outgoing::scattered_read(9, offset, buf, spans.clone(), len as u32)
+                .unwrap_or_else(|_| panic!("valid spans refused"));
+            prop_assert_eq!(reply_bytes(&out, 9, offset, len), expect);
+            // Spans that fall short of the read, or run past it, are refused.
+            prop_assert!(Outgoing::scattered_read(9, offset, vec![0; len + 1], spans.clone(), len as u32 + 1).is_err());
+            if len > 1 {
+                prop_assert!(Outgoing::scattered_read(9, offset, vec![0; len - 1], spans, len as u32 - 1).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_span_is_refused() {
+        let spans = vec![ReadSpan::Buffer(4), ReadSpan::Hole(0), ReadSpan::Buffer(4)];
+        assert!(Outgoing::scattered_read(1, 0, vec![0; 8], spans, 8).is_err());
     }
 }
