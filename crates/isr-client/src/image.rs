@@ -7,6 +7,7 @@
 //! flush is one fdatasync. [`WorkingImage::encode_changes`] (sync, check-in) turns the dirty chunks into
 //! convergent chunks in the cache and a new sealed working keyring.
 
+use crate::background::Background;
 use crate::cache::ChunkCache;
 use crate::error::ClientError;
 use crate::home::write_atomic;
@@ -59,6 +60,29 @@ fn encode_chunk(
         }
         cell.as_mut().expect("just set").1.encode(data)
     })
+}
+
+/// Chunk `i`'s whole plaintext (`clen` bytes) from the runtime image, whose map entry is `e`: zeroes for a
+/// zero chunk. Blocking.
+fn read_whole_chunk(rt: &RuntimeImage, i: u64, e: Entry, clen: usize) -> Result<Vec<u8>, ClientError> {
+    let mut plain = vec![0u8; clen];
+    if !e.is(state::ZERO) {
+        rt.read(i, 0, &mut plain)?;
+    }
+    Ok(plain)
+}
+
+/// Dirty chunk `i` encoded convergently from `plain`, its content at write stamp `written`. Blocking.
+fn encode_dirty_plain(
+    secret: &ConvergenceSecret,
+    i: ChunkIndex,
+    written: u64,
+    plain: &[u8],
+) -> Result<Option<EncodedDirty>, ClientError> {
+    let chunk = encode_chunk(secret, plain)
+        .map_err(|e| ClientError::Other(format!("encoding chunk {}: {e}", i.0)))?
+        .map(|enc| (enc.tag, enc.key, Bytes::from(enc.stored)));
+    Ok(Some(EncodedDirty { index: i, written, chunk, plain_len: plain.len() }))
 }
 
 /// Verify and decode chunk `tag`, opened from the cache as `file` of `size` bytes, into `out` (its contents
@@ -942,17 +966,37 @@ impl WorkingImage {
         let written = self.written[i.0 as usize].load(Ordering::SeqCst);
         let (rt, secret, clen) = (self.runtime.clone(), self.secret.clone(), self.chunk_len(i.0));
         tokio::task::spawn_blocking(move || {
-            let mut plain = vec![0u8; clen];
-            if !e.is(state::ZERO) {
-                rt.read(i.0, 0, &mut plain)?;
-            }
-            let chunk = encode_chunk(&secret, &plain)
-                .map_err(|e| ClientError::Other(format!("encoding chunk {}: {e}", i.0)))?
-                .map(|enc| (enc.tag, enc.key, Bytes::from(enc.stored)));
-            Ok(Some(EncodedDirty { index: i, written, chunk, plain_len: clen }))
+            let plain = read_whole_chunk(&rt, i.0, e, clen)?;
+            encode_dirty_plain(&secret, i, written, &plain)
         })
         .await
         .map_err(join_err)?
+    }
+
+    /// Like [`Self::encode_dirty`], for the background upload: the chunk's plaintext is read under its lock,
+    /// and the encoding runs on `background` (low priority) after the lock is released, so that neither the
+    /// guest's CPU nor its next access to the chunk waits on it. A write meanwhile makes the result stale,
+    /// which [`Self::settle`] sees by the write stamp taken with the plaintext.
+    pub async fn encode_dirty_in_background(
+        &self,
+        i: ChunkIndex,
+        background: &Background,
+    ) -> Result<Option<EncodedDirty>, ClientError> {
+        let (written, plain) = {
+            let _g = self.stripe(i.0).lock().await;
+            let e = self.runtime.entry(i.0);
+            if !e.is(state::DIRTY) {
+                return Ok(None);
+            }
+            let written = self.written[i.0 as usize].load(Ordering::SeqCst);
+            let (rt, clen) = (self.runtime.clone(), self.chunk_len(i.0));
+            let plain = tokio::task::spawn_blocking(move || read_whole_chunk(&rt, i.0, e, clen))
+                .await
+                .map_err(join_err)??;
+            (written, plain)
+        };
+        let secret = self.secret.clone();
+        background.run(move || encode_dirty_plain(&secret, i, written, &plain)).await?
     }
 
     /// Record encoded chunks as the clean content of their chunks, except those written again since they

@@ -21,6 +21,7 @@
 //!   background.
 
 pub mod access_trace;
+pub mod background;
 pub mod cache;
 pub mod control;
 pub mod error;

@@ -137,7 +137,7 @@ impl Upkeep {
         let transport = client.connect().await?;
         let limit = opts.upload_rate.filter(|&r| r > 0).map(|r| Arc::new(RateLimit::new(r)));
         let sink = ServerSink::new(transport, &name, &o.state.lock_id, limit, Some(disk.clone()));
-        let trickle = Arc::new(Trickle::new(disk.clone(), Arc::new(sink)));
+        let trickle = Arc::new(Trickle::new(disk.clone(), Arc::new(sink))?);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let task = (opts.upload_rate != Some(0)).then(|| tokio::spawn(trickle.clone().run(stop_rx.clone())));
         let reporter = tokio::spawn(report_unsent(o.files.clone(), disk.clone(), stop_rx));

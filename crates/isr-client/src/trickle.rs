@@ -3,7 +3,8 @@
 //! little left to send and the user can leave in seconds.
 //!
 //! One round ([`Trickle::round`]): the dirty chunks whose last write a flush covered are encoded as they are
-//! now (each read under its chunk lock), sent through a [`ChunkSink`] (the server: held under the parcel's
+//! now (each read under its chunk lock; in the background upload, [`Trickle::background_round`], encoded
+//! after the lock is released on a thread of the lowest CPU priority), sent through a [`ChunkSink`] (the server: held under the parcel's
 //! lock first, so gc spares them until the version that references them is committed), and only then
 //! recorded as clean ([`WorkingImage::settle`]). A chunk written again while its upload was in flight keeps
 //! its dirty mark (its write stamp moved on) and is sent again in a later round with its final content; a
@@ -12,6 +13,7 @@
 //! A running sync ([`Trickle::snapshot_and_send`]) takes a point-in-time copy of the image (writes held back
 //! while the dirty chunks are encoded), sends what the server lacks and returns the keyring of that state.
 
+use crate::background::Background;
 use crate::error::ClientError;
 use crate::image::{EncodedDirty, WorkingImage};
 use crate::transport::Transport;
@@ -171,21 +173,49 @@ pub struct Trickle {
     sink: Arc<dyn ChunkSink>,
     /// One round or snapshot at a time.
     busy: tokio::sync::Mutex<()>,
+    /// Where the background rounds encode: a low-priority thread, so that the guest keeps its CPU.
+    background: Background,
     pub stats: TrickleStats,
 }
 
+/// Who waits for a round's encoding: nobody (the background upload, which encodes at low priority) or a
+/// user's sync (at normal priority, as fast as the machine allows).
+#[derive(Debug, Clone, Copy)]
+enum Urgency {
+    Background,
+    Now,
+}
+
 impl Trickle {
-    pub fn new(image: Arc<WorkingImage>, sink: Arc<dyn ChunkSink>) -> Trickle {
-        Trickle { image, sink, busy: tokio::sync::Mutex::new(()), stats: TrickleStats::default() }
+    pub fn new(image: Arc<WorkingImage>, sink: Arc<dyn ChunkSink>) -> Result<Trickle, ClientError> {
+        Ok(Trickle {
+            image,
+            sink,
+            busy: tokio::sync::Mutex::new(()),
+            background: Background::start()?,
+            stats: TrickleStats::default(),
+        })
     }
 
-    /// Encode, send and record a round of flushed dirty chunks, batch by batch (ending early, with what it
-    /// sent recorded, once `stop` says so); returns how many were recorded as sent (0: nothing was waiting).
+    /// Encode, send and record a round of flushed dirty chunks, batch by batch; returns how many were
+    /// recorded as sent (0: nothing was waiting). For a sync that someone waits for: it encodes at normal
+    /// priority.
     pub async fn round(&self) -> Result<usize, ClientError> {
-        self.round_until(&|| false).await
+        self.round_until(&|| false, Urgency::Now).await
     }
 
-    async fn round_until(&self, stop: &(dyn Fn() -> bool + Sync)) -> Result<usize, ClientError> {
+    /// [`Self::round`] as the background upload runs it: each chunk's encoding at low priority, outside the
+    /// chunk's lock.
+    pub async fn background_round(&self) -> Result<usize, ClientError> {
+        self.round_until(&|| false, Urgency::Background).await
+    }
+
+    /// A round that ends early, with what it sent recorded, once `stop` says so.
+    async fn round_until(
+        &self,
+        stop: &(dyn Fn() -> bool + Sync),
+        urgency: Urgency,
+    ) -> Result<usize, ClientError> {
         let _one = self.busy.lock().await;
         let round = MIN_ROUND_CHUNKS.max(self.image.chunk_count() as usize / 16);
         let candidates = self.image.flushed_dirty(round);
@@ -195,10 +225,14 @@ impl Trickle {
         let mut sent = Vec::with_capacity(candidates.len());
         let mut failed = None;
         for batch in candidates.chunks(BATCH_CHUNKS) {
-            // One encode at a time: the other core stays with the guest and its reads.
+            // One encode at a time (in the background, at the lowest priority too): the guest keeps the CPU.
             let mut encoded = Vec::with_capacity(batch.len());
             for &i in batch {
-                match self.image.encode_dirty(i).await {
+                let encoding = match urgency {
+                    Urgency::Now => self.image.encode_dirty(i).await,
+                    Urgency::Background => self.image.encode_dirty_in_background(i, &self.background).await,
+                };
+                match encoding {
                     Ok(Some(enc)) => encoded.push(enc),
                     Ok(None) => {}
                     Err(e) => {
@@ -280,7 +314,7 @@ impl Trickle {
             futures::pin_mut!(flush);
             flush.as_mut().enable();
             let stopping = || *stop.borrow();
-            let (pause, idle) = match self.round_until(&stopping).await {
+            let (pause, idle) = match self.round_until(&stopping, Urgency::Background).await {
                 Ok(0) => (IDLE_WAIT, true),
                 Ok(_) => {
                     backoff = BACKOFF.0;
@@ -397,7 +431,7 @@ mod tests {
             .unwrap(),
         );
         let sink = Arc::new(MemorySink::default());
-        let trickle = Trickle::new(image.clone(), sink.clone());
+        let trickle = Trickle::new(image.clone(), sink.clone()).unwrap();
         Fixture { _dir: dir, image, secret, keyroot, work, sink, trickle }
     }
 
@@ -471,6 +505,48 @@ mod tests {
         assert_eq!(f.image.keyring().get(ChunkIndex(3)).map(|(t, _)| t), Some(f.tag_of(&new)));
         assert_eq!(f.persisted_tag(3), Some(f.tag_of(&new)));
         assert_eq!(f.trickle.stats.chunks_superseded.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_background_encoding_holds_up_no_write_and_a_stale_one_is_not_recorded() {
+        let f = Arc::new(fixture());
+        let (old, new) = (vec![0x03u8; CLEN], vec![0x04u8; CLEN]);
+        f.image.write(5 * CLEN as u64, &old).await.unwrap();
+        f.image.flush().await.unwrap();
+        let bg = &f.trickle.background;
+        // The background thread is kept busy, so the round's encoding of chunk 5 waits in its queue.
+        let (busy_tx, busy_rx) = std::sync::mpsc::channel::<()>();
+        let f2 = f.clone();
+        let blocker =
+            tokio::spawn(async move { f2.trickle.background.run(move || busy_rx.recv().unwrap()).await });
+        while bg.pending() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let f2 = f.clone();
+        let round = tokio::spawn(async move { f2.trickle.background_round().await });
+        while bg.pending() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // The old content has been read and its encoding waits: the chunk's lock is free, the write goes
+        // through. (A deadlock guard, not a speed limit: with the lock held the write would never end.)
+        let rewrite = async {
+            f.image.write(5 * CLEN as u64, &new).await.unwrap();
+            f.image.flush().await.unwrap();
+        };
+        let rewritten = tokio::time::timeout(std::time::Duration::from_secs(60), rewrite).await;
+        busy_tx.send(()).unwrap();
+        assert!(rewritten.is_ok(), "a write waited on a background encoding");
+        blocker.await.unwrap().unwrap();
+        assert_eq!(round.await.unwrap().unwrap(), 0, "the stale encoding is not recorded");
+        assert_eq!(f.image.dirty_chunks(), 1, "the chunk is still dirty");
+        assert_eq!(f.trickle.stats.chunks_superseded.load(Ordering::SeqCst), 1);
+        // The next round records the final content.
+        assert_eq!(f.trickle.background_round().await.unwrap(), 1);
+        assert_eq!(f.image.keyring().get(ChunkIndex(5)).map(|(t, _)| t), Some(f.tag_of(&new)));
+        assert_eq!(f.persisted_tag(5), Some(f.tag_of(&new)));
+        let mut got = vec![0u8; CLEN];
+        f.image.read(5 * CLEN as u64, &mut got).await.unwrap();
+        assert!(got == new);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

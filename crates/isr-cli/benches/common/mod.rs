@@ -116,13 +116,15 @@ impl Client {
 
     /// Start `isr disk` and wait for its socket.
     pub fn disk(&self, parcel: &str, sock: &Path) -> Child {
+        self.disk_with(parcel, sock, &[])
+    }
+
+    /// [`Self::disk`] with further arguments.
+    pub fn disk_with(&self, parcel: &str, sock: &Path, extra: &[&str]) -> Child {
         let _ = std::fs::remove_file(sock);
-        let child = self
-            .cmd(&["disk", parcel, "--nbd", sock.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut args = vec!["disk", parcel, "--nbd", sock.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let child = self.cmd(&args).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap();
         wait_for(|| sock.exists(), Duration::from_secs(60), "the isr disk socket");
         child
     }
