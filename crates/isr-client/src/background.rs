@@ -55,15 +55,19 @@ impl Background {
         let pending = self.pending.clone();
         pending.fetch_add(1, Ordering::SeqCst);
         let job = Box::new(move || {
-            // Counted done even when `f` panics.
+            // Counted done before the caller hears of it, also when `f` panics: `done` is dropped (on an
+            // unwind too) before `answer`, declared first.
             struct Done(Arc<AtomicUsize>);
             impl Drop for Done {
                 fn drop(&mut self) {
                     self.0.fetch_sub(1, Ordering::SeqCst);
                 }
             }
-            let _done = Done(pending);
-            let _ = answer.send(f());
+            let answer = answer;
+            let done = Done(pending);
+            let result = f();
+            drop(done);
+            let _ = answer.send(result);
         });
         if self.jobs.send(job).is_err() {
             self.pending.fetch_sub(1, Ordering::SeqCst);
