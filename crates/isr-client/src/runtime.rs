@@ -449,6 +449,9 @@ impl RuntimeImage {
     /// Write `data` into chunk `i` at `offset` (the chunk must be present and not zero); a sector written only
     /// in part is read, decrypted and merged first.
     pub fn write(&self, i: u64, offset: usize, data: &[u8]) -> Result<(), RuntimeError> {
+        if offset.is_multiple_of(SECTOR) && data.len().is_multiple_of(SECTOR) {
+            return self.seal_and_store(i, offset, data);
+        }
         let first = offset / SECTOR * SECTOR;
         let end = (offset + data.len()).div_ceil(SECTOR) * SECTOR;
         let mut buf = vec![0u8; end - first];
@@ -474,46 +477,41 @@ impl RuntimeImage {
             .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
     }
 
-    /// Like [`Self::write`] with a buffer it may encrypt in place (no copy when `offset` and the length are
-    /// whole sectors, as a guest's large writes are).
-    pub fn write_owned(&self, i: u64, offset: usize, data: Vec<u8>) -> Result<(), RuntimeError> {
-        if !offset.is_multiple_of(SECTOR) || !data.len().is_multiple_of(SECTOR) {
-            return self.write(i, offset, &data);
-        }
-        self.store_sectors(i, offset, data)
+    /// Store the whole plaintext of chunk `i` (its length; the tail of the last sector is zero-padded).
+    pub fn write_chunk(&self, i: u64, plain: &[u8]) -> Result<(), RuntimeError> {
+        self.seal_and_store(i, 0, plain)
     }
 
-    /// Store the whole plaintext of chunk `i` (its length; the tail of the last sector is zero-padded).
-    /// Encrypted into a reused per-thread buffer: the plaintext is read once, no copy of it is made.
-    pub fn write_chunk(&self, i: u64, plain: &[u8]) -> Result<(), RuntimeError> {
+    /// Encrypt `plain` (from sector-aligned `offset` of chunk `i`; a partial last sector is zero-padded, as
+    /// only the chunk's end may be) into a reused per-thread buffer and write it: the plaintext is read once,
+    /// no copy of it is made.
+    fn seal_and_store(&self, i: u64, offset: usize, plain: &[u8]) -> Result<(), RuntimeError> {
         thread_local! {
             static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let stored = self.geo.stored_len(i);
+        let stored = plain.len().div_ceil(SECTOR) * SECTOR;
         SEALED.with(|sealed| {
             let mut sealed = sealed.borrow_mut();
             let whole = plain.len() / SECTOR * SECTOR;
             // Every byte is overwritten below: only growth is zero-filled.
             sealed.resize(stored, 0);
-            self.xts.encrypt_sectors_from(&plain[..whole], &mut sealed[..whole], self.first_sector(i, 0));
+            self.xts.encrypt_sectors_from(
+                &plain[..whole],
+                &mut sealed[..whole],
+                self.first_sector(i, offset),
+            );
             if whole < stored {
                 // The zero-padded last sector.
                 let (tail, pad) = sealed[whole..].split_at_mut(plain.len() - whole);
                 tail.copy_from_slice(&plain[whole..]);
                 pad.fill(0);
-                self.xts.encrypt_sectors(&mut sealed[whole..], self.first_sector(i, whole));
+                self.xts.encrypt_sectors(&mut sealed[whole..], self.first_sector(i, offset + whole));
             }
             let _w = self.writes.lock().expect("runtime writes");
             self.file
-                .write_all_at(&sealed, self.geo.chunk_at(i))
+                .write_all_at(&sealed, self.geo.chunk_at(i) + offset as u64)
                 .map_err(io(format!("writing chunk {i} of {}", self.path.display())))
         })
-    }
-
-    /// [`Self::write_chunk`] encrypting `plain` in place.
-    pub fn write_chunk_owned(&self, i: u64, mut plain: Vec<u8>) -> Result<(), RuntimeError> {
-        plain.resize(self.geo.stored_len(i), 0);
-        self.store_sectors(i, 0, plain)
     }
 
     /// Free chunk `i`'s data (its entry says what it is).
