@@ -21,6 +21,7 @@ use isr_format::{
     Keyring, Keyroot, Tag,
 };
 use isr_nbd::ReadSpan;
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
@@ -804,13 +805,13 @@ impl WorkingImage {
         let flushed = e.state & state::FLUSHED;
         let dirty = state::PRESENT | state::DIRTY | flushed;
         let zeroing = data.is_none_or(codec::is_zero);
-        let rt = self.runtime.clone();
         let held = self.held_by(i, &e);
         if zeroing && matches!(held, Held::Zero) {
             // Zeroes over zeroes: nothing changes, so nothing turns dirty (nor is sent) and nothing is freed.
             return Ok(());
         }
         if whole && zeroing {
+            let rt = self.runtime.clone();
             return tokio::task::spawn_blocking(move || {
                 rt.set_entry(i, Entry { state: dirty | state::ZERO, ..Entry::default() })?;
                 rt.punch(i)
@@ -821,6 +822,7 @@ impl WorkingImage {
         }
         // The encryption and the pwrite run on this task: a hop to a blocking thread per chunk cost more
         // (a wake-up each, and a copy of the data to move it there) than the write into the page cache.
+        let rt = &self.runtime;
         match held {
             Held::Local => {
                 let zeroes;
@@ -836,9 +838,8 @@ impl WorkingImage {
             }
             Held::Zero | Held::Remote(..) => {
                 // The whole chunk is written: what it was (zeroes or the remote chunk) with this write on it.
-                let merged;
-                let plain = match (data, held) {
-                    (Some(d), _) if whole => d,
+                let plain: Cow<[u8]> = match (data, held) {
+                    (Some(d), _) if whole => Cow::Borrowed(d),
                     (data, held) => {
                         let mut plain = match held {
                             Held::Remote(tag, key) if !whole => self.obtain(i, tag, key, false).await?,
@@ -848,17 +849,16 @@ impl WorkingImage {
                             Some(d) => plain[start..start + len].copy_from_slice(d),
                             None => plain[start..start + len].fill(0),
                         }
-                        merged = plain;
-                        &merged
+                        Cow::Owned(plain)
                     }
                 };
                 let entry = Entry { state: dirty, ..Entry::default() };
                 if e.is(state::ZERO | state::FLUSHED) {
-                    rt.write_chunk(i, plain)?;
+                    rt.write_chunk(i, &plain)?;
                     rt.set_entry(i, entry)?;
                 } else {
                     rt.set_entry(i, entry)?;
-                    rt.write_chunk(i, plain)?;
+                    rt.write_chunk(i, &plain)?;
                 }
                 Ok(())
             }
