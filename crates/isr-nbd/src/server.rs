@@ -37,6 +37,14 @@ pub struct ServeOptions {
     pub max_option_bytes: u32,
     /// Maximum number of options during one handshake.
     pub max_options: usize,
+    /// Writes of at least this many bytes run on a blocking-pool thread instead of a runtime worker
+    /// (0: never). A large write's device work (for isr: encryption and the copy into the page cache)
+    /// holds its thread for a millisecond or more; on a worker it also holds up the reading of the next
+    /// requests from the socket, so the client stops sending and a core goes idle.
+    pub offload_write_bytes: u32,
+    /// At most this many offloaded writes per connection at once (the others wait their turn without a
+    /// thread): the work is CPU-bound, and more threads than cores would only contend for them.
+    pub offload_writes: usize,
 }
 
 impl Default for ServeOptions {
@@ -49,6 +57,8 @@ impl Default for ServeOptions {
             max_request_bytes: 32 << 20,
             max_option_bytes: 64 << 10,
             max_options: 1024,
+            offload_write_bytes: 256 << 10,
+            offload_writes: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -931,26 +941,37 @@ where
     let byte_units = opts.max_in_flight_bytes.max(opts.max_request_bytes as usize).div_ceil(UNIT).max(1);
     let byte_units = byte_units.min(u32::MAX as usize).min(Semaphore::MAX_PERMITS);
     let bytes = Arc::new(Semaphore::new(byte_units));
+    let offload = Arc::new(Semaphore::new(opts.offload_writes.clamp(1, Semaphore::MAX_PERMITS)));
+    let limits = Limits { slots, bytes, offload };
 
-    let result = read_requests(&mut rd, &mut buf, &conn, &opts, size, &slots, &bytes, &mut stop).await;
+    let result = read_requests(&mut rd, &mut buf, &conn, &opts, size, &limits, &mut stop).await;
 
     // Finish everything in flight, then close the writer.
-    let _all = slots.acquire_many(max_in_flight as u32).await;
+    let _all = limits.slots.acquire_many(max_in_flight as u32).await;
     conn.sink.close().await;
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A connection's limits on the requests it runs at once.
+struct Limits {
+    /// One permit per request in flight.
+    slots: Arc<Semaphore>,
+    /// One permit per 4 KiB of read or write payload in flight.
+    bytes: Arc<Semaphore>,
+    /// One permit per write running on a blocking-pool thread.
+    offload: Arc<Semaphore>,
+}
+
 async fn read_requests<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     conn: &Arc<Conn>,
     opts: &ServeOptions,
     size: u64,
-    slots: &Arc<Semaphore>,
-    bytes: &Arc<Semaphore>,
+    limits: &Limits,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), NbdError> {
+    let Limits { slots, bytes, offload } = limits;
     const UNIT: usize = 4096;
     loop {
         let req = loop {
@@ -1022,8 +1043,26 @@ async fn read_requests<R: AsyncRead + Unpin>(
             _ => (None, 0),
         };
         let conn = conn.clone();
+        let offload = (req.command == Command::Write
+            && opts.offload_write_bytes > 0
+            && req.len >= opts.offload_write_bytes)
+            .then(|| offload.clone());
         tokio::spawn(async move {
-            let mut out = conn.execute(req, payload, token, barrier).await;
+            let mut out = match offload {
+                None => conn.execute(req, payload, token, barrier).await,
+                Some(offload) => {
+                    let Ok(_turn) = offload.acquire_owned().await else { return };
+                    let runtime = tokio::runtime::Handle::current();
+                    let c = conn.clone();
+                    let job = move || runtime.block_on(c.execute(req, payload, token, barrier));
+                    match tokio::task::spawn_blocking(job).await {
+                        Ok(out) => out,
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        // The runtime is shutting down: no reply (the request's permits go with it).
+                        Err(_) => return,
+                    }
+                }
+            };
             out._permit = Some(permit);
             out._bytes = byte_permit;
             conn.sink.send(out).await;

@@ -1010,3 +1010,84 @@ async fn block_status_needs_a_negotiated_context() {
     c.expect_eof().await;
     task.await.unwrap().unwrap();
 }
+
+/// MemDevice whose writes block their thread until a read has run (or 60 s pass, so that a server that
+/// runs the write on the thread the read needs fails instead of hanging).
+struct GatedDevice {
+    inner: MemDevice,
+    read_ran: (std::sync::Mutex<bool>, std::sync::Condvar),
+    log: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl BlockDevice for GatedDevice {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, buf).await?;
+        *self.read_ran.0.lock().unwrap() = true;
+        self.read_ran.1.notify_all();
+        Ok(())
+    }
+    async fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let state = {
+            let ran = self.read_ran.0.lock().unwrap();
+            let (ran, _) =
+                self.read_ran.1.wait_timeout_while(ran, Duration::from_secs(60), |ran| !*ran).unwrap();
+            if *ran {
+                "after the read"
+            } else {
+                "without the read"
+            }
+        };
+        self.inner.write(offset, data).await?;
+        self.log.lock().unwrap().push(format!("write {offset} {state}"));
+        Ok(())
+    }
+    async fn flush(&self) -> io::Result<()> {
+        self.log.lock().unwrap().push("flush".into());
+        Ok(())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.write_zeroes(offset, len).await
+    }
+}
+
+// One runtime thread: a large write that held it would keep the read behind it from running at all.
+#[tokio::test(flavor = "current_thread")]
+async fn large_writes_leave_the_runtime_free_and_flush_still_waits_for_them() {
+    let dev = Arc::new(GatedDevice {
+        inner: MemDevice::new(4 << 20),
+        read_ran: Default::default(),
+        log: Mutex::default(),
+    });
+    let opts = ServeOptions { offload_write_bytes: 64 << 10, offload_writes: 1, ..ServeOptions::default() };
+    let (mut c, task) = start(dev.clone(), opts);
+    c.connect(false).await;
+    let big: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 253) as u8).collect();
+    // A large write, then a read queued behind it, then a second large write and a flush.
+    c.request(Command::Write, 0, 1, 0, big.len() as u32, &big).await;
+    c.request(Command::Read, 0, 2, 2 << 20, 4096, &[]).await;
+    c.request(Command::Write, 0, 3, 1 << 20, big.len() as u32, &big).await;
+    c.request(Command::Flush, 0, 4, 0, 0, &[]).await;
+    assert_eq!(c.reply().await.handle(), 2, "the read must be answered while the write blocks its thread");
+    // The replies of the writes and of the flush may come in any order (the flush waits for the writes to
+    // finish, not for their replies to be sent); the device's log shows the order that matters.
+    let mut rest = vec![c.reply().await, c.reply().await, c.reply().await];
+    rest.sort_by_key(Rep::handle);
+    for (r, h) in rest.iter().zip([1, 3, 4]) {
+        assert_eq!(r, &Rep::Simple { error: 0, handle: h, data: vec![] });
+    }
+    let log = dev.log.lock().unwrap().clone();
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert!(log[..2].iter().all(|e| e.ends_with("after the read")), "{log:?}");
+    assert_eq!(log[2], "flush", "the flush comes after both writes: {log:?}");
+    assert_eq!(dev.inner.slice(0, 1 << 20), big);
+    assert_eq!(dev.inner.slice(1 << 20, 1 << 20), big);
+    drop(c);
+    task.await.unwrap().unwrap();
+}
