@@ -1077,7 +1077,7 @@ async fn large_writes_leave_the_runtime_free_and_flush_still_waits_for_them() {
     assert_eq!(c.reply().await.handle(), 2, "the read must be answered while the write blocks its thread");
     // The replies of the writes and of the flush may come in any order (the flush waits for the writes to
     // finish, not for their replies to be sent); the device's log shows the order that matters.
-    let mut rest = vec![c.reply().await, c.reply().await, c.reply().await];
+    let mut rest = [c.reply().await, c.reply().await, c.reply().await];
     rest.sort_by_key(Rep::handle);
     for (r, h) in rest.iter().zip([1, 3, 4]) {
         assert_eq!(r, &Rep::Simple { error: 0, handle: h, data: vec![] });
