@@ -41,5 +41,6 @@ pub mod source;
 pub mod transient;
 pub mod transport;
 pub mod trickle;
+pub mod xts;
 
 pub use error::ClientError;

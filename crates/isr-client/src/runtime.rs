@@ -20,8 +20,6 @@
 //! (its last flushed content is the keyring's), and after a crash of the host every present clean chunk is
 //! verified against its content MAC.
 
-use aes::cipher::{generic_array::GenericArray, inout::InOutBuf, BlockDecrypt, BlockEncrypt, KeyInit};
-use aes::Aes256;
 use isr_format::{ChunkIndex, ChunkKey, ChunkSize, ConvergenceSecret, ImageLen, Keyroot, Tag};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::fs::{File, OpenOptions};
@@ -29,7 +27,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-pub const SECTOR: usize = 4096;
+use crate::xts::Xts;
+
+pub use crate::xts::SECTOR;
 const MAGIC: &[u8; 8] = b"ISRRTIM1";
 const VERSION: u16 = 1;
 const IDENTITY_AT: u64 = 0;
@@ -259,7 +259,7 @@ impl RuntimeImage {
             .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut sealed[12..])
             .map_err(|_| RuntimeError::WrongKey { path: path.into() })?
             .to_vec();
-        let xts = Xts::new(&key);
+        let xts = Xts::new(key.as_slice().try_into().map_err(|_| corrupt("sealed key length".into()))?);
         let mac_key = blake3::derive_key("isr 2026-12 runtime image map MAC v1", &key);
         let mut map = vec![0u8; geo.chunk_count as usize * ENTRY_LEN];
         file.read_exact_at(&mut map, MAP_AT).map_err(|e| corrupt(format!("map: {e}")))?;
@@ -679,107 +679,6 @@ impl Drop for RuntimeImage {
     }
 }
 
-/// For each byte h shifted out of the top of a tweak by a multiplication by x^8: h times x^128 reduced by the
-/// XTS polynomial, i.e. the carry-less product of h and 0x87 (at most 15 bits, so no further reduction).
-const FOLD8: [u16; 256] = {
-    let mut table = [0u16; 256];
-    let mut h = 0;
-    while h < 256 {
-        let mut r = 0u16;
-        let mut bit = 0;
-        while bit < 8 {
-            if (h >> bit) & 1 == 1 {
-                r ^= 0x87 << bit;
-            }
-            bit += 1;
-        }
-        table[h] = r;
-        h += 1;
-    }
-    table
-};
-
-/// AES-256-XTS over whole 4 KiB sectors (IEEE 1619, the tweak of sector s is s as a 128-bit little-endian
-/// number, as dm-crypt's `plain64`). Written here rather than with `xts_mode` directly because that crate
-/// encrypts one AES block at a time; this one hands each sector's 256 blocks to AES at once, which the `aes`
-/// crate pipelines with AES-NI. The unit tests check it against `xts_mode` byte for byte.
-struct Xts {
-    data: Aes256,
-    tweak: Aes256,
-}
-
-impl Xts {
-    fn new(key: &[u8]) -> Xts {
-        Xts {
-            data: Aes256::new(GenericArray::from_slice(&key[..32])),
-            tweak: Aes256::new(GenericArray::from_slice(&key[32..64])),
-        }
-    }
-
-    /// The tweak of each 16-byte block of sector `s`: E(tweak key, s) times alpha^j. Computed once per sector
-    /// and applied before and after the block cipher. The first 8 are a chain of multiplications by x; every
-    /// later one is its eighth predecessor times x^8, so 8 independent chains run side by side instead of
-    /// one serial chain of 255.
-    fn tweaks(&self, s: u128) -> [u128; SECTOR / 16] {
-        let mut t = GenericArray::from(s.to_le_bytes());
-        self.tweak.encrypt_block(&mut t);
-        let mut out = [0u128; SECTOR / 16];
-        out[0] = u128::from_le_bytes(t.into());
-        for j in 1..8 {
-            // Multiply by x in GF(2^128) with the XTS polynomial (x^128 + x^7 + x^2 + x + 1).
-            let t = out[j - 1];
-            out[j] = (t << 1) ^ if t >> 127 == 1 { 0x87 } else { 0 };
-        }
-        for j in 8..out.len() {
-            let t = out[j - 8];
-            out[j] = (t << 8) ^ FOLD8[(t >> 120) as usize] as u128;
-        }
-        out
-    }
-
-    fn xor_tweaks(sector: &mut [u8], tweaks: &[u128; SECTOR / 16]) {
-        for (block, t) in sector.chunks_exact_mut(16).zip(tweaks) {
-            let x = u128::from_le_bytes(block.try_into().expect("16")) ^ t;
-            block.copy_from_slice(&x.to_le_bytes());
-        }
-    }
-
-    fn encrypt_sectors(&self, area: &mut [u8], first: u128) {
-        for (k, sector) in area.chunks_exact_mut(SECTOR).enumerate() {
-            let tweaks = self.tweaks(first + k as u128);
-            Xts::xor_tweaks(sector, &tweaks);
-            let (blocks, _) = InOutBuf::from(&mut *sector).into_chunks();
-            self.data.encrypt_blocks_inout(blocks);
-            Xts::xor_tweaks(sector, &tweaks);
-        }
-    }
-
-    /// [`Self::encrypt_sectors`] of `plain` into `out` (the same length): the first tweak pass doubles as
-    /// the copy.
-    fn encrypt_sectors_from(&self, plain: &[u8], out: &mut [u8], first: u128) {
-        for (k, (src, sector)) in plain.chunks_exact(SECTOR).zip(out.chunks_exact_mut(SECTOR)).enumerate() {
-            let tweaks = self.tweaks(first + k as u128);
-            for ((b, s), t) in sector.chunks_exact_mut(16).zip(src.chunks_exact(16)).zip(&tweaks) {
-                let x = u128::from_le_bytes(s.try_into().expect("16")) ^ t;
-                b.copy_from_slice(&x.to_le_bytes());
-            }
-            let (blocks, _) = InOutBuf::from(&mut *sector).into_chunks();
-            self.data.encrypt_blocks_inout(blocks);
-            Xts::xor_tweaks(sector, &tweaks);
-        }
-    }
-
-    fn decrypt_sectors(&self, area: &mut [u8], first: u128) {
-        for (k, sector) in area.chunks_exact_mut(SECTOR).enumerate() {
-            let tweaks = self.tweaks(first + k as u128);
-            Xts::xor_tweaks(sector, &tweaks);
-            let (blocks, _) = InOutBuf::from(&mut *sector).into_chunks();
-            self.data.decrypt_blocks_inout(blocks);
-            Xts::xor_tweaks(sector, &tweaks);
-        }
-    }
-}
-
 struct Identity {
     chunk_size: ChunkSize,
     image_len: ImageLen,
@@ -923,26 +822,6 @@ mod tests {
         drop(img);
         let raw = std::fs::read(&path).unwrap();
         assert!(!raw.windows(64).any(|w| w == &plain[8192..8256]), "plaintext on disk");
-    }
-
-    #[test]
-    fn xts_matches_the_xts_mode_crate() {
-        use xts_mode::{get_tweak_default, Xts128};
-        let key: Vec<u8> = (0..64u8).map(|b| b.wrapping_mul(37) ^ 0x5a).collect();
-        let reference = Xts128::new(
-            Aes256::new(GenericArray::from_slice(&key[..32])),
-            Aes256::new(GenericArray::from_slice(&key[32..])),
-        );
-        let ours = Xts::new(&key);
-        let plain: Vec<u8> = (0..3 * SECTOR).map(|i| (i * 7 % 253) as u8).collect();
-        for first in [0u128, 1, 2, 3, 1 << 40, u64::MAX as u128 - 5] {
-            let (mut a, mut b) = (plain.clone(), plain.clone());
-            reference.encrypt_area(&mut a, SECTOR, first, get_tweak_default);
-            ours.encrypt_sectors(&mut b, first);
-            assert_eq!(a, b, "ciphertext at sector {first}");
-            ours.decrypt_sectors(&mut b, first);
-            assert_eq!(b, plain);
-        }
     }
 
     #[test]
