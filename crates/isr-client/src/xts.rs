@@ -2,7 +2,7 @@
 //! as a 128-bit little-endian number, as dm-crypt's `plain64`). Written here rather than taken from
 //! `xts_mode`, which encrypts one AES block per call: a guest's every read and write passes through it.
 //! Two backends give the same bytes (the tests check both against `xts_mode`): AES-NI where the CPU has it
-//! (about 1.6x the portable one's speed on this project's machines), and the `aes` crate elsewhere.
+//! (1.3-1.5x the portable one's speed on this project's machines), and the `aes` crate elsewhere.
 
 #[cfg(target_arch = "x86_64")]
 mod ni;
