@@ -350,7 +350,7 @@ fn main() {
         let me = std::process::id();
         let mut fetched = String::new();
         // Round 0 is a warm-up, run in full and not counted. The first reader to fill a gigabyte of page
-        // cache takes memory the host has not backed yet and ran 1.5-2.5x slower than in its later rounds;
+        // cache takes memory the host has not backed yet and ran 1.4-3.2x slower than in its later rounds;
         // after round 0 every reader reuses memory the previous reader freed.
         for rep in 0..=COLD_ROUNDS {
             let counted = rep > 0;
